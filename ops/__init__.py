@@ -1,0 +1,28 @@
+"""Multi-scale deformable attention: a CUDA kernel built on first use, a PyTorch reference, one op.
+
+Public interface (versioned by ``__version__``): ``ms_deform_attn``, ``MSDeformAttn``,
+``ms_deform_attn_reference``, ``set_backend``/``get_backend``, ``cuda_kernel_available``.
+"""
+
+from ops.functional import get_backend, ms_deform_attn, set_backend
+from ops.modules import MSDeformAttn
+from ops.reference import ms_deform_attn_reference
+
+__version__ = "1.0.0"
+
+
+def cuda_kernel_available() -> tuple[bool, str]:
+    """(True, "") when the CUDA kernel can run here, else (False, the reason)."""
+    from ops import _cuda
+
+    return _cuda.is_available()
+
+
+__all__ = [
+    "MSDeformAttn",
+    "cuda_kernel_available",
+    "get_backend",
+    "ms_deform_attn",
+    "ms_deform_attn_reference",
+    "set_backend",
+]

@@ -1,0 +1,91 @@
+"""Bad input to ops.ms_deform_attn raises errors that name the argument and the expected shape."""
+
+import pytest
+import torch
+
+import ops
+
+
+@pytest.fixture
+def good(inputs_factory):
+    return inputs_factory([[3, 4], [2, 2]], N=2, Lq=3, M=2, D=4, P=2, dtype=torch.float32)
+
+
+def test_s_must_equal_sum_of_areas(good):
+    value, ss, lsi, loc, attn = good
+    with pytest.raises(ValueError, match=r"value has S=16 positions but spatial_shapes .* sum to 17"):
+        ops.ms_deform_attn(value, torch.tensor([[3, 4], [1, 5]]), torch.tensor([0, 12]), loc, attn)
+
+
+def test_level_start_index_checked(good):
+    value, ss, lsi, loc, attn = good
+    with pytest.raises(ValueError, match=r"level_start_index must be \[0, 12\]"):
+        ops.ms_deform_attn(value, ss, torch.tensor([0, 10]), loc, attn)
+    with pytest.raises(ValueError, match=r"level_start_index must have shape \(L,\) = \(2,\)"):
+        ops.ms_deform_attn(value, ss, torch.tensor([0]), loc, attn)
+
+
+@pytest.mark.parametrize(
+    "index,bad,match",
+    [
+        (0, lambda t: t[0], r"value must have shape \(N, S, M, D\)"),
+        (1, lambda t: t[:, :1], r"spatial_shapes must have shape \(L, 2\)"),
+        (3, lambda t: t[..., 0], r"sampling_locations must have shape \(N, Lq, M, L, P, 2\)"),
+        (3, lambda t: t[:, :, :1], r"sampling_locations must have shape \(N, Lq, M, L, P, 2\) = \(2, 3, 2, 2, 2, 2\), got \(2, 3, 1, 2, 2, 2\)"),
+        (4, lambda t: t[..., :1], r"attention_weights must have shape \(N, Lq, M, L, P\) = \(2, 3, 2, 2, 2\)"),
+    ],
+)
+def test_wrong_rank_or_shape(good, index, bad, match):
+    args = list(good)
+    args[index] = bad(args[index])
+    with pytest.raises(ValueError, match=match):
+        ops.ms_deform_attn(*args)
+
+
+def test_dtype_errors(good):
+    value, ss, lsi, loc, attn = good
+    with pytest.raises(TypeError, match="value must be float32, float16, bfloat16 or float64, got torch.int64"):
+        ops.ms_deform_attn(value.long(), ss, lsi, loc, attn)
+    with pytest.raises(TypeError, match="spatial_shapes must be an integer tensor"):
+        ops.ms_deform_attn(value, ss.float(), lsi, loc, attn)
+    with pytest.raises(TypeError, match="attention_weights must be a floating-point tensor"):
+        ops.ms_deform_attn(value, ss, lsi, loc, attn.long())
+    with pytest.raises(TypeError, match="sampling_locations must be a torch.Tensor"):
+        ops.ms_deform_attn(value, ss, lsi, loc.tolist(), attn)
+
+
+def test_device_mismatch(good):
+    value, ss, lsi, loc, attn = good
+    with pytest.raises(ValueError, match="attention_weights is on meta but value is on cpu"):
+        ops.ms_deform_attn(value, ss, lsi, loc, attn.to("meta"))
+
+
+def test_int32_shapes_and_non_contiguous_inputs_are_handled(good):
+    value, ss, lsi, loc, attn = good
+    expected = ops.ms_deform_attn(value, ss, lsi, loc, attn)
+    # non-contiguous views of the same numbers give the same answer
+    value_nc = value.transpose(0, 1).contiguous().transpose(0, 1)
+    loc_nc = loc.transpose(1, 2).contiguous().transpose(1, 2)
+    attn_nc = attn.permute(4, 3, 2, 1, 0).contiguous().permute(4, 3, 2, 1, 0)
+    assert not (value_nc.is_contiguous() or loc_nc.is_contiguous() or attn_nc.is_contiguous())
+    out = ops.ms_deform_attn(value_nc, ss.int(), lsi.int(), loc_nc, attn_nc)
+    torch.testing.assert_close(out, expected)
+
+
+def test_backend_setting(good, monkeypatch):
+    value, ss, lsi, loc, attn = good
+    monkeypatch.setenv("MSDA_BACKEND", "bogus")
+    ops.set_backend(None)
+    with pytest.raises(ValueError, match="MSDA_BACKEND must be one of"):
+        ops.get_backend()
+    monkeypatch.setenv("MSDA_BACKEND", "reference")
+    assert ops.get_backend() == "reference"
+    with pytest.raises(ValueError, match="backend must be one of"):
+        ops.set_backend("triton")
+    ops.set_backend("cuda")
+    try:
+        assert ops.get_backend() == "cuda"
+        # CPU tensors always run the reference: the setting chooses the path for CUDA tensors
+        ops.ms_deform_attn(value, ss, lsi, loc, attn)
+    finally:
+        ops.set_backend(None)
