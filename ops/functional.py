@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import weakref
 
 import torch
 
@@ -154,6 +155,11 @@ _forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 _VALUE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
+# The last (spatial_shapes, level_start_index) pair whose values were checked, with their version
+# counters and S. A detector passes the same two tensors to all of its attention layers, so on CUDA
+# this reads them back (a device sync) once per forward instead of once per layer.
+_last_checked: tuple | None = None
+
 
 def _shape_error(name: str, expected: str, tensor: torch.Tensor) -> ValueError:
     return ValueError(f"{name} must have shape {expected}, got {tuple(tensor.shape)}")
@@ -205,6 +211,15 @@ def _validate(value, spatial_shapes, level_start_index, sampling_locations, atte
         return
     if value.is_cuda and torch.cuda.is_current_stream_capturing():
         return
+    global _last_checked
+    try:
+        key = (spatial_shapes._version, level_start_index._version, S)
+    except RuntimeError:  # inference-mode tensors keep no version counter: check every time
+        key = None
+    if _last_checked is not None:
+        shapes_ref, starts_ref, last_key = _last_checked
+        if key is not None and shapes_ref() is spatial_shapes and starts_ref() is level_start_index and last_key == key:
+            return
     shapes = spatial_shapes.tolist()
     if any(h < 1 or w < 1 for h, w in shapes):
         raise ValueError(f"spatial_shapes must hold positive (H, W) pairs, got {shapes}")
@@ -215,6 +230,8 @@ def _validate(value, spatial_shapes, level_start_index, sampling_locations, atte
     expected_starts = [sum(h * w for h, w in shapes[:i]) for i in range(L)]
     if starts != expected_starts:
         raise ValueError(f"level_start_index must be {expected_starts} for spatial_shapes {shapes}, got {starts}")
+    if key is not None:
+        _last_checked = (weakref.ref(spatial_shapes), weakref.ref(level_start_index), key)
 
 
 def ms_deform_attn(

@@ -89,3 +89,20 @@ def test_backend_setting(good, monkeypatch):
         ops.ms_deform_attn(value, ss, lsi, loc, attn)
     finally:
         ops.set_backend(None)
+
+
+def test_level_check_cache_sees_in_place_changes(good):
+    value, ss, lsi, loc, attn = good
+    ops.ms_deform_attn(value, ss, lsi, loc, attn)  # checked and remembered
+    ss[1, 0] = 3  # same tensor object, new contents: must be checked again
+    with pytest.raises(ValueError, match="sum of H\\*W must equal S"):
+        ops.ms_deform_attn(value, ss, lsi, loc, attn)
+
+
+def test_inference_mode_inputs(good):
+    value, ss, lsi, loc, attn = good
+    with torch.inference_mode():
+        ss_i, lsi_i = ss.clone(), lsi.clone()
+        out = ops.ms_deform_attn(value, ss_i, lsi_i, loc, attn)
+        out2 = ops.ms_deform_attn(value, ss_i, lsi_i, loc, attn)
+    torch.testing.assert_close(out, out2)

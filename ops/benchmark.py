@@ -1,0 +1,464 @@
+"""GPU check and benchmark of the CUDA MSDeformAttn kernel: ``python -m ops.benchmark [--json PATH]``.
+
+Legend: N batch, S = sum_l H_l*W_l value positions, M heads, D channels per head, Lq queries,
+L levels, P sampling points per (head, level).
+
+Checks (PASS/FAIL lines, exit code 1 on any FAIL): the CUDA op against the float64 PyTorch reference
+(output and the gradients of value, sampling locations and attention weights) over awkward D,
+gradcheck in float64, int64 indexing past 2**31 elements, CUDA-graph capture, torch.compile with
+fullgraph=True, a non-default stream and a second GPU. Then times the encoder and decoder shapes of
+Deformable DETR against the reference and against the memory-traffic floor, and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import traceback
+from collections.abc import Callable
+
+import torch
+
+import ops
+from ops import _cuda
+from ops.reference import ms_deform_attn_reference
+
+# Deformable DETR at 800x1200 input: strides 8, 16, 32, 64.
+ENCODER_SHAPES = [[100, 150], [50, 75], [25, 38], [13, 19]]
+ENCODER_S = sum(h * w for h, w in ENCODER_SHAPES)  # 19947
+N_HEADS, HEAD_DIM, N_POINTS = 8, 32, 4
+DECODER_QUERIES = 300
+SMALL_SHAPES = [[10, 12], [5, 6]]  # graph, compile and stream checks
+
+# Largest |got - want| allowed, relative to max(1, max |want|), against the float64 reference fed
+# the same (already rounded) inputs. float32 only differs by accumulation order; half types also
+# round the output and grad_value to 8 (bfloat16) or 11 (float16) mantissa bits.
+TOLERANCES = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+
+
+class Report:
+    """Collects PASS/FAIL lines and benchmark rows; prints as it goes."""
+
+    def __init__(self) -> None:
+        self.checks: list[dict] = []
+        self.rows: list[dict] = []
+        self.targets: list[dict] = []
+
+    def check(self, name: str, ok: bool, detail: str = "") -> None:
+        self.checks.append({"name": name, "ok": ok, "detail": detail})
+        print(f"{'PASS' if ok else 'FAIL'} {name}{': ' + detail if detail else ''}", flush=True)
+
+    def run_check(self, name: str, fn: Callable[[], tuple[bool, str]]) -> None:
+        try:
+            ok, detail = fn()
+        except Exception as exc:  # a crash is a failure of that check, not of the whole run
+            ok, detail = False, f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"
+        self.check(name, ok, detail)
+
+    @property
+    def failed(self) -> bool:
+        return not all(c["ok"] for c in self.checks)
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs
+# ---------------------------------------------------------------------------------------------
+
+
+def make_inputs(
+    N: int,
+    Lq: int,
+    M: int,
+    D: int,
+    shapes: list[list[int]],
+    P: int,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    realistic: bool = False,
+    value_offset: int = 0,
+    seed: int = 0,
+) -> tuple[torch.Tensor, ...]:
+    """Random op inputs (value, spatial_shapes, level_start_index, sampling_locations, attention_weights).
+
+    realistic: locations are a reference point per query plus Gaussian offsets of ~2 pixels of each
+        level, as in a trained encoder/decoder (nearby queries read nearby values); otherwise
+        uniform over [-0.1, 1.1], which also covers the borders and the outside.
+    value_offset: start value this many elements into its storage, so it is not 16-byte aligned
+        and the kernel takes its scalar path.
+    """
+    gen = torch.Generator(device=device).manual_seed(seed)
+    coord_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    spatial_shapes = torch.tensor(shapes, dtype=torch.int64, device=device)
+    areas = spatial_shapes.prod(1)
+    level_start_index = torch.cat([areas.new_zeros(1), areas.cumsum(0)[:-1]])
+    S, L = int(areas.sum()), len(shapes)
+    storage = torch.randn(N * S * M * D + value_offset, generator=gen, device=device, dtype=torch.float32)
+    value = storage.to(dtype)[value_offset:].view(N, S, M, D)
+    if realistic:
+        if Lq == S:  # encoder: every value position queries, around its own (x, y)
+            centres = []
+            for h, w in shapes:
+                ys = (torch.arange(h, device=device) + 0.5) / h
+                xs = (torch.arange(w, device=device) + 0.5) / w
+                ys, xs = torch.meshgrid(ys, xs, indexing="ij")
+                centres.append(torch.stack([xs, ys], -1).reshape(-1, 2))
+            ref = torch.cat(centres).expand(N, Lq, 2)
+        else:  # decoder: queries anywhere
+            ref = torch.rand(N, Lq, 2, generator=gen, device=device)
+        size_wh = spatial_shapes.flip(-1).to(torch.float32)  # (L, 2) as (W, H)
+        offsets = 2.0 * torch.randn(N, Lq, M, L, P, 2, generator=gen, device=device)  # pixels
+        loc = ref[:, :, None, None, None, :] + offsets / size_wh[None, None, None, :, None, :]
+    else:
+        loc = torch.rand(N, Lq, M, L, P, 2, generator=gen, device=device) * 1.2 - 0.1
+    logits = torch.randn(N, Lq, M, L * P, generator=gen, device=device)
+    attn = logits.softmax(-1).view(N, Lq, M, L, P)
+    return value, spatial_shapes, level_start_index, loc.to(coord_dtype), attn.to(coord_dtype)
+
+
+def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    if want.numel() == 0:
+        return 0.0
+    got, want = got.double(), want.double()
+    return ((got - want).abs().max() / want.abs().max().clamp(min=1.0)).item()
+
+
+def _grads(fn, value, spatial_shapes, level_start_index, loc, attn, grad_out):
+    inputs = [t.detach().requires_grad_(True) for t in (value, loc, attn)]
+    out = fn(inputs[0], spatial_shapes, level_start_index, inputs[1], inputs[2])
+    grads = torch.autograd.grad(out, inputs, grad_out)
+    return (out.detach(), *grads)
+
+
+def compare_to_reference(inputs: tuple[torch.Tensor, ...], tol: float, seed: int = 1) -> tuple[bool, str]:
+    """ops.ms_deform_attn (CUDA) vs the float64 reference on the same inputs: output and 3 gradients."""
+    value, spatial_shapes, level_start_index, loc, attn = inputs
+    N, _, M, D = value.shape
+    Lq = loc.shape[1]
+    gen = torch.Generator(device=value.device).manual_seed(seed)
+    grad_out = torch.randn(N, Lq, M * D, generator=gen, device=value.device).to(value.dtype)
+    got = _grads(ops.ms_deform_attn, value, spatial_shapes, level_start_index, loc, attn, grad_out)
+    f64 = [t.double() for t in (value, loc, attn, grad_out)]
+    want = _grads(ms_deform_attn_reference, f64[0], spatial_shapes, level_start_index, f64[1], f64[2], f64[3])
+    errors = {name: _rel_err(g, w) for name, g, w in zip(("out", "grad_value", "grad_loc", "grad_attn"), got, want)}
+    dtypes_ok = got[0].dtype == value.dtype and got[1].dtype == value.dtype and got[2].dtype == loc.dtype
+    ok = dtypes_ok and all(e <= tol for e in errors.values())
+    detail = " ".join(f"{k}={v:.1e}" for k, v in errors.items()) + f" (tol {tol:.0e})"
+    return ok, detail if dtypes_ok else detail + f" wrong dtypes {[g.dtype for g in got]}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks
+# ---------------------------------------------------------------------------------------------
+
+
+def run_checks(report: Report, device: torch.device) -> None:
+    shapes = [[12, 17], [6, 9], [3, 5], [1, 2]]
+    for D in (1, 3, 30, 32, 71):
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            inputs = make_inputs(2, 37, 3, D, shapes, 3, dtype, device, seed=D)
+            tol = TOLERANCES[dtype]
+            report.run_check(f"vs reference D={D} {str(dtype)[6:]}", lambda: compare_to_reference(inputs, tol))
+    for dtype in (torch.float32, torch.bfloat16):
+        inputs = make_inputs(2, 37, 3, 32, shapes, 3, dtype, device, value_offset=1)
+        tol = TOLERANCES[dtype]
+        report.run_check(f"vs reference unaligned value (scalar path) {str(dtype)[6:]}", lambda: compare_to_reference(inputs, tol))
+    inputs = make_inputs(1, 40, 2, 300, [[5, 7], [2, 3]], 2, torch.float32, device)  # 75 chunks > 32 lanes
+    report.run_check("vs reference D=300 float32 (several chunks per lane)", lambda: compare_to_reference(inputs, 1e-4))
+    inputs = make_inputs(2, 19, 3, 30, shapes, 4, torch.float64, device)
+    report.run_check("vs reference float64", lambda: compare_to_reference(inputs, TOLERANCES[torch.float64]))
+    report.run_check("gradcheck float64", lambda: _gradcheck(device))
+    report.run_check("int64 indexing (value > 2**31 elements)", lambda: _large_index(device))
+    report.run_check("non-default stream", lambda: _side_stream(device))
+    report.run_check("CUDA graph capture (forward + backward)", lambda: _cuda_graph(device))
+    report.run_check("torch.compile(fullgraph=True) forward + backward", lambda: _compile(device))
+    if torch.cuda.device_count() > 1:
+        report.run_check("second GPU (cuda:1 while cuda:0 is current)", lambda: _second_gpu())
+    else:
+        print("SKIP second GPU: only one CUDA device")
+
+
+def _gradcheck(device: torch.device) -> tuple[bool, str]:
+    inputs = make_inputs(1, 3, 2, 3, [[3, 4], [2, 2]], 2, torch.float64, device)
+    value, spatial_shapes, level_start_index, loc, attn = inputs
+    inputs = tuple(t.requires_grad_(True) for t in (value, loc, attn))
+
+    def fn(v, l, a):
+        return ops.ms_deform_attn(v, spatial_shapes, level_start_index, l, a)
+
+    ok = torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-6, rtol=1e-4, raise_exception=False)
+    return ok, "N=1 Lq=3 M=2 D=3 L=2 P=2"
+
+
+def _large_index(device: torch.device) -> tuple[bool, str]:
+    # Two batch elements of 1.2e9 elements each: batch 1 straddles element 2**31, so about a fifth
+    # of its samples read value, and add to the grad_value workspace, past a 32-bit index.
+    M, D, H, W = 8, 32, 2048, 2300
+    free, _ = torch.cuda.mem_get_info(device)
+    if free < 48 * 2**30:
+        return True, f"skipped: needs ~48 GiB free, {free / 2**30:.0f} GiB free"
+    value, spatial_shapes, level_start_index, loc, attn = make_inputs(2, 64, M, D, [[H, W]], 4, torch.bfloat16, device)
+    assert value[0].numel() < 2**31 < value.numel()
+    grad_out = torch.randn(2, 64, M * D, device=device).to(torch.bfloat16)
+    got = _grads(ops.ms_deform_attn, value, spatial_shapes, level_start_index, loc, attn, grad_out)
+    got = [g[1:] for g in got]
+    batch1 = [t[1:] for t in (value, loc, attn, grad_out)]
+    want = _grads(ms_deform_attn_reference, batch1[0], spatial_shapes, level_start_index, batch1[1], batch1[2], batch1[3])
+    errors = {name: _rel_err(g, w) for name, g, w in zip(("out", "grad_value", "grad_loc", "grad_attn"), got, want)}
+    ok = all(e <= TOLERANCES[torch.bfloat16] for e in errors.values())
+    detail = " ".join(f"{k}={v:.1e}" for k, v in errors.items())
+    return ok, f"value numel {value.numel()}, batch 1 vs reference: {detail}"
+
+
+def _side_stream(device: torch.device) -> tuple[bool, str]:
+    inputs = make_inputs(2, 50, 4, 32, SMALL_SHAPES, 4, torch.float32, device)
+    expected = ops.ms_deform_attn(*inputs)
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        got = ops.ms_deform_attn(*inputs)
+    torch.cuda.current_stream(device).wait_stream(stream)
+    return torch.equal(got, expected), "bitwise equal to the default stream"
+
+
+def _cuda_graph(device: torch.device) -> tuple[bool, str]:
+    value, spatial_shapes, level_start_index, loc, attn = make_inputs(2, 50, 4, 32, SMALL_SHAPES, 4, torch.float32, device)
+    static = [t.clone().requires_grad_(True) for t in (value, loc, attn)]
+    grad_out = torch.randn(2, 50, 4 * 32, device=device)
+
+    def step():
+        out = ops.ms_deform_attn(static[0], spatial_shapes, level_start_index, static[1], static[2])
+        return (out, *torch.autograd.grad(out, static, grad_out))
+
+    side = torch.cuda.Stream(device)  # warm up off the capture stream, as torch.cuda.graph asks
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    new = make_inputs(2, 50, 4, 32, SMALL_SHAPES, 4, torch.float32, device, seed=7)
+    with torch.no_grad():
+        for s, t in zip(static, (new[0], new[3], new[4])):
+            s.copy_(t)
+    graph.replay()
+    expected = step()
+    torch.cuda.synchronize(device)
+    errors = [_rel_err(c, e) for c, e in zip(captured, expected)]
+    return max(errors) <= 1e-6, f"replay with new inputs vs eager: max err {max(errors):.1e}"
+
+
+def _compile(device: torch.device) -> tuple[bool, str]:
+    value, spatial_shapes, level_start_index, loc, attn = make_inputs(2, 50, 4, 32, SMALL_SHAPES, 4, torch.float32, device)
+
+    def layer(value, loc, attn):
+        out = ops.ms_deform_attn(value * 2.0, spatial_shapes, level_start_index, loc, attn.softmax(-1))
+        return out.relu().sum()
+
+    compiled = torch.compile(layer, fullgraph=True)
+    results = []
+    for fn in (layer, compiled):
+        inputs = [t.detach().clone().requires_grad_(True) for t in (value, loc, attn)]
+        loss = fn(*inputs)
+        results.append((loss.detach(), *torch.autograd.grad(loss, inputs)))
+    errors = [_rel_err(c, e) for c, e in zip(results[1], results[0])]
+    return max(errors) <= 1e-5, f"compiled vs eager: max err {max(errors):.1e}"
+
+
+def _second_gpu() -> tuple[bool, str]:
+    with torch.cuda.device(0):
+        inputs = make_inputs(2, 37, 3, 32, [[12, 17], [6, 9]], 3, torch.float32, torch.device("cuda", 1))
+        ok, detail = compare_to_reference(inputs, TOLERANCES[torch.float32])
+        ok = ok and torch.cuda.current_device() == 0
+    return ok, detail
+
+
+# ---------------------------------------------------------------------------------------------
+# Benchmark
+# ---------------------------------------------------------------------------------------------
+
+
+def time_ms(fn: Callable[[], object], warmup: int = 3, repeats: int = 20) -> float:
+    """Median wall time of fn on the GPU in milliseconds, each repeat bracketed by CUDA events."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = 2**30) -> float:
+    """Device-to-device copy bandwidth in bytes/s; a copy reads and writes nbytes each."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), warmup=3, repeats=10)
+    return 2 * nbytes / (ms * 1e-3)
+
+
+def floor_bytes(N: int, S: int, M: int, D: int, Lq: int, L: int, P: int, dtype: torch.dtype) -> tuple[int, int]:
+    """Bytes the forward and the forward+backward must move at least: inputs read once, outputs written once."""
+    es = torch.tensor([], dtype=dtype).element_size()
+    value, out = N * S * M * D * es, N * Lq * M * D * es
+    points = N * Lq * M * L * P * 4 * 3  # float32 (x, y) and attention weight
+    forward = value + points + out
+    # Backward reads grad_output, value, locations, weights; writes grad_value and both point grads.
+    backward = out + value + points + value + points
+    return forward, forward + backward
+
+
+def run_benchmark(report: Report, device: torch.device, bandwidth: float) -> None:
+    L = len(ENCODER_SHAPES)
+    for name, Lq in (("encoder", ENCODER_S), ("decoder", DECODER_QUERIES)):
+        for dtype in (torch.float32, torch.bfloat16):
+            inputs = make_inputs(2, Lq, N_HEADS, HEAD_DIM, ENCODER_SHAPES, N_POINTS, dtype, device, realistic=True)
+            value, spatial_shapes, level_start_index, loc, attn = inputs
+            grad_out = torch.randn(2, Lq, N_HEADS * HEAD_DIM, device=device).to(dtype)
+            leaves = [t.detach().requires_grad_(True) for t in (value, loc, attn)]
+
+            def fwd_bwd(fn):
+                def run():
+                    out = fn(leaves[0], spatial_shapes, level_start_index, leaves[1], leaves[2])
+                    torch.autograd.grad(out, leaves, grad_out)
+
+                return run
+
+            def kernel_fwd_bwd():
+                _cuda.forward(*inputs)
+                _cuda.backward(grad_out, *inputs)
+
+            paths = {
+                "reference": (lambda: ms_deform_attn_reference(*inputs), fwd_bwd(ms_deform_attn_reference)),
+                "ops.ms_deform_attn": (lambda: ops.ms_deform_attn(*inputs), fwd_bwd(ops.ms_deform_attn)),
+                "kernel only": (lambda: _cuda.forward(*inputs), kernel_fwd_bwd),
+            }
+            floor_fwd, floor_fb = floor_bytes(2, ENCODER_S, N_HEADS, HEAD_DIM, Lq, L, N_POINTS, dtype)
+            floor_fwd_ms, floor_fb_ms = 1e3 * floor_fwd / bandwidth, 1e3 * floor_fb / bandwidth
+            timings = {path: (time_ms(f), time_ms(fb)) for path, (f, fb) in paths.items()}
+            ref_fwd, ref_fb = timings["reference"]
+            for path, (fwd_ms, fb_ms) in timings.items():
+                row = {
+                    "shape": f"{name} (Lq={Lq})",
+                    "dtype": str(dtype)[6:],
+                    "path": path,
+                    "forward_ms": fwd_ms,
+                    "forward_backward_ms": fb_ms,
+                    "forward_speedup": ref_fwd / fwd_ms,
+                    "forward_backward_speedup": ref_fb / fb_ms,
+                    "forward_floor_ms": floor_fwd_ms,
+                    "forward_backward_floor_ms": floor_fb_ms,
+                    "forward_over_floor": fwd_ms / floor_fwd_ms,
+                    "forward_backward_over_floor": fb_ms / floor_fb_ms,
+                }
+                report.rows.append(row)
+            del inputs, value, loc, attn, leaves, grad_out
+            torch.cuda.empty_cache()
+
+
+def _row(report: Report, shape: str, dtype: str, path: str) -> dict:
+    return next(r for r in report.rows if r["shape"].startswith(shape) and r["dtype"] == dtype and r["path"] == path)
+
+
+def evaluate_targets(report: Report) -> None:
+    """The issue's H100 targets; informational (the exit code reflects correctness only)."""
+    enc_f32 = _row(report, "encoder", "float32", "kernel only")
+    enc_bf16 = _row(report, "encoder", "bfloat16", "kernel only")
+    targets = [
+        ("encoder float32 forward within 3x of the memory floor", enc_f32["forward_over_floor"] <= 3.0,
+         f"{enc_f32['forward_over_floor']:.2f}x"),
+        ("bfloat16 faster than float32 (encoder kernel forward)", enc_bf16["forward_ms"] < enc_f32["forward_ms"],
+         f"{enc_bf16['forward_ms']:.3f} vs {enc_f32['forward_ms']:.3f} ms"),
+        ("bfloat16 faster than float32 (encoder kernel forward+backward)",
+         enc_bf16["forward_backward_ms"] < enc_f32["forward_backward_ms"],
+         f"{enc_bf16['forward_backward_ms']:.3f} vs {enc_f32['forward_backward_ms']:.3f} ms"),
+    ]
+    for row in report.rows:
+        if row["path"] == "ops.ms_deform_attn":
+            targets.append((f"{row['shape']} {row['dtype']} forward+backward >= 10x the reference",
+                            row["forward_backward_speedup"] >= 10.0, f"{row['forward_backward_speedup']:.1f}x"))
+    for name, met, detail in targets:
+        report.targets.append({"name": name, "met": met, "detail": detail})
+        print(f"TARGET {'MET' if met else 'MISSED'} {name}: {detail}")
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = [
+        "| shape | dtype | path | fwd ms | fwd+bwd ms | fwd speed-up | fwd+bwd speed-up "
+        "| fwd / floor | fwd+bwd / floor |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['shape']} | {r['dtype']} | {r['path']} | {r['forward_ms']:.3f} | {r['forward_backward_ms']:.3f} | "
+            f"{r['forward_speedup']:.1f}x | {r['forward_backward_speedup']:.1f}x | {r['forward_over_floor']:.2f}x | "
+            f"{r['forward_backward_over_floor']:.2f}x |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the checks and the benchmark; 0 when every check passed, 1 otherwise, 2 without a GPU."""
+    argv = sys.argv[1:] if argv is None else argv
+    json_path = None
+    if argv:
+        if len(argv) != 2 or argv[0] != "--json":
+            print("usage: python -m ops.benchmark [--json PATH]", file=sys.stderr)
+            return 2
+        json_path = argv[1]
+    if not torch.cuda.is_available():
+        print("No CUDA device: this benchmark needs a GPU (torch.cuda.is_available() is False).", file=sys.stderr)
+        return 2
+    ok, reason = _cuda.is_available()
+    if not ok:
+        print(f"The CUDA kernel is unavailable on this machine: {reason}", file=sys.stderr)
+        return 1
+    device = torch.device("cuda", torch.cuda.current_device())
+    props = torch.cuda.get_device_properties(device)
+    print(f"device: {props.name} (sm_{props.major}{props.minor}), torch {torch.__version__}, ops {ops.__version__}")
+    previous_backend = ops.get_backend()
+    ops.set_backend("cuda")  # the op must run the kernel, never fall back silently
+    report = Report()
+    try:
+        run_checks(report, device)
+        bandwidth = copy_bandwidth(device)
+        print(f"device-to-device copy bandwidth: {bandwidth / 1e9:.0f} GB/s")
+        run_benchmark(report, device, bandwidth)
+    finally:
+        ops.set_backend(previous_backend)
+    print()
+    print(markdown_table(report.rows))
+    print()
+    print(
+        "floor = (inputs read once + outputs written once) / copy bandwidth; speed-up vs the reference path "
+        "(grid_sample); sampling locations = reference point + ~2 px Gaussian offsets, N=2, M=8, D=32, L=4, P=4"
+    )
+    evaluate_targets(report)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(
+                {
+                    "device": props.name,
+                    "torch": torch.__version__,
+                    "copy_bandwidth_GBps": bandwidth / 1e9,
+                    "checks": report.checks,
+                    "rows": report.rows,
+                    "targets": report.targets,
+                },
+                f,
+                indent=2,
+            )
+        print(f"wrote {json_path}")
+    print("FAILED" if report.failed else "ALL CHECKS PASSED")
+    return 1 if report.failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
