@@ -1,0 +1,244 @@
+"""Parameters, FLOPs and speed of each Deformable DETR variant: ``python -m core.benchmark [--device cuda] ...``.
+
+For every variant (ResNet-50, paper sizes, random weights: speed does not depend on their values):
+parameters; FLOPs of one forward pass at 800x1333, counted by ``torch.utils.flop_counter`` plus an
+analytic count of the deformable sampling, which that counter cannot see inside the custom op; and
+seconds per image for inference and for a training step (forward, criterion, backward), in float32
+and, on CUDA, bfloat16 autocast.
+
+FLOP conventions: torch counts a multiply-add as 2 FLOPs. The paper (like DETR, via fvcore) counts it
+as 1, so its "173 GFLOPs" compares with our GMACs column (= FLOPs / 2).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from torch.utils.flop_counter import FlopCounterMode
+
+from core.build import build_model
+from core.config import DetrConfig, ModelConfig
+from core.detector import DeformableDETR
+from ops import MSDeformAttn, cuda_kernel_available
+
+VARIANTS: dict[str, dict[str, bool | int]] = {
+    "plain": {},
+    "with_box_refine": {"with_box_refine": True},
+    "two_stage": {"two_stage": True},
+    "with_box_refine_two_stage": {"with_box_refine": True, "two_stage": True},
+    "single_scale": {"num_feature_levels": 1},
+}
+# Per sampled point and channel: 4 bilinear corner multiply-adds + 1 attention-weight multiply-add.
+_SAMPLING_FLOPS_PER_POINT_CHANNEL = 2 * (4 + 1)
+
+
+class BenchmarkOptions(BaseModel):
+    """Command-line options; ``--name value`` (lists: ``--variants plain two_stage``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    device: Literal["cpu", "cuda"] = Field(default_factory=lambda: "cuda" if torch.cuda.is_available() else "cpu")
+    variants: list[Literal[tuple(VARIANTS)]] = Field(  # type: ignore[valid-type]
+        default_factory=lambda: ["plain", "with_box_refine", "two_stage", "with_box_refine_two_stage"]
+    )
+    backbone: Literal["resnet18", "resnet34", "resnet50", "resnet101"] = "resnet50"
+    height: int = Field(default=800, ge=32)
+    width: int = Field(default=1333, ge=32)
+    batch_size: int = Field(default=1, ge=1)
+    iters: int = Field(default=20, ge=1, description="timed iterations per measurement")
+    warmup: int = Field(default=3, ge=0, description="untimed iterations before timing")
+    dtypes: list[Literal["float32", "bfloat16", "float16"]] | None = Field(
+        default=None, description="default: float32 on CPU, float32 and bfloat16 on CUDA"
+    )
+    skip_backward: bool = False
+    skip_flops: bool = False
+    compile: bool = Field(default=False, description="time torch.compile'd inference and training steps")
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(all parameters, trainable parameters); shared heads are counted once."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
+
+
+def count_flops(model: DeformableDETR, images: torch.Tensor, mask: torch.Tensor) -> tuple[int, int]:
+    """FLOPs of one inference forward pass.
+
+    Returns:
+        (counted, sampling): FLOPs seen by FlopCounterMode (convolutions, matmuls: the linear layers
+        of the attention included), and the analytic FLOPs of the deformable sampling itself.
+    """
+    sampling = 0
+
+    def add_sampling(module: MSDeformAttn, args: tuple) -> None:
+        nonlocal sampling
+        n, lq, c = args[0].shape  # query (N, Lq, C)
+        points = module.n_heads * module.n_levels * module.n_points
+        sampling += n * lq * points * (c // module.n_heads) * _SAMPLING_FLOPS_PER_POINT_CHANNEL
+
+    hooks = [m.register_forward_pre_hook(add_sampling) for m in model.modules() if isinstance(m, MSDeformAttn)]
+    # FlopCounterMode's module tracker trips over no_grad views of parameters that require grad
+    # (query_embed's split), so switch gradients off on the parameters instead.
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    try:
+        for p in trainable:
+            p.requires_grad_(False)
+        with FlopCounterMode(display=False) as counter:
+            model(images, mask)
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)
+        for h in hooks:
+            h.remove()
+    return counter.get_total_flops(), sampling
+
+
+def _seconds_per_call(fn: Callable[[], object], device: torch.device, iters: int, warmup: int) -> float:
+    """Mean wall time of fn() after warmup calls, synchronizing CUDA around each call."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return sum(times) / len(times)
+
+
+def _random_targets(batch_size: int, device: torch.device, num_boxes: int = 8) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    targets = []
+    for _ in range(batch_size):
+        centers = torch.rand(num_boxes, 2, generator=g) * 0.6 + 0.2
+        sizes = torch.rand(num_boxes, 2, generator=g) * 0.3 + 0.05
+        labels = torch.randint(1, 91, (num_boxes,), generator=g)
+        targets.append({"boxes": torch.cat([centers, sizes], 1).to(device), "labels": labels.to(device)})
+    return targets
+
+
+def benchmark_variant(name: str, opts: BenchmarkOptions) -> dict[str, object]:
+    """All measurements of one variant as a flat dict (times in seconds per image)."""
+    device = torch.device(opts.device)
+    cfg = DetrConfig(model=ModelConfig(backbone=opts.backbone, **VARIANTS[name]))
+    model, criterion, _ = build_model(cfg)
+    model.to(device)
+    total, trainable = count_parameters(model)
+    row: dict[str, object] = {"variant": name, "params_M": total / 1e6, "trainable_M": trainable / 1e6}
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(opts.batch_size, 3, opts.height, opts.width, generator=g).to(device)
+    mask = torch.zeros(opts.batch_size, opts.height, opts.width, dtype=torch.bool, device=device)
+    targets = _random_targets(opts.batch_size, device)
+
+    if not opts.skip_flops:
+        model.eval()
+        counted, sampling = count_flops(model, images[:1], mask[:1])
+        row.update(gflops=(counted + sampling) / 1e9, gflops_sampling=sampling / 1e9, gmacs=(counted + sampling) / 2e9)
+
+    run = torch.compile(model) if opts.compile else model
+    dtypes = opts.dtypes or (["float32", "bfloat16"] if device.type == "cuda" else ["float32"])
+    for dtype_name in dtypes:
+        dtype = getattr(torch, dtype_name)
+        autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+        def forward() -> None:
+            with torch.no_grad(), autocast:
+                run(images, mask)
+
+        def train_step() -> None:
+            with autocast:
+                loss = criterion.total_loss(criterion(run(images, mask), targets))
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+
+        model.eval()
+        row[f"infer_s_{dtype_name}"] = _seconds_per_call(forward, device, opts.iters, opts.warmup) / opts.batch_size
+        if not opts.skip_backward:
+            model.train()
+            row[f"train_s_{dtype_name}"] = _seconds_per_call(train_step, device, opts.iters, opts.warmup) / opts.batch_size
+    return row
+
+
+def _parse_cli(argv: Sequence[str]) -> dict[str, object]:
+    """``--name v`` -> {"name": "v"}; ``--name a b`` -> {"name": ["a", "b"]}; ``--flag`` -> True."""
+    values: dict[str, object] = {}
+    key = None
+    for token in argv:
+        if token.startswith("--"):
+            key = token[2:].replace("-", "_")
+            values[key] = True
+        elif key is None:
+            raise ValueError(f"expected --option before {token!r}")
+        elif values[key] is True:
+            values[key] = token
+        else:
+            previous = values[key]
+            values[key] = [*previous, token] if isinstance(previous, list) else [previous, token]
+    for list_field in ("variants", "dtypes"):
+        if isinstance(values.get(list_field), str):
+            values[list_field] = [values[list_field]]
+    return values
+
+
+def _format_rows(rows: list[dict[str, object]]) -> str:
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    cells = [[f"{row[c]:.3f}" if isinstance(row.get(c), float) else str(row.get(c, "-")) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in cells]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict[str, object]]:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--help" in argv or "-h" in argv:
+        print(__doc__)
+        for name, f in BenchmarkOptions.model_fields.items():
+            default = f.default_factory() if f.default_factory else f.default
+            print(f"  --{name} (default {default}){': ' + f.description if f.description else ''}")
+        return []
+    try:
+        opts = BenchmarkOptions.model_validate(_parse_cli(argv))
+    except (ValidationError, ValueError) as err:
+        raise SystemExit(f"invalid options: {err}") from None
+    device = torch.device(opts.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda given but CUDA is not available")
+    torch.backends.cudnn.benchmark = True
+    if device.type == "cuda":
+        kernel_ok, reason = cuda_kernel_available()
+        where = f"{torch.cuda.get_device_name(device)}; deformable attention: {'CUDA kernel' if kernel_ok else 'PyTorch reference (' + reason + ')'}"
+    else:
+        where = f"CPU, {torch.get_num_threads()} threads; deformable attention: PyTorch reference"
+    print(
+        f"device: {where}; input {opts.batch_size}x3x{opts.height}x{opts.width}; {opts.iters} timed iters after "
+        f"{opts.warmup} warmup; torch {torch.__version__}{'; torch.compile' if opts.compile else ''}"
+    )
+    rows = []
+    for name in opts.variants:
+        rows.append(benchmark_variant(name, opts))
+        print(_format_rows(rows[-1:]), flush=True)
+    print()
+    print(_format_rows(rows))
+    print(
+        "gflops: torch FlopCounterMode (2 per multiply-add) + analytic deformable sampling (gflops_sampling), "
+        "batch 1; gmacs = gflops / 2 is the paper's convention (173 for plain). "
+        "*_s_*: seconds per image; FPS = 1 / infer_s."
+    )
+    for row in rows:
+        fps = {k.replace("infer_s_", ""): round(1 / v, 2) for k, v in row.items() if k.startswith("infer_s_") and isinstance(v, float)}
+        print(f"{row['variant']}: inference FPS {fps}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

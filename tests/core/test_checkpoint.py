@@ -1,0 +1,194 @@
+"""Checkpoint tests: our format and the authors' released format, round trips, fine-tuning with new classes."""
+
+import argparse
+import fractions
+import logging
+import math
+import pickle
+
+import pytest
+import torch
+
+from core import (
+    CHECKPOINT_FORMAT,
+    DetrConfig,
+    ModelConfig,
+    build_model,
+    load_checkpoint,
+    load_model_weights,
+    read_checkpoint,
+    save_checkpoint,
+)
+
+
+def tiny_config(**model) -> DetrConfig:
+    base = dict(
+        backbone="resnet18",
+        hidden_dim=64,
+        nheads=4,
+        enc_layers=1,
+        dec_layers=2,
+        dim_feedforward=128,
+        num_queries=10,
+        num_classes=5,
+    )
+    return DetrConfig(model=ModelConfig(**{**base, **model}))
+
+
+def trained_looking(model):
+    """Perturbs every weight so a load that silently kept the initialization would be noticed."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def outputs_of(model):
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(2, 3, 96, 128, generator=g)
+    mask = torch.zeros(2, 96, 128, dtype=torch.bool)
+    mask[1, 64:] = True
+    model.eval()
+    with torch.no_grad():
+        return model(images, mask)
+
+
+def authors_args(**overrides) -> argparse.Namespace:
+    """An args namespace with the authors' flag names and defaults (main.py), as their files pickle it."""
+    args = dict(
+        lr=2e-4, lr_backbone_names=["backbone.0"], lr_backbone=2e-5, lr_linear_proj_names=["reference_points", "sampling_offsets"],
+        lr_linear_proj_mult=0.1, batch_size=2, weight_decay=1e-4, epochs=50, lr_drop=40, lr_drop_epochs=None,
+        clip_max_norm=0.1, sgd=False, with_box_refine=False, two_stage=False, frozen_weights=None, backbone="resnet50",
+        dilation=False, position_embedding="sine", position_embedding_scale=2 * math.pi, num_feature_levels=4,
+        enc_layers=6, dec_layers=6, dim_feedforward=1024, hidden_dim=256, dropout=0.1, nheads=8, num_queries=300,
+        dec_n_points=4, enc_n_points=4, masks=False, aux_loss=True, set_cost_class=2, set_cost_bbox=5, set_cost_giou=2,
+        mask_loss_coef=1, dice_loss_coef=1, cls_loss_coef=2, bbox_loss_coef=5, giou_loss_coef=2, focal_alpha=0.25,
+        dataset_file="coco", coco_path="./data/coco", output_dir="exps/r50_deformable_detr", device="cuda", seed=42,
+        resume="", start_epoch=0, eval=False, num_workers=2, cache_mode=False, distributed=True, rank=0, world_size=8,
+    )
+    args.update(overrides)
+    return argparse.Namespace(**args)
+
+
+def test_our_format_round_trip(tmp_path):
+    cfg = tiny_config(with_box_refine=True)
+    model, _, _ = build_model(cfg)
+    trained_looking(model)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    meta = {"category_ids": [1, 2, 3, 5, 7], "category_names": ["a", "b", "c", "d", "e"]}
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint(path, model, cfg, meta=meta, optimizer=optimizer.state_dict(), epoch=3)
+
+    raw = torch.load(path, weights_only=True)  # our format needs no unpickling of classes
+    assert raw["format"] == CHECKPOINT_FORMAT and DetrConfig.model_validate_json(raw["config"]) == cfg
+
+    loaded, criterion, postprocessor, ckpt = load_checkpoint(path)
+    assert ckpt.config == cfg and ckpt.meta == meta and ckpt.extra["epoch"] == 3
+    assert "optimizer" in ckpt.extra and ckpt.source_format == CHECKPOINT_FORMAT
+    expected, actual = outputs_of(model), outputs_of(loaded)
+    torch.testing.assert_close(actual["pred_boxes"], expected["pred_boxes"], rtol=0, atol=0)
+    torch.testing.assert_close(actual["pred_logits"], expected["pred_logits"], rtol=0, atol=0)
+
+
+def test_save_unwraps_compiled_model(tmp_path):
+    cfg = tiny_config()
+    model, _, _ = build_model(cfg)
+    save_checkpoint(tmp_path / "c.pt", torch.compile(model), cfg)
+    keys = read_checkpoint(tmp_path / "c.pt").model.keys()
+    assert keys == model.state_dict().keys()
+
+
+@pytest.mark.parametrize(
+    ("flags", "zipfile"),
+    [
+        ({}, True),
+        ({"with_box_refine": True}, True),
+        ({"with_box_refine": True, "two_stage": True}, True),
+        ({"num_feature_levels": 1}, True),
+        ({"with_box_refine": True}, False),  # files from PyTorch < 1.6 use the legacy format
+    ],
+)
+def test_authors_format_round_trip(tmp_path, flags, zipfile):
+    """A file shaped like the released ones: {model, optimizer, lr_scheduler, epoch, args=Namespace}."""
+    sizes = dict(backbone="resnet18", hidden_dim=64, nheads=4, enc_layers=1, dec_layers=2, dim_feedforward=128, num_queries=10)
+    cfg = tiny_config(num_classes=91, **flags)
+    model, _, _ = build_model(cfg)
+    trained_looking(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-4)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 40)
+    # The authors' code ignores --position_embedding_scale; a stray value must not change outputs.
+    args = authors_args(**sizes, **flags, position_embedding_scale=1.0)
+    path = tmp_path / "r50_deformable_detr-checkpoint.pth"
+    weights = dict(model.state_dict())
+    weights["backbone.0.body.total_ops"] = torch.zeros(1, dtype=torch.float64)  # thop leftovers, ignored
+    weights["backbone.0.body.total_params"] = torch.zeros(1, dtype=torch.float64)
+    torch.save(
+        {"model": weights, "optimizer": optimizer.state_dict(), "lr_scheduler": scheduler.state_dict(), "epoch": 49, "args": args},
+        path,
+        _use_new_zipfile_serialization=zipfile,
+    )
+    with pytest.raises(pickle.UnpicklingError):
+        torch.load(path, weights_only=True)  # why the authors' files need special handling
+
+    loaded, _, _, ckpt = load_checkpoint(path)
+    assert ckpt.source_format == "authors" and ckpt.extra["epoch"] == 49
+    assert ckpt.config.model.model_dump(exclude={"dropout"}) == cfg.model.model_dump(exclude={"dropout"})
+    assert ckpt.extra["args"].lr_backbone_names == ["backbone.0"]
+    expected, actual = outputs_of(model), outputs_of(loaded)
+    torch.testing.assert_close(actual["pred_boxes"], expected["pred_boxes"], rtol=0, atol=0)
+    torch.testing.assert_close(actual["pred_logits"], expected["pred_logits"], rtol=0, atol=0)
+
+
+def test_authors_format_with_unknown_globals_needs_explicit_trust(tmp_path):
+    model, _, _ = build_model(tiny_config(num_classes=91))
+    args = authors_args(backbone="resnet18", hidden_dim=64, nheads=4, enc_layers=1, dec_layers=2, dim_feedforward=128, num_queries=10)
+    args.extra = fractions.Fraction(1, 3)  # any class beyond argparse.Namespace
+    path = tmp_path / "odd.pth"
+    torch.save({"model": model.state_dict(), "args": args}, path)
+    with pytest.raises(ValueError, match="allow_unsafe_pickle"):
+        read_checkpoint(path)
+    assert read_checkpoint(path, allow_unsafe_pickle=True).source_format == "authors"
+
+
+def test_finetune_with_other_num_classes_reinitializes_class_heads(tmp_path, caplog):
+    cfg = tiny_config(with_box_refine=True, two_stage=True, num_classes=91)
+    model, _, _ = build_model(cfg)
+    trained_looking(model)
+    path = tmp_path / "coco.pt"
+    save_checkpoint(path, model, cfg)
+
+    new_cfg = tiny_config(with_box_refine=True, two_stage=True, num_classes=3)
+    with caplog.at_level(logging.WARNING, logger="core.checkpoint"):
+        finetune, criterion, _, _ = load_checkpoint(path, new_cfg)
+    assert "re-initialized" in caplog.text and "91" in caplog.text
+    assert finetune.class_embed[0].weight.shape == (3, 64) and criterion.num_classes == 3
+    prior = -math.log(99)
+    torch.testing.assert_close(finetune.class_embed[0].bias, torch.full((3,), prior))
+    torch.testing.assert_close(finetune.bbox_embed[0].layers[0].weight, model.bbox_embed[0].layers[0].weight)
+    torch.testing.assert_close(finetune.transformer.level_embed, model.transformer.level_embed)
+
+
+def test_architecture_mismatch_names_the_field(tmp_path):
+    cfg = tiny_config()
+    model, _, _ = build_model(cfg)
+    save_checkpoint(tmp_path / "c.pt", model, cfg)
+    with pytest.raises(ValueError, match="with_box_refine"):
+        load_checkpoint(tmp_path / "c.pt", tiny_config(with_box_refine=True))
+
+
+def test_load_model_weights_strips_wrapper_prefixes():
+    cfg = tiny_config()
+    source, _, _ = build_model(cfg)
+    trained_looking(source)
+    target, _, _ = build_model(cfg)
+    load_model_weights(target, {f"module.{k}": v for k, v in source.state_dict().items()})
+    torch.testing.assert_close(target.query_embed.weight, source.query_embed.weight)
+
+
+def test_not_a_checkpoint(tmp_path):
+    torch.save({"weights": torch.zeros(1)}, tmp_path / "x.pt")
+    with pytest.raises(ValueError, match="'model'"):
+        read_checkpoint(tmp_path / "x.pt")
+    with pytest.raises(FileNotFoundError):
+        read_checkpoint(tmp_path / "missing.pt")
