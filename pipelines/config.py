@@ -1,0 +1,381 @@
+"""The run config: ``TrainConfig`` and the top-level ``JobConfig``, presets, files and ``--set`` overrides.
+
+A run's config is built once at the entry point, in this order (later wins):
+
+1. a preset (``demo``, ``tiny``, ``r50``, ``r50_box_refine``, ``r50_two_stage``), ``demo`` by default;
+2. a config file, JSON (``.json``) or TOML (``.toml``), holding any subset of the sections
+   ``{"model", "matcher", "loss", "data", "train"}`` (a file may name its own preset with a top-level
+   ``"preset"`` key);
+3. ``--set section.field=value`` overrides; the value is read as JSON when it parses
+   (``2e-4``, ``true``, ``[1, 2]``, ``null``) and as a plain string otherwise.
+
+JSON and TOML because both parse with the standard library (no PyYAML dependency).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import tomllib
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from core.config import DetrConfig, LossConfig, MatcherConfig, ModelConfig
+from pipelines.data_config import DataConfig
+
+
+class ConfigError(ValueError):
+    """An invalid run config; the message names every bad field (``train.lr: ...``)."""
+
+
+class FaultInjection(BaseModel):
+    """Kills one worker process once, at a given step: how the tests exercise FailureConfig.
+
+    The worker calls ``os._exit(1)``, a real process death that Ray Train must recover from; the
+    marker file makes it happen only once across restarts.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    rank: int = Field(1, ge=0, description="world rank of the worker that dies")
+    global_step: int = Field(ge=0, description="optimizer steps done when it dies (counted across epochs)")
+    marker: str = Field(description="file created just before dying; no death when it already exists")
+
+
+class DemoDataConfig(BaseModel):
+    """The generated shapes dataset (pipelines/synthetic.py) a preset creates at data.root when absent."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    num_train: int = Field(1000, ge=1)
+    num_val: int = Field(100, ge=1)
+    num_classes: int = Field(4, ge=1, le=8)
+    min_side: int = Field(160, ge=32, description="image sides are drawn from [min_side, max_side]")
+    max_side: int = Field(224, ge=32)
+    max_objects: int = Field(4, ge=1)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _sides(self) -> DemoDataConfig:
+        if self.min_side > self.max_side:
+            raise ValueError(f"min_side must be <= max_side, got {self.min_side} > {self.max_side}")
+        return self
+
+
+class TrainConfig(BaseModel):
+    """Optimization, scaling, evaluation and checkpointing of a run (defaults: the paper's recipe)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # Schedule and optimizer (the authors' main.py defaults).
+    epochs: int = Field(50, ge=1)
+    lr: float = Field(2e-4, gt=0)
+    lr_backbone: float = Field(2e-5, ge=0, description="0 freezes the backbone")
+    lr_linear_proj_mult: float = Field(
+        0.1, gt=0, description="lr multiplier of the deformable attention's sampling_offsets and reference_points"
+    )
+    weight_decay: float = Field(1e-4, ge=0)
+    clip_max_norm: float = Field(0.1, ge=0, description="gradient clipping max norm; 0 disables clipping")
+    lr_schedule: Literal["step", "cosine", "warmup_cosine"] = "step"
+    lr_drop: int = Field(40, ge=1, description="step schedule: the epoch from which the lr is multiplied by lr_drop_factor")
+    lr_drop_factor: float = Field(0.1, gt=0, le=1)
+    warmup_epochs: float = Field(0.0, ge=0, description="warmup_cosine: linear warmup length in (fractional) epochs")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="cosine schedules: final lr as a fraction of the initial")
+    grad_accum_steps: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    amp: Literal["auto", "bf16", "fp16", "off"] = Field(
+        "auto", description="autocast dtype; auto = bf16 on GPUs, off on CPUs"
+    )
+    seed: int = Field(42, ge=0)
+
+    # Evaluation.
+    eval_every: int = Field(1, ge=0, description="evaluate every this many epochs (and after the last); 0 = never")
+    eval_batch_size: int | None = Field(None, ge=1, description="None = data.batch_size_per_worker")
+    num_vis_images: int = Field(4, ge=0, description="val images drawn with predicted and true boxes")
+    vis_score_threshold: float = Field(0.3, ge=0, le=1)
+
+    # Scaling (Ray Train).
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(1.0, ge=0, description="used when use_gpu")
+
+    # Outputs, checkpoints, failures.
+    storage_path: str = Field("runs", description="local folder, s3://bucket/prefix or gs://bucket/prefix")
+    name: str | None = Field(None, description="run name (a folder under storage_path); None = <preset>-<time>")
+    max_failures: int = Field(0, ge=-1, description="worker-group restarts from the last checkpoint; -1 = unlimited")
+    keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept, best by AP (by loss without eval)")
+    log_every_s: float = Field(10.0, gt=0, description="seconds between progress lines on the driver")
+    metrics_every_steps: int = Field(
+        1, ge=1, description="one metrics.jsonl line per this many optimizer steps (their losses averaged)"
+    )
+    ray_log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "WARNING", description="Ray Train's own log level on the driver console"
+    )
+    finetune_from: str | None = Field(
+        None, description="checkpoint (ours or the authors', local path, http(s), s3:// or gs://) to start from"
+    )
+    max_steps_per_epoch: int | None = Field(None, ge=1, description="cap steps per epoch (smoke runs)")
+    preflight_timeout_s: float = Field(30.0, gt=0, description="time allowed to reach the data and storage")
+    fault_injection: FaultInjection | None = Field(None, description="tests only: kill one worker once")
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if self.name is not None and (not self.name or "/" in self.name or self.name in (".", "..")):
+            raise ValueError(f"name must be a single folder name, got {self.name!r}")
+        return self
+
+
+class JobConfig(BaseModel):
+    """Everything one training or evaluation run needs; saved in the run directory and in each checkpoint."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    matcher: MatcherConfig = Field(default_factory=MatcherConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    preset: str | None = Field(None, description="the preset this config started from (informational)")
+    demo_data: DemoDataConfig | None = Field(
+        None, description="generate this synthetic dataset at data.root when its annotation files are absent"
+    )
+
+    def detr_config(self) -> DetrConfig:
+        """The model/matcher/loss part, what ``core.build_model`` takes."""
+        return DetrConfig(model=self.model, matcher=self.matcher, loss=self.loss)
+
+    @property
+    def total_batch_size(self) -> int:
+        """Images per optimizer step across all workers."""
+        return self.train.num_workers * self.data.batch_size_per_worker * self.train.grad_accum_steps
+
+
+# ---------------------------------------------------------------------------------------------------
+# Presets. Each is a partial config dict applied over the pydantic defaults (the paper's R50 model).
+
+# The paper's recipe: total batch 32 (8 GPUs x 4 images), 50 epochs, lr drop at 40, bf16.
+_COCO_RECIPE: dict[str, Any] = {
+    "data": {"root": "data/coco", "batch_size_per_worker": 4},
+    "train": {
+        "epochs": 50,
+        "lr_drop": 40,
+        "lr_schedule": "step",
+        "num_workers": 8,
+        "use_gpu": True,
+        "gpus_per_worker": 1,
+        "cpus_per_worker": 8,
+        "amp": "auto",
+        "eval_every": 1,
+        "keep_checkpoints": 3,
+        "max_failures": 3,
+        "log_every_s": 30,
+        "metrics_every_steps": 20,
+    },
+    "model": {"backbone": "resnet50", "num_classes": 91},
+}
+
+# Small shapes, light model, small images: trains from scratch on 2 CPU cores (see README).
+_DEMO_DATA = {
+    "root": "data/demo",
+    "train_images": "train",
+    "val_images": "val",
+    "train_ann": "instances_train.json",
+    "val_ann": "instances_val.json",
+    "category_ids": "contiguous",
+    "train_short_sides": [160],
+    "max_size": 160,
+    "val_short_side": 160,
+    "crop_prob": 0.0,
+    "hflip_prob": 0.5,
+    "batch_size_per_worker": 4,
+    "rows_per_task": 32,
+    "read_threads": 4,
+    "num_decode_workers": 1,
+    "prefetch_batches": 2,
+}
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "demo": {
+        "demo_data": {"num_train": 1000, "num_val": 100, "num_classes": 4, "min_side": 160, "max_side": 224},
+        "model": {
+            "backbone": "resnet18",
+            "num_feature_levels": 3,
+            "hidden_dim": 128,
+            "nheads": 8,
+            "enc_layers": 2,
+            "dec_layers": 2,
+            "dim_feedforward": 512,
+            "dropout": 0.0,
+            "num_queries": 30,
+            "dec_n_points": 4,
+            "enc_n_points": 4,
+            "with_box_refine": True,
+            "num_classes": 4,
+        },
+        "data": _DEMO_DATA,
+        "train": {
+            "epochs": 12,
+            "lr": 5e-4,
+            "lr_backbone": 2e-4,
+            "lr_schedule": "warmup_cosine",
+            "warmup_epochs": 0.5,
+            "min_lr_ratio": 0.05,
+            "clip_max_norm": 0.1,
+            "num_workers": 2,
+            "cpus_per_worker": 1,
+            "eval_every": 2,
+            "keep_checkpoints": 2,
+            "log_every_s": 10,
+        },
+    },
+    # The CI-sized run of the tests and of `ray job submit` smoke checks: seconds per epoch.
+    "tiny": {
+        "demo_data": {"num_train": 8, "num_val": 4, "num_classes": 3, "min_side": 64, "max_side": 96,
+                      "max_objects": 3},
+        "model": {
+            "backbone": "resnet18",
+            "num_feature_levels": 3,
+            "hidden_dim": 32,
+            "nheads": 4,
+            "enc_layers": 1,
+            "dec_layers": 1,
+            "dim_feedforward": 64,
+            "dropout": 0.0,
+            "num_queries": 10,
+            "dec_n_points": 2,
+            "enc_n_points": 2,
+            "num_classes": 3,
+        },
+        "data": {**_DEMO_DATA, "root": "data/tiny", "train_short_sides": [96], "max_size": 96,
+                 "val_short_side": 96, "batch_size_per_worker": 2},
+        "train": {
+            "epochs": 2,
+            "lr": 1e-3,
+            "lr_backbone": 1e-4,
+            "lr_schedule": "step",
+            "num_workers": 2,
+            "cpus_per_worker": 1,
+            "eval_every": 1,
+            "keep_checkpoints": 2,
+            "log_every_s": 2,
+            "num_vis_images": 2,
+        },
+    },
+    "r50": _COCO_RECIPE,
+    "r50_box_refine": {**_COCO_RECIPE, "model": {**_COCO_RECIPE["model"], "with_box_refine": True}},
+    "r50_two_stage": {
+        **_COCO_RECIPE,
+        "model": {**_COCO_RECIPE["model"], "with_box_refine": True, "two_stage": True},
+    },
+}
+
+# ImageNet weights of the backbone for the paper presets (torchvision's; fetched once into torch.hub's cache).
+R50_IMAGENET = "https://download.pytorch.org/models/resnet50-0676ba61.pth"
+for _name in ("r50", "r50_box_refine", "r50_two_stage"):
+    PRESETS[_name] = copy.deepcopy(PRESETS[_name])
+    PRESETS[_name]["model"]["backbone_weights"] = R50_IMAGENET
+
+
+def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``update`` merged in recursively (dicts merge, everything else replaces)."""
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``"train.lr=1e-4"`` -> (["train", "lr"], 1e-4); the value is JSON when it parses, else a string."""
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"--set expects section.field=value, got {item!r}")
+    path = key.split(".")
+    if any(not part for part in path):
+        raise ConfigError(f"--set key {key!r} has an empty part")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return path, value
+
+
+def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """A partial config dict from a ``.json`` or ``.toml`` file."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        if path.endswith(".toml"):
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        else:
+            with open(path) as f:
+                data = json.load(f)
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError(f"config file {path} does not parse: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold an object with sections, got {type(data).__name__}")
+    return data
+
+
+def format_validation_error(err: ValidationError) -> str:
+    """One line per bad field: ``train.lr: Input should be greater than 0 (got -1)``."""
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(part) for part in e["loc"]) or "<config>"
+        msg = e["msg"]
+        if e["type"] not in ("missing", "extra_forbidden") and "input" in e and not isinstance(e["input"], dict):
+            msg += f" (got {e['input']!r})"
+        lines.append(f"{loc}: {msg}")
+    return "\n".join(lines)
+
+
+def validate_job_config(data: dict[str, Any]) -> JobConfig:
+    """``JobConfig`` from a dict, raising ConfigError with one line per bad field."""
+    try:
+        return JobConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError("invalid config:\n" + format_validation_error(e)) from None
+
+
+def load_job_config(
+    config_file: str | os.PathLike | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    preset: str | None = None,
+) -> JobConfig:
+    """Builds and validates a run config: preset, then file, then ``--set`` overrides.
+
+    Args:
+        config_file: JSON or TOML file with any subset of the sections; may name a ``"preset"``.
+        overrides: ``"section.field=value"`` strings, applied last.
+        preset: preset name; default the file's ``"preset"`` entry, else ``"demo"``.
+
+    Returns:
+        The validated JobConfig.
+
+    Raises:
+        ConfigError: unknown preset, unreadable file or invalid fields (each named, e.g.
+            ``train.lr: Input should be greater than 0``).
+    """
+    file_data = read_config_file(config_file) if config_file is not None else {}
+    preset = preset or file_data.get("preset") or "demo"
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}, expected one of {sorted(PRESETS)}")
+    data = deep_merge(PRESETS[preset], file_data)
+    data["preset"] = preset
+    for item in overrides:
+        path, value = parse_override(item)
+        node = data
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {item!r}: {part!r} is a value, not a section")
+            node = child
+        node[path[-1]] = value
+    return validate_job_config(data)

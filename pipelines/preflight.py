@@ -1,0 +1,271 @@
+"""Checks on the driver before any Ray Train worker starts: names, paths, data, storage, checkpoints, resources.
+
+Every failure is a ``PreflightError`` whose message names the config field and the value at fault,
+so a bad path or an unreachable bucket costs seconds, not a cluster start-up.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import pyarrow.fs as pafs
+
+from pipelines.coco import filesystem_for
+from pipelines.config import JobConfig
+from pipelines.run_outputs import is_remote, storage_filesystem
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train V2's record of the registered checkpoints
+
+
+class PreflightError(RuntimeError):
+    """The run cannot start; the message says which setting to fix."""
+
+
+def with_timeout(fn: Callable[[], T], timeout_s: float, what: str) -> T:
+    """Runs ``fn`` in a daemon thread; a PreflightError naming ``what`` if it takes longer than timeout_s.
+
+    Object-store clients retry unreachable endpoints for minutes; a preflight check must not.
+    """
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # handed to the caller's thread
+            box["error"] = e
+
+    t = threading.Thread(target=target, daemon=True, name=f"preflight: {what}")
+    t.start()
+    t.join(timeout_s)
+    if t.is_alive():
+        raise PreflightError(f"{what}: no answer within {timeout_s:.0f} s (unreachable endpoint or bucket?)")
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def default_run_name(job: JobConfig) -> str:
+    return f"{job.preset or 'run'}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def resolve(job: JobConfig) -> JobConfig:
+    """The config with a run name and absolute local paths (workers may run in another directory)."""
+    data = job.data.model_copy()
+    if "://" not in data.root:
+        data.root = os.path.abspath(os.path.expanduser(data.root))
+    train = job.train.model_copy()
+    if train.name is None:
+        train.name = default_run_name(job)
+    if not is_remote(train.storage_path):
+        train.storage_path = os.path.abspath(os.path.expanduser(train.storage_path.removeprefix("file://")))
+    if train.finetune_from and "://" not in train.finetune_from:
+        train.finetune_from = os.path.abspath(os.path.expanduser(train.finetune_from))
+    return job.model_copy(update={"data": data, "train": train})
+
+
+def ensure_demo_data(job: JobConfig) -> bool:
+    """Generates the synthetic dataset of ``job.demo_data`` at ``data.root`` when its annotations are absent.
+
+    Returns:
+        True when it generated the data.
+    """
+    spec, data = job.demo_data, job.data
+    if spec is None:
+        return False
+    if "://" in data.root:
+        raise PreflightError(f"demo_data can only be generated on a local disk, got data.root={data.root!r}")
+    wanted = [data.ann_uri("train"), data.ann_uri("val")]
+    if all(os.path.isfile(p) for p in wanted):
+        return False
+    from pipelines.synthetic import generate_coco
+
+    t0 = time.time()
+    print(f"generating the demo dataset at {data.root} ({spec.num_train} train / {spec.num_val} val images) ...",
+          flush=True)
+    # Generate aside and rename into place, so an interrupted or concurrent generation never leaves
+    # a half-written dataset that looks complete.
+    tmp = f"{data.root.rstrip('/')}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    sides = (spec.min_side, spec.max_side)
+    generate_coco(tmp, spec.num_train, spec.num_val, image_size=(sides, sides), num_classes=spec.num_classes,
+                  max_objects=spec.max_objects, seed=spec.seed)
+    os.makedirs(os.path.dirname(data.root) or ".", exist_ok=True)
+    if os.path.isdir(data.root) and not os.listdir(data.root):
+        os.rmdir(data.root)
+    try:
+        os.rename(tmp, data.root)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not all(os.path.isfile(p) for p in wanted):
+            raise PreflightError(
+                f"data.root={data.root!r} exists but lacks {wanted}: remove it or point data.root elsewhere"
+            ) from None
+    print(f"  done in {time.time() - t0:.1f} s", flush=True)
+    return True
+
+
+def _file_type(uri: str, storage_options: dict | None) -> pafs.FileType:
+    fs, path = filesystem_for(uri, storage_options)
+    return fs.get_file_info(path).type
+
+
+def check_data(job: JobConfig, splits: tuple[str, ...] | None = None) -> None:
+    """The annotation files and image folders the run reads exist (default: train, and val when evaluating)."""
+    data = job.data
+    if splits is None:
+        splits = ("train", "val") if job.train.eval_every else ("train",)
+    checks: list[tuple[str, str, pafs.FileType]] = []
+    if data.parquet_dir is not None:
+        for split in splits:
+            checks.append((f"data.parquet_dir ({split} manifest)",
+                           f"{data.parquet_uri().rstrip('/')}/{split}_manifest.json", pafs.FileType.File))
+    else:
+        for split in splits:
+            checks.append((f"data.{split}_ann", data.ann_uri(split), pafs.FileType.File))
+            checks.append((f"data.{split}_images", data.images_uri(split), pafs.FileType.Directory))
+    for field, uri, want in checks:
+        try:
+            got = with_timeout(lambda uri=uri: _file_type(uri, data.storage_options), job.train.preflight_timeout_s,
+                               f"{field}={uri!r}")
+        except PreflightError:
+            raise
+        except Exception as e:  # credentials, DNS, permissions: name the setting, keep the cause
+            raise PreflightError(f"{field}={uri!r} cannot be read: {type(e).__name__}: {e}") from e
+        if "://" in uri and want == pafs.FileType.Directory and got == pafs.FileType.NotFound:
+            # Object stores have no folders; an empty prefix reads as not found. The image listing
+            # in the dataset builder reports missing files one by one.
+            continue
+        if got != want:
+            kind = "file" if want == pafs.FileType.File else "folder"
+            hint = " (set data.root, or run with the demo preset to generate a dataset)" if job.demo_data is None else ""
+            raise PreflightError(f"{field}: {kind} not found: {uri}{hint}")
+
+
+def check_storage(job: JobConfig) -> None:
+    """The run's storage can be written: a local folder is created; a bucket must answer."""
+    uri = job.train.storage_path
+    if not is_remote(uri):
+        try:
+            os.makedirs(uri, exist_ok=True)
+        except OSError as e:
+            raise PreflightError(f"train.storage_path={uri!r} cannot be created: {e}") from e
+        if not os.access(uri, os.W_OK):
+            raise PreflightError(f"train.storage_path={uri!r} is not writable")
+        return
+
+    def probe() -> None:
+        fs, path = storage_filesystem(uri)
+        bucket = path.split("/", 1)[0]
+        info = fs.get_file_info(bucket)
+        if info.type == pafs.FileType.NotFound:
+            raise PreflightError(f"train.storage_path={uri!r}: bucket {bucket!r} does not exist")
+        # Reading is not enough: checkpoints need write access (credentials, bucket policy).
+        marker = f"{path.rstrip('/')}/.preflight-{os.getpid()}-{int(time.time())}"
+        with fs.open_output_stream(marker) as f:
+            f.write(b"ok")
+        fs.delete_file(marker)
+
+    try:
+        with_timeout(probe, job.train.preflight_timeout_s, f"train.storage_path={uri!r}")
+    except PreflightError:
+        raise
+    except Exception as e:
+        raise PreflightError(f"train.storage_path={uri!r} is unreachable: {type(e).__name__}: {e}") from e
+
+
+def load_finetune_weights(job: JobConfig) -> dict | None:
+    """The weights of train.finetune_from, read and checked against the config on the driver.
+
+    Any checkpoint core/ loads will do, ours or the authors'; the architecture must match the config
+    (a different class count re-initializes the class heads only).
+
+    Returns:
+        The state_dict to start from, or None without finetune_from.
+    """
+    src = job.train.finetune_from
+    if src is None:
+        return None
+    from core.checkpoint import load_checkpoint
+    from pipelines.train_worker import fetch_checkpoint_file
+
+    tmp = tempfile.mkdtemp(prefix="ddetr-finetune-")
+    try:
+        path = with_timeout(lambda: fetch_checkpoint_file(src, tmp), max(job.train.preflight_timeout_s, 120.0),
+                            f"train.finetune_from={src!r}")
+        # Builds the model and loads the weights: the same check the workers will pass.
+        loaded = load_checkpoint(path, job.detr_config())
+    except PreflightError:
+        raise
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
+        raise PreflightError(f"train.finetune_from={src!r} cannot be used: {type(e).__name__}: {e}") from e
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return loaded.checkpoint.model
+
+
+def check_resources(job: JobConfig, cluster_resources: dict[str, float], strict: bool) -> None:
+    """The cluster can hold the worker group now; ``strict`` (a local Ray we started) makes a shortfall fatal.
+
+    A joined cluster may autoscale, so there a shortfall is only a warning.
+    """
+    t = job.train
+    need = {"CPU": t.num_workers * t.cpus_per_worker}
+    if t.use_gpu:
+        need["GPU"] = t.num_workers * t.gpus_per_worker
+    short = {k: (v, cluster_resources.get(k, 0.0)) for k, v in need.items() if cluster_resources.get(k, 0.0) < v}
+    if not short:
+        return
+    detail = ", ".join(f"{k}: need {n:g}, cluster has {h:g}" for k, (n, h) in short.items())
+    msg = (f"the worker group does not fit ({detail}); lower train.num_workers / train.cpus_per_worker"
+           + (" or set train.use_gpu=false" if "GPU" in short else ""))
+    if strict:
+        raise PreflightError(msg)
+    log.warning("%s (waiting for the cluster to scale up)", msg)
+
+
+def latest_checkpoint_epoch(job: JobConfig) -> int | None:
+    """The epoch of the run's latest registered checkpoint (read from Ray Train's snapshot), or None."""
+    uri = job.train.storage_path.rstrip("/") + "/" + job.train.name + "/" + SNAPSHOT_FILE
+    try:
+        fs, path = storage_filesystem(uri)
+
+        def read() -> bytes:
+            with fs.open_input_stream(path) as f:
+                return f.read()
+
+        snapshot = json.loads(with_timeout(read, job.train.preflight_timeout_s, "checkpoint snapshot"))
+        return int(snapshot["latest_checkpoint_result"]["metrics"]["epoch"])
+    except (FileNotFoundError, KeyError, TypeError, ValueError):
+        return None
+    except OSError as e:
+        if "not found" in str(e).lower() or "no such file" in str(e).lower():
+            return None
+        raise
+
+
+def preflight(job: JobConfig) -> JobConfig:
+    """Resolves names and paths, generates the demo data if asked, and checks the data and the storage.
+
+    Returns:
+        The resolved config (run name set, local paths absolute), the one to save and run.
+
+    Raises:
+        PreflightError: with a message naming the setting at fault.
+    """
+    job = resolve(job)
+    ensure_demo_data(job)
+    check_data(job)
+    check_storage(job)
+    return job

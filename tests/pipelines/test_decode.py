@@ -1,0 +1,70 @@
+"""Decoding: JPEG and PNG in every colour mode to RGB uint8; broken files are errors naming the file."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipelines.decode import ImageDecodeError, decode_image, fast_decoder_available
+
+
+def _smooth(h=48, w=64, seed=0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (h // 8, w // 8, 3), dtype=np.uint8)
+    return np.asarray(Image.fromarray(small).resize((w, h), Image.BILINEAR))
+
+
+def _encode(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("decoder", ["auto", "pillow"])
+def test_jpeg_rgb_gray_cmyk(decoder):
+    rgb = _smooth()
+    out = decode_image(_encode(Image.fromarray(rgb), "JPEG", quality=95), decoder=decoder)
+    assert out.shape == (48, 64, 3) and out.dtype == np.uint8 and out.flags.c_contiguous
+    assert np.abs(out.astype(int) - rgb).mean() < 3
+    gray = decode_image(_encode(Image.fromarray(rgb[..., 0]), "JPEG", quality=95), decoder=decoder)
+    assert gray.shape == (48, 64, 3) and (gray[..., 0] == gray[..., 2]).all()
+    cmyk = decode_image(_encode(Image.fromarray(rgb).convert("CMYK"), "JPEG", quality=95), decoder=decoder)
+    assert cmyk.shape == (48, 64, 3) and np.abs(cmyk.astype(int) - rgb).mean() < 6
+
+
+def test_fast_decoder_matches_pillow():
+    if not fast_decoder_available():
+        pytest.skip("simplejpeg not installed")
+    data = _encode(Image.fromarray(_smooth(seed=1)), "JPEG", quality=90)
+    a, b = decode_image(data, decoder="auto"), decode_image(data, decoder="pillow")
+    assert np.abs(a.astype(int) - b).max() <= 2
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "LA", "P", "PA", "I;16", "1"])
+def test_png_modes(mode):
+    rgb = _smooth()
+    if mode == "I;16":
+        img = Image.fromarray(rgb[..., 0].astype(np.uint16) * 257)  # Pillow picks I;16
+    elif mode in ("P", "PA"):
+        img = Image.fromarray(rgb).quantize(16)
+        if mode == "PA":
+            img.info["transparency"] = 0
+    else:
+        img = Image.fromarray(rgb).convert(mode)
+    out = decode_image(_encode(img, "PNG"), name="x.png")
+    assert out.shape == (48, 64, 3) and out.dtype == np.uint8
+    if mode in ("RGB", "RGBA"):
+        assert (out == rgb).all()  # lossless; alpha dropped, colour kept
+    if mode == "I;16":
+        assert np.abs(out[..., 0].astype(int) - rgb[..., 0]).max() <= 1
+
+
+@pytest.mark.parametrize("decoder", ["auto", "pillow"])
+def test_broken_files_name_the_file(decoder):
+    data = _encode(Image.fromarray(_smooth()), "JPEG", quality=90)
+    for bad in (data[: len(data) // 2], b"\xff\xd8\xff" + b"\x00" * 100, b"not an image at all", b""):
+        with pytest.raises(ImageDecodeError, match="broken.jpg"):
+            decode_image(bad, name="broken.jpg", decoder=decoder)

@@ -1,0 +1,97 @@
+"""Run config: presets validate, overrides parse, files load, and errors name the field."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pipelines.config import PRESETS, ConfigError, JobConfig, load_job_config, parse_override
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_every_preset_validates(preset):
+    job = load_job_config(preset=preset)
+    assert isinstance(job, JobConfig)
+    assert job.preset == preset
+
+
+def test_paper_presets_follow_the_authors_recipe():
+    for name, variant in [("r50", "plain"), ("r50_box_refine", "with_box_refine"),
+                          ("r50_two_stage", "with_box_refine_two_stage")]:
+        job = load_job_config(preset=name)
+        assert job.detr_config().variant() == variant
+        assert job.model.backbone == "resnet50"
+        assert (job.train.epochs, job.train.lr_drop, job.total_batch_size) == (50, 40, 32)
+        assert (job.train.lr, job.train.lr_backbone, job.train.weight_decay) == (2e-4, 2e-5, 1e-4)
+        assert job.train.lr_linear_proj_mult == 0.1 and job.train.clip_max_norm == 0.1
+
+
+def test_default_preset_is_the_demo():
+    assert load_job_config().preset == "demo"
+
+
+def test_overrides_parse_json_values_and_strings():
+    job = load_job_config(overrides=["train.lr=1e-4", "train.use_gpu=true", "data.train_short_sides=[96, 128]",
+                                     "train.name=my-run", "train.finetune_from=null"])
+    assert job.train.lr == 1e-4
+    assert job.train.use_gpu is True
+    assert job.data.train_short_sides == (96, 128)
+    assert job.train.name == "my-run"
+    assert parse_override("a.b=x=y") == (["a", "b"], "x=y")
+
+
+def test_errors_name_every_bad_field():
+    with pytest.raises(ConfigError) as e:
+        load_job_config(overrides=["train.lr=-1", "train.epochs=0", "train.no_such_field=3",
+                                   "train.lr_schedule=linear"])
+    msg = str(e.value)
+    assert "train.lr: Input should be greater than 0" in msg
+    assert "train.epochs: Input should be greater than or equal to 1" in msg
+    assert "train.no_such_field: Extra inputs are not permitted" in msg
+    assert "train.lr_schedule" in msg
+
+
+def test_model_and_data_errors_come_from_their_sections():
+    with pytest.raises(ConfigError, match=r"model.*hidden_dim must be divisible by nheads"):
+        load_job_config(overrides=["model.hidden_dim=96", "model.nheads=5"])
+    with pytest.raises(ConfigError, match=r"data.hflip_prob"):
+        load_job_config(overrides=["data.hflip_prob=2"])
+
+
+def test_bad_override_syntax_and_unknown_preset():
+    with pytest.raises(ConfigError, match="section.field=value"):
+        load_job_config(overrides=["train.lr"])
+    with pytest.raises(ConfigError, match="unknown preset 'r101'"):
+        load_job_config(preset="r101")
+
+
+def test_json_and_toml_files(tmp_path):
+    j = tmp_path / "run.json"
+    j.write_text(json.dumps({"preset": "tiny", "train": {"epochs": 3}, "model": {"num_queries": 7}}))
+    job = load_job_config(j, ["train.epochs=4"])
+    assert job.preset == "tiny" and job.train.epochs == 4 and job.model.num_queries == 7
+    t = tmp_path / "run.toml"
+    t.write_text('[train]\nlr = 1e-4\nlr_schedule = "cosine"\n')
+    job = load_job_config(t, preset="r50")
+    assert job.train.lr == 1e-4 and job.train.lr_schedule == "cosine" and job.model.backbone == "resnet50"
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ConfigError, match="does not parse"):
+        load_job_config(bad)
+    with pytest.raises(ConfigError, match="not found"):
+        load_job_config(tmp_path / "missing.json")
+
+
+def test_saved_config_round_trips():
+    job = load_job_config(preset="tiny", overrides=["train.name=x"])
+    again = JobConfig.model_validate_json(job.model_dump_json())
+    assert again == job
+
+
+def test_cli_prints_the_resolved_config(capsys):
+    from pipelines.train import main
+
+    assert main(["--preset", "r50_two_stage", "--set", "train.epochs=12", "--print-config"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["model"]["two_stage"] and printed["train"]["epochs"] == 12 and printed["preset"] == "r50_two_stage"

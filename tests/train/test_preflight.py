@@ -1,0 +1,123 @@
+"""Pre-flight: a bad config, missing data, an unreachable bucket or a wrong checkpoint fail before Ray starts."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import pytest
+import torch
+
+from pipelines.config import load_job_config
+from pipelines.preflight import PreflightError, ensure_demo_data, load_finetune_weights, preflight
+
+
+@pytest.fixture
+def job_with(tmp_path, tiny_overrides):
+    def make(*extra):
+        return load_job_config(preset="tiny", overrides=tiny_overrides(tmp_path / "runs", "t", *extra))
+
+    return make
+
+
+def test_missing_annotations_name_the_field(tmp_path, job_with):
+    job = job_with("data.val_ann=nope/instances_val.json")
+    with pytest.raises(PreflightError, match=r"data.val_ann: file not found: .*nope/instances_val.json"):
+        preflight(job)
+    job = job_with(f"data.root={tmp_path / 'absent'}")
+    with pytest.raises(PreflightError, match=r"data.train_ann: file not found"):
+        preflight(job)
+
+
+def test_unreachable_bucket_fails_fast(tmp_path, job_with):
+    # Nothing listens on port 9: the S3 client gets "connection refused" at once.
+    job = job_with("train.storage_path=s3://bucket/runs?endpoint_override=127.0.0.1:9&scheme=http")
+    t0 = time.time()
+    with pytest.raises(PreflightError, match=r"train.storage_path='s3://bucket/runs.*' is unreachable"):
+        preflight(job)
+    assert time.time() - t0 < 30
+
+
+def test_preflight_resolves_name_and_paths(tmp_path, tiny_data, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    job = load_job_config(preset="tiny", overrides=[f"data.root={tiny_data['root']}", "demo_data=null",
+                                                    "train.storage_path=rel_runs"])
+    job = preflight(job)
+    assert job.train.name.startswith("tiny-")
+    assert job.train.storage_path == str(tmp_path / "rel_runs") and os.path.isdir(job.train.storage_path)
+
+
+def test_demo_data_is_generated_once(tmp_path):
+    job = load_job_config(preset="tiny", overrides=[f"data.root={tmp_path / 'gen'}"])
+    assert ensure_demo_data(job)
+    assert (tmp_path / "gen" / "instances_train.json").is_file()
+    assert len(os.listdir(tmp_path / "gen" / "train")) == job.demo_data.num_train
+    assert not ensure_demo_data(job)
+
+
+def test_finetune_checkpoint_checks(tmp_path, job_with):
+    missing = job_with(f"train.finetune_from={tmp_path / 'nope.pth'}")
+    with pytest.raises(PreflightError, match="train.finetune_from"):
+        load_finetune_weights(preflight(missing))
+
+    # An authors'-format checkpoint of a model with another width: the architecture check names it.
+    from core.build import build_model
+
+    other = load_job_config(preset="tiny", overrides=["model.hidden_dim=64"])
+    model, _, _ = build_model(other.detr_config())
+    path = tmp_path / "authors.pth"
+    args = argparse.Namespace(**other.model.model_dump(), **other.matcher.model_dump(), **other.loss.model_dump())
+    torch.save({"model": model.state_dict(), "args": args, "epoch": 3}, path)
+    job = preflight(job_with(f"train.finetune_from={path}"))
+    with pytest.raises(PreflightError, match="hidden_dim"):
+        load_finetune_weights(job)
+
+    # The same architecture with another class count loads (class heads re-initialized).
+    same = load_job_config(preset="tiny", overrides=["model.num_classes=91"])
+    model, _, _ = build_model(same.detr_config())
+    args = argparse.Namespace(**same.model.model_dump(), **same.matcher.model_dump(), **same.loss.model_dump())
+    torch.save({"model": model.state_dict(), "args": args, "epoch": 3}, path)
+    weights = load_finetune_weights(preflight(job_with(f"train.finetune_from={path}")))
+    assert weights["class_embed.0.weight"].shape[0] == 91
+
+
+def test_cli_bad_config_exits_before_ray(capsys):
+    import ray
+
+    from pipelines.train import main
+
+    assert main(["--preset", "tiny", "--set", "train.lr=-1", "--set", "train.num_workers=0"]) == 2
+    err = capsys.readouterr().err
+    assert "train.lr: Input should be greater than 0" in err
+    assert "train.num_workers: Input should be greater than or equal to 1" in err
+    assert not ray.is_initialized()
+
+
+def test_cli_missing_dataset_exits_before_ray(tmp_path, capsys):
+    import ray
+
+    from pipelines.train import main
+
+    code = main(["--preset", "r50", "--set", f"data.root={tmp_path / 'coco'}",
+                 "--set", f"train.storage_path={tmp_path / 'runs'}"])
+    assert code == 2
+    assert "data.train_ann: file not found" in capsys.readouterr().err
+    assert not ray.is_initialized()
+
+
+def test_latest_checkpoint_is_the_registered_one(tmp_path, job_with):
+    """A checkpoint folder Ray never registered (an interrupted upload) is not taken as the latest."""
+    import json
+
+    from pipelines.preflight import SNAPSHOT_FILE, latest_checkpoint_epoch
+
+    job = preflight(job_with())
+    run = tmp_path / "runs" / "t"
+    assert latest_checkpoint_epoch(job) is None
+    (run / "checkpoint_epoch0000").mkdir(parents=True)
+    (run / "checkpoint_epoch0001").mkdir()
+    (run / "checkpoint_epoch0001" / "checkpoint.pt").write_bytes(b"PK\x03\x04 truncated")
+    snapshot = {"latest_checkpoint_result": {"checkpoint_dir_name": "checkpoint_epoch0000", "metrics": {"epoch": 0}}}
+    (run / SNAPSHOT_FILE).write_text(json.dumps(snapshot))
+    assert latest_checkpoint_epoch(job) == 0

@@ -1,0 +1,47 @@
+"""Run outputs: metrics history across restarts, curves and drawn validation images."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipelines.run_outputs import RunDir, draw_detections, latest_history, plot_curves, read_metrics
+
+
+def test_latest_history_keeps_the_replayed_attempt():
+    records = [{"kind": "step", "global_step": s, "loss": 1.0} for s in (1, 2, 3, 4)]
+    records += [{"kind": "event"}]
+    records += [{"kind": "step", "global_step": s, "loss": 2.0} for s in (3, 4, 5)]  # restart from step 2
+    out = latest_history(records, "step", "global_step")
+    assert [r["global_step"] for r in out] == [1, 2, 3, 4, 5]
+    assert [r["loss"] for r in out] == [1.0, 1.0, 2.0, 2.0, 2.0]
+
+
+def test_metrics_jsonl_round_trip_and_torn_line(tmp_path):
+    run = RunDir(str(tmp_path), "r").mkdir()
+    run.append_metrics([{"kind": "step", "global_step": 1, "x": np.float32(0.5)}])
+    with open(run.file("metrics.jsonl"), "a") as f:
+        f.write('{"kind": "step", "glo')  # a driver killed mid-write
+    assert read_metrics(run.file("metrics.jsonl")) == [{"kind": "step", "global_step": 1, "x": 0.5}]
+
+
+def test_curves_and_drawn_images(tmp_path):
+    pytest.importorskip("matplotlib")
+    records = [{"kind": "step", "global_step": s, "loss": 10 / s, "loss_ce": 1 / s, "loss_bbox": 0.5, "loss_giou": 0.4}
+               for s in range(1, 30)]
+    records += [{"kind": "eval", "epoch": e, "AP": 0.1 * e, "AP50": 0.2 * e, "AP75": 0.05 * e} for e in range(3)]
+    written = plot_curves(records, tmp_path)
+    assert sorted(p.name for p in written) == ["ap.png", "loss.png"]
+    assert all(p.stat().st_size > 1000 for p in written)
+    item = {
+        "image_id": 7, "image": np.full((60, 80, 3), 128, np.uint8),
+        "true_boxes": np.array([[10, 10, 40, 30]]), "true_labels": np.array([3]),
+        "pred_boxes": np.array([[12, 11, 41, 33]]), "pred_scores": np.array([0.9]), "pred_labels": np.array([3]),
+        "label_names": {3: "ellipse"},
+    }
+    from PIL import Image
+
+    path = draw_detections(item, tmp_path / "img.png", min_side=120)
+    img = np.asarray(Image.open(path))
+    assert img.shape[:2] == (120, 160)
+    assert (img[..., 1] > 180).any() and (img[..., 0] > 200).any()  # green and red boxes drawn

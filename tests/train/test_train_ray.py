@@ -1,0 +1,165 @@
+"""End to end on local Ray: 2 CPU workers on the tiny generated dataset, checkpoints, resume, a killed worker."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import pytest
+import torch
+
+from core.checkpoint import FORMAT, read_checkpoint
+from pipelines.config import load_job_config
+from pipelines.run_outputs import latest_history
+from pipelines.train import config_from_args, run_training
+from pipelines.train_worker import CHECKPOINT_FILE
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+STEPS_PER_EPOCH = 4  # 16 train images / (2 workers x 2 images)
+
+
+def _kinds(records, kind):
+    return [r for r in records if r.get("kind") == kind]
+
+
+def _final_state(outcome):
+    ckpt = outcome.result.checkpoint
+    assert ckpt is not None
+    return read_checkpoint(os.path.join(ckpt.path, CHECKPOINT_FILE))
+
+
+@pytest.fixture(scope="module")
+def two_epoch_run(ray_local, tmp_path_factory, tiny_overrides):
+    storage = tmp_path_factory.mktemp("runs")
+    job = load_job_config(preset="tiny", overrides=tiny_overrides(storage, "two_epochs"))
+    return run_training(job)
+
+
+def test_two_workers_two_epochs(two_epoch_run):
+    outcome = two_epoch_run
+    assert outcome.error is None
+    records = outcome.run_dir.read_metrics()
+
+    epochs = _kinds(records, "epoch")
+    assert [e["epoch"] for e in epochs] == [0, 1]
+    assert epochs[1]["loss"] < epochs[0]["loss"], [e["loss"] for e in epochs]
+
+    steps = _kinds(records, "step")
+    assert [s["global_step"] for s in steps] == list(range(1, 2 * STEPS_PER_EPOCH + 1))
+    for key in ("loss", "loss_ce", "loss_bbox", "loss_giou", "lr", "lr_backbone", "images_per_s", "max_mem_mb"):
+        assert key in steps[0], key
+
+    # AP by pycocotools on all 4 val images, after each epoch.
+    evals = _kinds(records, "eval")
+    assert [e["epoch"] for e in evals] == [0, 1]
+    assert all(e["num_eval_images"] == 4 for e in evals)
+    assert all(0.0 <= e[k] <= 1.0 or e[k] == -1.0 for e in evals for k in ("AP", "AP50", "AP75", "APs", "APm", "APl"))
+    assert outcome.final_ap == {k: evals[-1][k] for k in outcome.final_ap}
+
+    # A checkpoint per epoch, in core's format with the training state.
+    state = _final_state(outcome)
+    assert state.source_format == FORMAT
+    assert state.extra["epoch"] == 1 and state.extra["global_step"] == 2 * STEPS_PER_EPOCH
+    assert {"optimizer", "scheduler", "scaler", "history"} <= set(state.extra)
+    assert len(state.extra["history"]) == 2
+    assert json.loads(state.meta["job_config"])["train"]["name"] == "two_epochs"
+    ckpt_dirs = sorted(p.name for p in outcome.run_dir.path.iterdir() if p.name.startswith("checkpoint_epoch"))
+    assert ckpt_dirs == ["checkpoint_epoch0000", "checkpoint_epoch0001"]
+
+    files = {p.name for p in outcome.run_dir.path.iterdir()}
+    assert {"config.json", "metrics.jsonl", "ap_table.md", "loss.png", "ap.png", "val_images"} <= files
+    assert len(list((outcome.run_dir.path / "val_images").glob("*.png"))) == 2
+
+
+def test_evaluate_reproduces_the_training_ap(two_epoch_run):
+    from pipelines.evaluate import eval_job_config, load_for_eval, run_evaluation, parse_args
+
+    ckpt_dir = two_epoch_run.result.checkpoint.path
+    out = two_epoch_run.run_dir.path / "eval_out"
+    args = parse_args(["--checkpoint", ckpt_dir, "--num-workers", "2", "--out", str(out)])
+    ckpt = load_for_eval(args.checkpoint)
+    stats = run_evaluation(eval_job_config(ckpt, args), ckpt, out_dir=args.out)
+    assert stats["num_eval_images"] == 4
+    for k, v in two_epoch_run.final_ap.items():
+        assert stats[k] == pytest.approx(v, abs=1e-6), k
+    assert (out / "ap_table.md").is_file() and list((out / "val_images").glob("*.png"))
+
+
+def _fault(tmp_path, max_failures):
+    fault = {"rank": 1, "global_step": STEPS_PER_EPOCH + 1, "marker": str(tmp_path / "killed")}
+    return [f"train.fault_injection={json.dumps(fault)}", f"train.max_failures={max_failures}",
+            "train.eval_every=0"]
+
+
+def test_resume_continues_where_the_run_stopped(ray_local, tmp_path, tiny_overrides):
+    base = tiny_overrides(tmp_path / "runs", "resume")
+    # The first attempt dies in its second epoch and may not retry: the run stops after epoch 0.
+    stopped = run_training(load_job_config(preset="tiny", overrides=base + _fault(tmp_path, 0)))
+    assert stopped.error is not None
+    assert (tmp_path / "killed").exists()
+    assert [e["epoch"] for e in _kinds(stopped.run_dir.read_metrics(), "epoch")] == [0]
+
+    # Resume the stopped run from its directory, as a user would.
+    args = argparse.Namespace(resume=str(stopped.run_dir.path), config=None, preset=None, overrides=[])
+    job = config_from_args(args)
+    assert job.train.name == "resume" and job.train.epochs == 2
+    resumed = run_training(job)
+    assert resumed.error is None
+
+    records = resumed.run_dir.read_metrics()
+    events = [r for r in _kinds(records, "event") if r["event"] == "resume"]
+    assert events and events[-1]["epoch"] == 1 and events[-1]["global_step"] == STEPS_PER_EPOCH
+    assert [e["epoch"] for e in _kinds(records, "epoch")] == [0, 1]
+
+    state = _final_state(resumed)
+    total = 2 * STEPS_PER_EPOCH
+    assert state.extra["global_step"] == total
+    assert [h["epoch"] for h in state.extra["history"]] == [0, 1]
+    # The optimizer and scheduler continued: Adam's step count and the scheduler cover both epochs.
+    adam_steps = {int(s["step"]) for s in state.extra["optimizer"]["state"].values()}
+    assert adam_steps == {total}
+    assert state.extra["scheduler"]["last_epoch"] == total
+
+
+def test_killed_worker_is_replaced_and_the_run_finishes(ray_local, tmp_path, tiny_overrides):
+    job = load_job_config(preset="tiny", overrides=tiny_overrides(tmp_path / "runs", "killed") + _fault(tmp_path, 1))
+    outcome = run_training(job)
+    assert (tmp_path / "killed").exists()
+    assert outcome.error is None
+
+    records = outcome.run_dir.read_metrics()
+    events = [r["event"] for r in _kinds(records, "event")]
+    assert events == ["start", "resume"]
+    resume = _kinds(records, "event")[1]
+    assert resume["epoch"] == 1 and resume["global_step"] == STEPS_PER_EPOCH
+
+    # Step STEPS_PER_EPOCH + 1 ran twice (before the kill and after the restart); the history keeps one.
+    steps = latest_history(records, "step", "global_step")
+    assert [s["global_step"] for s in steps] == list(range(1, 2 * STEPS_PER_EPOCH + 1))
+    state = _final_state(outcome)
+    assert state.extra["epoch"] == 1 and state.extra["global_step"] == 2 * STEPS_PER_EPOCH
+    assert torch.isfinite(torch.tensor([h["loss"] for h in state.extra["history"]])).all()
+
+
+def test_evaluate_an_authors_checkpoint(ray_local, tmp_path, tiny_data):
+    """The authors' .pth format (raw COCO category ids, 91 classes) is scored on a COCO-format split."""
+    from core.build import build_model
+    from pipelines.evaluate import eval_job_config, load_for_eval, parse_args, run_evaluation
+
+    job = load_job_config(preset="tiny", overrides=["model.num_classes=91"])
+    model, _, _ = build_model(job.detr_config())
+    args = argparse.Namespace(**job.model.model_dump(), **job.matcher.model_dump(), **job.loss.model_dump())
+    path = tmp_path / "authors.pth"
+    torch.save({"model": model.state_dict(), "args": args, "epoch": 49}, path)
+
+    args = parse_args(["--checkpoint", str(path), "--data", tiny_data["root"], "--set", "data.val_ann=instances_val.json",
+                       "--set", "data.val_images=val", "--set", "data.val_short_side=96", "--set", "data.max_size=96"])
+    ckpt = load_for_eval(args.checkpoint)
+    assert ckpt.source_format == "authors"
+    eval_job = eval_job_config(ckpt, args)
+    assert eval_job.data.category_ids == "raw" and eval_job.model.num_classes == 91
+    stats = run_evaluation(eval_job, ckpt)
+    assert stats["num_eval_images"] == 4
+    assert 0.0 <= stats["AP"] <= 1.0
