@@ -32,7 +32,7 @@ import torch
 
 from core.build import build_model
 from pipelines.config import PRESETS, ConfigError, load_job_config
-from pipelines.engine import build_optimizer, resolve_amp_dtype, train_one_epoch
+from pipelines.engine import build_optimizer, freeze_zero_lr_params, resolve_amp_dtype, train_one_epoch
 from pipelines.train_worker import peak_memory_mb
 
 
@@ -67,6 +67,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     model, criterion, _ = build_model(job.detr_config(), load_backbone_weights=False)
     model.to(device)
     criterion.to(device)
+    freeze_zero_lr_params(model, job.train)
     optimizer = build_optimizer(model, job.train)
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
     net = torch.compile(model) if args.compile else model

@@ -32,6 +32,41 @@ def _matches(name: str, keywords: Sequence[str]) -> bool:
     return any(k in name for k in keywords)
 
 
+def _group_lrs(train_cfg: Any) -> dict[str, float]:
+    return {
+        "main": train_cfg.lr,
+        "backbone": train_cfg.lr_backbone,
+        "linear_proj": train_cfg.lr * train_cfg.lr_linear_proj_mult,
+    }
+
+
+def _group_of(name: str) -> str:
+    if _matches(name, BACKBONE_NAMES):
+        return "backbone"
+    if _matches(name, LINEAR_PROJ_NAMES):
+        return "linear_proj"
+    return "main"
+
+
+def freeze_zero_lr_params(model: nn.Module, train_cfg: Any) -> int:
+    """Turn off ``requires_grad`` for the parameters whose group lr is 0 (lr_backbone=0, as the authors do).
+
+    Call it before wrapping the model in DDP: a parameter that merely sits outside the optimizer would
+    still get gradients that DDP all-reduces, that no ``zero_grad`` clears and that gradient clipping
+    counts in its norm.
+
+    Returns:
+        How many parameter tensors were frozen.
+    """
+    lrs = _group_lrs(train_cfg)
+    frozen = 0
+    for name, p in model.named_parameters():
+        if p.requires_grad and lrs[_group_of(name)] <= 0:
+            p.requires_grad_(False)
+            frozen += 1
+    return frozen
+
+
 def build_param_groups(model: nn.Module, train_cfg: Any) -> list[dict[str, Any]]:
     """The authors' three parameter groups, trainable parameters only.
 
@@ -43,23 +78,13 @@ def build_param_groups(model: nn.Module, train_cfg: Any) -> list[dict[str, Any]]
         [{"name": "main", "params", "lr"}, {"name": "backbone", ...}, {"name": "linear_proj", ...}],
         groups with no parameters left out. Weight decay comes from the optimizer's default.
     """
-    main, backbone, linear_proj = [], [], []
+    lrs = _group_lrs(train_cfg)
+    params: dict[str, list[nn.Parameter]] = {name: [] for name in lrs}
     for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if _matches(name, BACKBONE_NAMES):
-            backbone.append(p)
-        elif _matches(name, LINEAR_PROJ_NAMES):
-            linear_proj.append(p)
-        else:
-            main.append(p)
-    groups = [
-        {"name": "main", "params": main, "lr": train_cfg.lr},
-        {"name": "backbone", "params": backbone, "lr": train_cfg.lr_backbone},
-        {"name": "linear_proj", "params": linear_proj, "lr": train_cfg.lr * train_cfg.lr_linear_proj_mult},
-    ]
-    # lr_backbone = 0 freezes the backbone: leave it out rather than carry dead AdamW state.
-    return [g for g in groups if g["params"] and g["lr"] > 0]
+        if p.requires_grad:
+            params[_group_of(name)].append(p)
+    # A group at lr 0 is frozen (freeze_zero_lr_params): leave it out rather than carry dead AdamW state.
+    return [{"name": g, "params": params[g], "lr": lrs[g]} for g in lrs if params[g] and lrs[g] > 0]
 
 
 def build_optimizer(model: nn.Module, train_cfg: Any) -> torch.optim.AdamW:

@@ -36,6 +36,7 @@ from pipelines.engine import (
     build_lr_scheduler,
     build_optimizer,
     evaluate,
+    freeze_zero_lr_params,
     resolve_amp_dtype,
     train_one_epoch,
 )
@@ -304,6 +305,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         load_model_weights(model, ray.get(config["finetune_weights"]))
         log.info("rank %d fine-tunes from %s", rank, job.train.finetune_from)
 
+    freeze_zero_lr_params(model, job.train)  # before DDP, which hooks every parameter that wants a gradient
     # FrozenBatchNorm buffers never change: synced once at wrap time, not before every forward.
     model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"forward_sync_buffers": False})
     criterion.to(device)

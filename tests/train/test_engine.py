@@ -15,6 +15,7 @@ from pipelines.engine import (
     build_optimizer,
     build_param_groups,
     evaluate,
+    freeze_zero_lr_params,
     lr_factor,
     resolve_amp_dtype,
     train_one_epoch,
@@ -71,6 +72,22 @@ def test_zero_backbone_lr_leaves_the_backbone_out():
     model, _, _ = tiny_model()
     groups = build_param_groups(model, TrainConfig(lr_backbone=0))
     assert [g["name"] for g in groups] == ["main", "linear_proj"]
+
+
+def test_zero_backbone_lr_freezes_the_backbone():
+    model, criterion, _ = tiny_model()
+    cfg = TrainConfig(lr_backbone=0)
+    trainable_backbone = [n for n, p in model.named_parameters() if p.requires_grad and n.startswith("backbone.0.")]
+    assert trainable_backbone, "layer2-4 are trainable by default"
+    assert freeze_zero_lr_params(model, cfg) == len(trainable_backbone)
+    assert freeze_zero_lr_params(model, TrainConfig()) == 0  # nothing else has lr 0
+    # No gradient is computed for a frozen backbone, so none can leak into clipping or the all-reduce.
+    images, mask = torch.randn(1, 3, 64, 64), torch.zeros(1, 64, 64, dtype=torch.bool)
+    out = model(images, mask)
+    target = {"boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]]), "labels": torch.tensor([1])}
+    criterion.total_loss(criterion(out, [target])).backward()
+    assert all(p.grad is None for n, p in model.named_parameters() if n.startswith("backbone.0."))
+    assert any(p.grad is not None for n, p in model.named_parameters() if not n.startswith("backbone.0."))
     opt = build_optimizer(model, TrainConfig(weight_decay=1e-4))
     assert all(g["weight_decay"] == 1e-4 for g in opt.param_groups)
 
