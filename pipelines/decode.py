@@ -14,6 +14,12 @@ except ImportError:  # pragma: no cover - exercised where the wheel is missing
     simplejpeg = None
 
 _JPEG_MAGIC = b"\xff\xd8\xff"
+# libjpeg-turbo messages that mean damaged data, not a flavour turbojpeg can't convert. Pillow must not
+# get these files: it ignores libjpeg's warnings and fills the damaged part with gray or garbage.
+_CORRUPT_JPEG = ("Corrupt JPEG data", "Premature end of JPEG file", "Bogus", "Invalid JPEG file structure",
+                 "Unsupported marker type", "Huffman", "Invalid SOS parameters")
+# Junk after the last scan: every pixel decoded, and Pillow (or any viewer) reads such files fine.
+_TRAILING_JUNK = "extraneous bytes before marker 0xd9"
 
 
 class ImageDecodeError(ValueError):
@@ -30,7 +36,9 @@ def decode_image(data: bytes | memoryview, *, name: str = "<bytes>",
 
     Grayscale, CMYK, palette and 16-bit images are converted to RGB; an alpha channel is dropped
     (not composited), as torchvision's `ImageReadMode.RGB` does. Truncated files are errors, never
-    gray-filled images.
+    gray-filled images; so are JPEGs with corrupt data in the middle when simplejpeg is used
+    (decoder="auto"). Pillow cannot tell those apart: it drops libjpeg's "Corrupt JPEG data"
+    warnings, so decoder="pillow" decodes them with a damaged region and no error.
 
     Args:
         data: the encoded file.
@@ -49,10 +57,12 @@ def decode_image(data: bytes | memoryview, *, name: str = "<bytes>",
         try:
             # strict=True turns libjpeg warnings ("Premature end of JPEG file") into errors.
             return simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True)
-        except ValueError:
-            # Corrupt data, or a JPEG flavour turbojpeg can't convert: Pillow decides which,
-            # and its error is the one reported.
-            pass
+        except ValueError as e:
+            msg = str(e)
+            if any(m in msg for m in _CORRUPT_JPEG) and _TRAILING_JUNK not in msg:
+                raise ImageDecodeError(f"{name}: corrupt JPEG ({msg})") from e
+            # A JPEG flavour turbojpeg can't convert (or a header it can't parse): Pillow decides,
+            # and its error, if any, is the one reported.
     return _decode_pillow(data, name)
 
 

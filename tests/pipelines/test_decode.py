@@ -68,3 +68,22 @@ def test_broken_files_name_the_file(decoder):
     for bad in (data[: len(data) // 2], b"\xff\xd8\xff" + b"\x00" * 100, b"not an image at all", b""):
         with pytest.raises(ImageDecodeError, match="broken.jpg"):
             decode_image(bad, name="broken.jpg", decoder=decoder)
+
+
+def _corrupt_middle(data: bytes, n: int = 200) -> bytes:
+    m = len(data) // 2
+    return data[:m - n // 2] + b"\x00" * n + data[m + n // 2:]
+
+
+def test_jpeg_corrupt_in_the_middle_is_an_error():
+    if not fast_decoder_available():
+        pytest.skip("simplejpeg not installed; Pillow alone decodes such files without an error")
+    img = Image.fromarray(_smooth()).resize((256, 192), Image.BILINEAR)
+    data = _encode(img, "JPEG", quality=90)
+    with pytest.raises(ImageDecodeError, match=r"broken\.jpg: corrupt JPEG \(Corrupt JPEG data"):
+        decode_image(_corrupt_middle(data), name="broken.jpg")
+    # Pillow drops libjpeg's warnings: the same file decodes with a damaged region and no error.
+    assert decode_image(_corrupt_middle(data), decoder="pillow").shape == (192, 256, 3)
+    # Junk between the last scan and the end marker damages no pixel: still decoded.
+    junk = data[:-2] + b"\x00" * 8 + data[-2:]
+    assert np.abs(decode_image(junk).astype(int) - decode_image(data)).max() <= 2
