@@ -314,6 +314,9 @@ def load_checkpoint(
             for name in _ARCH_FIELDS
             if getattr(ckpt.config.model, name) != getattr(cfg.model, name)
         ]
+        # query_embed holds one row per query unless two-stage makes the queries from proposals.
+        if not cfg.model.two_stage and ckpt.config.model.num_queries != cfg.model.num_queries:
+            differ.append(f"num_queries: checkpoint {ckpt.config.model.num_queries}, config {cfg.model.num_queries}")
         if differ:
             raise ValueError("config does not match the checkpoint's architecture: " + "; ".join(differ))
     # The checkpoint overwrites the backbone, so do not fetch ImageNet weights first.

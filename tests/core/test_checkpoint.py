@@ -175,6 +175,8 @@ def test_architecture_mismatch_names_the_field(tmp_path):
     save_checkpoint(tmp_path / "c.pt", model, cfg)
     with pytest.raises(ValueError, match="with_box_refine"):
         load_checkpoint(tmp_path / "c.pt", tiny_config(with_box_refine=True))
+    with pytest.raises(ValueError, match="num_queries: checkpoint 10, config 12"):
+        load_checkpoint(tmp_path / "c.pt", tiny_config(num_queries=12))
 
 
 def test_load_model_weights_strips_wrapper_prefixes():
