@@ -190,9 +190,12 @@ def _array_to_records(arr: np.ndarray) -> list[dict]:
 
 
 def distributed_evaluate(
-    model, postprocessor, batches, *, job: JobConfig, device, amp_dtype, coco_gt, rank: int, label_names
+    model, postprocessor, batches, *, job: JobConfig, device, amp_dtype, coco_gt, rank: int, label_names,
+    num_val: int | None = None,
 ) -> tuple[dict[str, float] | None, list[dict]]:
     """Inference on this worker's val shard, detections gathered on rank 0 and scored by pycocotools.
+
+    An image id seen on two workers is an error; fewer images than ``num_val`` is logged.
 
     Returns:
         (stats, vis) on rank 0, (None, []) elsewhere: the AP dict and the images collected for drawing.
@@ -218,8 +221,15 @@ def distributed_evaluate(
     if rank != 0:
         return None, []
     all_records = _array_to_records(np.concatenate([g[0] for g in gathered]))
-    all_ids = np.unique(np.concatenate([g[1] for g in gathered])).tolist()
-    stats = coco_evaluate(coco_gt, all_records, all_ids)
+    ids = np.concatenate([g[1] for g in gathered])
+    all_ids, counts = np.unique(ids, return_counts=True)
+    if (counts > 1).any():
+        # Scoring an image twice would double its detections and bias AP: the val split must be a partition.
+        raise RuntimeError(f"evaluation saw image ids more than once across workers: {all_ids[counts > 1][:10].tolist()}")
+    if num_val is not None and len(all_ids) != num_val:
+        log.warning("evaluated %d of the %d val images (images skipped at decode are counted in the data report)",
+                    len(all_ids), num_val)
+    stats = coco_evaluate(coco_gt, all_records, all_ids.tolist())
     stats["num_eval_images"] = len(all_ids)
     return stats, vis
 
@@ -390,6 +400,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 coco_gt=coco_gt,
                 rank=rank,
                 label_names=label_names,
+                num_val=info.get("num_val"),
             )
             if rank == 0:
                 ap["eval_time_s"] = time.time() - eval_start
@@ -481,6 +492,7 @@ def eval_loop_per_worker(config: dict[str, Any]) -> None:
         coco_gt=coco_gt,
         rank=rank,
         label_names={int(k): v for k, v in info.get("category_names", {}).items()},
+        num_val=info.get("num_val"),
     )
     if rank == 0:
         ap["eval_time_s"] = time.time() - start

@@ -51,10 +51,10 @@ def test_two_workers_two_epochs(two_epoch_run):
     for key in ("loss", "loss_ce", "loss_bbox", "loss_giou", "lr", "lr_backbone", "images_per_s", "max_mem_mb"):
         assert key in steps[0], key
 
-    # AP by pycocotools on all 4 val images, after each epoch.
+    # AP by pycocotools on all 5 val images (split 3 + 2 over the workers), after each epoch.
     evals = _kinds(records, "eval")
     assert [e["epoch"] for e in evals] == [0, 1]
-    assert all(e["num_eval_images"] == 4 for e in evals)
+    assert all(e["num_eval_images"] == 5 for e in evals)
     assert all(0.0 <= e[k] <= 1.0 or e[k] == -1.0 for e in evals for k in ("AP", "AP50", "AP75", "APs", "APm", "APl"))
     assert outcome.final_ap == {k: evals[-1][k] for k in outcome.final_ap}
 
@@ -81,7 +81,7 @@ def test_evaluate_reproduces_the_training_ap(two_epoch_run):
     args = parse_args(["--checkpoint", ckpt_dir, "--num-workers", "2", "--out", str(out)])
     ckpt = load_for_eval(args.checkpoint)
     stats = run_evaluation(eval_job_config(ckpt, args), ckpt, out_dir=args.out)
-    assert stats["num_eval_images"] == 4
+    assert stats["num_eval_images"] == 5
     for k, v in two_epoch_run.final_ap.items():
         assert stats[k] == pytest.approx(v, abs=1e-6), k
     assert (out / "ap_table.md").is_file() and list((out / "val_images").glob("*.png"))
@@ -161,5 +161,5 @@ def test_evaluate_an_authors_checkpoint(ray_local, tmp_path, tiny_data):
     eval_job = eval_job_config(ckpt, args)
     assert eval_job.data.category_ids == "raw" and eval_job.model.num_classes == 91
     stats = run_evaluation(eval_job, ckpt)
-    assert stats["num_eval_images"] == 4
+    assert stats["num_eval_images"] == 5
     assert 0.0 <= stats["AP"] <= 1.0
