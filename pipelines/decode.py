@@ -16,10 +16,10 @@ except ImportError:  # pragma: no cover - exercised where the wheel is missing
 _JPEG_MAGIC = b"\xff\xd8\xff"
 # libjpeg-turbo messages that mean damaged data, not a flavour turbojpeg can't convert. Pillow must not
 # get these files: it ignores libjpeg's warnings and fills the damaged part with gray or garbage.
+# "Corrupt JPEG data: N extraneous bytes before marker 0xd9" is one of them: a damaged scan often ends
+# early that way, so it can't be told from harmless padding before the end marker.
 _CORRUPT_JPEG = ("Corrupt JPEG data", "Premature end of JPEG file", "Bogus", "Invalid JPEG file structure",
                  "Unsupported marker type", "Huffman", "Invalid SOS parameters")
-# Junk after the last scan: every pixel decoded, and Pillow (or any viewer) reads such files fine.
-_TRAILING_JUNK = "extraneous bytes before marker 0xd9"
 
 
 class ImageDecodeError(ValueError):
@@ -38,7 +38,8 @@ def decode_image(data: bytes | memoryview, *, name: str = "<bytes>",
     (not composited), as torchvision's `ImageReadMode.RGB` does. Truncated files are errors, never
     gray-filled images; so are JPEGs with corrupt data in the middle when simplejpeg is used
     (decoder="auto"). Pillow cannot tell those apart: it drops libjpeg's "Corrupt JPEG data"
-    warnings, so decoder="pillow" decodes them with a damaged region and no error.
+    warnings, so decoder="pillow" decodes them with a damaged region and no error. Damage that
+    still reads as valid coded data (it happens with small files) passes any decoder.
 
     Args:
         data: the encoded file.
@@ -59,7 +60,7 @@ def decode_image(data: bytes | memoryview, *, name: str = "<bytes>",
             return simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True)
         except ValueError as e:
             msg = str(e)
-            if any(m in msg for m in _CORRUPT_JPEG) and _TRAILING_JUNK not in msg:
+            if any(m in msg for m in _CORRUPT_JPEG):
                 raise ImageDecodeError(f"{name}: corrupt JPEG ({msg})") from e
             # A JPEG flavour turbojpeg can't convert (or a header it can't parse): Pillow decides,
             # and its error, if any, is the one reported.
