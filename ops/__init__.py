@@ -11,11 +11,12 @@ from ops.reference import ms_deform_attn_reference
 __version__ = "1.0.0"
 
 
-def cuda_kernel_available() -> tuple[bool, str]:
-    """(True, "") when the CUDA kernel can run here, else (False, the reason)."""
+def cuda_kernel_available(device=None) -> tuple[bool, str]:
+    """(True, "") when the CUDA kernel can run on ``device`` (default: the current CUDA device), else
+    (False, the reason)."""
     from ops import _cuda
 
-    return _cuda.is_available()
+    return _cuda.is_available(device)
 
 
 __all__ = [

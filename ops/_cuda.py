@@ -5,7 +5,8 @@ L levels, P sampling points per (head, level).
 
 No torch C++ extension machinery: ``nvcc --shared`` builds ``libmsda.so`` once per (source,
 architecture, nvcc) under ``$MSDA_CACHE_DIR`` (default ``~/.cache/msda_ops``), ctypes loads it, and
-tensors cross as raw pointers on torch's current stream. Nothing happens at import time.
+tensors cross as raw pointers on torch's current stream. The architecture is that of the device the
+tensors live on, so a machine mixing GPU kinds loads one library per kind. Nothing happens at import time.
 """
 
 from __future__ import annotations
@@ -35,8 +36,9 @@ NVCC_FLAGS = ("-O3", "--shared", "-std=c++17", "-Xcompiler", "-fPIC")
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
 
 _lock = threading.Lock()
-_lib: ctypes.CDLL | None = None
-_availability: tuple[bool, str] | None = None
+# Loaded libraries by architecture ("sm_90"), and is_available() answers by CUDA device index.
+_libs: dict[str, ctypes.CDLL] = {}
+_availability: dict[int | None, tuple[bool, str]] = {}
 
 
 def find_nvcc() -> str | None:
@@ -54,10 +56,17 @@ def cache_root() -> Path:
     return Path(os.environ.get("MSDA_CACHE_DIR") or Path.home() / ".cache" / "msda_ops")
 
 
-def default_arch() -> str:
-    """``sm_XY`` of the current CUDA device."""
-    major, minor = torch.cuda.get_device_capability()
+def arch_for_capability(capability: tuple[int, int]) -> str:
+    """``sm_XY`` for a compute capability (X, Y), e.g. (9, 0) -> "sm_90"."""
+    major, minor = capability
+    if major < 1 or not 0 <= minor <= 9:
+        raise ValueError(f"capability must be (major >= 1, minor in 0..9), got {tuple(capability)}")
     return f"sm_{major}{minor}"
+
+
+def default_arch(device: torch.device | int | None = None) -> str:
+    """``sm_XY`` of ``device`` (a CUDA device or index; None: the current CUDA device)."""
+    return arch_for_capability(torch.cuda.get_device_capability(device))
 
 
 def normalize_arch(arch: str) -> str:
@@ -170,34 +179,50 @@ def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     return lib
 
 
-def load(arch: str | None = None) -> ctypes.CDLL:
-    """The built and bound library, built on the first call (for ``arch``, default the current device)."""
-    global _lib
-    with _lock:
-        if _lib is None:
-            _lib = bind(ctypes.CDLL(str(build(arch))))
-        return _lib
+def load(arch: str | None = None, device: torch.device | int | None = None) -> ctypes.CDLL:
+    """The built and bound library for ``arch`` (default: ``device``'s architecture, or the current
+    device's), built on the first call for that architecture and kept per architecture."""
+    arch = normalize_arch(arch) if arch else default_arch(device)
+    lib = _libs.get(arch)
+    if lib is None:
+        with _lock:
+            lib = _libs.get(arch)
+            if lib is None:
+                lib = _libs[arch] = bind(ctypes.CDLL(str(build(arch))))
+    return lib
 
 
-def is_available() -> tuple[bool, str]:
-    """(True, "") when the kernel can run on the current CUDA device, else (False, why). Cached.
+def device_index(device: torch.device | str | int | None) -> int | None:
+    """The CUDA device index ``device`` names ("cuda" or None: the current device); None without CUDA."""
+    if isinstance(device, int):
+        return device
+    if device is not None and torch.device(device).index is not None:
+        return torch.device(device).index
+    return torch.cuda.current_device() if torch.cuda.is_available() else None
 
-    Builds the library on the first call when there is a device and an nvcc.
+
+def is_available(device: torch.device | str | int | None = None) -> tuple[bool, str]:
+    """(True, "") when the kernel can run on ``device`` (default: the current CUDA device), else
+    (False, why). Cached per device index.
+
+    Builds the library for the device's architecture on the first call when there is a device and an nvcc.
     """
-    global _availability
-    if _availability is None:
-        _availability = _probe()
-    return _availability
+    index = device_index(device)
+    answer = _availability.get(index)
+    if answer is None:
+        answer = _availability[index] = _probe(index)
+    return answer
 
 
-def _probe() -> tuple[bool, str]:
-    if not torch.cuda.is_available():
+def _probe(index: int | None) -> tuple[bool, str]:
+    if index is None or not torch.cuda.is_available():
         return False, "no CUDA device (torch.cuda.is_available() is False)"
     if find_nvcc() is None:
         return False, "CUDA compiler nvcc not found (looked at $CUDA_HOME/bin/nvcc and on PATH)"
     try:
-        lib = load()
-        code = lib.msda_check_device()
+        lib = load(device=index)
+        with torch.cuda.device(index):  # msda_check_device asks about the current device
+            code = lib.msda_check_device()
         if code != 0:
             return False, f"the CUDA kernel cannot run on this device: {_error_string(lib, code)}"
     except Exception as exc:  # any build or load failure means "use the reference path"
@@ -276,7 +301,7 @@ def forward(
     _check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     N, S, M, D = value.shape
     _, Lq, _, L, P, _ = sampling_locations.shape
-    lib = load()
+    lib = load(device=value.device)
     with torch.cuda.device(value.device):
         output = torch.empty((N, Lq, M * D), dtype=value.dtype, device=value.device)  # fully written
         code = lib.msda_forward(
@@ -327,7 +352,7 @@ def backward(
     # grad_value gathers atomic adds from every query, so it accumulates in float32 (float64 for
     # float64) whatever value's dtype, and must start at zero.
     acc_dtype = torch.float64 if value.dtype == torch.float64 else torch.float32
-    lib = load()
+    lib = load(device=value.device)
     with torch.cuda.device(value.device):
         grad_value = torch.zeros(value.shape, dtype=acc_dtype, device=value.device)
         grad_loc = torch.empty_like(sampling_locations)  # written once per element by the kernel

@@ -43,15 +43,15 @@ def get_backend() -> str:
     return name
 
 
-def _use_cuda_kernel() -> bool:
-    """Decide, for CUDA tensors, between the kernel and the reference path."""
+def _use_cuda_kernel(device: torch.device) -> bool:
+    """Decide, for CUDA tensors on ``device``, between the kernel and the reference path."""
     global _fallback_logged
     backend = get_backend()
     if backend == "reference":
         return False
     from ops import _cuda
 
-    ok, reason = _cuda.is_available()
+    ok, reason = _cuda.is_available(device)
     if ok:
         return True
     if backend == "cuda":
@@ -80,7 +80,7 @@ def _forward_op(
 
 @_forward_op.register_kernel("cuda")
 def _forward_cuda(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
-    if _use_cuda_kernel():
+    if _use_cuda_kernel(value.device):
         from ops import _cuda
 
         return _cuda.forward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
@@ -108,7 +108,7 @@ def _backward_op(
 
 @_backward_op.register_kernel("cuda")
 def _backward_cuda(grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
-    if _use_cuda_kernel():
+    if _use_cuda_kernel(value.device):
         from ops import _cuda
 
         return _cuda.backward(grad_output.contiguous(), value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
@@ -183,6 +183,8 @@ def _validate(value, spatial_shapes, level_start_index, sampling_locations, atte
     if spatial_shapes.dim() != 2 or spatial_shapes.shape[1] != 2:
         raise _shape_error("spatial_shapes", "(L, 2) as (H, W)", spatial_shapes)
     L = spatial_shapes.shape[0]
+    if L == 0:
+        raise ValueError(f"spatial_shapes must hold at least one level (L >= 1), got shape {tuple(spatial_shapes.shape)}")
     if level_start_index.shape != (L,):
         raise _shape_error("level_start_index", f"(L,) = ({L},)", level_start_index)
     if sampling_locations.dim() != 6 or sampling_locations.shape[-1] != 2:

@@ -128,8 +128,53 @@ def test_build_failure_raises_with_nvcc_stderr(tmp_path, monkeypatch):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the answer on a machine without CUDA")
 def test_is_available_without_cuda_says_why(monkeypatch):
-    monkeypatch.setattr(_cuda, "_availability", None)
+    monkeypatch.setattr(_cuda, "_availability", {})
     ok, reason = _cuda.is_available()
     assert ok is False
     assert "CUDA" in reason
     assert _cuda.is_available() == (ok, reason)  # cached
+    assert _cuda.is_available(torch.device("cuda", 1)) == (ok, reason)
+
+
+@pytest.mark.parametrize(("capability", "arch"), [((8, 0), "sm_80"), ((8, 6), "sm_86"), ((9, 0), "sm_90"), ((12, 0), "sm_120")])
+def test_arch_for_capability(capability, arch):
+    assert _cuda.arch_for_capability(capability) == arch
+
+
+def test_arch_for_capability_rejects():
+    with pytest.raises(ValueError, match=r"capability must be .*got \(8, 10\)"):
+        _cuda.arch_for_capability((8, 10))
+
+
+# A machine with an A100 (cuda:0), an H100 (cuda:1) and a second A100 (cuda:2).
+CAPABILITIES = {0: (8, 0), 1: (9, 0), 2: (8, 0)}
+
+
+def _index(device) -> int:
+    return device if isinstance(device, int) else torch.device(device).index
+
+
+def test_load_builds_and_keeps_one_library_per_device_architecture(monkeypatch):
+    monkeypatch.setattr(_cuda, "_libs", {})
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: CAPABILITIES[_index(device)])
+    built = []
+    monkeypatch.setattr(_cuda, "build", lambda arch: built.append(arch) or Path(f"/cache/{arch}/libmsda.so"))
+    monkeypatch.setattr(_cuda.ctypes, "CDLL", lambda path: f"library at {path}")
+    monkeypatch.setattr(_cuda, "bind", lambda lib: lib)
+    a100 = _cuda.load(device=torch.device("cuda", 0))
+    h100 = _cuda.load(device=torch.device("cuda", 1))
+    assert (a100, h100) == ("library at /cache/sm_80/libmsda.so", "library at /cache/sm_90/libmsda.so")
+    assert _cuda.load(device=torch.device("cuda", 2)) is a100  # same architecture: same library
+    assert _cuda.load(device=1) is h100
+    assert _cuda.load("9.0") is h100  # an explicit arch wins over the device
+    assert built == ["sm_80", "sm_90"]
+
+
+def test_is_available_asks_once_per_device(monkeypatch):
+    monkeypatch.setattr(_cuda, "_availability", {})
+    probed = []
+    monkeypatch.setattr(_cuda, "_probe", lambda index: probed.append(index) or (index != 1, f"answer for {index}"))
+    assert _cuda.is_available(torch.device("cuda", 0)) == (True, "answer for 0")
+    assert _cuda.is_available("cuda:1") == (False, "answer for 1")
+    assert _cuda.is_available(0) == (True, "answer for 0")
+    assert probed == [0, 1]

@@ -106,3 +106,13 @@ def test_inference_mode_inputs(good):
         out = ops.ms_deform_attn(value, ss_i, lsi_i, loc, attn)
         out2 = ops.ms_deform_attn(value, ss_i, lsi_i, loc, attn)
     torch.testing.assert_close(out, out2)
+
+
+def test_zero_levels_rejected(good):
+    value, ss, lsi, loc, attn = good
+    # (N, Lq, M, L, P, ...) with L = 0
+    loc0, attn0 = loc[:, :, :, :0], attn[:, :, :, :0]
+    with pytest.raises(ValueError, match=r"spatial_shapes must hold at least one level \(L >= 1\), got shape \(0, 2\)"):
+        ops.ms_deform_attn(value, ss[:0], lsi[:0], loc0, attn0)
+    with pytest.raises(ValueError, match="spatial_shapes must hold at least one level"):
+        ops.ms_deform_attn_reference(value, ss[:0], lsi[:0], loc0, attn0)
