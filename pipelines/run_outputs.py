@@ -7,6 +7,7 @@ whichever nodes the workers run on.
 Run directory (``<storage_path>/<name>/``, next to Ray Train's ``checkpoint_*`` folders)::
 
     config.json        the resolved JobConfig
+    data_report.json   per split: images used, bad input skipped (data.on_bad_input=skip) by kind, examples
     metrics.jsonl      one JSON object a line: kind "step" | "epoch" | "eval" | "event"
     ap_table.md        the final COCO AP table
     loss.png, ap.png   curves
@@ -21,7 +22,7 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
 AP_TABLE_FILE = "ap_table.md"
+DATA_REPORT_FILE = "data_report.json"
 
 
 def storage_filesystem(uri: str, storage_options: dict | None = None) -> tuple[pafs.FileSystem, str]:
@@ -308,6 +310,43 @@ def write_final_outputs(run_dir: RunDir, vis: Sequence[dict[str, Any]]) -> list[
     for i, item in enumerate(vis):
         written.append(draw_detections(item, run_dir.file(f"val_images/{i:02d}_image{item['image_id']}.png")))
     return written
+
+
+def data_report(infos: Mapping[str, Any]) -> dict[str, Any]:
+    """The data_report.json of a run: per split, what was read and what was skipped.
+
+    Args:
+        infos: split -> `pipelines.data.DatasetInfo`. Its skips found inside decode tasks are those
+            of the epochs run so far, so call this again when the run ends.
+
+    Returns:
+        {split: {"source", "num_images", "skipped", "counts", "examples", "fixed"}}: `num_images`
+        passed the annotation and file checks; `skipped` is the total of `counts` (images and
+        annotations by kind); `fixed` counts silent-safe repairs such as boxes clipped to the image.
+    """
+    out = {}
+    for split, info in infos.items():
+        try:
+            bad = info.bad_input_report()
+        except Exception as e:  # the ledger actor is gone: report what was found before reading pixels
+            log.warning("%s: bad input found while decoding is unavailable (%s)", split, e)
+            bad = info.bad_input
+        out[split] = {"source": info.source, "num_images": info.num_images, "skipped": bad.total,
+                      **bad.to_dict()}
+    return out
+
+
+def format_data_report(report: Mapping[str, Any], on_bad_input: str) -> str:
+    """A data_report.json as a block for the console: per split, counts by kind and a few examples."""
+    lines = [f"data (data.on_bad_input={on_bad_input}):"]
+    for split, r in report.items():
+        lines.append(f"  {split}: {r['num_images']} images from {r['source']}; "
+                     + (f"{r['skipped']} bad inputs skipped" if r["skipped"] else "no bad input skipped"))
+        for kind, n in sorted(r["counts"].items()):
+            lines.append(f"    {kind}: {n}  e.g. {'; '.join(r['examples'].get(kind, []))}")
+        for kind, n in sorted(r.get("fixed", {}).items()):
+            lines.append(f"    {kind}: {n} (repaired, kept)")
+    return "\n".join(lines)
 
 
 def format_progress(r: dict[str, Any]) -> str:

@@ -51,8 +51,11 @@ from pipelines.preflight import (
 from pipelines.run_outputs import (
     AP_TABLE_FILE,
     CONFIG_FILE,
+    DATA_REPORT_FILE,
     MetricsSink,
     RunDir,
+    data_report,
+    format_data_report,
     format_progress,
     is_remote,
     storage_filesystem,
@@ -116,6 +119,7 @@ class PreparedData:
     dataset_info: dict[str, Any]  # categories, label map, sizes: goes through train_loop_config
     steps_per_epoch: int
     start_epoch: int
+    infos: dict[str, Any] = dataclasses.field(default_factory=dict)  # split -> DatasetInfo, for data_report
 
 
 class DetectionDataConfig(ray.train.DataConfig):
@@ -171,11 +175,11 @@ def prepare_data(job: JobConfig, start_epoch: int = 0) -> PreparedData:
     ctx.enable_progress_bars = False
     try:
         train_ds, train_info = build_dataset(job.data, "train", start_epoch=start_epoch)
-        datasets = {"train": train_ds}
+        datasets, infos = {"train": train_ds}, {"train": train_info}
         num_val = 0
         if job.train.eval_every:
-            datasets["val"], val_info = build_dataset(job.data, "val")
-            num_val = val_info.num_images
+            datasets["val"], infos["val"] = build_dataset(job.data, "val")
+            num_val = infos["val"].num_images
     except (BadInputError, OSError, ValueError) as e:
         raise PreflightError(f"cannot read the dataset: {e}") from e
     categories = train_info.categories
@@ -198,7 +202,7 @@ def prepare_data(job: JobConfig, start_epoch: int = 0) -> PreparedData:
         # Limit the dataset itself so every epoch's iterator ends on its own.
         datasets["train"] = datasets["train"].limit(steps * t.grad_accum_steps * bs * t.num_workers)
     info = dataset_info(categories, job.model.num_classes, train_info.num_images, num_val)
-    return PreparedData(datasets, info, steps, start_epoch)
+    return PreparedData(datasets, info, steps, start_epoch, infos)
 
 
 # ------------------------------------------------------------------------------------------- trainer
@@ -320,12 +324,37 @@ class _Pump:
         return None
 
 
+def write_data_report(job: JobConfig, data: PreparedData, run_dir: RunDir) -> dict[str, Any]:
+    """Writes data_report.json into the run directory and prints it; returns the report."""
+    report = data_report(data.infos)
+    run_dir.write_json(DATA_REPORT_FILE, report)
+    print(format_data_report(report, job.data.on_bad_input), flush=True)
+    return report
+
+
+def describe_failure(error: BaseException) -> str:
+    """The cause of a failed ``fit()``: the first failed worker's error, without Ray's wrapping and traceback."""
+    failures = getattr(error, "worker_failures", None)  # ray.train.WorkerGroupError
+    if failures:
+        rank, cause = min(failures.items(), key=lambda kv: kv[0])
+        where = f"worker {rank}" + (f" (and {len(failures) - 1} more)" if len(failures) > 1 else "")
+    else:
+        cause, where = getattr(error, "controller_failure", None) or error, None
+    text = str(cause).strip()
+    if "Traceback (most recent call last)" in text:  # a remote error (a Ray Data task's): "Type: message" last
+        text = text.splitlines()[-1].strip()
+    elif not text.startswith(type(cause).__name__):
+        text = f"{type(cause).__name__}: {text}" if text else type(cause).__name__
+    return f"{where}: {text}" if where else text
+
+
 @dataclasses.dataclass
 class TrainOutcome:
     run_dir: RunDir
     result: ray.train.Result | None
     final_ap: dict[str, float] | None
     error: BaseException | None
+    data_report: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def run_training(job: JobConfig, *, address: str | None = None) -> TrainOutcome:
@@ -349,6 +378,7 @@ def run_training(job: JobConfig, *, address: str | None = None) -> TrainOutcome:
           f"{data.dataset_info['num_val']} val images, {job.train.num_workers} workers x "
           f"{job.data.batch_size_per_worker} images (total batch {job.total_batch_size}), "
           f"{data.steps_per_epoch} steps/epoch, {job.train.epochs} epochs", flush=True)
+    write_data_report(job, data, run_dir)  # what the annotation and file checks skipped, before any pixel
 
     sink = MetricsSink.remote()
     # Through the object store: every worker gets the weights, on whatever node it runs.
@@ -373,14 +403,18 @@ def run_training(job: JobConfig, *, address: str | None = None) -> TrainOutcome:
     except Exception as e:  # pictures are a nicety, never the reason a run fails
         log.warning("could not draw the run's pictures: %s", e)
         written = []
+    # Again, now with the images skipped while decoding in every epoch that ran.
+    report = data_report(data.infos)
+    run_dir.write_json(DATA_REPORT_FILE, report)
     run_dir.sync()
     ray.kill(sink)
     if final_ap is not None:
         print("\nfinal COCO AP (val):\n" + format_ap_table(final_ap), flush=True)
+    print("\n" + format_data_report(report, job.data.on_bad_input), flush=True)
     if written:
         print(f"curves and images: {', '.join(os.path.relpath(p, run_dir.path) for p in written)}", flush=True)
     print(f"run directory: {run_dir.uri}", flush=True)
-    return TrainOutcome(run_dir, result, final_ap, error)
+    return TrainOutcome(run_dir, result, final_ap, error, report)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -442,7 +476,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
     if outcome.error is not None:
-        print(f"error: training failed: {outcome.error}", file=sys.stderr, flush=True)
+        print(f"error: training failed: {describe_failure(outcome.error)}", file=sys.stderr, flush=True)
         return 1
     return 0
 
