@@ -24,6 +24,7 @@ if __package__ in (None, ""):  # `python pipelines/evaluate.py`: make the reposi
 import argparse
 import json
 import logging
+import shutil
 import tempfile
 import time
 from typing import Any
@@ -36,8 +37,16 @@ from core.checkpoint import Checkpoint, read_checkpoint
 from core.coco_eval import AP_KEYS, format_ap_table
 from pipelines.config import ConfigError, JobConfig, deep_merge, parse_override, validate_job_config
 from pipelines.preflight import PreflightError, check_data, with_timeout
-from pipelines.run_outputs import AP_TABLE_FILE, MetricsSink, RunDir, draw_detections
-from pipelines.train import WORKER_RUNTIME_ENV, DetectionDataConfig, connect_ray, dataset_info
+from pipelines.run_outputs import (
+    AP_TABLE_FILE,
+    DATA_REPORT_FILE,
+    MetricsSink,
+    RunDir,
+    data_report,
+    draw_detections,
+    format_data_report,
+)
+from pipelines.train import WORKER_RUNTIME_ENV, DetectionDataConfig, connect_ray, dataset_info, describe_failure
 from pipelines.train_worker import eval_loop_per_worker, fetch_checkpoint_file
 
 log = logging.getLogger(__name__)
@@ -52,8 +61,6 @@ def load_for_eval(uri: str, timeout_s: float = 120.0) -> Checkpoint:
     except (FileNotFoundError, OSError, ValueError) as e:
         raise PreflightError(f"--checkpoint {uri!r} cannot be loaded: {e}") from e
     finally:
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -98,8 +105,14 @@ def run_evaluation(job: JobConfig, ckpt: Checkpoint, *, out_dir: str | None = No
                    address: str | None = None) -> dict[str, float]:
     """Evaluates ``ckpt`` on ``job.data``'s val split with ``job.train.num_workers`` Ray workers.
 
+    Prints the data report (bad input skipped with data.on_bad_input=skip) at the end and writes
+    it to ``out_dir``/data_report.json with the AP table.
+
     Returns:
         {"AP", "AP50", "AP75", "APs", "APm", "APl", "num_eval_images", "eval_time_s"}.
+
+    Raises:
+        ray.train.TrainingFailedError: a worker or Ray Train's controller failed.
     """
     from pipelines.coco import BadInputError
     from pipelines.data import build_dataset, ingest_options
@@ -121,8 +134,31 @@ def run_evaluation(job: JobConfig, ckpt: Checkpoint, *, out_dir: str | None = No
         )
     info = dataset_info(val_info.categories, job.model.num_classes, 0, val_info.num_images)
     sink = MetricsSink.remote()
-    t = job.train
+    # Ray Train's run state only: the outputs go to out_dir.
     storage = tempfile.mkdtemp(prefix="ddetr-eval-")
+    report = None
+    try:
+        stats = _fit(job, ckpt, val_ds, info, sink, storage)
+        report = data_report({"val": val_info})  # with the images skipped while decoding
+        if out_dir is not None:
+            run = RunDir(os.path.dirname(os.path.abspath(out_dir)) or ".", os.path.basename(os.path.abspath(out_dir)))
+            run.mkdir()
+            run.write_text(AP_TABLE_FILE, format_ap_table(stats) + "\n")
+            run.write_json("metrics.json", {k: stats[k] for k in (*AP_KEYS, "num_eval_images") if k in stats})
+            run.write_json(DATA_REPORT_FILE, report)
+            for i, item in enumerate(ray.get(sink.vis.remote())):
+                draw_detections(item, run.file(f"val_images/{i:02d}_image{item['image_id']}.png"))
+    finally:
+        # Printed after a failure too: skipped input may explain it.
+        print(format_data_report(report or data_report({"val": val_info}), job.data.on_bad_input), flush=True)
+        ray.kill(sink)
+        shutil.rmtree(storage, ignore_errors=True)
+    return stats
+
+
+def _fit(job: JobConfig, ckpt: Checkpoint, val_ds: ray.data.Dataset, info: dict[str, Any], sink,
+         storage: str) -> dict[str, float]:
+    t = job.train
     resources = {"CPU": t.cpus_per_worker, **({"GPU": t.gpus_per_worker} if t.use_gpu else {})}
     trainer = TorchTrainer(
         eval_loop_per_worker,
@@ -141,22 +177,13 @@ def run_evaluation(job: JobConfig, ckpt: Checkpoint, *, out_dir: str | None = No
         datasets={"val": val_ds},
         dataset_config=DetectionDataConfig(datasets_to_split=[], execution_options=ingest_options()),
     )
-    result = trainer.fit()
+    result = trainer.fit()  # Train V2 raises TrainingFailedError itself
     if result.error is not None:
         raise result.error
     evals = [r for r in ray.get(sink.drain.remote()) if r.get("kind") == "eval"]
     if not evals:
         raise RuntimeError("the evaluation workers finished without reporting an AP")
-    stats = {k: v for k, v in evals[-1].items() if k not in ("kind", "time")}
-    if out_dir is not None:
-        run = RunDir(os.path.dirname(os.path.abspath(out_dir)) or ".", os.path.basename(os.path.abspath(out_dir)))
-        run.mkdir()
-        run.write_text(AP_TABLE_FILE, format_ap_table(stats) + "\n")
-        run.write_json("metrics.json", {k: stats[k] for k in (*AP_KEYS, "num_eval_images") if k in stats})
-        for i, item in enumerate(ray.get(sink.vis.remote())):
-            draw_detections(item, run.file(f"val_images/{i:02d}_image{item['image_id']}.png"))
-    ray.kill(sink)
-    return stats
+    return {k: v for k, v in evals[-1].items() if k not in ("kind", "time")}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -169,7 +196,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--use-gpu", action="store_true")
     p.add_argument("--batch-size", type=int, help="images per worker batch (default data.batch_size_per_worker)")
     p.add_argument("--num-vis", type=int, default=4, help="validation images drawn into --out")
-    p.add_argument("--out", help="folder for ap_table.md, metrics.json and drawn images")
+    p.add_argument("--out", help="folder for ap_table.md, metrics.json, data_report.json and drawn images")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="any config field, e.g. data.val_short_side=800 or data.category_ids=contiguous")
     p.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
@@ -188,6 +215,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, PreflightError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
+    except ray.train.TrainingFailedError as e:
+        print(f"error: evaluation failed: {describe_failure(e)}", file=sys.stderr, flush=True)
+        return 1
     print(f"\nCOCO AP on {stats.get('num_eval_images', '?')} images of {job.data.ann_uri('val')}:", flush=True)
     print(format_ap_table(stats), flush=True)
     return 0

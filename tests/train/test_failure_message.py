@@ -1,0 +1,36 @@
+"""A failed Ray Train run ends the command with one clear line naming the cause, not a traceback."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import ray.train
+
+import pipelines.evaluate as evaluate
+from pipelines.config import load_job_config
+from pipelines.train import describe_failure
+
+
+def test_describe_failure_names_the_first_failed_worker():
+    err = ray.train.WorkerGroupError("Traceback ...\nValueError: boom",
+                                     {1: ValueError("boom"), 0: RuntimeError("image 7: bad")})
+    assert describe_failure(err) == "worker 0 (and 1 more): RuntimeError: image 7: bad"
+    remote = RuntimeError("Traceback (most recent call last):\n  File x, line 1\nBadInputError: a.jpg: corrupt JPEG")
+    assert describe_failure(ray.train.ControllerError(remote)) == "BadInputError: a.jpg: corrupt JPEG"
+
+
+def test_evaluate_cli_reports_a_failed_fit(monkeypatch, capsys):
+    ckpt = SimpleNamespace(source_format="ours", config=SimpleNamespace(variant=lambda: "deformable"))
+    monkeypatch.setattr(evaluate, "load_for_eval", lambda uri: ckpt)
+    monkeypatch.setattr(evaluate, "eval_job_config", lambda c, a: load_job_config(preset="tiny"))
+
+    def fail(*args, **kwargs):
+        raise ray.train.WorkerGroupError("worker 1 died", {1: MemoryError("out of memory on the node")})
+
+    monkeypatch.setattr(evaluate, "run_evaluation", fail)
+    assert evaluate.main(["--checkpoint", "x.pth"]) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == "error: evaluation failed: worker 1: MemoryError: out of memory on the node"
+    with pytest.raises(SystemExit):  # the argument errors are still argparse's
+        evaluate.main([])
