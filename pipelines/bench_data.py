@@ -5,6 +5,11 @@ augmentation), the same collate and the same pad + normalize (`to_model_batch`) 
 the same number of worker processes. Their epochs alternate, so both see the same background load,
 and each epoch's CPU time is summed over every process involved (Ray's own daemons included), which
 gives images per CPU-second: how many cores feed one GPU, whatever else the machine is doing.
+Each epoch's rate is reported whole and from its first batch on (without the start-up that each Ray
+Data execution pays and persistent DataLoader workers mostly don't; while both sides' prefetched
+batches drain it reads high). Longer epochs (`--num-images`) bring both towards the steady state.
+Ray Data runs with the training defaults (read and decode fused into one task per unit);
+`ray.init(num_cpus=workers)` is what caps it at `workers` cores.
 Run: `python -m pipelines.bench_data` (Linux: CPU time is read from /proc).
 """
 
@@ -129,15 +134,31 @@ def _worker_init(_: int) -> None:
     torch.set_num_threads(1)  # as in the Ray tasks
 
 
-def _timed(model_batches) -> tuple[int, float]:
-    t0, n = time.perf_counter(), 0
+def _timed(model_batches) -> tuple[int, float, float]:
+    """Images, images/s over the whole epoch, and images/s from the first batch's arrival on (nan with one)."""
+    t0, n, first, n_first = time.perf_counter(), 0, None, 0
     for b in model_batches:
         n += b["images"].shape[0]
-    return n, time.perf_counter() - t0
+        if first is None:
+            first, n_first = time.perf_counter(), n
+    t1 = time.perf_counter()
+    steady = (n - n_first) / (t1 - first) if first is not None and n > n_first else float("nan")
+    return n, n / (t1 - t0), steady
 
 
-def run(cfg: DataConfig, workers: int, batch_size: int, epochs: int) -> dict[str, list[float]]:
-    """Alternating epochs of both pipelines; returns images/s and images per CPU-second per epoch."""
+def _operators(ds) -> list[str]:
+    """The executed Ray Data operators, fused ones joined by "->" (from the last execution's stats)."""
+    # "Operator 1 ReadRange->MapBatches(_ReadUnits): ..." -> "ReadRange->MapBatches(_ReadUnits)"
+    return [line.split(":", 1)[0].split(" ", 2)[-1] for line in ds.stats().splitlines() if line.startswith("Operator")]
+
+
+def run(cfg: DataConfig, workers: int, batch_size: int, epochs: int) -> tuple[dict[str, list[float]], list[str]]:
+    """Alternating epochs of both pipelines.
+
+    Returns:
+        Per epoch and side ("dataloader", "ray"): images/s, images/s after the first batch ("_steady"),
+        images per CPU-second ("_cpu"); and the Ray Data operators that ran.
+    """
     import ray
 
     index = load_index(cfg, "train")
@@ -149,32 +170,35 @@ def run(cfg: DataConfig, workers: int, batch_size: int, epochs: int) -> dict[str
         ds_torch, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=_collate,
         worker_init_fn=_worker_init, prefetch_factor=4, persistent_workers=True, multiprocessing_context="spawn")
     ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False, object_store_memory=1024 * 1024**2)
-    out: dict[str, list[float]] = {k: [] for k in ("dataloader", "ray", "dataloader_cpu", "ray_cpu")}
+    out: dict[str, list[float]] = {f"{side}{k}": [] for side in ("dataloader", "ray") for k in ("", "_steady", "_cpu")}
     try:
         ray.data.DataContext.get_current().enable_progress_bars = False
-        ds_ray, _ = build_dataset(cfg.model_copy(update={"num_decode_workers": workers}), "train")
+        ds_ray, _ = build_dataset(cfg, "train")  # num_decode_workers=None, as in training: one fused stage
         for epoch in range(epochs):
             sampler.epoch = epoch
             with _CpuMeter(_is_dataloader_worker) as cpu:
-                n, dt = _timed(to_model_batch(b, pixel_mean=cfg.pixel_mean, pixel_std=cfg.pixel_std)
-                               for b in loader)
-            out["dataloader"].append(n / dt)
+                n, rate, steady = _timed(to_model_batch(b, pixel_mean=cfg.pixel_mean, pixel_std=cfg.pixel_std)
+                                         for b in loader)
+            out["dataloader"].append(rate)
+            out["dataloader_steady"].append(steady)
             out["dataloader_cpu"].append(n / cpu.seconds)
             with _CpuMeter(lambda cmd: not _is_dataloader_worker(cmd)) as cpu:
-                n, dt = _timed(iter_batches(ds_ray, batch_size, cfg.seed, epoch, device="cpu",
-                                            pixel_mean=cfg.pixel_mean, pixel_std=cfg.pixel_std,
-                                            prefetch_batches=4))
-            out["ray"].append(n / dt)
+                n, rate, steady = _timed(iter_batches(ds_ray, batch_size, cfg.seed, epoch, device="cpu",
+                                                      pixel_mean=cfg.pixel_mean, pixel_std=cfg.pixel_std,
+                                                      prefetch_batches=4))
+            out["ray"].append(rate)
+            out["ray_steady"].append(steady)
             out["ray_cpu"].append(n / cpu.seconds)
+        operators = _operators(ds_ray)
     finally:
         ray.shutdown()
-    return out
+    return out, operators
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", help="a generated dataset to reuse (default: generate one in a temp dir)")
-    p.add_argument("--num-images", type=int, default=512)
+    p.add_argument("--num-images", type=int, default=512, help="images per epoch (more: a longer steady state)")
     p.add_argument("--size", default="480x640", help="HxW of generated images (COCO's typical 480x640)")
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="decode processes on each side")
     p.add_argument("--batch-size", type=int, default=8)
@@ -194,7 +218,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         js = json.loads(Path(root, "instances_train.json").read_text())
         for im in js["images"]:  # warm the page cache so neither side pays the first disk read
             Path(root, "train", im["file_name"]).read_bytes()
-        r = run(cfg, args.workers, args.batch_size, args.epochs)
+        r, operators = run(cfg, args.workers, args.batch_size, args.epochs)
 
     def steady(xs: list[float]) -> float:
         return float(np.median(xs[1:] if len(xs) > 1 else xs))
@@ -202,24 +226,31 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result = {
         "images": len(js["images"]), "boxes_per_image": round(len(js["annotations"]) / max(1, len(js["images"])), 2),
         "image_size": args.size, "workers": args.workers, "batch_size": args.batch_size,
-        "load_average_1min_at_end": os.getloadavg()[0],
+        "load_average_1min_at_end": os.getloadavg()[0], "ray_operators": operators,
         **{f"{k}_by_epoch": [round(v, 1) for v in vs] for k, vs in r.items()},
         "dataloader_images_per_s": round(steady(r["dataloader"]), 1),
         "ray_images_per_s": round(steady(r["ray"]), 1),
+        "dataloader_images_per_s_after_first_batch": round(steady(r["dataloader_steady"]), 1),
+        "ray_images_per_s_after_first_batch": round(steady(r["ray_steady"]), 1),
         "dataloader_images_per_cpu_s": round(steady(r["dataloader_cpu"]), 1),
         "ray_images_per_cpu_s": round(steady(r["ray_cpu"]), 1),
     }
     result["ray_over_dataloader"] = round(result["ray_images_per_s"] / result["dataloader_images_per_s"], 3)
+    result["ray_over_dataloader_after_first_batch"] = round(
+        result["ray_images_per_s_after_first_batch"] / result["dataloader_images_per_s_after_first_batch"], 3)
     result["ray_over_dataloader_per_cpu_s"] = round(
         result["ray_images_per_cpu_s"] / result["dataloader_images_per_cpu_s"], 3)
     w = args.workers
     print(f"{result['images']} images {args.size}, {result['boxes_per_image']} boxes/image, {w} worker processes "
-          f"each side, batch {args.batch_size}; median of epochs 2..{args.epochs}:")
+          f"each side, batch {args.batch_size}; median of epochs 2..{args.epochs}; "
+          f"Ray Data operators: {', '.join(operators)}:")
     for name, key in (("torch DataLoader", "dataloader"), ("Ray Data", "ray")):
-        print(f"  {name:17s}: {result[key + '_images_per_s']:7.1f} images/s = "
+        print(f"  {name:17s}: {result[key + '_images_per_s']:7.1f} images/s whole epoch "
+              f"({result[key + '_images_per_s_after_first_batch']:7.1f} after the first batch) = "
               f"{result[key + '_images_per_s'] / w:6.1f} per worker core; "
               f"{result[key + '_images_per_cpu_s']:6.1f} images per CPU-second (all its processes)")
-    print(f"  Ray / DataLoader : {result['ray_over_dataloader']:.2f}x images/s, "
+    print(f"  Ray / DataLoader : {result['ray_over_dataloader']:.2f}x images/s "
+          f"({result['ray_over_dataloader_after_first_batch']:.2f}x after the first batch), "
           f"{result['ray_over_dataloader_per_cpu_s']:.2f}x per CPU-second "
           f"(1-min load average at the end: {result['load_average_1min_at_end']:.1f})")
     if args.json:
