@@ -115,7 +115,7 @@ def run_evaluation(job: JobConfig, ckpt: Checkpoint, *, out_dir: str | None = No
         ray.train.TrainingFailedError: a worker or Ray Train's controller failed.
     """
     from pipelines.coco import BadInputError
-    from pipelines.data import build_dataset, ingest_options
+    from pipelines.data import build_dataset
 
     if "://" not in job.data.root:
         job = job.model_copy(update={"data": job.data.model_copy(update={"root": os.path.abspath(job.data.root)})})
@@ -158,6 +158,8 @@ def run_evaluation(job: JobConfig, ckpt: Checkpoint, *, out_dir: str | None = No
 
 def _fit(job: JobConfig, ckpt: Checkpoint, val_ds: ray.data.Dataset, info: dict[str, Any], sink,
          storage: str) -> dict[str, float]:
+    from pipelines.data import ingest_options
+
     t = job.train
     resources = {"CPU": t.cpus_per_worker, **({"GPU": t.gpus_per_worker} if t.use_gpu else {})}
     trainer = TorchTrainer(

@@ -69,7 +69,11 @@ def test_two_workers_two_epochs(two_epoch_run):
     assert ckpt_dirs == ["checkpoint_epoch0000", "checkpoint_epoch0001"]
 
     files = {p.name for p in outcome.run_dir.path.iterdir()}
-    assert {"config.json", "metrics.jsonl", "ap_table.md", "loss.png", "ap.png", "val_images"} <= files
+    assert {"config.json", "data_report.json", "metrics.jsonl", "ap_table.md", "loss.png", "ap.png",
+            "val_images"} <= files
+    report = json.loads((outcome.run_dir.path / "data_report.json").read_text())
+    assert report == outcome.data_report
+    assert {k: (r["num_images"], r["skipped"]) for k, r in report.items()} == {"train": (16, 0), "val": (5, 0)}
     assert len(list((outcome.run_dir.path / "val_images").glob("*.png"))) == 2
 
 
@@ -85,6 +89,7 @@ def test_evaluate_reproduces_the_training_ap(two_epoch_run):
     for k, v in two_epoch_run.final_ap.items():
         assert stats[k] == pytest.approx(v, abs=1e-6), k
     assert (out / "ap_table.md").is_file() and list((out / "val_images").glob("*.png"))
+    assert json.loads((out / "data_report.json").read_text())["val"]["num_images"] == 5
 
 
 def _fault(tmp_path, max_failures):
