@@ -20,7 +20,7 @@ import pyarrow.fs as pafs
 
 from pipelines.coco import filesystem_for
 from pipelines.config import JobConfig
-from pipelines.run_outputs import is_remote, storage_filesystem
+from pipelines.run_outputs import is_remote, join_uri, storage_filesystem
 
 log = logging.getLogger(__name__)
 
@@ -237,7 +237,7 @@ def check_resources(job: JobConfig, cluster_resources: dict[str, float], strict:
 
 def latest_checkpoint_epoch(job: JobConfig) -> int | None:
     """The epoch of the run's latest registered checkpoint (read from Ray Train's snapshot), or None."""
-    uri = job.train.storage_path.rstrip("/") + "/" + job.train.name + "/" + SNAPSHOT_FILE
+    uri = join_uri(job.train.storage_path, job.train.name, SNAPSHOT_FILE)
     try:
         fs, path = storage_filesystem(uri)
 

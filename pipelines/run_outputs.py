@@ -25,10 +25,13 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl
 
 import numpy as np
 import pyarrow.fs as pafs
 import ray
+
+from pipelines.coco import filesystem_for
 
 log = logging.getLogger(__name__)
 
@@ -41,23 +44,30 @@ DATA_REPORT_FILE = "data_report.json"
 def storage_filesystem(uri: str, storage_options: dict | None = None) -> tuple[pafs.FileSystem, str]:
     """pyarrow filesystem and path for a local folder, ``s3://`` or ``gs://`` URI.
 
-    S3 and GCS filesystems are built explicitly (not ``FileSystem.from_uri``, which makes a network
-    call to resolve an S3 bucket's region); ``?endpoint_override=host:port&scheme=http`` style query
-    options in the URI are honoured, for MinIO and fake-GCS servers.
+    ``?endpoint_override=host:port&scheme=http`` style query options in a bucket URI are honoured (for
+    MinIO and fake-GCS servers) on top of ``storage_options``; the filesystem itself comes from
+    ``pipelines.coco.filesystem_for``, as the data's does.
     """
-    from urllib.parse import parse_qsl, urlsplit
-
-    opts = dict(storage_options or {})
-    if uri.startswith(("s3://", "gs://", "gcs://")):
-        parts = urlsplit(uri)
-        opts.update(dict(parse_qsl(parts.query)))
-        path = (parts.netloc + parts.path).rstrip("/")
-        if uri.startswith("s3://"):
-            return pafs.S3FileSystem(**opts), path
-        return pafs.GcsFileSystem(**opts), path
+    if is_remote(uri):
+        base, _, query = uri.partition("?")
+        return filesystem_for(base, {**(storage_options or {}), **dict(parse_qsl(query))})
     if "://" in uri and not uri.startswith("file://"):
         raise ValueError(f"unsupported storage URI {uri!r}: expected a local path, s3:// or gs://")
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri.removeprefix("file://")))
+
+
+def join_uri(base: str, *parts: str) -> str:
+    """``base/part/...`` for a local path or bucket URI, keeping a bucket URI's ``?options`` at the end."""
+    path, sep, query = base.partition("?")
+    joined = "/".join([path.rstrip("/"), *(p.strip("/") for p in parts)])
+    return joined + sep + query
+
+
+def split_run_uri(run: str) -> tuple[str, str]:
+    """(storage_path, name) of a run directory path or URI: the inverse of ``join_uri(storage, name)``."""
+    path, sep, query = run.partition("?")
+    storage, _, name = path.rstrip("/").rpartition("/")
+    return storage + sep + query, name
 
 
 def is_remote(uri: str) -> bool:
@@ -82,7 +92,7 @@ class RunDir:
         if is_remote(storage_path):
             root = staging_root or os.path.join(os.path.expanduser("~"), ".cache", "ray-deformable-detr", "runs")
             self.path = Path(root) / name
-            self.uri = storage_path.rstrip("/") + "/" + name
+            self.uri = join_uri(storage_path, name)
         else:
             self.path = Path(os.path.abspath(os.path.expanduser(storage_path))) / name
             self.uri = str(self.path)

@@ -58,6 +58,8 @@ from pipelines.run_outputs import (
     format_data_report,
     format_progress,
     is_remote,
+    join_uri,
+    split_run_uri,
     storage_filesystem,
     write_final_outputs,
 )
@@ -441,7 +443,7 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
         raise ConfigError("--resume takes the run's own config; add --set overrides only")
     run = args.resume.rstrip("/")
     if is_remote(run):
-        fs, path = storage_filesystem(f"{run}/{CONFIG_FILE}")
+        fs, path = storage_filesystem(join_uri(run, CONFIG_FILE))
         try:
             with fs.open_input_stream(path) as f:
                 data = json.loads(f.read())
@@ -451,7 +453,7 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
         if not os.path.isfile(os.path.join(run, CONFIG_FILE)):
             raise ConfigError(f"--resume {run}: no {CONFIG_FILE} there (is it a run directory?)")
         data = read_config_file(os.path.join(run, CONFIG_FILE))
-    storage, _, name = run.rpartition("/")
+    storage, name = split_run_uri(run)
     # config.json is a complete resolved config: no preset under it, only the overrides on top.
     data.setdefault("train", {}).update(storage_path=storage or ".", name=name)
     for item in args.overrides:

@@ -5,7 +5,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipelines.run_outputs import RunDir, draw_detections, latest_history, plot_curves, read_metrics
+import pyarrow.fs as pafs
+
+from pipelines.run_outputs import (
+    RunDir,
+    draw_detections,
+    join_uri,
+    latest_history,
+    plot_curves,
+    read_metrics,
+    split_run_uri,
+    storage_filesystem,
+)
 
 
 def test_latest_history_keeps_the_replayed_attempt():
@@ -15,6 +26,18 @@ def test_latest_history_keeps_the_replayed_attempt():
     out = latest_history(records, "step", "global_step")
     assert [r["global_step"] for r in out] == [1, 2, 3, 4, 5]
     assert [r["loss"] for r in out] == [1.0, 1.0, 2.0, 2.0, 2.0]
+
+
+def test_bucket_uris_keep_their_options_at_the_end():
+    storage = "s3://bucket/runs/?endpoint_override=127.0.0.1:9000&scheme=http"
+    run = join_uri(storage, "demo")
+    assert run == "s3://bucket/runs/demo?endpoint_override=127.0.0.1:9000&scheme=http"
+    assert join_uri(run, "config.json") == "s3://bucket/runs/demo/config.json?endpoint_override=127.0.0.1:9000&scheme=http"
+    assert split_run_uri(run) == ("s3://bucket/runs?endpoint_override=127.0.0.1:9000&scheme=http", "demo")
+    assert RunDir(storage, "demo", staging_root="/tmp/x").uri == run
+    fs, path = storage_filesystem(join_uri(run, "config.json"))
+    assert isinstance(fs, pafs.S3FileSystem) and path == "bucket/runs/demo/config.json"
+    assert join_uri("/data/runs/", "demo") == "/data/runs/demo" and split_run_uri("/data/runs/demo") == ("/data/runs", "demo")
 
 
 def test_metrics_jsonl_round_trip_and_torn_line(tmp_path):
