@@ -128,6 +128,25 @@ def build_lr_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step / steps_per_epoch, train_cfg))
 
 
+def realign_lr_scheduler(scheduler: torch.optim.lr_scheduler.LambdaLR, optimizer_step: int) -> bool:
+    """Puts a restored per-step scheduler at ``optimizer_step`` of this run and sets the groups' lr to match.
+
+    A resume with another worker count, batch size or accumulation has another number of optimizer
+    steps per epoch, so the restored step count would put the lr drop or the cosine elsewhere.
+
+    Returns:
+        True if the scheduler had to move.
+    """
+    if scheduler.last_epoch == optimizer_step:
+        return False
+    scheduler.last_epoch = optimizer_step
+    lrs = [base * fn(optimizer_step) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = lrs  # what get_last_lr() reports until the next step
+    return True
+
+
 def resolve_amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype of TrainConfig.amp on ``device``: None means full float32.
 

@@ -37,6 +37,7 @@ from pipelines.engine import (
     build_optimizer,
     evaluate,
     freeze_zero_lr_params,
+    realign_lr_scheduler,
     resolve_amp_dtype,
     train_one_epoch,
 )
@@ -333,6 +334,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         start_epoch = int(state["epoch"]) + 1
         global_step = int(state["global_step"])
         history = list(state.get("history", []))
+        if realign_lr_scheduler(scheduler, start_epoch * steps_per_epoch) and rank == 0:
+            log.warning("steps per epoch changed since the checkpoint (now %d): lr schedule realigned to epoch %d",
+                        steps_per_epoch, start_epoch)
 
     progress = _Progress(sink if rank == 0 else None, job, world, steps_per_epoch, device)
     if rank == 0:

@@ -17,6 +17,7 @@ from pipelines.engine import (
     evaluate,
     freeze_zero_lr_params,
     lr_factor,
+    realign_lr_scheduler,
     resolve_amp_dtype,
     train_one_epoch,
 )
@@ -106,6 +107,30 @@ def test_step_schedule_drops_at_lr_drop():
     assert lrs[79] == pytest.approx(2e-4) and lrs[80] == pytest.approx(2e-5)
     # The groups keep their ratios.
     assert opt.param_groups[1]["lr"] == pytest.approx(2e-6)
+
+
+def test_resume_with_other_steps_per_epoch_keeps_the_lr_drop_at_its_epoch():
+    cfg = TrainConfig(epochs=4, lr_drop=2, lr_schedule="step")
+    model, _, _ = tiny_model()
+    opt = build_optimizer(model, cfg)
+    sched = build_lr_scheduler(opt, cfg, steps_per_epoch=10)
+    for _ in range(2 * 10 - 1):  # stopped one step before the end of epoch 1 would be 20
+        opt.step()
+        sched.step()
+    state = sched.state_dict()
+    # Resumed at epoch 1 on twice the workers: 5 optimizer steps an epoch.
+    opt2 = build_optimizer(model, cfg)
+    sched2 = build_lr_scheduler(opt2, cfg, steps_per_epoch=5)
+    sched2.load_state_dict(state)
+    assert realign_lr_scheduler(sched2, 1 * 5) and not realign_lr_scheduler(sched2, 5)
+    assert opt2.param_groups[0]["lr"] == pytest.approx(2e-4) and sched2.get_last_lr()[0] == pytest.approx(2e-4)
+    lrs = []
+    for _ in range(10):
+        opt2.step()
+        sched2.step()
+        lrs.append(opt2.param_groups[0]["lr"])
+    # The drop lands at the start of epoch 2 = step 10 of this run, not at the restored step 19 + 1.
+    assert lrs[3] == pytest.approx(2e-4) and lrs[4] == pytest.approx(2e-5)
 
 
 def test_warmup_cosine_rises_then_decays_to_the_floor():
