@@ -5,9 +5,11 @@ Legend: N images in a batch, K boxes of an image.
 A dataset is `ray.data.range(num_units)` mapped through one task per unit (a slice of the image list,
 or a Parquet row group): read the bytes, decode, augment, and emit SAMPLE_SCHEMA rows. The order and
 every random draw are functions of (seed, epoch, image id), so an epoch is reproducible whichever
-task or worker handles an image. The epoch is `start_epoch` plus the number of times the dataset has
-been executed (Ray's per-dataset execution index, the counter its own seeded shuffles use): iterate
-the train dataset once per epoch and don't execute it on the driver before handing it to Ray Train.
+task or worker handles an image. The epoch comes from an `EpochClock` actor that the training loop
+sets before each epoch, when the dataset is built with one (training does: a restarted or resumed
+loop then draws exactly its own epochs); without one it is `start_epoch` plus the number of times the
+dataset has been executed (Ray's per-dataset execution index): iterate such a dataset once per epoch
+and don't execute it on the driver first.
 """
 
 from __future__ import annotations
@@ -73,6 +75,24 @@ class BadInputLedger:
 
     def summary(self) -> dict[str, Any]:
         return self._summary.to_dict()
+
+
+@ray.remote(num_cpus=0)
+class EpochClock:
+    """The epoch the training loop is in, read by the dataset's read tasks.
+
+    Every worker sets it before iterating an epoch (the same value: whichever comes first, Ray Data's
+    streaming split starts the execution only once all workers have asked for it).
+    """
+
+    def __init__(self, epoch: int = 0) -> None:
+        self._epoch = epoch
+
+    def set(self, epoch: int) -> None:
+        self._epoch = epoch
+
+    def get(self) -> int:
+        return self._epoch
 
 
 @dataclass
@@ -240,11 +260,15 @@ class _ReadUnits:
     """The map_batches UDF: unit ids -> rows (raw, or decoded samples when `decode` is set)."""
 
     def __init__(self, units: _FolderUnits | _ParquetUnits, start_epoch: int, decode: _Decode | None,
-                 ledger: Any):
+                 ledger: Any, epoch_clock: Any = None):
         self.units, self.start_epoch, self.decode, self.ledger = units, start_epoch, decode, ledger
+        self.epoch_clock = epoch_clock
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        epoch = _epoch_now(self.start_epoch)
+        if self.epoch_clock is not None:
+            epoch = ray.get(self.epoch_clock.get.remote())
+        else:
+            epoch = _epoch_now(self.start_epoch)
         out = []
         for unit in batch.column("id").to_pylist():
             rows, bad = self.units.read(int(unit), epoch)
@@ -295,7 +319,7 @@ def _units(cfg: DataConfig, split: Split, shuffle: bool) -> tuple[_FolderUnits |
 
 
 def _build(cfg: DataConfig, split: Split, *, decode: bool, augment: bool, shuffle: bool, keep_crowd: bool,
-           start_epoch: int) -> tuple[ray.data.Dataset, DatasetInfo]:
+           start_epoch: int, epoch_clock: Any = None) -> tuple[ray.data.Dataset, DatasetInfo]:
     units, meta = _units(cfg, split, shuffle)
     ledger = BadInputLedger.remote() if cfg.on_bad_input == "skip" else None
     categories = CategoryMap.from_categories(meta["categories"], cfg.category_ids)
@@ -306,7 +330,7 @@ def _build(cfg: DataConfig, split: Split, *, decode: bool, augment: bool, shuffl
     compute = (ray.data.TaskPoolStrategy(size=cfg.num_decode_workers)
                if cfg.num_decode_workers is not None else None)
     ds = ray.data.range(units.num_units, override_num_blocks=max(1, units.num_units))
-    ds = ds.map_batches(_ReadUnits(units, start_epoch, dec, ledger), batch_size=None, batch_format="pyarrow",
+    ds = ds.map_batches(_ReadUnits(units, start_epoch, dec, ledger, epoch_clock), batch_size=None, batch_format="pyarrow",
                         compute=compute)
     # The order is a function of (seed, epoch) only if Ray keeps it; Ray Train replaces a dataset's
     # execution options, so trainers pass `ingest_options()` too.
@@ -322,7 +346,8 @@ def build_raw_dataset(cfg: DataConfig, split: Split, *, shuffle: bool = False, s
 
 
 def build_dataset(cfg: DataConfig, split: Split, *, augment: bool | None = None, shuffle: bool | None = None,
-                  keep_crowd: bool | None = None, start_epoch: int = 0) -> tuple[ray.data.Dataset, DatasetInfo]:
+                  keep_crowd: bool | None = None, start_epoch: int = 0, epoch_clock: Any = None
+                  ) -> tuple[ray.data.Dataset, DatasetInfo]:
     """Decoded, augmented SAMPLE_SCHEMA rows for training or evaluation.
 
     Args:
@@ -331,7 +356,9 @@ def build_dataset(cfg: DataConfig, split: Split, *, augment: bool | None = None,
         augment, shuffle: default to True for train and False for val (val keeps the JSON's order).
         keep_crowd: default False for train (crowd boxes are not training targets) and True for val,
             where they come flagged in `iscrowd` (use `batching.drop_crowd` for a validation loss).
-        start_epoch: the epoch of the first execution, when resuming.
+        start_epoch: the epoch of the first execution, when resuming (without `epoch_clock`).
+        epoch_clock: an `EpochClock` handle: each execution draws the epoch the clock says, which the
+            training loop sets, instead of counting executions.
 
     Returns:
         The dataset (one row per image) and its DatasetInfo.
@@ -343,7 +370,8 @@ def build_dataset(cfg: DataConfig, split: Split, *, augment: bool | None = None,
     train = split == "train"
     return _build(cfg, split, decode=True, augment=train if augment is None else augment,
                   shuffle=train if shuffle is None else shuffle,
-                  keep_crowd=(not train) if keep_crowd is None else keep_crowd, start_epoch=start_epoch)
+                  keep_crowd=(not train) if keep_crowd is None else keep_crowd, start_epoch=start_epoch,
+                  epoch_clock=epoch_clock)
 
 
 def ingest_options() -> ray.data.ExecutionOptions:
@@ -376,7 +404,7 @@ def _world_rank() -> int:
 def iter_batches(shard: ray.data.DataIterator | ray.data.Dataset, batch_size: int, seed: int = 0, epoch: int = 0,
                  *, pixel_mean: Sequence[float] = IMAGENET_MEAN, pixel_std: Sequence[float] = IMAGENET_STD,
                  device: torch.device | str | None = "auto", drop_last: bool = False, prefetch_batches: int = 2,
-                 shuffle_buffer_size: int = 0) -> Iterator[dict[str, Any]]:
+                 shuffle_buffer_size: int = 0, drawn_epochs: set[int] | None = None) -> Iterator[dict[str, Any]]:
     """Model batches from a worker's shard (`ray.train.get_dataset_shard("train")`) or a dataset.
 
     Args:
@@ -386,6 +414,7 @@ def iter_batches(shard: ray.data.DataIterator | ray.data.Dataset, batch_size: in
             dataset was executed as `epoch` (a warning names both if not).
         device: "auto" is the Ray Train worker's device, else CPU. Images are normalized there.
         shuffle_buffer_size: rows in a worker-local shuffle buffer; 0 keeps the dataset's order.
+        drawn_epochs: if given, the epochs the augmentation was drawn for are added to it.
 
     Yields:
         {"images": (N, 3, H, W) float32, "mask": (N, H, W) bool (True = padding), "targets": N dicts},
@@ -402,6 +431,8 @@ def iter_batches(shard: ray.data.DataIterator | ray.data.Dataset, batch_size: in
     warned = False
     for batch in batches:
         drawn = {e for e in batch["epoch"].tolist() if e >= 0}
+        if drawn_epochs is not None:
+            drawn_epochs.update(drawn)
         if drawn and drawn != {epoch} and not warned:
             logger.warning("augmentation was drawn for epoch(s) %s but the loop is at epoch %d: build the "
                            "dataset with start_epoch=<first epoch> and iterate it exactly once per epoch",

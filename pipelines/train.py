@@ -122,6 +122,7 @@ class PreparedData:
     steps_per_epoch: int
     start_epoch: int
     infos: dict[str, Any] = dataclasses.field(default_factory=dict)  # split -> DatasetInfo, for data_report
+    epoch_clock: Any = None  # EpochClock handle: the workers set the train dataset's epoch
 
 
 class DetectionDataConfig(ray.train.DataConfig):
@@ -171,12 +172,14 @@ def prepare_data(job: JobConfig, start_epoch: int = 0) -> PreparedData:
             train split too small for one step per worker.
     """
     from pipelines.coco import BadInputError
-    from pipelines.data import build_dataset
+    from pipelines.data import EpochClock, build_dataset
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     try:
-        train_ds, train_info = build_dataset(job.data, "train", start_epoch=start_epoch)
+        # Draw each epoch's augmentation for the epoch the loop is in, also after a worker-group restart.
+        epoch_clock = EpochClock.remote(start_epoch)
+        train_ds, train_info = build_dataset(job.data, "train", start_epoch=start_epoch, epoch_clock=epoch_clock)
         datasets, infos = {"train": train_ds}, {"train": train_info}
         num_val = 0
         if job.train.eval_every:
@@ -204,7 +207,7 @@ def prepare_data(job: JobConfig, start_epoch: int = 0) -> PreparedData:
         # Limit the dataset itself so every epoch's iterator ends on its own.
         datasets["train"] = datasets["train"].limit(steps * t.grad_accum_steps * bs * t.num_workers)
     info = dataset_info(categories, job.model.num_classes, train_info.num_images, num_val)
-    return PreparedData(datasets, info, steps, start_epoch, infos)
+    return PreparedData(datasets, info, steps, start_epoch, infos, epoch_clock)
 
 
 # ------------------------------------------------------------------------------------------- trainer
@@ -246,6 +249,7 @@ def build_trainer(
             "dataset_info": data.dataset_info,
             "steps_per_epoch": data.steps_per_epoch,
             "sink": sink,
+            "epoch_clock": data.epoch_clock,
             "finetune_weights": finetune_weights,
         },
         scaling_config=ray.train.ScalingConfig(

@@ -240,7 +240,8 @@ def _load_gt(job: JobConfig):
     return load_coco_gt(load_json(job.data.ann_uri("val"), job.data.storage_options))
 
 
-def _batches(shard, job: JobConfig, device: torch.device, epoch: int, *, train: bool):
+def _batches(shard, job: JobConfig, device: torch.device, epoch: int, *, train: bool,
+             drawn_epochs: set[int] | None = None):
     """Model batches of this worker's shard: train drops the last partial batch (equal steps per worker)."""
     data = job.data
     batch_size = data.batch_size_per_worker if train else (job.train.eval_batch_size or data.batch_size_per_worker)
@@ -255,6 +256,7 @@ def _batches(shard, job: JobConfig, device: torch.device, epoch: int, *, train: 
         drop_last=train,
         prefetch_batches=data.prefetch_batches,
         shuffle_buffer_size=data.shuffle_buffer_size if train else 0,
+        drawn_epochs=drawn_epochs,
     )
 
 
@@ -350,8 +352,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     val_shard = ray.train.get_dataset_shard("val") if job.train.eval_every else None
     epochs = job.train.epochs
 
+    epoch_clock = config.get("epoch_clock")
     for epoch in range(start_epoch, epochs):
         _seed_everything(job.train.seed + 1000 * epoch + rank)
+        if epoch_clock is not None:  # before asking for the epoch's data, on every rank
+            ray.get(epoch_clock.set.remote(epoch))
+        drawn_epochs: set[int] = set()
         epoch_start = time.time()
         base_step = global_step
 
@@ -365,7 +371,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         stats = train_one_epoch(
             model,
             criterion,
-            _batches(train_shard, job, device, epoch, train=True),
+            _batches(train_shard, job, device, epoch, train=True, drawn_epochs=drawn_epochs),
             optimizer,
             scheduler,
             device=device,
@@ -422,7 +428,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             epoch_metrics[SCORE_KEY] = -epoch_metrics["loss"]
         history.append(epoch_metrics)
         if rank == 0:
-            progress.send([{"kind": "epoch", "time": time.time(), **epoch_metrics}])
+            # data_epochs: the epochs rank 0's augmentation was drawn for (the loop's own, or a bug).
+            progress.send([{"kind": "epoch", "time": time.time(), **epoch_metrics, "data_epochs": sorted(drawn_epochs)}])
         _report(job, model, detr_cfg, optimizer, scheduler, scaler, epoch, global_step, history, info, rank)
 
 

@@ -13,7 +13,14 @@ import torch
 
 from pipelines.batching import DetectionCollate, to_model_batch
 from pipelines.coco import BadInputError, CategoryMap
-from pipelines.data import build_dataset, build_raw_dataset, ingest_options, iter_batches, prepare_parquet
+from pipelines.data import (
+    EpochClock,
+    build_dataset,
+    build_raw_dataset,
+    ingest_options,
+    iter_batches,
+    prepare_parquet,
+)
 from pipelines.transforms import Affine, boxes_cxcywh_normalized_to_xyxy
 
 pytestmark = pytest.mark.ray
@@ -115,6 +122,22 @@ def test_order_and_augmentation_reproducible_per_seed_and_epoch(ray_local, make_
     with caplog.at_level(logging.WARNING, logger="pipelines.data"):
         _epoch(ds, 0)  # the third run of `ds` is epoch 2
     assert "epoch(s) [2]" in caplog.text
+
+
+def test_an_epoch_clock_sets_the_epoch_whatever_ran_before(ray_local, make_config, caplog):
+    import ray
+
+    cfg = make_config()
+    e0, e1 = _epoch(build_dataset(cfg, "train")[0], 0), _epoch(build_dataset(cfg, "train", start_epoch=1)[0], 1)
+    clock = EpochClock.remote(1)
+    ds, _ = build_dataset(cfg, "train", epoch_clock=clock)
+    with caplog.at_level(logging.WARNING, logger="pipelines.data"):
+        assert _epoch(ds, 1) == e1
+        # A restarted loop goes back to epoch 0 on a dataset that has run before: no counting of runs.
+        ray.get(clock.set.remote(0))
+        assert _epoch(ds, 0) == e0
+        assert _epoch(ds, 0) == e0
+    assert "augmentation was drawn" not in caplog.text
 
 
 def test_parquet_shards_give_the_same_rows(ray_local, make_config, tmp_path):

@@ -145,6 +145,9 @@ def test_killed_worker_is_replaced_and_the_run_finishes(ray_local, tmp_path, tin
     assert [s["global_step"] for s in steps] == list(range(1, 2 * STEPS_PER_EPOCH + 1))
     state = _final_state(outcome)
     assert state.extra["epoch"] == 1 and state.extra["global_step"] == 2 * STEPS_PER_EPOCH
+    # The restarted group's epoch 1 drew epoch 1's augmentation, though the dataset had run twice before.
+    epochs = latest_history(records, "epoch", "epoch")
+    assert [(e["epoch"], e["data_epochs"]) for e in epochs] == [(0, [0]), (1, [1])]
     assert torch.isfinite(torch.tensor([h["loss"] for h in state.extra["history"]])).all()
 
 
