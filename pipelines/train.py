@@ -330,11 +330,10 @@ class _Pump:
         return None
 
 
-def write_data_report(job: JobConfig, data: PreparedData, run_dir: RunDir) -> dict[str, Any]:
-    """Writes data_report.json into the run directory and prints it; returns the report."""
+def write_data_report(data: PreparedData, run_dir: RunDir) -> dict[str, Any]:
+    """Writes data_report.json (what was skipped so far) into the run directory; returns the report."""
     report = data_report(data.infos)
     run_dir.write_json(DATA_REPORT_FILE, report)
-    print(format_data_report(report, job.data.on_bad_input), flush=True)
     return report
 
 
@@ -384,7 +383,8 @@ def run_training(job: JobConfig, *, address: str | None = None) -> TrainOutcome:
           f"{data.dataset_info['num_val']} val images, {job.train.num_workers} workers x "
           f"{job.data.batch_size_per_worker} images (total batch {job.total_batch_size}), "
           f"{data.steps_per_epoch} steps/epoch, {job.train.epochs} epochs", flush=True)
-    write_data_report(job, data, run_dir)  # what the annotation and file checks skipped, before any pixel
+    # What the annotation and file checks skipped, before any pixel is read.
+    print(format_data_report(write_data_report(data, run_dir), job.data.on_bad_input), flush=True)
 
     sink = MetricsSink.remote()
     # Through the object store: every worker gets the weights, on whatever node it runs.
@@ -409,9 +409,7 @@ def run_training(job: JobConfig, *, address: str | None = None) -> TrainOutcome:
     except Exception as e:  # pictures are a nicety, never the reason a run fails
         log.warning("could not draw the run's pictures: %s", e)
         written = []
-    # Again, now with the images skipped while decoding in every epoch that ran.
-    report = data_report(data.infos)
-    run_dir.write_json(DATA_REPORT_FILE, report)
+    report = write_data_report(data, run_dir)  # again, now with the images skipped while decoding
     run_dir.sync()
     ray.kill(sink)
     if final_ap is not None:

@@ -11,7 +11,7 @@ import pytest
 from pipelines.config import load_job_config
 from pipelines.data import iter_batches
 from pipelines.preflight import preflight
-from pipelines.run_outputs import DATA_REPORT_FILE, RunDir, data_report
+from pipelines.run_outputs import DATA_REPORT_FILE, RunDir, data_report, format_data_report
 from pipelines.train import prepare_data, write_data_report
 
 pytestmark = pytest.mark.ray
@@ -34,7 +34,7 @@ def test_skipped_bad_input_is_reported_and_saved(ray_local, tmp_path, tiny_data,
         "data.on_bad_input=skip"]))
     data = prepare_data(job)
     run_dir = RunDir(job.train.storage_path, job.train.name).mkdir()
-    write_data_report(job, data, run_dir)
+    print(format_data_report(write_data_report(data, run_dir), job.data.on_bad_input))  # as run_training does
 
     saved = json.loads(run_dir.file(DATA_REPORT_FILE).read_text())
     assert set(saved) == {"train", "val"}
