@@ -38,6 +38,7 @@ DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.floa
 _lock = threading.Lock()
 # Loaded libraries by architecture ("sm_90"), and is_available() answers by CUDA device index.
 _libs: dict[str, ctypes.CDLL] = {}
+_device_arch: dict[int | None, str] = {}  # CUDA device index -> "sm_90"
 _availability: dict[int | None, tuple[bool, str]] = {}
 
 
@@ -182,7 +183,14 @@ def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
 def load(arch: str | None = None, device: torch.device | int | None = None) -> ctypes.CDLL:
     """The built and bound library for ``arch`` (default: ``device``'s architecture, or the current
     device's), built on the first call for that architecture and kept per architecture."""
-    arch = normalize_arch(arch) if arch else default_arch(device)
+    if arch:
+        arch = normalize_arch(arch)
+    else:
+        # Every forward and backward comes here: ask a device for its capability once, not per call.
+        index = device_index(device)
+        arch = _device_arch.get(index)
+        if arch is None:
+            arch = _device_arch[index] = default_arch(index)
     lib = _libs.get(arch)
     if lib is None:
         with _lock:

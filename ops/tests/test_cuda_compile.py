@@ -156,7 +156,10 @@ def _index(device) -> int:
 
 def test_load_builds_and_keeps_one_library_per_device_architecture(monkeypatch):
     monkeypatch.setattr(_cuda, "_libs", {})
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: CAPABILITIES[_index(device)])
+    monkeypatch.setattr(_cuda, "_device_arch", {})
+    asked = []
+    monkeypatch.setattr(torch.cuda, "get_device_capability",
+                        lambda device=None: asked.append(_index(device)) or CAPABILITIES[_index(device)])
     built = []
     monkeypatch.setattr(_cuda, "build", lambda arch: built.append(arch) or Path(f"/cache/{arch}/libmsda.so"))
     monkeypatch.setattr(_cuda.ctypes, "CDLL", lambda path: f"library at {path}")
@@ -168,6 +171,8 @@ def test_load_builds_and_keeps_one_library_per_device_architecture(monkeypatch):
     assert _cuda.load(device=1) is h100
     assert _cuda.load("9.0") is h100  # an explicit arch wins over the device
     assert built == ["sm_80", "sm_90"]
+    assert _cuda.load(device=torch.device("cuda", 0)) is a100
+    assert asked == [0, 1, 2], "each device's capability is asked once, not on every call"
 
 
 def test_is_available_asks_once_per_device(monkeypatch):
