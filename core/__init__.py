@@ -13,6 +13,8 @@ Typical use::
 from core.build import build_criterion, build_detector, build_model
 from core.checkpoint import (
     FORMAT as CHECKPOINT_FORMAT,
+)
+from core.checkpoint import (
     Checkpoint,
     LoadedModel,
     config_from_authors_args,

@@ -40,9 +40,13 @@ class FrozenBatchNorm2d(nn.Module):
         self.register_buffer("running_var", torch.ones(num_features))
         self.eps = eps
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         state_dict.pop(prefix + "num_batches_tracked", None)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         scale = self.weight * (self.running_var + self.eps).rsqrt()
@@ -67,7 +71,9 @@ class BasicBlock(nn.Module):
 
     expansion = 1
 
-    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None, dilation: int = 1):
+    def __init__(
+        self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None, dilation: int = 1
+    ):
         super().__init__()
         if dilation > 1:
             raise ValueError(f"BasicBlock does not support dilation > 1, got dilation={dilation}")
@@ -90,7 +96,9 @@ class Bottleneck(nn.Module):
 
     expansion = 4
 
-    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None, dilation: int = 1):
+    def __init__(
+        self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None, dilation: int = 1
+    ):
         super().__init__()
         self.conv1 = _conv1x1(inplanes, planes)
         self.bn1 = FrozenBatchNorm2d(planes)
@@ -180,7 +188,9 @@ class Backbone(nn.Module):
         dilation: DC5, see ResNet.
     """
 
-    def __init__(self, name: str, train_backbone: bool = True, return_interm_layers: bool = True, dilation: bool = False):
+    def __init__(
+        self, name: str, train_backbone: bool = True, return_interm_layers: bool = True, dilation: bool = False
+    ):
         super().__init__()
         self.body = ResNet(name, dilation=dilation)
         for pname, parameter in self.body.named_parameters():
@@ -295,7 +305,9 @@ def build_backbone(
         weights: optional torchvision ResNet state_dict path or URL.
         train_backbone: False freezes the whole ResNet.
     """
-    backbone = Backbone(name, train_backbone=train_backbone, return_interm_layers=num_feature_levels > 1, dilation=dilation)
+    backbone = Backbone(
+        name, train_backbone=train_backbone, return_interm_layers=num_feature_levels > 1, dilation=dilation
+    )
     if weights is not None:
         load_backbone_weights(backbone.body, weights)
     position_embedding = PositionEmbeddingSine(hidden_dim // 2, normalize=True, scale=position_embedding_scale)

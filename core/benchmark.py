@@ -12,7 +12,6 @@ as 1, so its "173 GFLOPs" compares with our GMACs column (= FLOPs / 2).
 
 from __future__ import annotations
 
-import math
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -164,7 +163,9 @@ def benchmark_variant(name: str, opts: BenchmarkOptions) -> dict[str, object]:
         row[f"infer_s_{dtype_name}"] = _seconds_per_call(forward, device, opts.iters, opts.warmup) / opts.batch_size
         if not opts.skip_backward:
             model.train()
-            row[f"train_s_{dtype_name}"] = _seconds_per_call(train_step, device, opts.iters, opts.warmup) / opts.batch_size
+            row[f"train_s_{dtype_name}"] = (
+                _seconds_per_call(train_step, device, opts.iters, opts.warmup) / opts.batch_size
+            )
     return row
 
 
@@ -191,7 +192,9 @@ def _parse_cli(argv: Sequence[str]) -> dict[str, object]:
 
 def _format_rows(rows: list[dict[str, object]]) -> str:
     columns = list(dict.fromkeys(k for row in rows for k in row))
-    cells = [[f"{row[c]:.3f}" if isinstance(row.get(c), float) else str(row.get(c, "-")) for c in columns] for row in rows]
+    cells = [
+        [f"{row[c]:.3f}" if isinstance(row.get(c), float) else str(row.get(c, "-")) for c in columns] for row in rows
+    ]
     widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
     lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in cells]
@@ -235,7 +238,11 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, object]]:
         "*_s_*: seconds per image; FPS = 1 / infer_s."
     )
     for row in rows:
-        fps = {k.replace("infer_s_", ""): round(1 / v, 2) for k, v in row.items() if k.startswith("infer_s_") and isinstance(v, float)}
+        fps = {
+            k.replace("infer_s_", ""): round(1 / v, 2)
+            for k, v in row.items()
+            if k.startswith("infer_s_") and isinstance(v, float)
+        }
         print(f"{row['variant']}: inference FPS {fps}")
     return rows
 

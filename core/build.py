@@ -78,7 +78,9 @@ def build_criterion(cfg: DetrConfig) -> SetCriterion:
     )
 
 
-def build_model(cfg: DetrConfig, load_backbone_weights: bool = True) -> tuple[DeformableDETR, SetCriterion, PostProcess]:
+def build_model(
+    cfg: DetrConfig, load_backbone_weights: bool = True
+) -> tuple[DeformableDETR, SetCriterion, PostProcess]:
     """Model, criterion and post-processor, as the authors' ``build`` returns them.
 
     Args:

@@ -281,7 +281,9 @@ def load_model_weights(model: nn.Module, state_dict: dict[str, Tensor]) -> None:
         missing, unexpected = model.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.startswith(("class_embed.", "transformer.decoder.class_embed."))]
         if missing or unexpected:
-            raise RuntimeError(f"checkpoint does not match the model: missing keys {missing}, unexpected keys {unexpected}")
+            raise RuntimeError(
+                f"checkpoint does not match the model: missing keys {missing}, unexpected keys {unexpected}"
+            )
         return
     model.load_state_dict(state, strict=True)
 
@@ -324,4 +326,3 @@ def load_checkpoint(
     load_model_weights(model, ckpt.model)
     log.info("loaded %s checkpoint %s (%s)", ckpt.source_format, os.fspath(source), cfg.variant())
     return LoadedModel(model, criterion, postprocessor, ckpt)
-

@@ -59,9 +59,7 @@ class ModelConfig(BaseModel):
             raise ValueError(f"hidden_dim must be a multiple of 32 (GroupNorm(32)), got hidden_dim={self.hidden_dim}")
         if self.num_feature_levels == 2:
             # With more than one level the backbone gives C3-C5 (3 maps); extra levels are added on top.
-            raise ValueError(
-                "num_feature_levels must be 1 (C5 only) or >= 3 (C3-C5 plus extra stride-2 levels), got 2"
-            )
+            raise ValueError("num_feature_levels must be 1 (C5 only) or >= 3 (C3-C5 plus extra stride-2 levels), got 2")
         if self.dilation and self.backbone in ("resnet18", "resnet34"):
             raise ValueError(f"dilation=True needs a bottleneck ResNet (resnet50/101), got backbone={self.backbone!r}")
         return self

@@ -105,9 +105,7 @@ class SetCriterion(nn.Module):
         target_classes[batch_idx, src_idx] = target_labels_matched
         target_onehot = F.one_hot(target_classes, c + 1)[..., :c].to(logits.dtype)  # (N, Q, C'+1) -> (N, Q, C')
 
-        losses = {
-            "loss_ce": sigmoid_focal_loss(logits, target_onehot, num_boxes, self.focal_alpha, self.focal_gamma)
-        }
+        losses = {"loss_ce": sigmoid_focal_loss(logits, target_onehot, num_boxes, self.focal_alpha, self.focal_gamma)}
         if log:
             with torch.no_grad():
                 if target_labels_matched.numel() == 0:

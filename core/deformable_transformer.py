@@ -43,7 +43,13 @@ class DeformableTransformerEncoderLayer(nn.Module):
     """
 
     def __init__(
-        self, d_model: int = 256, d_ffn: int = 1024, dropout: float = 0.1, n_levels: int = 4, n_heads: int = 8, n_points: int = 4
+        self,
+        d_model: int = 256,
+        d_ffn: int = 1024,
+        dropout: float = 0.1,
+        n_levels: int = 4,
+        n_heads: int = 8,
+        n_points: int = 4,
     ) -> None:
         super().__init__()
         self.self_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points)
@@ -140,7 +146,13 @@ class DeformableTransformerDecoderLayer(nn.Module):
     """
 
     def __init__(
-        self, d_model: int = 256, d_ffn: int = 1024, dropout: float = 0.1, n_levels: int = 4, n_heads: int = 8, n_points: int = 4
+        self,
+        d_model: int = 256,
+        d_ffn: int = 1024,
+        dropout: float = 0.1,
+        n_levels: int = 4,
+        n_heads: int = 8,
+        n_points: int = 4,
     ) -> None:
         super().__init__()
         self.cross_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points)
@@ -169,7 +181,9 @@ class DeformableTransformerDecoderLayer(nn.Module):
         q = k = tgt + query_pos
         tgt2 = self.self_attn(q, k, tgt, need_weights=False)[0]  # SDPA path
         tgt = self.norm2(tgt + self.dropout2(tgt2))
-        tgt2 = self.cross_attn(tgt + query_pos, reference_points, src, spatial_shapes, level_start_index, src_padding_mask)
+        tgt2 = self.cross_attn(
+            tgt + query_pos, reference_points, src, spatial_shapes, level_start_index, src_padding_mask
+        )
         tgt = self.norm1(tgt + self.dropout1(tgt2))
         tgt2 = self.linear2(self.dropout3(F.relu(self.linear1(tgt))))
         return self.norm3(tgt + self.dropout4(tgt2))
@@ -227,17 +241,23 @@ class DeformableTransformerDecoder(nn.Module):
         for lid, layer in enumerate(self.layers):
             if reference_points.shape[-1] == 4:
                 # (N, Lq, 1, 4) * (N, 1, L, 4) -> (N, Lq, L, 4)
-                reference_points_input = reference_points[:, :, None] * torch.cat([valid_ratios, valid_ratios], -1)[:, None]
+                reference_points_input = (
+                    reference_points[:, :, None] * torch.cat([valid_ratios, valid_ratios], -1)[:, None]
+                )
             else:
                 reference_points_input = reference_points[:, :, None] * valid_ratios[:, None]  # -> (N, Lq, L, 2)
-            output = layer(output, query_pos, reference_points_input, src, spatial_shapes, level_start_index, src_padding_mask)
+            output = layer(
+                output, query_pos, reference_points_input, src, spatial_shapes, level_start_index, src_padding_mask
+            )
 
             if bbox_embed is not None:
                 tmp = bbox_embed[lid](output)  # (N, Lq, 4) offsets in logit space
                 if reference_points.shape[-1] == 4:
                     new_reference_points = tmp + inverse_sigmoid(reference_points)
                 else:
-                    new_reference_points = torch.cat([tmp[..., :2] + inverse_sigmoid(reference_points), tmp[..., 2:]], -1)
+                    new_reference_points = torch.cat(
+                        [tmp[..., :2] + inverse_sigmoid(reference_points), tmp[..., 2:]], -1
+                    )
                 reference_points = new_reference_points.sigmoid().detach()
 
             intermediate.append(output)
@@ -299,9 +319,13 @@ class DeformableTransformer(nn.Module):
         self.two_stage = two_stage
         self.two_stage_num_proposals = two_stage_num_proposals
 
-        encoder_layer = DeformableTransformerEncoderLayer(d_model, dim_feedforward, dropout, num_feature_levels, nhead, enc_n_points)
+        encoder_layer = DeformableTransformerEncoderLayer(
+            d_model, dim_feedforward, dropout, num_feature_levels, nhead, enc_n_points
+        )
         self.encoder = DeformableTransformerEncoder(encoder_layer, num_encoder_layers)
-        decoder_layer = DeformableTransformerDecoderLayer(d_model, dim_feedforward, dropout, num_feature_levels, nhead, dec_n_points)
+        decoder_layer = DeformableTransformerDecoderLayer(
+            d_model, dim_feedforward, dropout, num_feature_levels, nhead, dec_n_points
+        )
         self.decoder = DeformableTransformerDecoder(decoder_layer, num_decoder_layers)
 
         self.level_embed = nn.Parameter(torch.empty(num_feature_levels, d_model))
@@ -430,7 +454,9 @@ class DeformableTransformer(nn.Module):
         level_start_index = torch.cat((spatial_shapes.new_zeros((1,)), spatial_shapes.prod(1).cumsum(0)[:-1]))
         valid_ratios = torch.stack([self.get_valid_ratio(m) for m in masks], 1)  # (N, L, 2)
 
-        memory = self.encoder(src_flatten, shapes, spatial_shapes, level_start_index, valid_ratios, lvl_pos_embed_flatten, mask_flatten)
+        memory = self.encoder(
+            src_flatten, shapes, spatial_shapes, level_start_index, valid_ratios, lvl_pos_embed_flatten, mask_flatten
+        )
 
         n, s, c = memory.shape
         enc_outputs_class = enc_outputs_coord_unact = None
@@ -457,7 +483,15 @@ class DeformableTransformer(nn.Module):
         init_reference = reference_points
 
         hs, inter_references = self.decoder(
-            tgt, reference_points, memory, spatial_shapes, level_start_index, valid_ratios, query_pos, mask_flatten, bbox_embed
+            tgt,
+            reference_points,
+            memory,
+            spatial_shapes,
+            level_start_index,
+            valid_ratios,
+            query_pos,
+            mask_flatten,
+            bbox_embed,
         )
         return TransformerOutput(hs, init_reference, inter_references, enc_outputs_class, enc_outputs_coord_unact)
 

@@ -97,7 +97,9 @@ class DeformableDETR(nn.Module):
 
         input_proj = []
         for in_channels in backbone.num_channels:
-            input_proj.append(nn.Sequential(nn.Conv2d(in_channels, hidden_dim, kernel_size=1), nn.GroupNorm(32, hidden_dim)))
+            input_proj.append(
+                nn.Sequential(nn.Conv2d(in_channels, hidden_dim, kernel_size=1), nn.GroupNorm(32, hidden_dim))
+            )
         in_channels = backbone.num_channels[-1]
         for _ in range(num_feature_levels - num_backbone_outs):
             input_proj.append(

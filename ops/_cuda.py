@@ -320,7 +320,13 @@ def forward(
             sampling_locations.data_ptr(),
             attention_weights.data_ptr(),
             output.data_ptr(),
-            N, S, M, D, Lq, L, P,
+            N,
+            S,
+            M,
+            D,
+            Lq,
+            L,
+            P,
             torch.cuda.current_stream(value.device).cuda_stream,
         )
     _check(lib, code, "msda_forward")
@@ -376,7 +382,13 @@ def backward(
             grad_value.data_ptr(),
             grad_loc.data_ptr(),
             grad_attn.data_ptr(),
-            N, S, M, D, Lq, L, P,
+            N,
+            S,
+            M,
+            D,
+            Lq,
+            L,
+            P,
             torch.cuda.current_stream(value.device).cuda_stream,
         )
         _check(lib, code, "msda_backward")

@@ -170,7 +170,9 @@ def run_checks(report: Report, device: torch.device) -> None:
     for dtype in (torch.float32, torch.bfloat16):
         inputs = make_inputs(2, 37, 3, 32, shapes, 3, dtype, device, value_offset=1)
         tol = TOLERANCES[dtype]
-        report.run_check(f"vs reference unaligned value (scalar path) {str(dtype)[6:]}", lambda: compare_to_reference(inputs, tol))
+        report.run_check(
+            f"vs reference unaligned value (scalar path) {str(dtype)[6:]}", lambda: compare_to_reference(inputs, tol)
+        )
     inputs = make_inputs(1, 40, 2, 300, [[5, 7], [2, 3]], 2, torch.float32, device)  # 75 chunks > 32 lanes
     report.run_check("vs reference D=300 float32 (several chunks per lane)", lambda: compare_to_reference(inputs, 1e-4))
     inputs = make_inputs(2, 19, 3, 30, shapes, 4, torch.float64, device)
@@ -211,7 +213,9 @@ def _large_index(device: torch.device) -> tuple[bool | str, str]:
     got = _grads(ops.ms_deform_attn, value, spatial_shapes, level_start_index, loc, attn, grad_out)
     got = [g[1:] for g in got]
     batch1 = [t[1:] for t in (value, loc, attn, grad_out)]
-    want = _grads(ms_deform_attn_reference, batch1[0], spatial_shapes, level_start_index, batch1[1], batch1[2], batch1[3])
+    want = _grads(
+        ms_deform_attn_reference, batch1[0], spatial_shapes, level_start_index, batch1[1], batch1[2], batch1[3]
+    )
     errors = {name: _rel_err(g, w) for name, g, w in zip(("out", "grad_value", "grad_loc", "grad_attn"), got, want)}
     ok = all(e <= TOLERANCES[torch.bfloat16] for e in errors.values())
     detail = " ".join(f"{k}={v:.1e}" for k, v in errors.items())
@@ -230,7 +234,9 @@ def _side_stream(device: torch.device) -> tuple[bool, str]:
 
 
 def _cuda_graph(device: torch.device) -> tuple[bool, str]:
-    value, spatial_shapes, level_start_index, loc, attn = make_inputs(2, 50, 4, 32, SMALL_SHAPES, 4, torch.float32, device)
+    value, spatial_shapes, level_start_index, loc, attn = make_inputs(
+        2, 50, 4, 32, SMALL_SHAPES, 4, torch.float32, device
+    )
     static = [t.clone().requires_grad_(True) for t in (value, loc, attn)]
     grad_out = torch.randn(2, 50, 4 * 32, device=device)
 
@@ -259,7 +265,9 @@ def _cuda_graph(device: torch.device) -> tuple[bool, str]:
 
 
 def _compile(device: torch.device) -> tuple[bool, str]:
-    value, spatial_shapes, level_start_index, loc, attn = make_inputs(2, 50, 4, 32, SMALL_SHAPES, 4, torch.float32, device)
+    value, spatial_shapes, level_start_index, loc, attn = make_inputs(
+        2, 50, 4, 32, SMALL_SHAPES, 4, torch.float32, device
+    )
 
     def layer(value, loc, attn):
         out = ops.ms_deform_attn(value * 2.0, spatial_shapes, level_start_index, loc, attn.softmax(-1))
@@ -356,8 +364,16 @@ def run_benchmark(report: Report, device: torch.device, bandwidth: float) -> Non
                     lambda: bwd(ms_deform_attn_reference),
                     fwd_bwd(ms_deform_attn_reference),
                 ),
-                "ops.ms_deform_attn": (lambda: ops.ms_deform_attn(*inputs), lambda: bwd(ops.ms_deform_attn), fwd_bwd(ops.ms_deform_attn)),
-                "kernel only": (lambda: _cuda.forward(*inputs), lambda: lambda: _cuda.backward(grad_out, *inputs), kernel_fwd_bwd),
+                "ops.ms_deform_attn": (
+                    lambda: ops.ms_deform_attn(*inputs),
+                    lambda: bwd(ops.ms_deform_attn),
+                    fwd_bwd(ops.ms_deform_attn),
+                ),
+                "kernel only": (
+                    lambda: _cuda.forward(*inputs),
+                    lambda: lambda: _cuda.backward(grad_out, *inputs),
+                    kernel_fwd_bwd,
+                ),
             }
             floor_fwd, floor_fb = floor_bytes(2, ENCODER_S, N_HEADS, HEAD_DIM, Lq, L, N_POINTS, dtype)
             floor_fwd_ms, floor_fb_ms = 1e3 * floor_fwd / bandwidth, 1e3 * floor_fb / bandwidth
@@ -384,7 +400,6 @@ def run_benchmark(report: Report, device: torch.device, bandwidth: float) -> Non
                     "forward_backward_over_floor": fb_ms / floor_fb_ms,
                 }
                 report.rows.append(row)
-            del inputs, value, loc, attn, leaves, grad_out
             torch.cuda.empty_cache()
 
 
@@ -397,18 +412,31 @@ def evaluate_targets(report: Report) -> None:
     enc_f32 = _row(report, "encoder", "float32", "kernel only")
     enc_bf16 = _row(report, "encoder", "bfloat16", "kernel only")
     targets = [
-        ("encoder float32 forward within 3x of the memory floor", enc_f32["forward_over_floor"] <= 3.0,
-         f"{enc_f32['forward_over_floor']:.2f}x"),
-        ("bfloat16 faster than float32 (encoder kernel forward)", enc_bf16["forward_ms"] < enc_f32["forward_ms"],
-         f"{enc_bf16['forward_ms']:.3f} vs {enc_f32['forward_ms']:.3f} ms"),
-        ("bfloat16 faster than float32 (encoder kernel forward+backward)",
-         enc_bf16["forward_backward_ms"] < enc_f32["forward_backward_ms"],
-         f"{enc_bf16['forward_backward_ms']:.3f} vs {enc_f32['forward_backward_ms']:.3f} ms"),
+        (
+            "encoder float32 forward within 3x of the memory floor",
+            enc_f32["forward_over_floor"] <= 3.0,
+            f"{enc_f32['forward_over_floor']:.2f}x",
+        ),
+        (
+            "bfloat16 faster than float32 (encoder kernel forward)",
+            enc_bf16["forward_ms"] < enc_f32["forward_ms"],
+            f"{enc_bf16['forward_ms']:.3f} vs {enc_f32['forward_ms']:.3f} ms",
+        ),
+        (
+            "bfloat16 faster than float32 (encoder kernel forward+backward)",
+            enc_bf16["forward_backward_ms"] < enc_f32["forward_backward_ms"],
+            f"{enc_bf16['forward_backward_ms']:.3f} vs {enc_f32['forward_backward_ms']:.3f} ms",
+        ),
     ]
     for row in report.rows:
         if row["path"] == "ops.ms_deform_attn":
-            targets.append((f"{row['shape']} {row['dtype']} forward+backward >= 10x the reference",
-                            row["forward_backward_speedup"] >= 10.0, f"{row['forward_backward_speedup']:.1f}x"))
+            targets.append(
+                (
+                    f"{row['shape']} {row['dtype']} forward+backward >= 10x the reference",
+                    row["forward_backward_speedup"] >= 10.0,
+                    f"{row['forward_backward_speedup']:.1f}x",
+                )
+            )
     for name, met, detail in targets:
         report.targets.append({"name": name, "met": met, "detail": detail})
         print(f"TARGET {'MET' if met else 'MISSED'} {name}: {detail}")

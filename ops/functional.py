@@ -103,7 +103,9 @@ def _backward_op(
     sampling_locations: torch.Tensor,
     attention_weights: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _reference_backward(grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    return _reference_backward(
+        grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+    )
 
 
 @_backward_op.register_kernel("cuda")
@@ -111,8 +113,12 @@ def _backward_cuda(grad_output, value, spatial_shapes, level_start_index, sampli
     if _use_cuda_kernel(value.device):
         from ops import _cuda
 
-        return _cuda.backward(grad_output.contiguous(), value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
-    return _reference_backward(grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+        return _cuda.backward(
+            grad_output.contiguous(), value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+        )
+    return _reference_backward(
+        grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+    )
 
 
 @_backward_op.register_fake
@@ -184,7 +190,9 @@ def _validate(value, spatial_shapes, level_start_index, sampling_locations, atte
         raise _shape_error("spatial_shapes", "(L, 2) as (H, W)", spatial_shapes)
     L = spatial_shapes.shape[0]
     if L == 0:
-        raise ValueError(f"spatial_shapes must hold at least one level (L >= 1), got shape {tuple(spatial_shapes.shape)}")
+        raise ValueError(
+            f"spatial_shapes must hold at least one level (L >= 1), got shape {tuple(spatial_shapes.shape)}"
+        )
     if level_start_index.shape != (L,):
         raise _shape_error("level_start_index", f"(L,) = ({L},)", level_start_index)
     if sampling_locations.dim() != 6 or sampling_locations.shape[-1] != 2:
@@ -227,7 +235,9 @@ def _validate(value, spatial_shapes, level_start_index, sampling_locations, atte
         raise ValueError(f"spatial_shapes must hold positive (H, W) pairs, got {shapes}")
     total = sum(h * w for h, w in shapes)
     if total != S:
-        raise ValueError(f"value has S={S} positions but spatial_shapes {shapes} sum to {total} (sum of H*W must equal S)")
+        raise ValueError(
+            f"value has S={S} positions but spatial_shapes {shapes} sum to {total} (sum of H*W must equal S)"
+        )
     starts = level_start_index.tolist()
     expected_starts = [sum(h * w for h, w in shapes[:i]) for i in range(L)]
     if starts != expected_starts:

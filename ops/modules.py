@@ -90,12 +90,18 @@ class MSDeformAttn(nn.Module):
         if input_flatten.dim() != 3 or input_flatten.shape[0] != N or input_flatten.shape[-1] != C:
             raise ValueError(f"input_flatten must have shape ({N}, S, {C}), got {tuple(input_flatten.shape)}")
         S = input_flatten.shape[1]
-        if reference_points.dim() != 4 or tuple(reference_points.shape[:3]) != (N, Lq, L) or reference_points.shape[-1] not in (2, 4):
+        if (
+            reference_points.dim() != 4
+            or tuple(reference_points.shape[:3]) != (N, Lq, L)
+            or reference_points.shape[-1] not in (2, 4)
+        ):
             raise ValueError(
                 f"reference_points must have shape ({N}, {Lq}, {L}, 2) or ({N}, {Lq}, {L}, 4), got {tuple(reference_points.shape)}"
             )
         if tuple(input_spatial_shapes.shape) != (L, 2):
-            raise ValueError(f"input_spatial_shapes must have shape ({L}, 2) for n_levels={L}, got {tuple(input_spatial_shapes.shape)}")
+            raise ValueError(
+                f"input_spatial_shapes must have shape ({L}, 2) for n_levels={L}, got {tuple(input_spatial_shapes.shape)}"
+            )
 
         value = self.value_proj(input_flatten)
         if input_padding_mask is not None:

@@ -38,7 +38,9 @@ def ms_deform_attn_reference(
     N, S, M, D = value.shape
     _, Lq, _, L, P, _ = sampling_locations.shape
     if spatial_shapes.shape[0] == 0:  # else torch.stack([]) below fails with a message naming nothing
-        raise ValueError(f"spatial_shapes must hold at least one level (L >= 1), got shape {tuple(spatial_shapes.shape)}")
+        raise ValueError(
+            f"spatial_shapes must hold at least one level (L >= 1), got shape {tuple(spatial_shapes.shape)}"
+        )
     compute_dtype = torch.promote_types(value.dtype, sampling_locations.dtype)
     if compute_dtype in (torch.float16, torch.bfloat16):
         compute_dtype = torch.float32

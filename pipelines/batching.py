@@ -22,25 +22,28 @@ import torch
 from ray.data.collate_fn import ArrowBatchCollateFn
 
 # One augmented image per row, as the Ray Data decode step writes it and the collate reads it.
-SAMPLE_SCHEMA = pa.schema([
-    ("image", pa.binary()),  # (h, w, 3) uint8 RGB, C order
-    ("height", pa.int32()),  # h after augmentation
-    ("width", pa.int32()),
-    ("orig_height", pa.int32()),  # as decoded, before augmentation
-    ("orig_width", pa.int32()),
-    ("image_id", pa.int64()),
-    ("file_name", pa.string()),
-    ("boxes", pa.list_(pa.float32())),  # (K*4,) normalized cxcywh, flat
-    ("labels", pa.list_(pa.int64())),  # (K,) head labels (raw COCO ids or contiguous)
-    ("iscrowd", pa.list_(pa.int8())),  # (K,)
-    ("ann_id", pa.list_(pa.int64())),  # (K,) COCO annotation ids, to trace a box back
-    ("affine", pa.list_(pa.float64())),  # (4,) sx, tx, sy, ty: original pixels -> augmented pixels
-    ("epoch", pa.int64()),  # the epoch the augmentation was drawn for
-])
+SAMPLE_SCHEMA = pa.schema(
+    [
+        ("image", pa.binary()),  # (h, w, 3) uint8 RGB, C order
+        ("height", pa.int32()),  # h after augmentation
+        ("width", pa.int32()),
+        ("orig_height", pa.int32()),  # as decoded, before augmentation
+        ("orig_width", pa.int32()),
+        ("image_id", pa.int64()),
+        ("file_name", pa.string()),
+        ("boxes", pa.list_(pa.float32())),  # (K*4,) normalized cxcywh, flat
+        ("labels", pa.list_(pa.int64())),  # (K,) head labels (raw COCO ids or contiguous)
+        ("iscrowd", pa.list_(pa.int8())),  # (K,)
+        ("ann_id", pa.list_(pa.int64())),  # (K,) COCO annotation ids, to trace a box back
+        ("affine", pa.list_(pa.float64())),  # (4,) sx, tx, sy, ty: original pixels -> augmented pixels
+        ("epoch", pa.int64()),  # the epoch the augmentation was drawn for
+    ]
+)
 
 
 def samples_to_table(samples: Sequence[dict[str, Any]]) -> pa.Table:
     """Per-image sample dicts (see `pipelines.data.make_sample`) -> a SAMPLE_SCHEMA table."""
+
     def col(name, fn=lambda v: v):
         return [fn(s[name]) for s in samples]
 
@@ -49,21 +52,24 @@ def samples_to_table(samples: Sequence[dict[str, Any]]) -> pa.Table:
     offsets = np.concatenate([[0], np.cumsum([p.size for p in pixels])]).astype(np.int32)
     data = np.concatenate(pixels) if pixels else np.zeros(0, np.uint8)
     images = pa.Array.from_buffers(pa.binary(), len(samples), [None, pa.py_buffer(offsets), pa.py_buffer(data)])
-    return pa.Table.from_pydict({
-        "image": images,
-        "height": [s["image"].shape[0] for s in samples],
-        "width": [s["image"].shape[1] for s in samples],
-        "orig_height": [int(s["orig_size"][0]) for s in samples],
-        "orig_width": [int(s["orig_size"][1]) for s in samples],
-        "image_id": col("image_id", int),
-        "file_name": col("file_name", str),
-        "boxes": col("boxes", lambda b: pa.array(np.asarray(b, np.float32).reshape(-1))),
-        "labels": col("labels", lambda v: pa.array(np.asarray(v, np.int64))),
-        "iscrowd": col("iscrowd", lambda v: pa.array(np.asarray(v, np.int8))),
-        "ann_id": col("ann_id", lambda v: pa.array(np.asarray(v, np.int64))),
-        "affine": col("affine", lambda v: pa.array(np.asarray(v, np.float64))),
-        "epoch": col("epoch", int),
-    }, schema=SAMPLE_SCHEMA)
+    return pa.Table.from_pydict(
+        {
+            "image": images,
+            "height": [s["image"].shape[0] for s in samples],
+            "width": [s["image"].shape[1] for s in samples],
+            "orig_height": [int(s["orig_size"][0]) for s in samples],
+            "orig_width": [int(s["orig_size"][1]) for s in samples],
+            "image_id": col("image_id", int),
+            "file_name": col("file_name", str),
+            "boxes": col("boxes", lambda b: pa.array(np.asarray(b, np.float32).reshape(-1))),
+            "labels": col("labels", lambda v: pa.array(np.asarray(v, np.int64))),
+            "iscrowd": col("iscrowd", lambda v: pa.array(np.asarray(v, np.int8))),
+            "ann_id": col("ann_id", lambda v: pa.array(np.asarray(v, np.int64))),
+            "affine": col("affine", lambda v: pa.array(np.asarray(v, np.float64))),
+            "epoch": col("epoch", int),
+        },
+        schema=SAMPLE_SCHEMA,
+    )
 
 
 def _binary_pixels(col: pa.ChunkedArray) -> tuple[np.ndarray, list[int]]:
@@ -76,10 +82,10 @@ def _binary_pixels(col: pa.ChunkedArray) -> tuple[np.ndarray, list[int]]:
     for chunk in col.chunks:
         width = np.int64 if pa.types.is_large_binary(chunk.type) else np.int32
         _, offsets_buf, data_buf = chunk.buffers()
-        offsets = np.frombuffer(offsets_buf, dtype=width)[chunk.offset:chunk.offset + len(chunk) + 1]
+        offsets = np.frombuffer(offsets_buf, dtype=width)[chunk.offset : chunk.offset + len(chunk) + 1]
         lengths.extend(np.diff(offsets).tolist())
         if len(chunk):
-            parts.append(np.frombuffer(data_buf, dtype=np.uint8)[offsets[0]:offsets[-1]])
+            parts.append(np.frombuffer(data_buf, dtype=np.uint8)[offsets[0] : offsets[-1]])
     if len(parts) == 1:
         return parts[0], lengths
     return (np.concatenate(parts) if parts else np.zeros(0, np.uint8)), lengths
@@ -156,8 +162,14 @@ class DetectionCollate(ArrowBatchCollateFn):
         return collate_table(batch)
 
 
-def to_model_batch(batch: dict[str, torch.Tensor], *, pixel_mean: Sequence[float], pixel_std: Sequence[float],
-                   device: torch.device | str | None = None, non_blocking: bool = True) -> dict[str, Any]:
+def to_model_batch(
+    batch: dict[str, torch.Tensor],
+    *,
+    pixel_mean: Sequence[float],
+    pixel_std: Sequence[float],
+    device: torch.device | str | None = None,
+    non_blocking: bool = True,
+) -> dict[str, Any]:
     """Flat collated tensors -> what the model and criterion take, on `device`.
 
     Padding and normalization run here, after the transfer, so only the real pixels in uint8 (4x
@@ -181,15 +193,23 @@ def to_model_batch(batch: dict[str, torch.Tensor], *, pixel_mean: Sequence[float
     per_image = {k: move(batch[k]).split(counts) for k in ("boxes", "labels", "iscrowd", "ann_id")}
     orig_size, size = move(batch["orig_size"]), move(batch["size"])
     targets = [
-        {"boxes": per_image["boxes"][i], "labels": per_image["labels"][i], "iscrowd": per_image["iscrowd"][i],
-         "ann_id": per_image["ann_id"][i], "image_id": image_ids[i], "orig_size": orig_size[i], "size": size[i]}
+        {
+            "boxes": per_image["boxes"][i],
+            "labels": per_image["labels"][i],
+            "iscrowd": per_image["iscrowd"][i],
+            "ann_id": per_image["ann_id"][i],
+            "image_id": image_ids[i],
+            "orig_size": orig_size[i],
+            "size": size[i],
+        }
         for i in range(len(counts))
     ]
     return {"images": images, "mask": mask, "targets": targets}
 
 
-def pad_and_normalize(pixels: torch.Tensor, sizes: Sequence[Sequence[int]], pixel_mean: Sequence[float],
-                      pixel_std: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_and_normalize(
+    pixels: torch.Tensor, sizes: Sequence[Sequence[int]], pixel_mean: Sequence[float], pixel_std: Sequence[float]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Flat uint8 images -> a padded, normalized batch and its padding mask, on the pixels' device.
 
     Args:
@@ -212,7 +232,7 @@ def pad_and_normalize(pixels: torch.Tensor, sizes: Sequence[Sequence[int]], pixe
     scale, shift = (1.0 / (255.0 * std)).view(3, 1, 1), (-mean / std).view(3, 1, 1)
     offset = 0
     for i, (h, w) in enumerate(sizes):
-        img = pixels[offset:offset + h * w * 3].view(h, w, 3).permute(2, 0, 1)  # (h, w, 3) -> (3, h, w)
+        img = pixels[offset : offset + h * w * 3].view(h, w, 3).permute(2, 0, 1)  # (h, w, 3) -> (3, h, w)
         torch.addcmul(shift, img, scale, out=out[i, :, :h, :w])
         out[i, :, h:].zero_()  # only the padding: zeroing the whole batch first costs a full extra pass
         out[i, :, :h, w:].zero_()

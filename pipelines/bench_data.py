@@ -108,8 +108,9 @@ class _TorchDataset(torch.utils.data.Dataset):
         epoch, i = item
         row = self.rows[i]
         data = read_file(f"{self.images_uri}/{row['file_name']}")
-        return make_sample(data, row, categories=self.categories, cfg=self.cfg, augment=True,
-                           keep_crowd=False, epoch=epoch)
+        return make_sample(
+            data, row, categories=self.categories, cfg=self.cfg, augment=True, keep_crowd=False, epoch=epoch
+        )
 
 
 class _EpochSampler(torch.utils.data.Sampler):
@@ -162,13 +163,22 @@ def run(cfg: DataConfig, workers: int, batch_size: int, epochs: int) -> tuple[di
     import ray
 
     index = load_index(cfg, "train")
-    ds_torch = _TorchDataset(cfg, index.table.to_pylist(), CategoryMap.from_categories(index.categories,
-                                                                                        cfg.category_ids))
+    ds_torch = _TorchDataset(
+        cfg, index.table.to_pylist(), CategoryMap.from_categories(index.categories, cfg.category_ids)
+    )
     sampler = _EpochSampler(len(ds_torch), cfg.seed)
     # spawn: forking a process that runs Ray's gRPC threads is unsafe.
     loader = torch.utils.data.DataLoader(
-        ds_torch, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=_collate,
-        worker_init_fn=_worker_init, prefetch_factor=4, persistent_workers=True, multiprocessing_context="spawn")
+        ds_torch,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        collate_fn=_collate,
+        worker_init_fn=_worker_init,
+        prefetch_factor=4,
+        persistent_workers=True,
+        multiprocessing_context="spawn",
+    )
     ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False, object_store_memory=1024 * 1024**2)
     out: dict[str, list[float]] = {f"{side}{k}": [] for side in ("dataloader", "ray") for k in ("", "_steady", "_cpu")}
     try:
@@ -177,15 +187,25 @@ def run(cfg: DataConfig, workers: int, batch_size: int, epochs: int) -> tuple[di
         for epoch in range(epochs):
             sampler.epoch = epoch
             with _CpuMeter(_is_dataloader_worker) as cpu:
-                n, rate, steady = _timed(to_model_batch(b, pixel_mean=cfg.pixel_mean, pixel_std=cfg.pixel_std)
-                                         for b in loader)
+                n, rate, steady = _timed(
+                    to_model_batch(b, pixel_mean=cfg.pixel_mean, pixel_std=cfg.pixel_std) for b in loader
+                )
             out["dataloader"].append(rate)
             out["dataloader_steady"].append(steady)
             out["dataloader_cpu"].append(n / cpu.seconds)
             with _CpuMeter(lambda cmd: not _is_dataloader_worker(cmd)) as cpu:
-                n, rate, steady = _timed(iter_batches(ds_ray, batch_size, cfg.seed, epoch, device="cpu",
-                                                      pixel_mean=cfg.pixel_mean, pixel_std=cfg.pixel_std,
-                                                      prefetch_batches=4))
+                n, rate, steady = _timed(
+                    iter_batches(
+                        ds_ray,
+                        batch_size,
+                        cfg.seed,
+                        epoch,
+                        device="cpu",
+                        pixel_mean=cfg.pixel_mean,
+                        pixel_std=cfg.pixel_std,
+                        prefetch_batches=4,
+                    )
+                )
             out["ray"].append(rate)
             out["ray_steady"].append(steady)
             out["ray_cpu"].append(n / cpu.seconds)
@@ -211,10 +231,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         root = args.data
         if root is None:
             h, w = (int(v) for v in args.size.split("x"))
-            root = generate_coco(Path(tmp) / "coco", args.num_images, 0, image_size=(h, w), num_classes=8,
-                                 max_objects=13, empty_fraction=0.01, crowd_fraction=0.0, seed=0)["root"]
-        cfg = DataConfig(root=root, train_images="train", val_images="val", train_ann="instances_train.json",
-                         val_ann="instances_val.json")
+            root = generate_coco(
+                Path(tmp) / "coco",
+                args.num_images,
+                0,
+                image_size=(h, w),
+                num_classes=8,
+                max_objects=13,
+                empty_fraction=0.01,
+                crowd_fraction=0.0,
+                seed=0,
+            )["root"]
+        cfg = DataConfig(
+            root=root,
+            train_images="train",
+            val_images="val",
+            train_ann="instances_train.json",
+            val_ann="instances_val.json",
+        )
         js = json.loads(Path(root, "instances_train.json").read_text())
         for im in js["images"]:  # warm the page cache so neither side pays the first disk read
             Path(root, "train", im["file_name"]).read_bytes()
@@ -224,9 +258,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return float(np.median(xs[1:] if len(xs) > 1 else xs))
 
     result = {
-        "images": len(js["images"]), "boxes_per_image": round(len(js["annotations"]) / max(1, len(js["images"])), 2),
-        "image_size": args.size, "workers": args.workers, "batch_size": args.batch_size,
-        "load_average_1min_at_end": os.getloadavg()[0], "ray_operators": operators,
+        "images": len(js["images"]),
+        "boxes_per_image": round(len(js["annotations"]) / max(1, len(js["images"])), 2),
+        "image_size": args.size,
+        "workers": args.workers,
+        "batch_size": args.batch_size,
+        "load_average_1min_at_end": os.getloadavg()[0],
+        "ray_operators": operators,
         **{f"{k}_by_epoch": [round(v, 1) for v in vs] for k, vs in r.items()},
         "dataloader_images_per_s": round(steady(r["dataloader"]), 1),
         "ray_images_per_s": round(steady(r["ray"]), 1),
@@ -237,22 +275,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     result["ray_over_dataloader"] = round(result["ray_images_per_s"] / result["dataloader_images_per_s"], 3)
     result["ray_over_dataloader_after_first_batch"] = round(
-        result["ray_images_per_s_after_first_batch"] / result["dataloader_images_per_s_after_first_batch"], 3)
+        result["ray_images_per_s_after_first_batch"] / result["dataloader_images_per_s_after_first_batch"], 3
+    )
     result["ray_over_dataloader_per_cpu_s"] = round(
-        result["ray_images_per_cpu_s"] / result["dataloader_images_per_cpu_s"], 3)
+        result["ray_images_per_cpu_s"] / result["dataloader_images_per_cpu_s"], 3
+    )
     w = args.workers
-    print(f"{result['images']} images {args.size}, {result['boxes_per_image']} boxes/image, {w} worker processes "
-          f"each side, batch {args.batch_size}; median of epochs 2..{args.epochs}; "
-          f"Ray Data operators: {', '.join(operators)}:")
+    print(
+        f"{result['images']} images {args.size}, {result['boxes_per_image']} boxes/image, {w} worker processes "
+        f"each side, batch {args.batch_size}; median of epochs 2..{args.epochs}; "
+        f"Ray Data operators: {', '.join(operators)}:"
+    )
     for name, key in (("torch DataLoader", "dataloader"), ("Ray Data", "ray")):
-        print(f"  {name:17s}: {result[key + '_images_per_s']:7.1f} images/s whole epoch "
-              f"({result[key + '_images_per_s_after_first_batch']:7.1f} after the first batch) = "
-              f"{result[key + '_images_per_s'] / w:6.1f} per worker core; "
-              f"{result[key + '_images_per_cpu_s']:6.1f} images per CPU-second (all its processes)")
-    print(f"  Ray / DataLoader : {result['ray_over_dataloader']:.2f}x images/s "
-          f"({result['ray_over_dataloader_after_first_batch']:.2f}x after the first batch), "
-          f"{result['ray_over_dataloader_per_cpu_s']:.2f}x per CPU-second "
-          f"(1-min load average at the end: {result['load_average_1min_at_end']:.1f})")
+        print(
+            f"  {name:17s}: {result[key + '_images_per_s']:7.1f} images/s whole epoch "
+            f"({result[key + '_images_per_s_after_first_batch']:7.1f} after the first batch) = "
+            f"{result[key + '_images_per_s'] / w:6.1f} per worker core; "
+            f"{result[key + '_images_per_cpu_s']:6.1f} images per CPU-second (all its processes)"
+        )
+    print(
+        f"  Ray / DataLoader : {result['ray_over_dataloader']:.2f}x images/s "
+        f"({result['ray_over_dataloader_after_first_batch']:.2f}x after the first batch), "
+        f"{result['ray_over_dataloader_per_cpu_s']:.2f}x per CPU-second "
+        f"(1-min load average at the end: {result['load_average_1min_at_end']:.1f})"
+    )
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
     return result

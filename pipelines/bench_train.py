@@ -36,8 +36,16 @@ from pipelines.engine import build_optimizer, freeze_zero_lr_params, resolve_amp
 from pipelines.train_worker import peak_memory_mb
 
 
-def synthetic_batches(n: int, batch_size: int, height: int, width: int, boxes_per_image: int,
-                      num_classes: int, device: torch.device, seed: int = 0) -> Iterator[dict[str, Any]]:
+def synthetic_batches(
+    n: int,
+    batch_size: int,
+    height: int,
+    width: int,
+    boxes_per_image: int,
+    num_classes: int,
+    device: torch.device,
+    seed: int = 0,
+) -> Iterator[dict[str, Any]]:
     """``n`` batches of random images (one pre-made batch reused) with random normalized cxcywh boxes."""
     g = torch.Generator().manual_seed(seed)
     images = torch.randn(batch_size, 3, height, width, generator=g).to(device)
@@ -46,13 +54,15 @@ def synthetic_batches(n: int, batch_size: int, height: int, width: int, boxes_pe
     for i in range(batch_size):
         centers = torch.rand(boxes_per_image, 2, generator=g) * 0.6 + 0.2
         sizes = torch.rand(boxes_per_image, 2, generator=g) * 0.3 + 0.05
-        targets.append({
-            "boxes": torch.cat([centers, sizes], 1).to(device),
-            "labels": torch.randint(0, num_classes, (boxes_per_image,), generator=g).to(device),
-            "image_id": i,
-            "orig_size": torch.tensor([height, width], device=device),
-            "size": torch.tensor([height, width], device=device),
-        })
+        targets.append(
+            {
+                "boxes": torch.cat([centers, sizes], 1).to(device),
+                "labels": torch.randint(0, num_classes, (boxes_per_image,), generator=g).to(device),
+                "image_id": i,
+                "orig_size": torch.tensor([height, width], device=device),
+                "size": torch.tensor([height, width], device=device),
+            }
+        )
     for _ in range(n):
         yield {"images": images, "mask": mask, "targets": targets}
 
@@ -88,20 +98,35 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
 
     compile_start = time.perf_counter()
     train_one_epoch(
-        net, criterion,
-        synthetic_batches(args.warmup + args.iters, args.batch_size, args.height, args.width, args.boxes,
-                          job.model.num_classes, device),
-        optimizer, None, device=device, amp_dtype=amp_dtype, scaler=scaler,
-        clip_max_norm=job.train.clip_max_norm, on_step=on_step,
+        net,
+        criterion,
+        synthetic_batches(
+            args.warmup + args.iters,
+            args.batch_size,
+            args.height,
+            args.width,
+            args.boxes,
+            job.model.num_classes,
+            device,
+        ),
+        optimizer,
+        None,
+        device=device,
+        amp_dtype=amp_dtype,
+        scaler=scaler,
+        clip_max_norm=job.train.clip_max_norm,
+        on_step=on_step,
     )
-    timed = step_times[args.warmup:]
+    timed = step_times[args.warmup :]
     warmup_s = sum(step_times[: args.warmup])
     median = statistics.median(timed)
     return {
         "preset": args.preset,
         "variant": job.detr_config().variant(),
         "backbone": job.model.backbone,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         "compiled": bool(args.compile),
         "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "float32",
         "batch_size": args.batch_size,
@@ -145,11 +170,15 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"{out['preset']} ({out['variant']}, {out['backbone']}) on {out['device']}, {out['amp']}, "
-          f"{'compiled' if out['compiled'] else 'eager'}, batch {out['batch_size']} at "
-          f"{out['image_size'][0]}x{out['image_size'][1]}:")
-    print(f"  {out['images_per_s']:.2f} images/s  (median step {out['step_s_median']:.3f} s over {out['iters']} steps)"
-          f"  peak memory {out['peak_mem_mb']:.0f} MiB  warmup {out['warmup_s']:.1f} s")
+    print(
+        f"{out['preset']} ({out['variant']}, {out['backbone']}) on {out['device']}, {out['amp']}, "
+        f"{'compiled' if out['compiled'] else 'eager'}, batch {out['batch_size']} at "
+        f"{out['image_size'][0]}x{out['image_size'][1]}:"
+    )
+    print(
+        f"  {out['images_per_s']:.2f} images/s  (median step {out['step_s_median']:.3f} s over {out['iters']} steps)"
+        f"  peak memory {out['peak_mem_mb']:.0f} MiB  warmup {out['warmup_s']:.1f} s"
+    )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)

@@ -21,18 +21,20 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-META_SCHEMA = pa.schema([
-    ("image_id", pa.int64()),
-    ("file_name", pa.string()),
-    ("height", pa.int32()),
-    ("width", pa.int32()),
-    ("num_boxes", pa.int32()),
-    ("boxes", pa.list_(pa.float32())),  # (K*4,) xywh pixels
-    ("category_id", pa.list_(pa.int64())),  # (K,) raw COCO ids
-    ("iscrowd", pa.list_(pa.int8())),
-    ("area", pa.list_(pa.float32())),
-    ("ann_id", pa.list_(pa.int64())),
-])
+META_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.int64()),
+        ("file_name", pa.string()),
+        ("height", pa.int32()),
+        ("width", pa.int32()),
+        ("num_boxes", pa.int32()),
+        ("boxes", pa.list_(pa.float32())),  # (K*4,) xywh pixels
+        ("category_id", pa.list_(pa.int64())),  # (K,) raw COCO ids
+        ("iscrowd", pa.list_(pa.int8())),
+        ("area", pa.list_(pa.float32())),
+        ("ann_id", pa.list_(pa.int64())),
+    ]
+)
 # A row as read from the image folder or a Parquet shard: the image file's bytes plus its annotations.
 ROW_SCHEMA = pa.schema([pa.field("image", pa.binary()), *META_SCHEMA])
 
@@ -58,11 +60,11 @@ def filesystem_for(uri: str, storage_options: Mapping[str, Any] | None = None) -
     """
     opts = dict(storage_options or {})
     if uri.startswith("s3://"):
-        scheme, path = "s3", uri[len("s3://"):]
+        scheme, path = "s3", uri[len("s3://") :]
     elif uri.startswith("gs://") or uri.startswith("gcs://"):
         scheme, path = "gs", uri.split("://", 1)[1]
     elif uri.startswith("file://"):
-        scheme, path = "local", uri[len("file://"):]
+        scheme, path = "local", uri[len("file://") :]
     elif "://" in uri:
         raise ValueError(f"unsupported URI scheme in {uri!r}: expected a local path, s3:// or gs://")
     else:
@@ -98,7 +100,7 @@ def read_file(uri: str, storage_options: Mapping[str, Any] | None = None, *, ret
                 raise FileNotFoundError(f"{uri}: {e}") from e
             if attempt == retries - 1:
                 raise OSError(f"cannot read {uri} after {retries} attempts: {e}") from e
-            time.sleep(0.2 * 2 ** attempt)
+            time.sleep(0.2 * 2**attempt)
     raise AssertionError("unreachable")
 
 
@@ -132,13 +134,15 @@ def list_file_sizes(dir_uri: str, storage_options: Mapping[str, Any] | None = No
     sizes: dict[str, int] = {}
     for fi in fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True)):
         if fi.type == pafs.FileType.File:
-            sizes[fi.path[len(base):].lstrip("/")] = fi.size
+            sizes[fi.path[len(base) :].lstrip("/")] = fi.size
     return sizes
 
 
-def read_files(uris: Sequence[str], storage_options: Mapping[str, Any] | None = None,
-               threads: int = 16) -> list[bytes | BaseException]:
+def read_files(
+    uris: Sequence[str], storage_options: Mapping[str, Any] | None = None, threads: int = 16
+) -> list[bytes | BaseException]:
     """Read many files concurrently (object stores need concurrency, not cores); errors are returned."""
+
     def one(u: str) -> bytes | BaseException:
         try:
             return read_file(u, storage_options)
@@ -173,7 +177,7 @@ class BadInputSummary:
         for k, n in other.counts.items():
             out.counts[k] = out.counts.get(k, 0) + n
             ex = out.examples.setdefault(k, [])
-            ex.extend(other.examples.get(k, [])[:MAX_EXAMPLES - len(ex)])
+            ex.extend(other.examples.get(k, [])[: MAX_EXAMPLES - len(ex)])
         for k, n in other.fixed.items():
             out.fixed[k] = out.fixed.get(k, 0) + n
         return out
@@ -183,13 +187,17 @@ class BadInputSummary:
         return sum(self.counts.values())
 
     def to_dict(self) -> dict[str, Any]:
-        return {"counts": dict(self.counts), "examples": {k: list(v) for k, v in self.examples.items()},
-                "fixed": dict(self.fixed)}
+        return {
+            "counts": dict(self.counts),
+            "examples": {k: list(v) for k, v in self.examples.items()},
+            "fixed": dict(self.fixed),
+        }
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> BadInputSummary:
-        return cls(dict(d.get("counts", {})), {k: list(v) for k, v in d.get("examples", {}).items()},
-                   dict(d.get("fixed", {})))
+        return cls(
+            dict(d.get("counts", {})), {k: list(v) for k, v in d.get("examples", {}).items()}, dict(d.get("fixed", {}))
+        )
 
     def __str__(self) -> str:
         if not self.counts and not self.fixed:
@@ -212,8 +220,9 @@ class CategoryMap:
     mode: Literal["raw", "contiguous"] = "raw"
 
     @classmethod
-    def from_categories(cls, categories: Sequence[Mapping[str, Any]], mode: Literal["raw", "contiguous"]
-                        ) -> CategoryMap:
+    def from_categories(
+        cls, categories: Sequence[Mapping[str, Any]], mode: Literal["raw", "contiguous"]
+    ) -> CategoryMap:
         pairs = sorted((int(c["id"]), str(c["name"])) for c in categories)
         return cls(tuple(i for i, _ in pairs), tuple(n for _, n in pairs), mode)
 
@@ -241,8 +250,10 @@ class CategoryMap:
         lut[list(self.category_ids)] = np.arange(len(self.category_ids))
         out = lut[np.clip(ids, 0, len(lut) - 1)]
         if ids.size and ((ids >= len(lut)) | (out < 0)).any():
-            raise ValueError(f"category ids {sorted(set(ids[(ids >= len(lut)) | (out < 0)].tolist()))} "
-                             f"are not in {list(self.category_ids)}")
+            raise ValueError(
+                f"category ids {sorted(set(ids[(ids >= len(lut)) | (out < 0)].tolist()))} "
+                f"are not in {list(self.category_ids)}"
+            )
         return out
 
     def category_ids_of(self, labels: np.ndarray) -> np.ndarray:
@@ -250,8 +261,13 @@ class CategoryMap:
         return np.asarray(self.label_to_category_id(), dtype=np.int64)[np.asarray(labels, dtype=np.int64)]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"mode": self.mode, "category_ids": list(self.category_ids), "names": list(self.names),
-                "num_classes": self.num_classes, "label_to_category_id": self.label_to_category_id()}
+        return {
+            "mode": self.mode,
+            "category_ids": list(self.category_ids),
+            "names": list(self.names),
+            "num_classes": self.num_classes,
+            "label_to_category_id": self.label_to_category_id(),
+        }
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> CategoryMap:
@@ -295,8 +311,9 @@ def parse_instances(js: Any, *, source: str = "<json>", box_edge_tolerance: floa
     counted in `summary` by kind with its id; `check_bad_input` then raises or lets it pass.
     """
     if not isinstance(js, dict):
-        raise BadInputError(f"{source}: expected a JSON object with images/annotations/categories, "
-                            f"got {type(js).__name__}")
+        raise BadInputError(
+            f"{source}: expected a JSON object with images/annotations/categories, got {type(js).__name__}"
+        )
     for key in ("images", "categories"):
         if not isinstance(js.get(key), list):
             raise BadInputError(f"{source}: '{key}' must be a list, got {type(js.get(key)).__name__}")
@@ -400,22 +417,24 @@ def _meta_table(images: list[tuple[int, str, int, int]], rows: list[tuple]) -> p
     def lists(values: np.ndarray, per: int = 1) -> pa.ListArray:
         return pa.ListArray.from_arrays(pa.array(offsets * per, pa.int32()), pa.array(values))
 
-    return pa.Table.from_arrays([
-        pa.array([im[0] for im in images], pa.int64()),
-        pa.array([im[1] for im in images], pa.string()),
-        pa.array([im[2] for im in images], pa.int32()),
-        pa.array([im[3] for im in images], pa.int32()),
-        pa.array(counts.astype(np.int32)),
-        lists(f[:, :4].astype(np.float32).reshape(-1), 4),
-        lists(a[:, 2]),
-        lists(f[:, 4].astype(np.int8)),
-        lists(f[:, 5].astype(np.float32)),
-        lists(a[:, 1]),
-    ], schema=META_SCHEMA)
+    return pa.Table.from_arrays(
+        [
+            pa.array([im[0] for im in images], pa.int64()),
+            pa.array([im[1] for im in images], pa.string()),
+            pa.array([im[2] for im in images], pa.int32()),
+            pa.array([im[3] for im in images], pa.int32()),
+            pa.array(counts.astype(np.int32)),
+            lists(f[:, :4].astype(np.float32).reshape(-1), 4),
+            lists(a[:, 2]),
+            lists(f[:, 4].astype(np.int8)),
+            lists(f[:, 5].astype(np.float32)),
+            lists(a[:, 1]),
+        ],
+        schema=META_SCHEMA,
+    )
 
 
-def check_image_files(index: CocoIndex, images_uri: str, storage_options: Mapping[str, Any] | None = None
-                      ) -> CocoIndex:
+def check_image_files(index: CocoIndex, images_uri: str, storage_options: Mapping[str, Any] | None = None) -> CocoIndex:
     """Drop (and count) images whose file is missing or empty, from one listing of the folder."""
     sizes = list_file_sizes(images_uri, storage_options)
     names = index.table.column("file_name").to_pylist()
@@ -440,28 +459,40 @@ def check_image_files(index: CocoIndex, images_uri: str, storage_options: Mappin
 def check_bad_input(summary: BadInputSummary, on_bad_input: Literal["error", "skip"], source: str) -> None:
     """Raise for any recorded bad input unless the config says to skip it."""
     if summary.total and on_bad_input == "error":
-        raise BadInputError(f"bad input in {source}: {summary}. Fix the data, or set data.on_bad_input=skip "
-                            "to skip these and report them in the run summary")
+        raise BadInputError(
+            f"bad input in {source}: {summary}. Fix the data, or set data.on_bad_input=skip "
+            "to skip these and report them in the run summary"
+        )
 
 
-def load_coco(ann_uri: str, images_uri: str | None, *, storage_options: Mapping[str, Any] | None = None,
-              on_bad_input: Literal["error", "skip"] = "error", box_edge_tolerance: float = 1.0) -> CocoIndex:
+def load_coco(
+    ann_uri: str,
+    images_uri: str | None,
+    *,
+    storage_options: Mapping[str, Any] | None = None,
+    on_bad_input: Literal["error", "skip"] = "error",
+    box_edge_tolerance: float = 1.0,
+) -> CocoIndex:
     """Parse and check an instances JSON and (when `images_uri` is given) the files it names.
 
     Raises:
         BadInputError: malformed JSON or structure always; bad images/annotations unless skipping.
     """
-    index = parse_instances(load_json(ann_uri, storage_options), source=ann_uri,
-                            box_edge_tolerance=box_edge_tolerance)
+    index = parse_instances(load_json(ann_uri, storage_options), source=ann_uri, box_edge_tolerance=box_edge_tolerance)
     if images_uri is not None:
         index = check_image_files(index, images_uri, storage_options)
     check_bad_input(index.summary, on_bad_input, ann_uri)
     return index
 
 
-def attach_image_bytes(meta: pa.Table, images_uri: str, storage_options: Mapping[str, Any] | None = None, *,
-                       threads: int = 16, on_bad_input: Literal["error", "skip"] = "error"
-                       ) -> tuple[pa.Table, list[tuple[str, str]]]:
+def attach_image_bytes(
+    meta: pa.Table,
+    images_uri: str,
+    storage_options: Mapping[str, Any] | None = None,
+    *,
+    threads: int = 16,
+    on_bad_input: Literal["error", "skip"] = "error",
+) -> tuple[pa.Table, list[tuple[str, str]]]:
     """META_SCHEMA rows -> ROW_SCHEMA rows, reading the image files concurrently.
 
     A file that vanished or is empty since the listing is bad input: raised, or skipped and

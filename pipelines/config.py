@@ -17,9 +17,9 @@ from __future__ import annotations
 import copy
 import json
 import os
-import tomllib
 from typing import Any, Literal
 
+import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from core.config import DetrConfig, LossConfig, MatcherConfig, ModelConfig
@@ -79,7 +79,9 @@ class TrainConfig(BaseModel):
     weight_decay: float = Field(1e-4, ge=0)
     clip_max_norm: float = Field(0.1, ge=0, description="gradient clipping max norm; 0 disables clipping")
     lr_schedule: Literal["step", "cosine", "warmup_cosine"] = "step"
-    lr_drop: int = Field(40, ge=1, description="step schedule: the epoch from which the lr is multiplied by lr_drop_factor")
+    lr_drop: int = Field(
+        40, ge=1, description="step schedule: the epoch from which the lr is multiplied by lr_drop_factor"
+    )
     lr_drop_factor: float = Field(0.1, gt=0, le=1)
     warmup_epochs: float = Field(0.0, ge=0, description="warmup_cosine: linear warmup length in (fractional) epochs")
     min_lr_ratio: float = Field(0.0, ge=0, le=1, description="cosine schedules: final lr as a fraction of the initial")
@@ -232,8 +234,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     # The CI-sized run of the tests and of `ray job submit` smoke checks: seconds per epoch.
     "tiny": {
-        "demo_data": {"num_train": 8, "num_val": 4, "num_classes": 3, "min_side": 64, "max_side": 96,
-                      "max_objects": 3},
+        "demo_data": {"num_train": 8, "num_val": 4, "num_classes": 3, "min_side": 64, "max_side": 96, "max_objects": 3},
         "model": {
             "backbone": "resnet18",
             "num_feature_levels": 3,
@@ -248,8 +249,14 @@ PRESETS: dict[str, dict[str, Any]] = {
             "enc_n_points": 2,
             "num_classes": 3,
         },
-        "data": {**_DEMO_DATA, "root": "data/tiny", "train_short_sides": [96], "max_size": 96,
-                 "val_short_side": 96, "batch_size_per_worker": 2},
+        "data": {
+            **_DEMO_DATA,
+            "root": "data/tiny",
+            "train_short_sides": [96],
+            "max_size": 96,
+            "val_short_side": 96,
+            "batch_size_per_worker": 2,
+        },
         "train": {
             "epochs": 2,
             "lr": 1e-3,

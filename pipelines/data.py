@@ -20,7 +20,7 @@ import logging
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -128,8 +128,13 @@ class DatasetInfo:
         return self.bad_input.merge(BadInputSummary.from_dict(ray.get(self.ledger.summary.remote())))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"split": self.split, "num_images": self.num_images, "source": self.source,
-                "categories": self.categories.to_dict(), "bad_input": self.bad_input_report().to_dict()}
+        return {
+            "split": self.split,
+            "num_images": self.num_images,
+            "source": self.source,
+            "categories": self.categories.to_dict(),
+            "bad_input": self.bad_input_report().to_dict(),
+        }
 
 
 # --------------------------------------------------------------------------- per-image work
@@ -140,8 +145,16 @@ def _epoch_now(start_epoch: int) -> int:
     return start_epoch + int(getattr(ray.data.DataContext.get_current(), "_execution_idx", 0))
 
 
-def make_sample(image_bytes: bytes | memoryview, row: Mapping[str, Any], *, categories: CategoryMap,
-                cfg: DataConfig, augment: bool, keep_crowd: bool, epoch: int) -> dict[str, Any]:
+def make_sample(
+    image_bytes: bytes | memoryview,
+    row: Mapping[str, Any],
+    *,
+    categories: CategoryMap,
+    cfg: DataConfig,
+    augment: bool,
+    keep_crowd: bool,
+    epoch: int,
+) -> dict[str, Any]:
     """Decode and transform one image with its annotations; usable without Ray.
 
     Args:
@@ -165,8 +178,10 @@ def make_sample(image_bytes: bytes | memoryview, row: Mapping[str, Any], *, cate
     image = decode_image(image_bytes, name=name, decoder=cfg.decoder)
     h, w = image.shape[:2]
     if (h, w) != (row["height"], row["width"]):
-        raise BadInputError(f"{name} (image {row['image_id']}): decoded size {h}x{w} differs from the "
-                            f"annotation's {row['height']}x{row['width']}")
+        raise BadInputError(
+            f"{name} (image {row['image_id']}): decoded size {h}x{w} differs from the "
+            f"annotation's {row['height']}x{row['width']}"
+        )
     boxes = boxes_xywh_to_xyxy(np.asarray(row["boxes"], np.float32))
     cat = np.asarray(row["category_id"], np.int64)
     crowd = np.asarray(row["iscrowd"], np.int8)
@@ -176,17 +191,31 @@ def make_sample(image_bytes: bytes | memoryview, row: Mapping[str, Any], *, cate
         boxes, cat, crowd, ann_id = boxes[sel], cat[sel], crowd[sel], ann_id[sel]
     if augment:
         rng = np.random.default_rng([cfg.seed, epoch, int(row["image_id"])])
-        out = train_transform(image, boxes, rng, short_sides=cfg.train_short_sides, max_size=cfg.max_size,
-                              crop_resize_sides=cfg.crop_resize_sides, crop_size=cfg.crop_size,
-                              hflip_prob=cfg.hflip_prob, crop_prob=cfg.crop_prob)
+        out = train_transform(
+            image,
+            boxes,
+            rng,
+            short_sides=cfg.train_short_sides,
+            max_size=cfg.max_size,
+            crop_resize_sides=cfg.crop_resize_sides,
+            crop_size=cfg.crop_size,
+            hflip_prob=cfg.hflip_prob,
+            crop_prob=cfg.crop_prob,
+        )
     else:
         out = val_transform(image, boxes, short_side=cfg.val_short_side, max_size=cfg.max_size)
     oh, ow = out.image.shape[:2]
     return {
-        "image": out.image, "image_id": int(row["image_id"]), "file_name": name, "orig_size": (h, w),
+        "image": out.image,
+        "image_id": int(row["image_id"]),
+        "file_name": name,
+        "orig_size": (h, w),
         "boxes": boxes_xyxy_to_cxcywh_normalized(out.boxes_xyxy, oh, ow),
-        "labels": categories.labels(cat[out.keep]), "iscrowd": crowd[out.keep], "ann_id": ann_id[out.keep],
-        "affine": out.affine.as_array(), "epoch": epoch if augment else -1,
+        "labels": categories.labels(cat[out.keep]),
+        "iscrowd": crowd[out.keep],
+        "ann_id": ann_id[out.keep],
+        "affine": out.affine.as_array(),
+        "epoch": epoch if augment else -1,
     }
 
 
@@ -195,7 +224,12 @@ class _Decode:
 
     def __init__(self, cfg: DataConfig, categories: CategoryMap, augment: bool, keep_crowd: bool, ledger: Any):
         self.cfg, self.categories, self.augment, self.keep_crowd, self.ledger = (
-            cfg, categories, augment, keep_crowd, ledger)
+            cfg,
+            categories,
+            augment,
+            keep_crowd,
+            ledger,
+        )
 
     def __call__(self, rows: pa.Table, epoch: int) -> pa.Table:
         torch.set_num_threads(1)  # one Ray CPU per task: no intra-op threads fighting the other tasks
@@ -204,12 +238,23 @@ class _Decode:
         samples, bad = [], []
         for data, row in zip(images, meta):
             try:
-                samples.append(make_sample(data, row, categories=self.categories, cfg=self.cfg,
-                                           augment=self.augment, keep_crowd=self.keep_crowd, epoch=epoch))
+                samples.append(
+                    make_sample(
+                        data,
+                        row,
+                        categories=self.categories,
+                        cfg=self.cfg,
+                        augment=self.augment,
+                        keep_crowd=self.keep_crowd,
+                        epoch=epoch,
+                    )
+                )
             except ImageDecodeError as e:
                 if self.cfg.on_bad_input == "error":
-                    raise BadInputError(f"undecodable image {e} (image {row['image_id']}); set "
-                                        "data.on_bad_input=skip to skip and count such files") from e
+                    raise BadInputError(
+                        f"undecodable image {e} (image {row['image_id']}); set "
+                        "data.on_bad_input=skip to skip and count such files"
+                    ) from e
                 bad.append(("undecodable_image", f"{row['file_name']} (image {row['image_id']})"))
             except BadInputError as e:
                 if self.cfg.on_bad_input == "error":
@@ -230,11 +275,16 @@ class _FolderUnits:
     def read(self, unit: int, epoch: int) -> tuple[pa.Table, list[tuple[str, str]]]:
         n, k = self.meta.num_rows, self.cfg.rows_per_task
         if self.shuffle:
-            order = np.random.default_rng([self.cfg.seed, epoch]).permutation(n)[unit * k:(unit + 1) * k]
+            order = np.random.default_rng([self.cfg.seed, epoch]).permutation(n)[unit * k : (unit + 1) * k]
         else:
             order = np.arange(unit * k, min(n, (unit + 1) * k))
-        return attach_image_bytes(self.meta.take(order), self.images_uri, self.cfg.storage_options,
-                                  threads=self.cfg.read_threads, on_bad_input=self.cfg.on_bad_input)
+        return attach_image_bytes(
+            self.meta.take(order),
+            self.images_uri,
+            self.cfg.storage_options,
+            threads=self.cfg.read_threads,
+            on_bad_input=self.cfg.on_bad_input,
+        )
 
 
 class _ParquetUnits:
@@ -259,8 +309,14 @@ class _ParquetUnits:
 class _ReadUnits:
     """The map_batches UDF: unit ids -> rows (raw, or decoded samples when `decode` is set)."""
 
-    def __init__(self, units: _FolderUnits | _ParquetUnits, start_epoch: int, decode: _Decode | None,
-                 ledger: Any, epoch_clock: Any = None):
+    def __init__(
+        self,
+        units: _FolderUnits | _ParquetUnits,
+        start_epoch: int,
+        decode: _Decode | None,
+        ledger: Any,
+        epoch_clock: Any = None,
+    ):
         self.units, self.start_epoch, self.decode, self.ledger = units, start_epoch, decode, ledger
         self.epoch_clock = epoch_clock
 
@@ -284,8 +340,13 @@ class _ReadUnits:
 
 def load_index(cfg: DataConfig, split: Split) -> CocoIndex:
     """Parse and check the split's instances JSON and its image files (driver side, once)."""
-    return load_coco(cfg.ann_uri(split), _absolute(cfg.images_uri(split)), storage_options=cfg.storage_options,
-                     on_bad_input=cfg.on_bad_input, box_edge_tolerance=cfg.box_edge_tolerance)
+    return load_coco(
+        cfg.ann_uri(split),
+        _absolute(cfg.images_uri(split)),
+        storage_options=cfg.storage_options,
+        on_bad_input=cfg.on_bad_input,
+        box_edge_tolerance=cfg.box_edge_tolerance,
+    )
 
 
 def _absolute(uri: str) -> str:
@@ -303,51 +364,86 @@ def _units(cfg: DataConfig, split: Split, shuffle: bool) -> tuple[_FolderUnits |
         try:
             m = load_json(uri, cfg.storage_options)
         except BadInputError as e:
-            raise BadInputError(f"no prepared Parquet shards for {split}: {e}. Run `python -m pipelines.data "
-                                f"prepare --split {split} ...` or unset data.parquet_dir") from e
+            raise BadInputError(
+                f"no prepared Parquet shards for {split}: {e}. Run `python -m pipelines.data "
+                f"prepare --split {split} ...` or unset data.parquet_dir"
+            ) from e
         if m.get("version") != MANIFEST_VERSION:
             raise BadInputError(f"{uri}: manifest version {m.get('version')}, expected {MANIFEST_VERSION}")
         base = _absolute(cfg.parquet_uri()).rstrip("/")
         groups = [(f"{base}/{s['path']}", g) for s in m["shards"] for g in range(len(s["row_groups"]))]
         return _ParquetUnits(groups, cfg, shuffle), {
-            "source": uri, "num_images": m["num_images"], "categories": m["categories"],
-            "bad_input": BadInputSummary.from_dict(m["bad_input"])}
+            "source": uri,
+            "num_images": m["num_images"],
+            "categories": m["categories"],
+            "bad_input": BadInputSummary.from_dict(m["bad_input"]),
+        }
     index = load_index(cfg, split)
     return _FolderUnits(index.table, _absolute(cfg.images_uri(split)), cfg, shuffle), {
-        "source": cfg.ann_uri(split), "num_images": index.table.num_rows, "categories": index.categories,
-        "bad_input": index.summary}
+        "source": cfg.ann_uri(split),
+        "num_images": index.table.num_rows,
+        "categories": index.categories,
+        "bad_input": index.summary,
+    }
 
 
-def _build(cfg: DataConfig, split: Split, *, decode: bool, augment: bool, shuffle: bool, keep_crowd: bool,
-           start_epoch: int, epoch_clock: Any = None) -> tuple[ray.data.Dataset, DatasetInfo]:
+def _build(
+    cfg: DataConfig,
+    split: Split,
+    *,
+    decode: bool,
+    augment: bool,
+    shuffle: bool,
+    keep_crowd: bool,
+    start_epoch: int,
+    epoch_clock: Any = None,
+) -> tuple[ray.data.Dataset, DatasetInfo]:
     units, meta = _units(cfg, split, shuffle)
     ledger = BadInputLedger.remote() if cfg.on_bad_input == "skip" else None
     categories = CategoryMap.from_categories(meta["categories"], cfg.category_ids)
-    info = DatasetInfo(split=split, num_images=meta["num_images"], categories=categories, source=meta["source"],
-                       augment=augment, keep_crowd=keep_crowd, start_epoch=start_epoch,
-                       bad_input=meta["bad_input"], ledger=ledger)
+    info = DatasetInfo(
+        split=split,
+        num_images=meta["num_images"],
+        categories=categories,
+        source=meta["source"],
+        augment=augment,
+        keep_crowd=keep_crowd,
+        start_epoch=start_epoch,
+        bad_input=meta["bad_input"],
+        ledger=ledger,
+    )
     dec = _Decode(cfg, categories, augment, keep_crowd, ledger) if decode else None
-    compute = (ray.data.TaskPoolStrategy(size=cfg.num_decode_workers)
-               if cfg.num_decode_workers is not None else None)
+    compute = ray.data.TaskPoolStrategy(size=cfg.num_decode_workers) if cfg.num_decode_workers is not None else None
     ds = ray.data.range(units.num_units, override_num_blocks=max(1, units.num_units))
-    ds = ds.map_batches(_ReadUnits(units, start_epoch, dec, ledger, epoch_clock), batch_size=None, batch_format="pyarrow",
-                        compute=compute)
+    ds = ds.map_batches(
+        _ReadUnits(units, start_epoch, dec, ledger, epoch_clock),
+        batch_size=None,
+        batch_format="pyarrow",
+        compute=compute,
+    )
     # The order is a function of (seed, epoch) only if Ray keeps it; Ray Train replaces a dataset's
     # execution options, so trainers pass `ingest_options()` too.
     ds.context.execution_options.preserve_order = True
     return ds, info
 
 
-def build_raw_dataset(cfg: DataConfig, split: Split, *, shuffle: bool = False, start_epoch: int = 0
-                      ) -> tuple[ray.data.Dataset, DatasetInfo]:
+def build_raw_dataset(
+    cfg: DataConfig, split: Split, *, shuffle: bool = False, start_epoch: int = 0
+) -> tuple[ray.data.Dataset, DatasetInfo]:
     """Undecoded ROW_SCHEMA rows (image bytes and annotations), from the folder or the Parquet shards."""
-    return _build(cfg, split, decode=False, augment=False, shuffle=shuffle, keep_crowd=True,
-                  start_epoch=start_epoch)
+    return _build(cfg, split, decode=False, augment=False, shuffle=shuffle, keep_crowd=True, start_epoch=start_epoch)
 
 
-def build_dataset(cfg: DataConfig, split: Split, *, augment: bool | None = None, shuffle: bool | None = None,
-                  keep_crowd: bool | None = None, start_epoch: int = 0, epoch_clock: Any = None
-                  ) -> tuple[ray.data.Dataset, DatasetInfo]:
+def build_dataset(
+    cfg: DataConfig,
+    split: Split,
+    *,
+    augment: bool | None = None,
+    shuffle: bool | None = None,
+    keep_crowd: bool | None = None,
+    start_epoch: int = 0,
+    epoch_clock: Any = None,
+) -> tuple[ray.data.Dataset, DatasetInfo]:
     """Decoded, augmented SAMPLE_SCHEMA rows for training or evaluation.
 
     Args:
@@ -368,10 +464,16 @@ def build_dataset(cfg: DataConfig, split: Split, *, augment: bool | None = None,
             iterating), unless `cfg.on_bad_input == "skip"`.
     """
     train = split == "train"
-    return _build(cfg, split, decode=True, augment=train if augment is None else augment,
-                  shuffle=train if shuffle is None else shuffle,
-                  keep_crowd=(not train) if keep_crowd is None else keep_crowd, start_epoch=start_epoch,
-                  epoch_clock=epoch_clock)
+    return _build(
+        cfg,
+        split,
+        decode=True,
+        augment=train if augment is None else augment,
+        shuffle=train if shuffle is None else shuffle,
+        keep_crowd=(not train) if keep_crowd is None else keep_crowd,
+        start_epoch=start_epoch,
+        epoch_clock=epoch_clock,
+    )
 
 
 def ingest_options() -> ray.data.ExecutionOptions:
@@ -401,10 +503,20 @@ def _world_rank() -> int:
         return 0
 
 
-def iter_batches(shard: ray.data.DataIterator | ray.data.Dataset, batch_size: int, seed: int = 0, epoch: int = 0,
-                 *, pixel_mean: Sequence[float] = IMAGENET_MEAN, pixel_std: Sequence[float] = IMAGENET_STD,
-                 device: torch.device | str | None = "auto", drop_last: bool = False, prefetch_batches: int = 2,
-                 shuffle_buffer_size: int = 0, drawn_epochs: set[int] | None = None) -> Iterator[dict[str, Any]]:
+def iter_batches(
+    shard: ray.data.DataIterator | ray.data.Dataset,
+    batch_size: int,
+    seed: int = 0,
+    epoch: int = 0,
+    *,
+    pixel_mean: Sequence[float] = IMAGENET_MEAN,
+    pixel_std: Sequence[float] = IMAGENET_STD,
+    device: torch.device | str | None = "auto",
+    drop_last: bool = False,
+    prefetch_batches: int = 2,
+    shuffle_buffer_size: int = 0,
+    drawn_epochs: set[int] | None = None,
+) -> Iterator[dict[str, Any]]:
     """Model batches from a worker's shard (`ray.train.get_dataset_shard("train")`) or a dataset.
 
     Args:
@@ -425,18 +537,27 @@ def iter_batches(shard: ray.data.DataIterator | ray.data.Dataset, batch_size: in
     if shuffle_buffer_size:
         local_seed = int(np.random.default_rng([seed, epoch, _world_rank()]).integers(2**31))
     batches = shard.iter_torch_batches(
-        batch_size=batch_size, collate_fn=DetectionCollate(), device="cpu", drop_last=drop_last,
-        prefetch_batches=prefetch_batches, local_shuffle_buffer_size=shuffle_buffer_size or None,
-        local_shuffle_seed=local_seed, pin_memory=dev.type == "cuda")
+        batch_size=batch_size,
+        collate_fn=DetectionCollate(),
+        device="cpu",
+        drop_last=drop_last,
+        prefetch_batches=prefetch_batches,
+        local_shuffle_buffer_size=shuffle_buffer_size or None,
+        local_shuffle_seed=local_seed,
+        pin_memory=dev.type == "cuda",
+    )
     warned = False
     for batch in batches:
         drawn = {e for e in batch["epoch"].tolist() if e >= 0}
         if drawn_epochs is not None:
             drawn_epochs.update(drawn)
         if drawn and drawn != {epoch} and not warned:
-            logger.warning("augmentation was drawn for epoch(s) %s but the loop is at epoch %d: build the "
-                           "dataset with start_epoch=<first epoch> and iterate it exactly once per epoch",
-                           sorted(drawn), epoch)
+            logger.warning(
+                "augmentation was drawn for epoch(s) %s but the loop is at epoch %d: build the "
+                "dataset with start_epoch=<first epoch> and iterate it exactly once per epoch",
+                sorted(drawn),
+                epoch,
+            )
             warned = True
         yield to_model_batch(batch, pixel_mean=pixel_mean, pixel_std=pixel_std, device=dev)
 
@@ -463,12 +584,18 @@ class _WriteShard:
         fs, path = filesystem_for(f"{self.out_uri}/{rel}", cfg.storage_options)
         fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
         groups, bad = [], BadInputSummary()
-        with fs.open_output_stream(path) as f, pq.ParquetWriter(
-                f, ROW_SCHEMA, compression="none", write_statistics=["image_id"]) as writer:
+        with (
+            fs.open_output_stream(path) as f,
+            pq.ParquetWriter(f, ROW_SCHEMA, compression="none", write_statistics=["image_id"]) as writer,
+        ):
             for start in range(0, part.num_rows, cfg.rows_per_task):
-                rows, b = attach_image_bytes(part.slice(start, cfg.rows_per_task), self.images_uri,
-                                             cfg.storage_options, threads=cfg.read_threads,
-                                             on_bad_input=cfg.on_bad_input)
+                rows, b = attach_image_bytes(
+                    part.slice(start, cfg.rows_per_task),
+                    self.images_uri,
+                    cfg.storage_options,
+                    threads=cfg.read_threads,
+                    on_bad_input=cfg.on_bad_input,
+                )
                 for kind, ident in b:
                     bad.add(kind, ident)
                 if rows.num_rows:
@@ -492,22 +619,30 @@ def prepare_parquet(cfg: DataConfig, split: Split) -> str:
     meta = index.table.take(np.random.default_rng([cfg.seed, 7919]).permutation(index.table.num_rows))
     out_uri = f"{_absolute(cfg.parquet_uri()).rstrip('/')}/{split}"
     num_shards = math.ceil(meta.num_rows / cfg.images_per_shard)
-    compute = (ray.data.TaskPoolStrategy(size=cfg.num_decode_workers)
-               if cfg.num_decode_workers is not None else None)
+    compute = ray.data.TaskPoolStrategy(size=cfg.num_decode_workers) if cfg.num_decode_workers is not None else None
     ds = ray.data.range(num_shards, override_num_blocks=max(1, num_shards)).map_batches(
-        _WriteShard(meta, _absolute(cfg.images_uri(split)), out_uri, cfg), batch_size=None,
-        batch_format="pyarrow", compute=compute)
+        _WriteShard(meta, _absolute(cfg.images_uri(split)), out_uri, cfg),
+        batch_size=None,
+        batch_format="pyarrow",
+        compute=compute,
+    )
     shards = sorted(ds.take_all(), key=lambda r: r["path"])
     bad = index.summary
     for s in shards:
         bad = bad.merge(BadInputSummary.from_dict(json.loads(s.pop("bad_input"))))
     check_bad_input(bad, cfg.on_bad_input, cfg.images_uri(split))
     manifest = {
-        "version": MANIFEST_VERSION, "split": split, "num_images": sum(s["num_rows"] for s in shards),
-        "source_ann": cfg.ann_uri(split), "source_images": cfg.images_uri(split),
-        "categories": index.categories, "bad_input": bad.to_dict(),
-        "shards": [{"path": f"{split}/{s['path']}", "num_rows": s["num_rows"], "row_groups": list(s["row_groups"])}
-                   for s in shards],
+        "version": MANIFEST_VERSION,
+        "split": split,
+        "num_images": sum(s["num_rows"] for s in shards),
+        "source_ann": cfg.ann_uri(split),
+        "source_images": cfg.images_uri(split),
+        "categories": index.categories,
+        "bad_input": bad.to_dict(),
+        "shards": [
+            {"path": f"{split}/{s['path']}", "num_rows": s["num_rows"], "row_groups": list(s["row_groups"])}
+            for s in shards
+        ],
     }
     uri = _manifest_uri(cfg, split)
     write_file(_absolute(uri), json.dumps(manifest, indent=1).encode(), cfg.storage_options)
@@ -518,8 +653,12 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="Prepare Parquet shards of a COCO split for faster reading.")
     p.add_argument("command", choices=["prepare"])
     p.add_argument("--split", choices=["train", "val"], action="append", required=True)
-    p.add_argument("overrides", nargs="*", help="DataConfig fields as key=value (JSON values allowed), "
-                   "e.g. root=s3://bucket/coco parquet_dir=s3://bucket/coco-parquet")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        help="DataConfig fields as key=value (JSON values allowed), "
+        "e.g. root=s3://bucket/coco parquet_dir=s3://bucket/coco-parquet",
+    )
     args = p.parse_intermixed_args(argv)
     kw: dict[str, Any] = {}
     for item in args.overrides:

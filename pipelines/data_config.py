@@ -79,8 +79,10 @@ class DataConfig(BaseModel):
         None, description="Ray Data tasks decoding at once; None lets Ray Data use the free CPUs"
     )
     rows_per_task: int = Field(
-        32, description="images per Ray Data read/decode task and Parquet row group; bigger amortizes Ray's "
-        "per-task cost (32: 6% less CPU per image than 16), smaller starts faster")
+        32,
+        description="images per Ray Data read/decode task and Parquet row group; bigger amortizes Ray's "
+        "per-task cost (32: 6% less CPU per image than 16), smaller starts faster",
+    )
     read_threads: int = Field(16, description="concurrent file reads inside one task (object stores need many)")
     images_per_shard: int = Field(1024, description="images per Parquet shard written by prepare")
     shuffle_buffer_size: int = Field(
@@ -97,8 +99,9 @@ class DataConfig(BaseModel):
             raise ValueError(f"{info.field_name} must be a non-empty list of positive sizes, got {list(v)}")
         return v
 
-    @field_validator("max_size", "val_short_side", "batch_size_per_worker", "rows_per_task", "read_threads",
-                     "images_per_shard")
+    @field_validator(
+        "max_size", "val_short_side", "batch_size_per_worker", "rows_per_task", "read_threads", "images_per_shard"
+    )
     @classmethod
     def _positive(cls, v: int, info) -> int:
         if v < 1:

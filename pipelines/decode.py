@@ -18,8 +18,15 @@ _JPEG_MAGIC = b"\xff\xd8\xff"
 # get these files: it ignores libjpeg's warnings and fills the damaged part with gray or garbage.
 # "Corrupt JPEG data: N extraneous bytes before marker 0xd9" is one of them: a damaged scan often ends
 # early that way, so it can't be told from harmless padding before the end marker.
-_CORRUPT_JPEG = ("Corrupt JPEG data", "Premature end of JPEG file", "Bogus", "Invalid JPEG file structure",
-                 "Unsupported marker type", "Huffman", "Invalid SOS parameters")
+_CORRUPT_JPEG = (
+    "Corrupt JPEG data",
+    "Premature end of JPEG file",
+    "Bogus",
+    "Invalid JPEG file structure",
+    "Unsupported marker type",
+    "Huffman",
+    "Invalid SOS parameters",
+)
 
 
 class ImageDecodeError(ValueError):
@@ -30,8 +37,9 @@ def fast_decoder_available() -> bool:
     return simplejpeg is not None
 
 
-def decode_image(data: bytes | memoryview, *, name: str = "<bytes>",
-                 decoder: Literal["auto", "pillow"] = "auto") -> np.ndarray:
+def decode_image(
+    data: bytes | memoryview, *, name: str = "<bytes>", decoder: Literal["auto", "pillow"] = "auto"
+) -> np.ndarray:
     """Decode JPEG, PNG or anything Pillow reads to RGB.
 
     Grayscale, CMYK, palette and 16-bit images are converted to RGB; an alpha channel is dropped

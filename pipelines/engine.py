@@ -171,7 +171,9 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
 
 def targets_to_device(targets: list[dict[str, Any]], device: torch.device) -> list[dict[str, Any]]:
     """Per-image target dicts with their tensors moved to ``device``."""
-    return [{k: (v.to(device, non_blocking=True) if isinstance(v, Tensor) else v) for k, v in t.items()} for t in targets]
+    return [
+        {k: (v.to(device, non_blocking=True) if isinstance(v, Tensor) else v) for k, v in t.items()} for t in targets
+    ]
 
 
 def train_one_epoch(

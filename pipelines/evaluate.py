@@ -84,14 +84,19 @@ def eval_job_config(ckpt: Checkpoint, args: argparse.Namespace) -> JobConfig:
     if args.images is not None:
         data["val_images"] = args.images
     data["parquet_dir"] = None if args.data or args.ann or args.images else data.get("parquet_dir")
-    job = deep_merge(job, {"train": {
-        "num_workers": args.num_workers,
-        "use_gpu": args.use_gpu,
-        "eval_every": 1,
-        "num_vis_images": args.num_vis,
-        "name": "evaluate",
-        **({"eval_batch_size": args.batch_size} if args.batch_size else {}),
-    }})
+    job = deep_merge(
+        job,
+        {
+            "train": {
+                "num_workers": args.num_workers,
+                "use_gpu": args.use_gpu,
+                "eval_every": 1,
+                "num_vis_images": args.num_vis,
+                "name": "evaluate",
+                **({"eval_batch_size": args.batch_size} if args.batch_size else {}),
+            }
+        },
+    )
     for item in args.overrides:
         path, value = parse_override(item)
         node = job
@@ -101,8 +106,9 @@ def eval_job_config(ckpt: Checkpoint, args: argparse.Namespace) -> JobConfig:
     return validate_job_config(job)
 
 
-def run_evaluation(job: JobConfig, ckpt: Checkpoint, *, out_dir: str | None = None,
-                   address: str | None = None) -> dict[str, float]:
+def run_evaluation(
+    job: JobConfig, ckpt: Checkpoint, *, out_dir: str | None = None, address: str | None = None
+) -> dict[str, float]:
     """Evaluates ``ckpt`` on ``job.data``'s val split with ``job.train.num_workers`` Ray workers.
 
     Prints the data report (bad input skipped with data.on_bad_input=skip) at the end and writes
@@ -156,8 +162,9 @@ def run_evaluation(job: JobConfig, ckpt: Checkpoint, *, out_dir: str | None = No
     return stats
 
 
-def _fit(job: JobConfig, ckpt: Checkpoint, val_ds: ray.data.Dataset, info: dict[str, Any], sink,
-         storage: str) -> dict[str, float]:
+def _fit(
+    job: JobConfig, ckpt: Checkpoint, val_ds: ray.data.Dataset, info: dict[str, Any], sink, storage: str
+) -> dict[str, float]:
     from pipelines.data import ingest_options
 
     t = job.train
@@ -171,11 +178,15 @@ def _fit(job: JobConfig, ckpt: Checkpoint, val_ds: ray.data.Dataset, info: dict[
             "weights": ray.put(ckpt.model),
             "sink": sink,
         },
-        scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
-                                               resources_per_worker=resources),
-        run_config=ray.train.RunConfig(name=f"evaluate-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=storage,
-                                       worker_runtime_env=WORKER_RUNTIME_ENV,
-                                       logging_config=ray.train.LoggingConfig(log_level=t.ray_log_level)),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources
+        ),
+        run_config=ray.train.RunConfig(
+            name=f"evaluate-{time.strftime('%Y%m%d-%H%M%S')}",
+            storage_path=storage,
+            worker_runtime_env=WORKER_RUNTIME_ENV,
+            logging_config=ray.train.LoggingConfig(log_level=t.ray_log_level),
+        ),
         datasets={"val": val_ds},
         dataset_config=DetectionDataConfig(datasets_to_split=[], execution_options=ingest_options()),
     )
@@ -190,7 +201,9 @@ def _fit(job: JobConfig, ckpt: Checkpoint, val_ds: ray.data.Dataset, info: dict[
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="COCO AP of a checkpoint on a COCO-format split, on Ray workers.")
-    p.add_argument("--checkpoint", required=True, help="checkpoint file or run checkpoint folder: path, http(s), s3://, gs://")
+    p.add_argument(
+        "--checkpoint", required=True, help="checkpoint file or run checkpoint folder: path, http(s), s3://, gs://"
+    )
     p.add_argument("--data", help="dataset root (data.root); val_ann and val_images resolve against it")
     p.add_argument("--ann", help="instances JSON of the split (data.val_ann)")
     p.add_argument("--images", help="image folder of the split (data.val_images)")
@@ -199,8 +212,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, help="images per worker batch (default data.batch_size_per_worker)")
     p.add_argument("--num-vis", type=int, default=4, help="validation images drawn into --out")
     p.add_argument("--out", help="folder for ap_table.md, metrics.json, data_report.json and drawn images")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="any config field, e.g. data.val_short_side=800 or data.category_ids=contiguous")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any config field, e.g. data.val_short_side=800 or data.category_ids=contiguous",
+    )
     p.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
     return p.parse_args(argv)
 
@@ -211,8 +230,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         ckpt = load_for_eval(args.checkpoint)
         job = eval_job_config(ckpt, args)
-        print(f"checkpoint {args.checkpoint}: {ckpt.source_format}, {ckpt.config.variant()} "
-              f"{job.model.backbone}, {job.model.num_classes} classes", flush=True)
+        print(
+            f"checkpoint {args.checkpoint}: {ckpt.source_format}, {ckpt.config.variant()} "
+            f"{job.model.backbone}, {job.model.num_classes} classes",
+            flush=True,
+        )
         stats = run_evaluation(job, ckpt, out_dir=args.out, address=args.address)
     except (ConfigError, PreflightError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)

@@ -92,15 +92,24 @@ def ensure_demo_data(job: JobConfig) -> bool:
     from pipelines.synthetic import generate_coco
 
     t0 = time.time()
-    print(f"generating the demo dataset at {data.root} ({spec.num_train} train / {spec.num_val} val images) ...",
-          flush=True)
+    print(
+        f"generating the demo dataset at {data.root} ({spec.num_train} train / {spec.num_val} val images) ...",
+        flush=True,
+    )
     # Generate aside and rename into place, so an interrupted or concurrent generation never leaves
     # a half-written dataset that looks complete.
     tmp = f"{data.root.rstrip('/')}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     sides = (spec.min_side, spec.max_side)
-    generate_coco(tmp, spec.num_train, spec.num_val, image_size=(sides, sides), num_classes=spec.num_classes,
-                  max_objects=spec.max_objects, seed=spec.seed)
+    generate_coco(
+        tmp,
+        spec.num_train,
+        spec.num_val,
+        image_size=(sides, sides),
+        num_classes=spec.num_classes,
+        max_objects=spec.max_objects,
+        seed=spec.seed,
+    )
     os.makedirs(os.path.dirname(data.root) or ".", exist_ok=True)
     if os.path.isdir(data.root) and not os.listdir(data.root):
         os.rmdir(data.root)
@@ -129,16 +138,22 @@ def check_data(job: JobConfig, splits: tuple[str, ...] | None = None) -> None:
     checks: list[tuple[str, str, pafs.FileType]] = []
     if data.parquet_dir is not None:
         for split in splits:
-            checks.append((f"data.parquet_dir ({split} manifest)",
-                           f"{data.parquet_uri().rstrip('/')}/{split}_manifest.json", pafs.FileType.File))
+            checks.append(
+                (
+                    f"data.parquet_dir ({split} manifest)",
+                    f"{data.parquet_uri().rstrip('/')}/{split}_manifest.json",
+                    pafs.FileType.File,
+                )
+            )
     else:
         for split in splits:
             checks.append((f"data.{split}_ann", data.ann_uri(split), pafs.FileType.File))
             checks.append((f"data.{split}_images", data.images_uri(split), pafs.FileType.Directory))
     for field, uri, want in checks:
         try:
-            got = with_timeout(lambda uri=uri: _file_type(uri, data.storage_options), job.train.preflight_timeout_s,
-                               f"{field}={uri!r}")
+            got = with_timeout(
+                lambda uri=uri: _file_type(uri, data.storage_options), job.train.preflight_timeout_s, f"{field}={uri!r}"
+            )
         except PreflightError:
             raise
         except Exception as e:  # credentials, DNS, permissions: name the setting, keep the cause
@@ -149,7 +164,9 @@ def check_data(job: JobConfig, splits: tuple[str, ...] | None = None) -> None:
             continue
         if got != want:
             kind = "file" if want == pafs.FileType.File else "folder"
-            hint = " (set data.root, or run with the demo preset to generate a dataset)" if job.demo_data is None else ""
+            hint = (
+                " (set data.root, or run with the demo preset to generate a dataset)" if job.demo_data is None else ""
+            )
             raise PreflightError(f"{field}: {kind} not found: {uri}{hint}")
 
 
@@ -202,8 +219,11 @@ def load_finetune_weights(job: JobConfig) -> dict | None:
 
     tmp = tempfile.mkdtemp(prefix="ddetr-finetune-")
     try:
-        path = with_timeout(lambda: fetch_checkpoint_file(src, tmp), max(job.train.preflight_timeout_s, 120.0),
-                            f"train.finetune_from={src!r}")
+        path = with_timeout(
+            lambda: fetch_checkpoint_file(src, tmp),
+            max(job.train.preflight_timeout_s, 120.0),
+            f"train.finetune_from={src!r}",
+        )
         # Builds the model and loads the weights: the same check the workers will pass.
         loaded = load_checkpoint(path, job.detr_config())
     except PreflightError:
@@ -228,8 +248,9 @@ def check_resources(job: JobConfig, cluster_resources: dict[str, float], strict:
     if not short:
         return
     detail = ", ".join(f"{k}: need {n:g}, cluster has {h:g}" for k, (n, h) in short.items())
-    msg = (f"the worker group does not fit ({detail}); lower train.num_workers / train.cpus_per_worker"
-           + (" or set train.use_gpu=false" if "GPU" in short else ""))
+    msg = f"the worker group does not fit ({detail}); lower train.num_workers / train.cpus_per_worker" + (
+        " or set train.use_gpu=false" if "GPU" in short else ""
+    )
     if strict:
         raise PreflightError(msg)
     log.warning("%s (waiting for the cluster to scale up)", msg)

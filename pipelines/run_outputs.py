@@ -341,8 +341,7 @@ def data_report(infos: Mapping[str, Any]) -> dict[str, Any]:
         except Exception as e:  # the ledger actor is gone: report what was found before reading pixels
             log.warning("%s: bad input found while decoding is unavailable (%s)", split, e)
             bad = info.bad_input
-        out[split] = {"source": info.source, "num_images": info.num_images, "skipped": bad.total,
-                      **bad.to_dict()}
+        out[split] = {"source": info.source, "num_images": info.num_images, "skipped": bad.total, **bad.to_dict()}
     return out
 
 
@@ -350,8 +349,10 @@ def format_data_report(report: Mapping[str, Any], on_bad_input: str) -> str:
     """A data_report.json as a block for the console: per split, counts by kind and a few examples."""
     lines = [f"data (data.on_bad_input={on_bad_input}):"]
     for split, r in report.items():
-        lines.append(f"  {split}: {r['num_images']} images from {r['source']}; "
-                     + (f"{r['skipped']} bad inputs skipped" if r["skipped"] else "no bad input skipped"))
+        lines.append(
+            f"  {split}: {r['num_images']} images from {r['source']}; "
+            + (f"{r['skipped']} bad inputs skipped" if r["skipped"] else "no bad input skipped")
+        )
         for kind, n in sorted(r["counts"].items()):
             lines.append(f"    {kind}: {n}  e.g. {'; '.join(r['examples'].get(kind, []))}")
         for kind, n in sorted(r.get("fixed", {}).items()):

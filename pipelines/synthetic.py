@@ -20,8 +20,14 @@ from PIL import Image, ImageDraw
 
 # (COCO id, name): ids with gaps, like COCO's 1..90 over 80 classes.
 SHAPES: tuple[tuple[int, str], ...] = (
-    (1, "rectangle"), (3, "ellipse"), (7, "triangle"), (8, "diamond"),
-    (12, "cross"), (15, "ring"), (21, "pentagon"), (34, "star"),
+    (1, "rectangle"),
+    (3, "ellipse"),
+    (7, "triangle"),
+    (8, "diamond"),
+    (12, "cross"),
+    (15, "ring"),
+    (21, "pentagon"),
+    (34, "star"),
 )
 
 SizeSpec = tuple[int, int] | tuple[tuple[int, int], tuple[int, int]]
@@ -91,9 +97,15 @@ def _vivid(rng: np.random.Generator) -> tuple[int, int, int]:
     return tuple(int(v) for v in c)
 
 
-def _make_image(rng: np.random.Generator, h: int, w: int, classes: tuple[tuple[int, str], ...],
-                max_objects: int, empty_fraction: float, crowd_fraction: float
-                ) -> tuple[np.ndarray, list[dict[str, Any]]]:
+def _make_image(
+    rng: np.random.Generator,
+    h: int,
+    w: int,
+    classes: tuple[tuple[int, str], ...],
+    max_objects: int,
+    empty_fraction: float,
+    crowd_fraction: float,
+) -> tuple[np.ndarray, list[dict[str, Any]]]:
     img = Image.fromarray(_texture(rng, h, w))
     draw = ImageDraw.Draw(img)
     objects: list[dict[str, Any]] = []
@@ -128,8 +140,9 @@ def _make_image(rng: np.random.Generator, h: int, w: int, classes: tuple[tuple[i
             s = int(rng.integers(6, max(7, min(cw, ch) // 3)))
             x, y = int(rng.integers(cx0, cx0 + cw - s)), int(rng.integers(cy0, cy0 + ch - s))
             _draw(draw, kind, (x, y, x + s - 1, y + s - 1), colour)
-        objects.append({"category_id": cid, "kind": "rectangle", "box": (cx0, cy0, cx0 + cw - 1, cy0 + ch - 1),
-                        "iscrowd": 1})
+        objects.append(
+            {"category_id": cid, "kind": "rectangle", "box": (cx0, cy0, cx0 + cw - 1, cy0 + ch - 1), "iscrowd": 1}
+        )
     return np.asarray(img), objects
 
 
@@ -140,10 +153,20 @@ def _size(rng: np.random.Generator, image_size: SizeSpec) -> tuple[int, int]:
     return h, w
 
 
-def generate_coco(out_dir: str | os.PathLike, num_train: int = 64, num_val: int = 16, *,
-                  image_size: SizeSpec = ((160, 256), (160, 256)), num_classes: int = 4, max_objects: int = 6,
-                  empty_fraction: float = 0.08, crowd_fraction: float = 0.05, seed: int = 0,
-                  jpeg_quality: int = 90, threads: int | None = None) -> dict[str, str]:
+def generate_coco(
+    out_dir: str | os.PathLike,
+    num_train: int = 64,
+    num_val: int = 16,
+    *,
+    image_size: SizeSpec = ((160, 256), (160, 256)),
+    num_classes: int = 4,
+    max_objects: int = 6,
+    empty_fraction: float = 0.08,
+    crowd_fraction: float = 0.05,
+    seed: int = 0,
+    jpeg_quality: int = 90,
+    threads: int | None = None,
+) -> dict[str, str]:
     """Write a COCO-format dataset under `out_dir`.
 
     Args:
@@ -164,8 +187,7 @@ def generate_coco(out_dir: str | os.PathLike, num_train: int = 64, num_val: int 
     classes = SHAPES[:num_classes]
     categories = [{"id": cid, "name": name, "supercategory": "shape"} for cid, name in classes]
     next_ann = 1
-    for split_code, (split, count, first_id) in enumerate((("train", num_train, 1),
-                                                           ("val", num_val, num_train + 1))):
+    for split_code, (split, count, first_id) in enumerate((("train", num_train, 1), ("val", num_val, num_train + 1))):
         (root / split).mkdir(parents=True, exist_ok=True)
 
         def one(i: int, split_code=split_code, split=split, first_id=first_id) -> tuple[dict, list[dict]]:
@@ -188,17 +210,33 @@ def generate_coco(out_dir: str | os.PathLike, num_train: int = 64, num_val: int 
                 x0, y0, x1, y1 = o["box"]
                 bw, bh = x1 - x0 + 1, y1 - y0 + 1  # PIL fills x0..x1 inclusive
                 poly = _polygon(o["kind"], x0, y0, x1 + 1, y1 + 1)
-                annotations.append({
-                    "id": next_ann, "image_id": image["id"], "category_id": o["category_id"],
-                    "bbox": [float(x0), float(y0), float(bw), float(bh)], "area": float(bw * bh),
-                    "iscrowd": o["iscrowd"], "segmentation": [[round(v, 2) for p in poly for v in p]],
-                })
+                annotations.append(
+                    {
+                        "id": next_ann,
+                        "image_id": image["id"],
+                        "category_id": o["category_id"],
+                        "bbox": [float(x0), float(y0), float(bw), float(bh)],
+                        "area": float(bw * bh),
+                        "iscrowd": o["iscrowd"],
+                        "segmentation": [[round(v, 2) for p in poly for v in p]],
+                    }
+                )
                 next_ann += 1
-        doc = {"info": {"description": f"synthetic shapes, seed {seed}", "version": "1.0"}, "licenses": [],
-               "images": images, "annotations": annotations, "categories": categories}
+        doc = {
+            "info": {"description": f"synthetic shapes, seed {seed}", "version": "1.0"},
+            "licenses": [],
+            "images": images,
+            "annotations": annotations,
+            "categories": categories,
+        }
         (root / f"instances_{split}.json").write_text(json.dumps(doc))
-    return {"root": str(root), "train_images": "train", "val_images": "val",
-            "train_ann": "instances_train.json", "val_ann": "instances_val.json"}
+    return {
+        "root": str(root),
+        "train_images": "train",
+        "val_images": "val",
+        "train_ann": "instances_train.json",
+        "val_ann": "instances_val.json",
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -209,8 +247,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-classes", type=int, default=4)
     p.add_argument("--max-objects", type=int, default=6)
-    p.add_argument("--size", default="160-256x160-256",
-                   help="HxW, each a number or a min-max range, e.g. 480x640 or 128-256x128-256")
+    p.add_argument(
+        "--size",
+        default="160-256x160-256",
+        help="HxW, each a number or a min-max range, e.g. 480x640 or 128-256x128-256",
+    )
     args = p.parse_args(argv)
 
     def side(s: str) -> int | tuple[int, int]:
@@ -218,8 +259,15 @@ def main(argv: list[str] | None = None) -> None:
         return (int(lo), int(hi)) if hi else int(lo)
 
     hs, _, ws = args.size.partition("x")
-    paths = generate_coco(args.out, args.num_train, args.num_val, image_size=(side(hs), side(ws)),
-                          num_classes=args.num_classes, max_objects=args.max_objects, seed=args.seed)
+    paths = generate_coco(
+        args.out,
+        args.num_train,
+        args.num_val,
+        image_size=(side(hs), side(ws)),
+        num_classes=args.num_classes,
+        max_objects=args.max_objects,
+        seed=args.seed,
+    )
     print(json.dumps(paths))
 
 

@@ -105,8 +105,9 @@ def connect_ray(job: JobConfig, address: str | None = None) -> bool:
     num_cpus = max(os.cpu_count() or 1, math.ceil(t.num_workers * t.cpus_per_worker) + data_cpus)
     pythonpath = os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH")) if p)
     # address="local": a new instance even when another `ray start` cluster runs on this machine.
-    ray.init(address="local", num_cpus=num_cpus, runtime_env={"env_vars": {"PYTHONPATH": pythonpath}},
-             log_to_driver=True)
+    ray.init(
+        address="local", num_cpus=num_cpus, runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, log_to_driver=True
+    )
     return True
 
 
@@ -317,12 +318,16 @@ class _Pump:
         if kind == "progress":
             return format_progress(r)
         if kind == "epoch":
-            return (f"epoch {r['epoch'] + 1} done: loss {r['loss']:.4f}  {r['images_per_s']:.1f} img/s  "
-                    f"{r['epoch_time_s']:.0f} s  peak mem {r['max_mem_mb']:.0f} MiB")
+            return (
+                f"epoch {r['epoch'] + 1} done: loss {r['loss']:.4f}  {r['images_per_s']:.1f} img/s  "
+                f"{r['epoch_time_s']:.0f} s  peak mem {r['max_mem_mb']:.0f} MiB"
+            )
         if kind == "eval":
             self.last_eval = r
-            return (f"eval after epoch {r['epoch'] + 1} ({r['num_eval_images']} images, {r['eval_time_s']:.0f} s):\n"
-                    + format_ap_table(r))
+            return (
+                f"eval after epoch {r['epoch'] + 1} ({r['num_eval_images']} images, {r['eval_time_s']:.0f} s):\n"
+                + format_ap_table(r)
+            )
         if kind == "event":
             if r["event"] == "resume":
                 return f"resuming from the checkpoint of epoch {r['epoch']} (global step {r['global_step']})"
@@ -379,10 +384,13 @@ def run_training(job: JobConfig, *, address: str | None = None) -> TrainOutcome:
     run_dir = RunDir(job.train.storage_path, job.train.name).mkdir()
     run_dir.write_json(CONFIG_FILE, job.model_dump(mode="json"))
     print(f"run {job.train.name}: {run_dir.uri}", flush=True)
-    print(f"  {job.detr_config().variant()} {job.model.backbone}, {data.dataset_info['num_train']} train / "
-          f"{data.dataset_info['num_val']} val images, {job.train.num_workers} workers x "
-          f"{job.data.batch_size_per_worker} images (total batch {job.total_batch_size}), "
-          f"{data.steps_per_epoch} steps/epoch, {job.train.epochs} epochs", flush=True)
+    print(
+        f"  {job.detr_config().variant()} {job.model.backbone}, {data.dataset_info['num_train']} train / "
+        f"{data.dataset_info['num_val']} val images, {job.train.num_workers} workers x "
+        f"{job.data.batch_size_per_worker} images (total batch {job.total_batch_size}), "
+        f"{data.steps_per_epoch} steps/epoch, {job.train.epochs} epochs",
+        flush=True,
+    )
     # What the annotation and file checks skipped, before any pixel is read.
     print(format_data_report(write_data_report(data, run_dir), job.data.on_bad_input), flush=True)
 

@@ -142,7 +142,7 @@ class _Progress:
         last = records[-1]
         line = {"kind": "step", "time": time.time(), "epoch": epoch, "global_step": global_step, **last}
         if len(records) > 1:
-            for key, value in last.items():
+            for key in last:
                 if key.startswith("loss") or key in ("class_error", "cardinality_error", "grad_norm"):
                     values = [r[key] for r in records if r.get(key) is not None]
                     line[key] = sum(values) / len(values) if values else None
@@ -178,9 +178,7 @@ def _records_to_array(records: list[dict]) -> np.ndarray:
     # (R, 7): image_id, x, y, w, h, score, category_id; much smaller to gather than dicts.
     if not records:
         return np.zeros((0, 7), np.float64)
-    return np.array(
-        [[r["image_id"], *r["bbox"], r["score"], r["category_id"]] for r in records], dtype=np.float64
-    )
+    return np.array([[r["image_id"], *r["bbox"], r["score"], r["category_id"]] for r in records], dtype=np.float64)
 
 
 def _array_to_records(arr: np.ndarray) -> list[dict]:
@@ -191,7 +189,16 @@ def _array_to_records(arr: np.ndarray) -> list[dict]:
 
 
 def distributed_evaluate(
-    model, postprocessor, batches, *, job: JobConfig, device, amp_dtype, coco_gt, rank: int, label_names,
+    model,
+    postprocessor,
+    batches,
+    *,
+    job: JobConfig,
+    device,
+    amp_dtype,
+    coco_gt,
+    rank: int,
+    label_names,
     num_val: int | None = None,
 ) -> tuple[dict[str, float] | None, list[dict]]:
     """Inference on this worker's val shard, detections gathered on rank 0 and scored by pycocotools.
@@ -226,10 +233,15 @@ def distributed_evaluate(
     all_ids, counts = np.unique(ids, return_counts=True)
     if (counts > 1).any():
         # Scoring an image twice would double its detections and bias AP: the val split must be a partition.
-        raise RuntimeError(f"evaluation saw image ids more than once across workers: {all_ids[counts > 1][:10].tolist()}")
+        raise RuntimeError(
+            f"evaluation saw image ids more than once across workers: {all_ids[counts > 1][:10].tolist()}"
+        )
     if num_val is not None and len(all_ids) != num_val:
-        log.warning("evaluated %d of the %d val images (images skipped at decode are counted in the data report)",
-                    len(all_ids), num_val)
+        log.warning(
+            "evaluated %d of the %d val images (images skipped at decode are counted in the data report)",
+            len(all_ids),
+            num_val,
+        )
     stats = coco_evaluate(coco_gt, all_records, all_ids.tolist())
     stats["num_eval_images"] = len(all_ids)
     return stats, vis
@@ -240,8 +252,9 @@ def _load_gt(job: JobConfig):
     return load_coco_gt(load_json(job.data.ann_uri("val"), job.data.storage_options))
 
 
-def _batches(shard, job: JobConfig, device: torch.device, epoch: int, *, train: bool,
-             drawn_epochs: set[int] | None = None):
+def _batches(
+    shard, job: JobConfig, device: torch.device, epoch: int, *, train: bool, drawn_epochs: set[int] | None = None
+):
     """Model batches of this worker's shard: train drops the last partial batch (equal steps per worker)."""
     data = job.data
     batch_size = data.batch_size_per_worker if train else (job.train.eval_batch_size or data.batch_size_per_worker)
@@ -337,15 +350,27 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         global_step = int(state["global_step"])
         history = list(state.get("history", []))
         if realign_lr_scheduler(scheduler, start_epoch * steps_per_epoch) and rank == 0:
-            log.warning("steps per epoch changed since the checkpoint (now %d): lr schedule realigned to epoch %d",
-                        steps_per_epoch, start_epoch)
+            log.warning(
+                "steps per epoch changed since the checkpoint (now %d): lr schedule realigned to epoch %d",
+                steps_per_epoch,
+                start_epoch,
+            )
 
     progress = _Progress(sink if rank == 0 else None, job, world, steps_per_epoch, device)
     if rank == 0:
-        progress.send([{
-            "kind": "event", "time": time.time(), "event": "resume" if state else "start",
-            "epoch": start_epoch, "global_step": global_step, "world_size": world, "device": str(device),
-        }])
+        progress.send(
+            [
+                {
+                    "kind": "event",
+                    "time": time.time(),
+                    "event": "resume" if state else "start",
+                    "epoch": start_epoch,
+                    "global_step": global_step,
+                    "world_size": world,
+                    "device": str(device),
+                }
+            ]
+        )
     coco_gt = _load_gt(job) if rank == 0 and job.train.eval_every else None
     label_names = {int(k): v for k, v in info.get("category_names", {}).items()}
     train_shard = ray.train.get_dataset_shard("train")
@@ -429,7 +454,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         history.append(epoch_metrics)
         if rank == 0:
             # data_epochs: the epochs rank 0's augmentation was drawn for (the loop's own, or a bug).
-            progress.send([{"kind": "epoch", "time": time.time(), **epoch_metrics, "data_epochs": sorted(drawn_epochs)}])
+            progress.send(
+                [{"kind": "epoch", "time": time.time(), **epoch_metrics, "data_epochs": sorted(drawn_epochs)}]
+            )
         _report(job, model, detr_cfg, optimizer, scheduler, scaler, epoch, global_step, history, info, rank)
 
 

@@ -26,8 +26,9 @@ class Affine:
 
     def then(self, other: Affine) -> Affine:
         """This map followed by `other`."""
-        return Affine(other.sx * self.sx, other.sx * self.tx + other.tx,
-                      other.sy * self.sy, other.sy * self.ty + other.ty)
+        return Affine(
+            other.sx * self.sx, other.sx * self.tx + other.tx, other.sy * self.sy, other.sy * self.ty + other.ty
+        )
 
     def inverse(self) -> Affine:
         return Affine(1.0 / self.sx, -self.tx / self.sx, 1.0 / self.sy, -self.ty / self.sy)
@@ -74,8 +75,9 @@ def boxes_cxcywh_normalized_to_xyxy(boxes: np.ndarray, height: int, width: int) 
     return np.concatenate([b[:, :2] - b[:, 2:] / 2, b[:, :2] + b[:, 2:] / 2], axis=1).astype(np.float32)
 
 
-def get_size_with_aspect_ratio(height: int, width: int, short_side: int, max_size: int | None = None
-                               ) -> tuple[int, int]:
+def get_size_with_aspect_ratio(
+    height: int, width: int, short_side: int, max_size: int | None = None
+) -> tuple[int, int]:
     """Output (h, w) with the short side `short_side`, shrunk so the long side stays <= max_size.
 
     The same integer arithmetic as DETR's `get_size_with_aspect_ratio`, so sizes match the authors'.
@@ -104,8 +106,9 @@ def resize_image(image: np.ndarray, height: int, width: int) -> np.ndarray:
     return np.ascontiguousarray(y[0].permute(1, 2, 0).numpy())  # (3, h, w) -> (h, w, 3)
 
 
-def resize(image: np.ndarray, boxes_xyxy: np.ndarray, short_side: int, max_size: int | None = None
-           ) -> tuple[np.ndarray, np.ndarray, Affine]:
+def resize(
+    image: np.ndarray, boxes_xyxy: np.ndarray, short_side: int, max_size: int | None = None
+) -> tuple[np.ndarray, np.ndarray, Affine]:
     h, w = image.shape[:2]
     oh, ow = get_size_with_aspect_ratio(h, w, short_side, max_size)
     affine = Affine(sx=ow / w, sy=oh / h)
@@ -118,8 +121,9 @@ def hflip(image: np.ndarray, boxes_xyxy: np.ndarray) -> tuple[np.ndarray, np.nda
     return image[:, ::-1], affine.apply(boxes_xyxy), affine
 
 
-def crop(image: np.ndarray, boxes_xyxy: np.ndarray, top: int, left: int, height: int, width: int
-         ) -> tuple[np.ndarray, np.ndarray, np.ndarray, Affine]:
+def crop(
+    image: np.ndarray, boxes_xyxy: np.ndarray, top: int, left: int, height: int, width: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, Affine]:
     """Crop the window and clip boxes to it; boxes left with no width or height are dropped.
 
     Returns:
@@ -129,11 +133,12 @@ def crop(image: np.ndarray, boxes_xyxy: np.ndarray, top: int, left: int, height:
     b = affine.apply(boxes_xyxy)
     b = np.clip(b, 0.0, np.array([width, height, width, height], dtype=np.float32))
     keep = np.nonzero((b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1]))[0]
-    return image[top:top + height, left:left + width], b[keep], keep, affine
+    return image[top : top + height, left : left + width], b[keep], keep, affine
 
 
-def random_size_crop(image: np.ndarray, boxes_xyxy: np.ndarray, rng: np.random.Generator,
-                     min_size: int, max_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, Affine]:
+def random_size_crop(
+    image: np.ndarray, boxes_xyxy: np.ndarray, rng: np.random.Generator, min_size: int, max_size: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, Affine]:
     """DETR's RandomSizeCrop: side lengths uniform in [min_size, min(side, max_size)], position uniform."""
     h, w = image.shape[:2]
     # A side shorter than min_size (tiny images, small demo sizes) is taken whole rather than failing.
@@ -144,10 +149,18 @@ def random_size_crop(image: np.ndarray, boxes_xyxy: np.ndarray, rng: np.random.G
     return crop(image, boxes_xyxy, top, left, ch, cw)
 
 
-def train_transform(image: np.ndarray, boxes_xyxy: np.ndarray, rng: np.random.Generator, *,
-                    short_sides: Sequence[int], max_size: int, crop_resize_sides: Sequence[int],
-                    crop_size: tuple[int, int], hflip_prob: float = 0.5, crop_prob: float = 0.5
-                    ) -> Transformed:
+def train_transform(
+    image: np.ndarray,
+    boxes_xyxy: np.ndarray,
+    rng: np.random.Generator,
+    *,
+    short_sides: Sequence[int],
+    max_size: int,
+    crop_resize_sides: Sequence[int],
+    crop_size: tuple[int, int],
+    hflip_prob: float = 0.5,
+    crop_prob: float = 0.5,
+) -> Transformed:
     """The paper's training augmentation.
 
     Horizontal flip; then either a resize of the short side to one of `short_sides` (long side at most
@@ -174,16 +187,16 @@ def train_transform(image: np.ndarray, boxes_xyxy: np.ndarray, rng: np.random.Ge
     return Transformed(np.ascontiguousarray(image), boxes, keep, affine.then(a))
 
 
-def val_transform(image: np.ndarray, boxes_xyxy: np.ndarray | None = None, *, short_side: int = 800,
-                  max_size: int = 1333) -> Transformed:
+def val_transform(
+    image: np.ndarray, boxes_xyxy: np.ndarray | None = None, *, short_side: int = 800, max_size: int = 1333
+) -> Transformed:
     """Evaluation and inference: short side `short_side`, long side at most `max_size`."""
     boxes = np.zeros((0, 4), np.float32) if boxes_xyxy is None else np.asarray(boxes_xyxy, np.float32)
     image, boxes, affine = resize(image, boxes.reshape(-1, 4), short_side, max_size)
     return Transformed(np.ascontiguousarray(image), boxes, np.arange(len(boxes), dtype=np.int64), affine)
 
 
-def normalize_image(image: np.ndarray | torch.Tensor, mean: Sequence[float], std: Sequence[float]
-                    ) -> torch.Tensor:
+def normalize_image(image: np.ndarray | torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """(H, W, 3) uint8 -> (3, H, W) float32, as torchvision's ToTensor then Normalize(mean, std)."""
     x = torch.as_tensor(image).permute(2, 0, 1).float().div_(255.0)  # (H, W, 3) -> (3, H, W)
     m = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)

@@ -20,7 +20,7 @@ def make_inputs(shapes, N=2, Lq=5, M=2, D=4, P=3, dtype=torch.float64, loc_range
     S, L = int(areas.sum()), len(shapes)
     value = torch.randn(N, S, M, D, generator=g, dtype=torch.float64).to(dtype)
     lo, hi = loc_range
-    loc = (torch.rand(N, Lq, M, L, P, 2, generator=g, dtype=torch.float64) * (hi - lo) + lo)
+    loc = torch.rand(N, Lq, M, L, P, 2, generator=g, dtype=torch.float64) * (hi - lo) + lo
     attn = torch.rand(N, Lq, M, L, P, generator=g, dtype=torch.float64) + 1e-2
     attn = attn / attn.flatten(-2).sum(-1)[..., None, None]
     coord = torch.float64 if dtype == torch.float64 else torch.float32

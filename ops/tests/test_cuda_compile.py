@@ -58,7 +58,8 @@ def test_cache_key_depends_on_arch_and_compiler():
 
 
 @pytest.mark.parametrize(
-    ("arch", "expected"), [("sm_90", "sm_90"), ("90", "sm_90"), ("8.6", "sm_86"), ("sm_90a", "sm_90a"), ("100", "sm_100")]
+    ("arch", "expected"),
+    [("sm_90", "sm_90"), ("90", "sm_90"), ("8.6", "sm_86"), ("sm_90a", "sm_90a"), ("100", "sm_100")],
 )
 def test_normalize_arch(arch, expected):
     assert _cuda.normalize_arch(arch) == expected
@@ -136,7 +137,9 @@ def test_is_available_without_cuda_says_why(monkeypatch):
     assert _cuda.is_available(torch.device("cuda", 1)) == (ok, reason)
 
 
-@pytest.mark.parametrize(("capability", "arch"), [((8, 0), "sm_80"), ((8, 6), "sm_86"), ((9, 0), "sm_90"), ((12, 0), "sm_120")])
+@pytest.mark.parametrize(
+    ("capability", "arch"), [((8, 0), "sm_80"), ((8, 6), "sm_86"), ((9, 0), "sm_90"), ((12, 0), "sm_120")]
+)
 def test_arch_for_capability(capability, arch):
     assert _cuda.arch_for_capability(capability) == arch
 
@@ -158,8 +161,11 @@ def test_load_builds_and_keeps_one_library_per_device_architecture(monkeypatch):
     monkeypatch.setattr(_cuda, "_libs", {})
     monkeypatch.setattr(_cuda, "_device_arch", {})
     asked = []
-    monkeypatch.setattr(torch.cuda, "get_device_capability",
-                        lambda device=None: asked.append(_index(device)) or CAPABILITIES[_index(device)])
+    monkeypatch.setattr(
+        torch.cuda,
+        "get_device_capability",
+        lambda device=None: asked.append(_index(device)) or CAPABILITIES[_index(device)],
+    )
     built = []
     monkeypatch.setattr(_cuda, "build", lambda arch: built.append(arch) or Path(f"/cache/{arch}/libmsda.so"))
     monkeypatch.setattr(_cuda.ctypes, "CDLL", lambda path: f"library at {path}")

@@ -10,7 +10,9 @@ import ops
 
 pytestmark = [
     pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (torch.cuda.is_available() is False)"),
+    pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="needs a CUDA device (torch.cuda.is_available() is False)"
+    ),
 ]
 
 # Checks the machine may be unable to run (too little free memory, one GPU); every other one must PASS.
@@ -33,5 +35,7 @@ def test_cuda_op_checks():
 
     names = [c["name"] for c in report.checks]
     assert any(n.startswith("vs reference") for n in names) and "gradcheck float64" in names, names
-    not_passed = [c for c in report.checks if c["status"] != PASS and not (c["status"] == SKIP and c["name"] in MAY_SKIP)]
+    not_passed = [
+        c for c in report.checks if c["status"] != PASS and not (c["status"] == SKIP and c["name"] in MAY_SKIP)
+    ]
     assert not not_passed, "\n".join(f"{c['status']} {c['name']}: {c['detail']}" for c in not_passed)

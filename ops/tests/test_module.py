@@ -5,7 +5,6 @@ import math
 import pytest
 import torch
 
-import ops
 from ops import MSDeformAttn
 
 SHAPES = [[8, 10], [4, 5], [2, 3], [1, 2]]
@@ -91,8 +90,14 @@ def test_initialization_matches_the_paper():
         assert proj.weight.abs().max() <= bound and proj.weight.std() > bound / 3
         assert torch.count_nonzero(proj.bias) == 0
     assert [n for n, _ in attn.named_parameters()] == [
-        "sampling_offsets.weight", "sampling_offsets.bias", "attention_weights.weight",
-        "attention_weights.bias", "value_proj.weight", "value_proj.bias", "output_proj.weight", "output_proj.bias",
+        "sampling_offsets.weight",
+        "sampling_offsets.bias",
+        "attention_weights.weight",
+        "attention_weights.bias",
+        "value_proj.weight",
+        "value_proj.bias",
+        "output_proj.weight",
+        "output_proj.bias",
     ]
 
 

@@ -60,7 +60,10 @@ def test_gradcheck_public_op(inputs_factory, loc_range):
 def test_gradients_match_naive_autograd(inputs_factory):
     value, ss, lsi, loc, attn = inputs_factory([[3, 4], [1, 5]], N=1, Lq=2, M=2, D=3, P=2, loc_range=(-0.3, 1.3))
     grads = []
-    for fn in (lambda v, lc, a: ops.ms_deform_attn(v, ss, lsi, lc, a), lambda v, lc, a: naive_ms_deform_attn(v, ss, lc, a)):
+    for fn in (
+        lambda v, lc, a: ops.ms_deform_attn(v, ss, lsi, lc, a),
+        lambda v, lc, a: naive_ms_deform_attn(v, ss, lc, a),
+    ):
         ins = [t.detach().clone().requires_grad_(True) for t in (value, loc, attn)]
         out = fn(*ins)
         out.backward(torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out))

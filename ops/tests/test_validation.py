@@ -31,7 +31,11 @@ def test_level_start_index_checked(good):
         (0, lambda t: t[0], r"value must have shape \(N, S, M, D\)"),
         (1, lambda t: t[:, :1], r"spatial_shapes must have shape \(L, 2\)"),
         (3, lambda t: t[..., 0], r"sampling_locations must have shape \(N, Lq, M, L, P, 2\)"),
-        (3, lambda t: t[:, :, :1], r"sampling_locations must have shape \(N, Lq, M, L, P, 2\) = \(2, 3, 2, 2, 2, 2\), got \(2, 3, 1, 2, 2, 2\)"),
+        (
+            3,
+            lambda t: t[:, :, :1],
+            r"sampling_locations must have shape \(N, Lq, M, L, P, 2\) = \(2, 3, 2, 2, 2, 2\), got \(2, 3, 1, 2, 2, 2\)",
+        ),
         (4, lambda t: t[..., :1], r"attention_weights must have shape \(N, Lq, M, L, P\) = \(2, 3, 2, 2, 2\)"),
     ],
 )

@@ -57,15 +57,59 @@ def outputs_of(model):
 def authors_args(**overrides) -> argparse.Namespace:
     """An args namespace with the authors' flag names and defaults (main.py), as their files pickle it."""
     args = dict(
-        lr=2e-4, lr_backbone_names=["backbone.0"], lr_backbone=2e-5, lr_linear_proj_names=["reference_points", "sampling_offsets"],
-        lr_linear_proj_mult=0.1, batch_size=2, weight_decay=1e-4, epochs=50, lr_drop=40, lr_drop_epochs=None,
-        clip_max_norm=0.1, sgd=False, with_box_refine=False, two_stage=False, frozen_weights=None, backbone="resnet50",
-        dilation=False, position_embedding="sine", position_embedding_scale=2 * math.pi, num_feature_levels=4,
-        enc_layers=6, dec_layers=6, dim_feedforward=1024, hidden_dim=256, dropout=0.1, nheads=8, num_queries=300,
-        dec_n_points=4, enc_n_points=4, masks=False, aux_loss=True, set_cost_class=2, set_cost_bbox=5, set_cost_giou=2,
-        mask_loss_coef=1, dice_loss_coef=1, cls_loss_coef=2, bbox_loss_coef=5, giou_loss_coef=2, focal_alpha=0.25,
-        dataset_file="coco", coco_path="./data/coco", output_dir="exps/r50_deformable_detr", device="cuda", seed=42,
-        resume="", start_epoch=0, eval=False, num_workers=2, cache_mode=False, distributed=True, rank=0, world_size=8,
+        lr=2e-4,
+        lr_backbone_names=["backbone.0"],
+        lr_backbone=2e-5,
+        lr_linear_proj_names=["reference_points", "sampling_offsets"],
+        lr_linear_proj_mult=0.1,
+        batch_size=2,
+        weight_decay=1e-4,
+        epochs=50,
+        lr_drop=40,
+        lr_drop_epochs=None,
+        clip_max_norm=0.1,
+        sgd=False,
+        with_box_refine=False,
+        two_stage=False,
+        frozen_weights=None,
+        backbone="resnet50",
+        dilation=False,
+        position_embedding="sine",
+        position_embedding_scale=2 * math.pi,
+        num_feature_levels=4,
+        enc_layers=6,
+        dec_layers=6,
+        dim_feedforward=1024,
+        hidden_dim=256,
+        dropout=0.1,
+        nheads=8,
+        num_queries=300,
+        dec_n_points=4,
+        enc_n_points=4,
+        masks=False,
+        aux_loss=True,
+        set_cost_class=2,
+        set_cost_bbox=5,
+        set_cost_giou=2,
+        mask_loss_coef=1,
+        dice_loss_coef=1,
+        cls_loss_coef=2,
+        bbox_loss_coef=5,
+        giou_loss_coef=2,
+        focal_alpha=0.25,
+        dataset_file="coco",
+        coco_path="./data/coco",
+        output_dir="exps/r50_deformable_detr",
+        device="cuda",
+        seed=42,
+        resume="",
+        start_epoch=0,
+        eval=False,
+        num_workers=2,
+        cache_mode=False,
+        distributed=True,
+        rank=0,
+        world_size=8,
     )
     args.update(overrides)
     return argparse.Namespace(**args)
@@ -111,7 +155,9 @@ def test_save_unwraps_compiled_model(tmp_path):
 )
 def test_authors_format_round_trip(tmp_path, flags, zipfile):
     """A file shaped like the released ones: {model, optimizer, lr_scheduler, epoch, args=Namespace}."""
-    sizes = dict(backbone="resnet18", hidden_dim=64, nheads=4, enc_layers=1, dec_layers=2, dim_feedforward=128, num_queries=10)
+    sizes = dict(
+        backbone="resnet18", hidden_dim=64, nheads=4, enc_layers=1, dec_layers=2, dim_feedforward=128, num_queries=10
+    )
     cfg = tiny_config(num_classes=91, **flags)
     model, _, _ = build_model(cfg)
     trained_looking(model)
@@ -124,7 +170,13 @@ def test_authors_format_round_trip(tmp_path, flags, zipfile):
     weights["backbone.0.body.total_ops"] = torch.zeros(1, dtype=torch.float64)  # thop leftovers, ignored
     weights["backbone.0.body.total_params"] = torch.zeros(1, dtype=torch.float64)
     torch.save(
-        {"model": weights, "optimizer": optimizer.state_dict(), "lr_scheduler": scheduler.state_dict(), "epoch": 49, "args": args},
+        {
+            "model": weights,
+            "optimizer": optimizer.state_dict(),
+            "lr_scheduler": scheduler.state_dict(),
+            "epoch": 49,
+            "args": args,
+        },
         path,
         _use_new_zipfile_serialization=zipfile,
     )
@@ -142,7 +194,9 @@ def test_authors_format_round_trip(tmp_path, flags, zipfile):
 
 def test_authors_format_with_unknown_globals_needs_explicit_trust(tmp_path):
     model, _, _ = build_model(tiny_config(num_classes=91))
-    args = authors_args(backbone="resnet18", hidden_dim=64, nheads=4, enc_layers=1, dec_layers=2, dim_feedforward=128, num_queries=10)
+    args = authors_args(
+        backbone="resnet18", hidden_dim=64, nheads=4, enc_layers=1, dec_layers=2, dim_feedforward=128, num_queries=10
+    )
     args.extra = fractions.Fraction(1, 3)  # any class beyond argparse.Namespace
     path = tmp_path / "odd.pth"
     torch.save({"model": model.state_dict(), "args": args}, path)

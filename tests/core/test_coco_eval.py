@@ -19,8 +19,12 @@ def _gt():
 
 def test_perfect_detections_score_one():
     gt = load_coco_gt(_gt())
-    records = detections_to_coco(1, {"boxes": torch.tensor([[10.0, 10, 50, 40]]), "scores": torch.tensor([0.9]), "labels": torch.tensor([3])})
-    records += detections_to_coco(2, {"boxes": torch.tensor([[50.0, 20, 80, 60]]), "scores": torch.tensor([0.8]), "labels": torch.tensor([7])})
+    records = detections_to_coco(
+        1, {"boxes": torch.tensor([[10.0, 10, 50, 40]]), "scores": torch.tensor([0.9]), "labels": torch.tensor([3])}
+    )
+    records += detections_to_coco(
+        2, {"boxes": torch.tensor([[50.0, 20, 80, 60]]), "scores": torch.tensor([0.8]), "labels": torch.tensor([7])}
+    )
     stats = coco_evaluate(gt, records)
     assert stats["AP"] > 0.99 and stats["AP50"] > 0.99
     assert "| AP | AP50" in format_ap_table(stats)
@@ -28,7 +32,9 @@ def test_perfect_detections_score_one():
 
 def test_wrong_class_and_no_detections():
     gt = load_coco_gt(_gt())
-    wrong = detections_to_coco(1, {"boxes": torch.tensor([[10.0, 10, 50, 40]]), "scores": torch.tensor([0.9]), "labels": torch.tensor([7])})
+    wrong = detections_to_coco(
+        1, {"boxes": torch.tensor([[10.0, 10, 50, 40]]), "scores": torch.tensor([0.9]), "labels": torch.tensor([7])}
+    )
     assert coco_evaluate(gt, wrong)["AP"] == 0.0
     assert coco_evaluate(gt, [])["AP50"] == 0.0
 
@@ -36,6 +42,8 @@ def test_wrong_class_and_no_detections():
 def test_half_overlap_counts_at_iou_50_only():
     gt = load_coco_gt(_gt())
     # IoU with the gt box [10,10,50,40] is 0.6: a hit at 0.5, a miss at 0.75
-    det = detections_to_coco(1, {"boxes": torch.tensor([[10.0, 10, 50, 28]]), "scores": torch.tensor([0.9]), "labels": torch.tensor([3])})
+    det = detections_to_coco(
+        1, {"boxes": torch.tensor([[10.0, 10, 50, 28]]), "scores": torch.tensor([0.9]), "labels": torch.tensor([3])}
+    )
     stats = coco_evaluate(gt, det, image_ids=[1])
     assert stats["AP50"] > 0.99 and stats["AP75"] == 0.0

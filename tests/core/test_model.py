@@ -190,7 +190,11 @@ def test_autocast_end_to_end(dtype):
 
 
 def test_backbone_channels_strides_and_freezing():
-    for name, channels in (("resnet18", [128, 256, 512]), ("resnet34", [128, 256, 512]), ("resnet50", [512, 1024, 2048])):
+    for name, channels in (
+        ("resnet18", [128, 256, 512]),
+        ("resnet34", [128, 256, 512]),
+        ("resnet50", [512, 1024, 2048]),
+    ):
         assert Backbone(name).num_channels == channels
     backbone = Backbone("resnet50", return_interm_layers=False, dilation=True)
     assert backbone.num_channels == [2048] and backbone.strides == [16]
@@ -199,7 +203,7 @@ def test_backbone_channels_strides_and_freezing():
     assert "layer2.0.conv1.weight" not in frozen
     assert not any("num_batches_tracked" in k for k in backbone.state_dict())
     features = backbone(torch.randn(1, 3, 64, 96), torch.zeros(1, 64, 96, dtype=torch.bool))
-    (x, m), = features
+    ((x, m),) = features
     assert x.shape == (1, 2048, 4, 6) and m.shape == (1, 4, 6)
 
 
@@ -263,7 +267,12 @@ def test_config_defaults_are_the_papers():
     assert (m.num_queries, m.num_classes, m.with_box_refine, m.two_stage, m.aux_loss) == (300, 91, False, False, True)
     assert m.position_embedding_scale == pytest.approx(2 * math.pi)
     assert (cfg.matcher.set_cost_class, cfg.matcher.set_cost_bbox, cfg.matcher.set_cost_giou) == (2, 5, 2)
-    assert (cfg.loss.cls_loss_coef, cfg.loss.bbox_loss_coef, cfg.loss.giou_loss_coef, cfg.loss.focal_alpha) == (2, 5, 2, 0.25)
+    assert (cfg.loss.cls_loss_coef, cfg.loss.bbox_loss_coef, cfg.loss.giou_loss_coef, cfg.loss.focal_alpha) == (
+        2,
+        5,
+        2,
+        0.25,
+    )
     assert DetrConfig.model_validate_json(cfg.model_dump_json()) == cfg
     with pytest.raises(pydantic.ValidationError, match="extra"):
         DetrConfig.model_validate({"model": {}, "trainer": {}})

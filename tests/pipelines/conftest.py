@@ -10,22 +10,38 @@ from pipelines.data_config import DataConfig
 from pipelines.synthetic import generate_coco
 
 # Augmentation sizes scaled to the ~100-160 px test images, so every branch (crop included) runs.
-SMALL_SIZES = dict(train_short_sides=(64, 80, 96), max_size=160, val_short_side=96, crop_resize_sides=(80, 100),
-                   crop_size=(48, 90), rows_per_task=4, images_per_shard=10)
+SMALL_SIZES = dict(
+    train_short_sides=(64, 80, 96),
+    max_size=160,
+    val_short_side=96,
+    crop_resize_sides=(80, 100),
+    crop_size=(48, 90),
+    rows_per_task=4,
+    images_per_shard=10,
+)
 
 
 @pytest.fixture(scope="session")
 def coco_paths(tmp_path_factory) -> dict[str, str]:
     """24 train and 8 val images of 96-160 px; crowd regions in a quarter of the images."""
-    return generate_coco(tmp_path_factory.mktemp("coco"), 24, 8, image_size=((96, 160), (96, 160)),
-                         num_classes=4, crowd_fraction=0.25, seed=0)
+    return generate_coco(
+        tmp_path_factory.mktemp("coco"),
+        24,
+        8,
+        image_size=((96, 160), (96, 160)),
+        num_classes=4,
+        crowd_fraction=0.25,
+        seed=0,
+    )
 
 
 @pytest.fixture(scope="session")
 def make_config(coco_paths):
     """DataConfig of the generated set with small augmentation sizes; kwargs override fields."""
+
     def make(**overrides) -> DataConfig:
         return DataConfig(**{**coco_paths, **SMALL_SIZES, **overrides})
+
     return make
 
 

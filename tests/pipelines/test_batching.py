@@ -14,10 +14,18 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 def _sample(rng, h, w, k, image_id):
     boxes = rng.uniform(0, 1, (k, 4)).astype(np.float32)
-    return {"image": rng.integers(0, 256, (h, w, 3), dtype=np.uint8), "image_id": image_id,
-            "file_name": f"{image_id}.jpg", "orig_size": (h * 2, w * 2), "boxes": boxes,
-            "labels": rng.integers(1, 91, k), "iscrowd": (np.arange(k) == 0).astype(np.int8) if k else np.zeros(0),
-            "ann_id": np.arange(k) + 100 * image_id, "affine": np.array([0.5, 0, 0.5, 0]), "epoch": 3}
+    return {
+        "image": rng.integers(0, 256, (h, w, 3), dtype=np.uint8),
+        "image_id": image_id,
+        "file_name": f"{image_id}.jpg",
+        "orig_size": (h * 2, w * 2),
+        "boxes": boxes,
+        "labels": rng.integers(1, 91, k),
+        "iscrowd": (np.arange(k) == 0).astype(np.int8) if k else np.zeros(0),
+        "ann_id": np.arange(k) + 100 * image_id,
+        "affine": np.array([0.5, 0, 0.5, 0]),
+        "epoch": 3,
+    }
 
 
 def test_pad_and_normalize_mask():
@@ -65,8 +73,7 @@ def test_model_batch_on_gpu_matches_cpu():
     rng = np.random.default_rng(2)
     flat = collate_table(samples_to_table([_sample(rng, 30, 40, 3, 1), _sample(rng, 50, 20, 1, 2)]))
     cpu = to_model_batch(flat, pixel_mean=MEAN, pixel_std=STD, device="cpu")
-    gpu = to_model_batch({k: v.pin_memory() for k, v in flat.items()}, pixel_mean=MEAN, pixel_std=STD,
-                         device="cuda")
+    gpu = to_model_batch({k: v.pin_memory() for k, v in flat.items()}, pixel_mean=MEAN, pixel_std=STD, device="cuda")
     assert gpu["images"].is_cuda and gpu["targets"][0]["boxes"].is_cuda
     torch.testing.assert_close(gpu["images"].cpu(), cpu["images"])
     assert torch.equal(gpu["mask"].cpu(), cpu["mask"])

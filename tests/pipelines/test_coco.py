@@ -33,15 +33,14 @@ def test_rows_match_json(coco_paths):
     for a in js["annotations"]:
         r = rows[a["image_id"]]
         k = r["ann_id"].index(a["id"])
-        np.testing.assert_allclose(r["boxes"][4 * k:4 * k + 4], a["bbox"], rtol=1e-6)
+        np.testing.assert_allclose(r["boxes"][4 * k : 4 * k + 4], a["bbox"], rtol=1e-6)
         assert (r["category_id"][k], r["iscrowd"][k]) == (a["category_id"], a["iscrowd"])
     assert sum(r["num_boxes"] for r in rows.values()) == len(js["annotations"])
     assert any(r["num_boxes"] == 0 for r in rows.values()) or len(rows) < 20
 
 
 def test_category_maps():
-    coco_like = [{"id": i, "name": f"c{i}"} for i in range(1, 91) if i not in (12, 26, 29, 30, 45, 66, 68, 69,
-                                                                                 71, 83)]
+    coco_like = [{"id": i, "name": f"c{i}"} for i in range(1, 91) if i not in (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)]
     raw = CategoryMap.from_categories(coco_like, "raw")
     assert raw.num_classes == 91 and raw.labels(np.array([1, 90])).tolist() == [1, 90]
     cont = CategoryMap.from_categories(coco_like, "contiguous")
@@ -83,9 +82,14 @@ def _bad_cases(js):
         j["images"][1]["height"] = 0
         return "image #1"
 
-    return [("unknown_category", unknown_category), ("annotation_for_unlisted_image", unlisted_image),
-            ("box_outside_image", outside), ("box_zero_size", zero_size),
-            ("bad_annotation_record", malformed_record), ("bad_image_record", bad_image)], first_image
+    return [
+        ("unknown_category", unknown_category),
+        ("annotation_for_unlisted_image", unlisted_image),
+        ("box_outside_image", outside),
+        ("box_zero_size", zero_size),
+        ("bad_annotation_record", malformed_record),
+        ("bad_image_record", bad_image),
+    ], first_image
 
 
 def test_bad_annotations_error_or_skip(coco_paths, tmp_path):
@@ -125,7 +129,7 @@ def test_edge_tolerance_clips_and_counts(coco_paths):
     assert index.summary.total == 0 and index.summary.fixed == {"box_clipped_to_image": 1}
     row = next(r for r in index.table.to_pylist() if r["image_id"] == im["id"])
     k = row["ann_id"].index(a["id"])
-    np.testing.assert_allclose(row["boxes"][4 * k:4 * k + 4], [0, 1, im["width"], 5])
+    np.testing.assert_allclose(row["boxes"][4 * k : 4 * k + 4], [0, 1, im["width"], 5])
     assert parse_instances(js, box_edge_tolerance=0.1).summary.counts == {"box_outside_image": 1}
 
 

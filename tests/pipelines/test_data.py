@@ -52,8 +52,7 @@ def _check_targets_against_json(flat, batch, js, categories: CategoryMap, keep_c
                 assert a["id"] not in got, "crowd boxes are not training targets"
                 continue
             x, y, bw, bh = a["bbox"]
-            clipped = np.array([max(x, window[0]), max(y, window[1]), min(x + bw, window[2]),
-                                min(y + bh, window[3])])
+            clipped = np.array([max(x, window[0]), max(y, window[1]), min(x + bw, window[2]), min(y + bh, window[3])])
             if a["id"] in got:
                 k = got[a["id"]]
                 np.testing.assert_allclose(back[k], clipped, atol=0.02)
@@ -235,10 +234,13 @@ def test_ray_train_workers_get_disjoint_reproducible_shards(ray_local, make_conf
         Path(config["out"], f"rank{rank}.json").write_text(json.dumps(epochs))
 
     trainer = TorchTrainer(
-        loop, train_loop_config={"out": str(tmp_path)},
+        loop,
+        train_loop_config={"out": str(tmp_path)},
         scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.25}),
         run_config=ray.train.RunConfig(name="shards", storage_path=str(tmp_path / "runs")),
-        datasets={"train": ds}, dataset_config=ray.train.DataConfig(execution_options=ingest_options()))
+        datasets={"train": ds},
+        dataset_config=ray.train.DataConfig(execution_options=ingest_options()),
+    )
     trainer.fit()
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
     for e in range(2):

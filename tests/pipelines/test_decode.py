@@ -72,7 +72,7 @@ def test_broken_files_name_the_file(decoder):
 
 def _corrupt_middle(data: bytes, n: int = 200) -> bytes:
     m = len(data) // 2
-    return data[:m - n // 2] + b"\x00" * n + data[m + n // 2:]
+    return data[: m - n // 2] + b"\x00" * n + data[m + n // 2 :]
 
 
 def test_jpeg_corrupt_in_the_middle_is_an_error():
@@ -89,4 +89,4 @@ def test_jpeg_corrupt_in_the_middle_is_an_error():
         decode_image(data[:-2] + b"\x00" * 8 + data[-2:], name="broken.jpg")
     m = len(data) // 2
     with pytest.raises(ImageDecodeError, match=r"broken\.jpg: corrupt JPEG \(Unsupported marker"):
-        decode_image(data[:m] + b"\xff" * 50 + data[m + 50:], name="broken.jpg")
+        decode_image(data[:m] + b"\xff" * 50 + data[m + 50 :], name="broken.jpg")

@@ -28,8 +28,9 @@ def s3_options(tmp_path_factory):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     log = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT
+    )
     deadline = time.monotonic() + 30
     while True:
         try:
@@ -40,8 +41,13 @@ def s3_options(tmp_path_factory):
                 proc.kill()
                 pytest.fail(f"moto server did not start on port {port}; see {log.name}")
             time.sleep(0.2)
-    yield {"endpoint_override": f"127.0.0.1:{port}", "scheme": "http", "access_key": "testing",
-           "secret_key": "testing", "region": "us-east-1"}
+    yield {
+        "endpoint_override": f"127.0.0.1:{port}",
+        "scheme": "http",
+        "access_key": "testing",
+        "secret_key": "testing",
+        "region": "us-east-1",
+    }
     proc.terminate()
     try:
         proc.wait(10)

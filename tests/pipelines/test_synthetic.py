@@ -27,8 +27,16 @@ def test_deterministic_by_seed(tmp_path):
 
 
 def test_valid_coco_with_gapped_ids_crowds_and_empty_images(tmp_path):
-    paths = generate_coco(tmp_path, 40, 10, num_classes=5, crowd_fraction=0.3, empty_fraction=0.1,
-                          image_size=((80, 120), (90, 140)), seed=1)
+    paths = generate_coco(
+        tmp_path,
+        40,
+        10,
+        num_classes=5,
+        crowd_fraction=0.3,
+        empty_fraction=0.1,
+        image_size=((80, 120), (90, 140)),
+        seed=1,
+    )
     root = Path(paths["root"])
     for split in ("train", "val"):
         coco = COCO(str(root / paths[f"{split}_ann"]))

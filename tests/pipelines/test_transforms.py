@@ -21,8 +21,9 @@ from pipelines.transforms import (
     val_transform,
 )
 
-PAPER = dict(short_sides=tuple(range(480, 801, 32)), max_size=1333, crop_resize_sides=(400, 500, 600),
-             crop_size=(384, 600))
+PAPER = dict(
+    short_sides=tuple(range(480, 801, 32)), max_size=1333, crop_resize_sides=(400, 500, 600), crop_size=(384, 600)
+)
 
 
 def _random_boxes(rng, n, h, w):
@@ -31,13 +32,16 @@ def _random_boxes(rng, n, h, w):
     return np.concatenate([xy, np.minimum(xy + wh, [w, h])], 1).astype(np.float32)
 
 
-@pytest.mark.parametrize("hw,side,max_size,expected", [
-    ((480, 640), 800, 1333, (800, 1066)),
-    ((640, 480), 800, 1333, (1066, 800)),
-    ((480, 2000), 800, 1333, (320, 1333)),  # long side caps the short side
-    ((800, 1000), 800, 1333, (800, 1000)),  # already there
-    ((427, 640), 512, None, (512, 767)),
-])
+@pytest.mark.parametrize(
+    "hw,side,max_size,expected",
+    [
+        ((480, 640), 800, 1333, (800, 1066)),
+        ((640, 480), 800, 1333, (1066, 800)),
+        ((480, 2000), 800, 1333, (320, 1333)),  # long side caps the short side
+        ((800, 1000), 800, 1333, (800, 1000)),  # already there
+        ((427, 640), 512, None, (512, 767)),
+    ],
+)
 def test_size_matches_detr(hw, side, max_size, expected):
     assert get_size_with_aspect_ratio(*hw, side, max_size) == expected
 
@@ -84,16 +88,16 @@ def test_train_transform_boxes_round_trip(seed):
     window = inv.apply(np.array([[0, 0, ow, oh]], np.float32))[0]
     clipped = np.concatenate([np.maximum(boxes[:, :2], window[:2]), np.minimum(boxes[:, 2:], window[2:])], 1)
     visible = (clipped[:, 2] > clipped[:, 0] + 1e-3) & (clipped[:, 3] > clipped[:, 1] + 1e-3)
-    assert set(out.keep.tolist()) <= set(np.nonzero((clipped[:, 2] >= clipped[:, 0]) &
-                                                    (clipped[:, 3] >= clipped[:, 1]))[0].tolist())
+    assert set(out.keep.tolist()) <= set(
+        np.nonzero((clipped[:, 2] >= clipped[:, 0]) & (clipped[:, 3] >= clipped[:, 1]))[0].tolist()
+    )
     assert set(np.nonzero(visible)[0].tolist()) <= set(out.keep.tolist())
     back = inv.apply(out.boxes_xyxy)
     np.testing.assert_allclose(back, clipped[out.keep], atol=0.05)
     # and through the model's box format
     cxcywh = boxes_xyxy_to_cxcywh_normalized(out.boxes_xyxy, oh, ow)
     assert ((cxcywh >= 0) & (cxcywh <= 1)).all()
-    np.testing.assert_allclose(inv.apply(boxes_cxcywh_normalized_to_xyxy(cxcywh, oh, ow)), clipped[out.keep],
-                               atol=0.05)
+    np.testing.assert_allclose(inv.apply(boxes_cxcywh_normalized_to_xyxy(cxcywh, oh, ow)), clipped[out.keep], atol=0.05)
 
 
 def test_train_transform_takes_both_branches_and_flips():
@@ -110,8 +114,16 @@ def test_train_transform_takes_both_branches_and_flips():
 def test_tiny_images_crop_whole_side():
     rng = np.random.default_rng(0)
     img = rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)
-    out = train_transform(img, np.array([[1, 1, 20, 20]], np.float32), rng, short_sides=(32,), max_size=64,
-                          crop_resize_sides=(30,), crop_size=(384, 600), crop_prob=1.0)
+    out = train_transform(
+        img,
+        np.array([[1, 1, 20, 20]], np.float32),
+        rng,
+        short_sides=(32,),
+        max_size=64,
+        crop_resize_sides=(30,),
+        crop_size=(384, 600),
+        crop_prob=1.0,
+    )
     assert min(out.image.shape[:2]) == 32
 
 

@@ -17,8 +17,11 @@ def test_every_preset_validates(preset):
 
 
 def test_paper_presets_follow_the_authors_recipe():
-    for name, variant in [("r50", "plain"), ("r50_box_refine", "with_box_refine"),
-                          ("r50_two_stage", "with_box_refine_two_stage")]:
+    for name, variant in [
+        ("r50", "plain"),
+        ("r50_box_refine", "with_box_refine"),
+        ("r50_two_stage", "with_box_refine_two_stage"),
+    ]:
         job = load_job_config(preset=name)
         assert job.detr_config().variant() == variant
         assert job.model.backbone == "resnet50"
@@ -32,8 +35,15 @@ def test_default_preset_is_the_demo():
 
 
 def test_overrides_parse_json_values_and_strings():
-    job = load_job_config(overrides=["train.lr=1e-4", "train.use_gpu=true", "data.train_short_sides=[96, 128]",
-                                     "train.name=my-run", "train.finetune_from=null"])
+    job = load_job_config(
+        overrides=[
+            "train.lr=1e-4",
+            "train.use_gpu=true",
+            "data.train_short_sides=[96, 128]",
+            "train.name=my-run",
+            "train.finetune_from=null",
+        ]
+    )
     assert job.train.lr == 1e-4
     assert job.train.use_gpu is True
     assert job.data.train_short_sides == (96, 128)
@@ -43,8 +53,9 @@ def test_overrides_parse_json_values_and_strings():
 
 def test_errors_name_every_bad_field():
     with pytest.raises(ConfigError) as e:
-        load_job_config(overrides=["train.lr=-1", "train.epochs=0", "train.no_such_field=3",
-                                   "train.lr_schedule=linear"])
+        load_job_config(
+            overrides=["train.lr=-1", "train.epochs=0", "train.no_such_field=3", "train.lr_schedule=linear"]
+        )
     msg = str(e.value)
     assert "train.lr: Input should be greater than 0" in msg
     assert "train.epochs: Input should be greater than or equal to 1" in msg

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 
@@ -29,9 +28,18 @@ def test_skipped_bad_input_is_reported_and_saved(ray_local, tmp_path, tiny_data,
     bad_ann["category_id"] = 99
     (root / "instances_train.json").write_text(json.dumps(js))
 
-    job = preflight(load_job_config(preset="tiny", overrides=[
-        f"data.root={root}", f"train.storage_path={tmp_path / 'runs'}", "train.name=skip", "demo_data=null",
-        "data.on_bad_input=skip"]))
+    job = preflight(
+        load_job_config(
+            preset="tiny",
+            overrides=[
+                f"data.root={root}",
+                f"train.storage_path={tmp_path / 'runs'}",
+                "train.name=skip",
+                "demo_data=null",
+                "data.on_bad_input=skip",
+            ],
+        )
+    )
     data = prepare_data(job)
     run_dir = RunDir(job.train.storage_path, job.train.name).mkdir()
     print(format_data_report(write_data_report(data, run_dir), job.data.on_bad_input))  # as run_training does

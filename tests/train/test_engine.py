@@ -36,17 +36,21 @@ def batches(n_batches=3, batch_size=2, seed=0, size=(64, 80)):
         h, w = size
         images = torch.randn(batch_size, 3, h, w, generator=g)
         mask = torch.zeros(batch_size, h, w, dtype=torch.bool)
-        mask[-1, :, w - 16:] = True  # the last image is narrower
-        images[-1, :, :, w - 16:] = 0
+        mask[-1, :, w - 16 :] = True  # the last image is narrower
+        images[-1, :, :, w - 16 :] = 0
         targets = []
         for i in range(batch_size):
             k = 1 + i % 2
             boxes = torch.cat([torch.rand(k, 2, generator=g) * 0.4 + 0.3, torch.rand(k, 2, generator=g) * 0.2 + 0.1], 1)
-            targets.append({
-                "boxes": boxes, "labels": torch.randint(0, 3, (k,), generator=g),
-                "image_id": 100 * b + i, "orig_size": torch.tensor([2 * h, 2 * w]),
-                "size": torch.tensor([h, w - (16 if i == batch_size - 1 else 0)]),
-            })
+            targets.append(
+                {
+                    "boxes": boxes,
+                    "labels": torch.randint(0, 3, (k,), generator=g),
+                    "image_id": 100 * b + i,
+                    "orig_size": torch.tensor([2 * h, 2 * w]),
+                    "size": torch.tensor([h, w - (16 if i == batch_size - 1 else 0)]),
+                }
+            )
         out.append({"images": images, "mask": mask, "targets": targets})
     return out
 
@@ -60,8 +64,10 @@ def test_param_groups_follow_the_authors():
     assert math.isclose(groups["linear_proj"]["lr"], 2e-5)
     names = {id(p): n for n, p in model.named_parameters()}
     assert all(names[id(p)].startswith("backbone.0.") for p in groups["backbone"]["params"])
-    assert all(("sampling_offsets" in names[id(p)] or "reference_points" in names[id(p)])
-               for p in groups["linear_proj"]["params"])
+    assert all(
+        ("sampling_offsets" in names[id(p)] or "reference_points" in names[id(p)])
+        for p in groups["linear_proj"]["params"]
+    )
     trainable = [p for p in model.parameters() if p.requires_grad]
     grouped = [p for g in groups.values() for p in g["params"]]
     assert len(grouped) == len(trainable) == len({id(p) for p in grouped})
@@ -160,12 +166,23 @@ def test_train_one_epoch_learns_and_reports_every_step():
     opt = build_optimizer(model, cfg)
     data = batches(2)
     records = []
-    first = train_one_epoch(model, criterion, data, opt, None, device=torch.device("cpu"), clip_max_norm=0.1,
-                            on_step=records.append)
+    first = train_one_epoch(
+        model, criterion, data, opt, None, device=torch.device("cpu"), clip_max_norm=0.1, on_step=records.append
+    )
     assert first["steps"] == 2 and first["images"] == 4 and len(records) == 2
     rec = records[0]
-    for key in ("loss", "loss_ce", "loss_bbox", "loss_giou", "class_error", "lr", "lr_backbone", "grad_norm",
-                "step_images", "step_time_s"):
+    for key in (
+        "loss",
+        "loss_ce",
+        "loss_bbox",
+        "loss_giou",
+        "class_error",
+        "lr",
+        "lr_backbone",
+        "grad_norm",
+        "step_images",
+        "step_time_s",
+    ):
         assert key in rec, key
     assert all(math.isfinite(r["loss"]) for r in records)
     for _ in range(8):
@@ -179,8 +196,9 @@ def test_grad_accumulation_steps_and_short_last_group():
     opt = build_optimizer(model, cfg)
     sched = build_lr_scheduler(opt, cfg, steps_per_epoch=2)
     records = []
-    out = train_one_epoch(model, criterion, batches(3), opt, sched, device=torch.device("cpu"),
-                          grad_accum_steps=2, on_step=records.append)
+    out = train_one_epoch(
+        model, criterion, batches(3), opt, sched, device=torch.device("cpu"), grad_accum_steps=2, on_step=records.append
+    )
     # 3 micro-batches with 2 per step: a full step and a short one.
     assert out["steps"] == 2 and [r["step_images"] for r in records] == [4, 2]
     assert sched.last_epoch == 2
@@ -207,8 +225,9 @@ def test_evaluate_gives_coco_records_in_original_pixels():
     model, _, _ = tiny_model()
     post = PostProcess(num_select=5, label_map=[1, 3, 7])
     data = batches(2)
-    records, image_ids, vis = evaluate(model, post, data, device=torch.device("cpu"), num_vis=3,
-                                       vis_score_threshold=0.0)
+    records, image_ids, vis = evaluate(
+        model, post, data, device=torch.device("cpu"), num_vis=3, vis_score_threshold=0.0
+    )
     assert sorted(image_ids) == [0, 1, 100, 101]
     assert len(records) == 4 * 5
     assert {r["category_id"] for r in records} <= {1, 3, 7}

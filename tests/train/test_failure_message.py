@@ -13,8 +13,9 @@ from pipelines.train import describe_failure
 
 
 def test_describe_failure_names_the_first_failed_worker():
-    err = ray.train.WorkerGroupError("Traceback ...\nValueError: boom",
-                                     {1: ValueError("boom"), 0: RuntimeError("image 7: bad")})
+    err = ray.train.WorkerGroupError(
+        "Traceback ...\nValueError: boom", {1: ValueError("boom"), 0: RuntimeError("image 7: bad")}
+    )
     assert describe_failure(err) == "worker 0 (and 1 more): RuntimeError: image 7: bad"
     remote = RuntimeError("Traceback (most recent call last):\n  File x, line 1\nBadInputError: a.jpg: corrupt JPEG")
     assert describe_failure(ray.train.ControllerError(remote)) == "BadInputError: a.jpg: corrupt JPEG"

@@ -68,8 +68,9 @@ def authors_checkpoint(tmp_path) -> Path:
 
     job = load_job_config(preset="tiny", overrides=["model.num_classes=91"])
     model, _, _ = build_model(job.detr_config())
-    args = argparse.Namespace(**job.model.model_dump(), **job.matcher.model_dump(), **job.loss.model_dump(),
-                              dataset_file="coco", masks=False)
+    args = argparse.Namespace(
+        **job.model.model_dump(), **job.matcher.model_dump(), **job.loss.model_dump(), dataset_file="coco", masks=False
+    )
     path = tmp_path / "authors_tiny.pth"
     torch.save({"model": model.state_dict(), "args": args, "epoch": 49}, path)
     return path
@@ -83,26 +84,69 @@ def test_ray_job_submit_succeeds(tmp_path, tiny_data, authors_checkpoint):
     env = dict(os.environ, RAY_AUTH_MODE="disabled", PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
     env.pop("RAY_ADDRESS", None)
     # Every port of our own: other Ray instances may be running on this machine (CI shards, people).
-    ports = {flag: _free_port() for flag in ("port", "dashboard-port", "dashboard-agent-listen-port",
-                                             "dashboard-agent-grpc-port", "runtime-env-agent-port",
-                                             "metrics-export-port", "ray-client-server-port")}
+    ports = {
+        flag: _free_port()
+        for flag in (
+            "port",
+            "dashboard-port",
+            "dashboard-agent-listen-port",
+            "dashboard-agent-grpc-port",
+            "runtime-env-agent-port",
+            "metrics-export-port",
+            "ray-client-server-port",
+        )
+    }
     ray_cli = str(BIN / "ray")
     try:
         subprocess.run(
-            [ray_cli, "start", "--head", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
-             *[f"--{flag}={port}" for flag, port in ports.items()], "--num-cpus=4",
-             "--object-store-memory=200000000", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
-            env=env, check=True, capture_output=True, text=True, timeout=180,
+            [
+                ray_cli,
+                "start",
+                "--head",
+                "--node-ip-address=127.0.0.1",
+                "--dashboard-host=127.0.0.1",
+                *[f"--{flag}={port}" for flag, port in ports.items()],
+                "--num-cpus=4",
+                "--object-store-memory=200000000",
+                f"--temp-dir={temp_dir}",
+                "--disable-usage-stats",
+            ],
+            env=env,
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=180,
         )
         address = f"http://127.0.0.1:{ports['dashboard-port']}"
         client = JobSubmissionClient(address)
         submission_id = f"ddetr-test-{os.getpid()}"
         storage = tmp_path / "runs"
-        command = [ray_cli, "job", "submit", f"--address={address}", f"--submission-id={submission_id}",
-                   "--working-dir", ".", "--", "python", "pipelines/train.py", "--preset", "tiny",
-                   "--set", f"data.root={tiny_data['root']}", "--set", "demo_data=null",
-                   "--set", f"train.storage_path={storage}", "--set", "train.name=submitted",
-                   "--set", "train.epochs=1", "--set", f"train.finetune_from={authors_checkpoint}"]
+        command = [
+            ray_cli,
+            "job",
+            "submit",
+            f"--address={address}",
+            f"--submission-id={submission_id}",
+            "--working-dir",
+            ".",
+            "--",
+            "python",
+            "pipelines/train.py",
+            "--preset",
+            "tiny",
+            "--set",
+            f"data.root={tiny_data['root']}",
+            "--set",
+            "demo_data=null",
+            "--set",
+            f"train.storage_path={storage}",
+            "--set",
+            "train.name=submitted",
+            "--set",
+            "train.epochs=1",
+            "--set",
+            f"train.finetune_from={authors_checkpoint}",
+        ]
         deadline = time.time() + 120
         while True:  # the job agent comes up a few seconds after `ray start` returns
             submit = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=480)

@@ -41,8 +41,9 @@ def test_unreachable_bucket_fails_fast(tmp_path, job_with):
 
 def test_preflight_resolves_name_and_paths(tmp_path, tiny_data, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    job = load_job_config(preset="tiny", overrides=[f"data.root={tiny_data['root']}", "demo_data=null",
-                                                    "train.storage_path=rel_runs"])
+    job = load_job_config(
+        preset="tiny", overrides=[f"data.root={tiny_data['root']}", "demo_data=null", "train.storage_path=rel_runs"]
+    )
     job = preflight(job)
     assert job.train.name.startswith("tiny-")
     assert job.train.storage_path == str(tmp_path / "rel_runs") and os.path.isdir(job.train.storage_path)
@@ -99,8 +100,16 @@ def test_cli_missing_dataset_exits_before_ray(tmp_path, capsys):
 
     from pipelines.train import main
 
-    code = main(["--preset", "r50", "--set", f"data.root={tmp_path / 'coco'}",
-                 "--set", f"train.storage_path={tmp_path / 'runs'}"])
+    code = main(
+        [
+            "--preset",
+            "r50",
+            "--set",
+            f"data.root={tmp_path / 'coco'}",
+            "--set",
+            f"train.storage_path={tmp_path / 'runs'}",
+        ]
+    )
     assert code == 2
     assert "data.train_ann: file not found" in capsys.readouterr().err
     assert not ray.is_initialized()

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
-
 import pyarrow.fs as pafs
+import pytest
 
 from pipelines.run_outputs import (
     RunDir,
@@ -32,12 +31,17 @@ def test_bucket_uris_keep_their_options_at_the_end():
     storage = "s3://bucket/runs/?endpoint_override=127.0.0.1:9000&scheme=http"
     run = join_uri(storage, "demo")
     assert run == "s3://bucket/runs/demo?endpoint_override=127.0.0.1:9000&scheme=http"
-    assert join_uri(run, "config.json") == "s3://bucket/runs/demo/config.json?endpoint_override=127.0.0.1:9000&scheme=http"
+    assert (
+        join_uri(run, "config.json") == "s3://bucket/runs/demo/config.json?endpoint_override=127.0.0.1:9000&scheme=http"
+    )
     assert split_run_uri(run) == ("s3://bucket/runs?endpoint_override=127.0.0.1:9000&scheme=http", "demo")
     assert RunDir(storage, "demo", staging_root="/tmp/x").uri == run
     fs, path = storage_filesystem(join_uri(run, "config.json"))
     assert isinstance(fs, pafs.S3FileSystem) and path == "bucket/runs/demo/config.json"
-    assert join_uri("/data/runs/", "demo") == "/data/runs/demo" and split_run_uri("/data/runs/demo") == ("/data/runs", "demo")
+    assert join_uri("/data/runs/", "demo") == "/data/runs/demo" and split_run_uri("/data/runs/demo") == (
+        "/data/runs",
+        "demo",
+    )
 
 
 def test_metrics_jsonl_round_trip_and_torn_line(tmp_path):
@@ -50,16 +54,22 @@ def test_metrics_jsonl_round_trip_and_torn_line(tmp_path):
 
 def test_curves_and_drawn_images(tmp_path):
     pytest.importorskip("matplotlib")
-    records = [{"kind": "step", "global_step": s, "loss": 10 / s, "loss_ce": 1 / s, "loss_bbox": 0.5, "loss_giou": 0.4}
-               for s in range(1, 30)]
+    records = [
+        {"kind": "step", "global_step": s, "loss": 10 / s, "loss_ce": 1 / s, "loss_bbox": 0.5, "loss_giou": 0.4}
+        for s in range(1, 30)
+    ]
     records += [{"kind": "eval", "epoch": e, "AP": 0.1 * e, "AP50": 0.2 * e, "AP75": 0.05 * e} for e in range(3)]
     written = plot_curves(records, tmp_path)
     assert sorted(p.name for p in written) == ["ap.png", "loss.png"]
     assert all(p.stat().st_size > 1000 for p in written)
     item = {
-        "image_id": 7, "image": np.full((60, 80, 3), 128, np.uint8),
-        "true_boxes": np.array([[10, 10, 40, 30]]), "true_labels": np.array([3]),
-        "pred_boxes": np.array([[12, 11, 41, 33]]), "pred_scores": np.array([0.9]), "pred_labels": np.array([3]),
+        "image_id": 7,
+        "image": np.full((60, 80, 3), 128, np.uint8),
+        "true_boxes": np.array([[10, 10, 40, 30]]),
+        "true_labels": np.array([3]),
+        "pred_boxes": np.array([[12, 11, 41, 33]]),
+        "pred_scores": np.array([0.9]),
+        "pred_labels": np.array([3]),
         "label_names": {3: "ellipse"},
     }
     from PIL import Image

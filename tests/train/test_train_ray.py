@@ -69,8 +69,15 @@ def test_two_workers_two_epochs(two_epoch_run):
     assert ckpt_dirs == ["checkpoint_epoch0000", "checkpoint_epoch0001"]
 
     files = {p.name for p in outcome.run_dir.path.iterdir()}
-    assert {"config.json", "data_report.json", "metrics.jsonl", "ap_table.md", "loss.png", "ap.png",
-            "val_images"} <= files
+    assert {
+        "config.json",
+        "data_report.json",
+        "metrics.jsonl",
+        "ap_table.md",
+        "loss.png",
+        "ap.png",
+        "val_images",
+    } <= files
     report = json.loads((outcome.run_dir.path / "data_report.json").read_text())
     assert report == outcome.data_report
     assert {k: (r["num_images"], r["skipped"]) for k, r in report.items()} == {"train": (16, 0), "val": (5, 0)}
@@ -78,7 +85,7 @@ def test_two_workers_two_epochs(two_epoch_run):
 
 
 def test_evaluate_reproduces_the_training_ap(two_epoch_run):
-    from pipelines.evaluate import eval_job_config, load_for_eval, run_evaluation, parse_args
+    from pipelines.evaluate import eval_job_config, load_for_eval, parse_args, run_evaluation
 
     ckpt_dir = two_epoch_run.result.checkpoint.path
     out = two_epoch_run.run_dir.path / "eval_out"
@@ -94,8 +101,7 @@ def test_evaluate_reproduces_the_training_ap(two_epoch_run):
 
 def _fault(tmp_path, max_failures):
     fault = {"rank": 1, "global_step": STEPS_PER_EPOCH + 1, "marker": str(tmp_path / "killed")}
-    return [f"train.fault_injection={json.dumps(fault)}", f"train.max_failures={max_failures}",
-            "train.eval_every=0"]
+    return [f"train.fault_injection={json.dumps(fault)}", f"train.max_failures={max_failures}", "train.eval_every=0"]
 
 
 def test_resume_continues_where_the_run_stopped(ray_local, tmp_path, tiny_overrides):
@@ -162,8 +168,22 @@ def test_evaluate_an_authors_checkpoint(ray_local, tmp_path, tiny_data):
     path = tmp_path / "authors.pth"
     torch.save({"model": model.state_dict(), "args": args, "epoch": 49}, path)
 
-    args = parse_args(["--checkpoint", str(path), "--data", tiny_data["root"], "--set", "data.val_ann=instances_val.json",
-                       "--set", "data.val_images=val", "--set", "data.val_short_side=96", "--set", "data.max_size=96"])
+    args = parse_args(
+        [
+            "--checkpoint",
+            str(path),
+            "--data",
+            tiny_data["root"],
+            "--set",
+            "data.val_ann=instances_val.json",
+            "--set",
+            "data.val_images=val",
+            "--set",
+            "data.val_short_side=96",
+            "--set",
+            "data.max_size=96",
+        ]
+    )
     ckpt = load_for_eval(args.checkpoint)
     assert ckpt.source_format == "authors"
     eval_job = eval_job_config(ckpt, args)
