@@ -24,6 +24,7 @@ import dataclasses
 import json
 import logging
 import math
+import socket
 import threading
 from typing import Any
 
@@ -83,9 +84,17 @@ def in_ray_job() -> bool:
     return "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
 
 
-def connect_ray(job: JobConfig, address: str | None = None) -> bool:
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def connect_ray(job: JobConfig, address: str | None = None, *, log_to_driver: bool = True) -> bool:
     """Joins a cluster (``address``, e.g. "auto" or "host:6379", or RAY_ADDRESS, which ``ray job submit``
     sets) or starts a local one.
+
+    ``log_to_driver=False`` keeps the actors' output in their log files (a sweep's trials write their own).
 
     Returns:
         True when this call started a local Ray instance.
@@ -96,7 +105,7 @@ def connect_ray(job: JobConfig, address: str | None = None) -> bool:
     if address:
         # A submitted job already ships the working dir; a plain driver ships the repository itself.
         runtime_env = None if in_ray_job() else {"working_dir": REPO_ROOT, "excludes": WORKING_DIR_EXCLUDES}
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=log_to_driver)
         return False
     t = job.train
     # Logical CPUs: the workers' plus some for Ray Data's decode tasks, which would otherwise find
@@ -104,9 +113,19 @@ def connect_ray(job: JobConfig, address: str | None = None) -> bool:
     data_cpus = max(2, job.data.num_decode_workers or 2)
     num_cpus = max(os.cpu_count() or 1, math.ceil(t.num_workers * t.cpus_per_worker) + data_cpus)
     pythonpath = os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH")) if p)
+    # The dashboard on a port of our own, named to every process of this instance: Ray Train's
+    # placement-group cleaner asks the state API for it, and with a second Ray instance on this
+    # machine (another `ray start`, another test) it cannot tell which one is its own; its monitor
+    # thread then dies, and a stopped trial's placement group is never removed.
+    dashboard_port = _free_port()
+    env_vars = {"PYTHONPATH": pythonpath, "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dashboard_port}"}
     # address="local": a new instance even when another `ray start` cluster runs on this machine.
     ray.init(
-        address="local", num_cpus=num_cpus, runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, log_to_driver=True
+        address="local",
+        num_cpus=num_cpus,
+        dashboard_port=dashboard_port,
+        runtime_env={"env_vars": env_vars},
+        log_to_driver=log_to_driver,
     )
     return True
 
@@ -367,8 +386,10 @@ class TrainOutcome:
     data_report: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
-def run_training(job: JobConfig, *, address: str | None = None) -> TrainOutcome:
+def run_training(job: JobConfig, *, address: str | None = None, callbacks: list | tuple = ()) -> TrainOutcome:
     """Pre-flight, datasets, fit, outputs. ``job`` is validated; nothing starts when a check fails.
+
+    ``callbacks``: extra Ray Train UserCallbacks (a Tune trial passes its TuneReportCallback).
 
     Raises:
         PreflightError: a check failed (before any worker started).
@@ -397,7 +418,7 @@ def run_training(job: JobConfig, *, address: str | None = None) -> TrainOutcome:
     sink = MetricsSink.remote()
     # Through the object store: every worker gets the weights, on whatever node it runs.
     weights_ref = ray.put(finetune_weights) if finetune_weights is not None else None
-    trainer = build_trainer(job, data, sink=sink, finetune_weights=weights_ref)
+    trainer = build_trainer(job, data, sink=sink, callbacks=list(callbacks), finetune_weights=weights_ref)
     result, error = None, None
     with _Pump(sink, run_dir) as pump:
         try:
