@@ -82,6 +82,9 @@ def plot_curves(summaries: list[TrialSummary], metric: str) -> bytes:
         if stopped:
             ax.plot(xs[-1], ys[-1], marker="x", ms=9, color=color)
         ax.annotate(s.trial_id, (xs[-1], ys[-1]), fontsize=7, xytext=(3, 0), textcoords="offset points")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epochs trained")
     ax.set_ylabel(f"validation {metric}")
     ax.set_title(f"{metric} per trial (blue: all epochs, orange dashed: stopped early)")

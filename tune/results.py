@@ -88,7 +88,8 @@ def summarize(result, param_names: list[str], metric: str, epochs: int) -> Trial
             if row.get(EPOCHS_DONE) is not None and not math.isnan(row[EPOCHS_DONE]):
                 history[int(row[EPOCHS_DONE])] = row
     evaluated = [r for _, r in sorted(history.items()) if r.get(metric) is not None and not math.isnan(r[metric])]
-    best = max(evaluated, key=lambda r: r[metric]) if evaluated else None
+    # Ties go to the later epoch: the same score after more training.
+    best = max(evaluated, key=lambda r: (r[metric], r[EPOCHS_DONE])) if evaluated else None
     epochs_run = max(history, default=0)
     config = result.config or {}
     if result.error is not None:
@@ -122,7 +123,7 @@ def table_rows(summaries: list[TrialSummary], metric: str) -> list[dict[str, Any
                 "epochs_run": s.epochs_run,
                 "stopped_early": s.status == "stopped early",
                 "status": s.status,
-                "wall_time_s": s.wall_time_s,
+                "wall_time_s": round(s.wall_time_s, 1) if s.wall_time_s is not None else None,
                 "checkpoint": b.get(CHECKPOINT_KEY),
                 "error": s.error,
             }

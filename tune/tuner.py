@@ -53,6 +53,7 @@ class SweepOutcome:
     best: TrialSummary | None
     files: list[str]
     resumed: bool
+    concurrency: int = 1
 
 
 def trial_resources(job: JobConfig) -> dict[str, float]:
@@ -226,7 +227,9 @@ def run_sweep(
             ),
         )
     grid = tuner.fit()
-    return write_outputs(sweep_uri, grid, cfg, job, space, resumed)
+    outcome = write_outputs(sweep_uri, grid, cfg, job, space, resumed)
+    outcome.concurrency = concurrency
+    return outcome
 
 
 def write_outputs(sweep_uri: str, grid, cfg: SweepConfig, job: JobConfig, space: SearchSpace, resumed: bool):

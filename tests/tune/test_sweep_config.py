@@ -164,3 +164,15 @@ def test_optuna_searcher_draws_from_our_space():
         searcher.on_trial_result(f"t{i}", {"AP": 0.1 * i, "training_iteration": 1, "config": params})
         searcher.on_trial_complete(f"t{i}", {"AP": 0.1 * i, "config": params})
     assert searcher.suggest("t3") is not None
+
+
+def test_a_sweep_directory_resumes_only_its_own_sweep(tmp_path):
+    from tune.tuner import SWEEP_CONFIG_FILE, _check_same_sweep
+
+    cfg, _, _ = load_sweep_config(overrides=["num_trials=3"])
+    assert not _check_same_sweep(str(tmp_path), cfg)  # a new directory
+    (tmp_path / SWEEP_CONFIG_FILE).write_text(cfg.model_dump_json())
+    assert _check_same_sweep(str(tmp_path), cfg)  # the same command again: resume
+    other, _, _ = load_sweep_config(overrides=["num_trials=4"])
+    with pytest.raises(ConfigError, match="holds another sweep \\(different num_trials\\)"):
+        _check_same_sweep(str(tmp_path), other)

@@ -1,4 +1,4 @@
-"""Sweeps of tiny trials on local Ray: results and best config, ASHA stopping a sure loser, resume after a killed driver."""
+"""Sweeps of tiny trials on local Ray: resume after a killed driver, results and best config, ASHA stopping a sure loser."""
 
 from __future__ import annotations
 
@@ -23,6 +23,62 @@ from tune.tuner import TRIALS_DIR, run_sweep
 from .conftest import REPO_ROOT
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+def test_killed_driver_resumes_without_rerunning_finished_trials(tmp_path, sweep_overrides):
+    """The sweep's own process (and the local Ray it started) is killed once the first trial has
+    finished and the second has a checkpoint; the same command then finishes the sweep."""
+    overrides = sweep_overrides(
+        tmp_path,
+        "resume",
+        'space={"train": {"lr": {"grid": [1e-3, 5e-4]}}}',
+        "num_trials=1",
+        "scheduler.kind=none",
+        epochs=2,
+    )
+    cmd = [sys.executable, "tune/sweep.py", *(f"--set={o}" for o in overrides)]
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    trials = tmp_path / "resume" / TRIALS_DIR
+
+    def run_dirs():
+        return sorted(p for p in trials.iterdir() if p.is_dir()) if trials.is_dir() else []
+
+    log = open(tmp_path / "first.log", "w")
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and proc.poll() is None:
+            dirs = run_dirs()
+            first_done = "finished" in (tmp_path / "first.log").read_text()
+            if first_done and len(dirs) == 2 and (dirs[1] / "checkpoint_epoch0000").is_dir():
+                break
+            time.sleep(1)
+        else:
+            pytest.fail("the first run never reached one finished trial and one checkpointed: " + open(log.name).read())
+        time.sleep(2)  # let Tune's experiment state take in the finished trial
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver, and the local Ray it started with it
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        log.close()
+    first, second = run_dirs()
+    first_metrics = (first / "metrics.jsonl").read_text()
+
+    again = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "resuming sweep" in again.stdout
+    # The finished trial did not run again; the interrupted one continued from its checkpoint.
+    assert (first / "metrics.jsonl").read_text() == first_metrics
+    records = read_metrics(second / "metrics.jsonl")
+    events = [r for r in records if r["kind"] == "event"]
+    assert [e["event"] for e in events] == ["start", "resume"] and events[1]["epoch"] >= 1
+    # Epoch 0 ran once; epoch 1 may have run twice if the kill came between its end and its checkpoint.
+    epochs = [r["epoch"] for r in records if r["kind"] == "epoch"]
+    assert epochs.count(0) == 1 and epochs[-1] == 1, epochs
+    table = pq.read_table(tmp_path / "resume" / TABLE_PARQUET).to_pylist()
+    assert sorted(r["train.lr"] for r in table) == [5e-4, 1e-3]
+    assert all(r["status"] == "done" and r["epochs_run"] == 2 for r in table), table
 
 
 def test_three_trials_table_best_config_and_training_from_it(ray_local, tmp_path, sweep_overrides):
@@ -90,60 +146,3 @@ def test_asha_stops_the_trial_that_must_lose(ray_local, tmp_path, sweep_override
     assert loser["stopped_early"] and loser["epochs_run"] == 1 and loser["AP"] == -1.0
     curves = {s.params["data.val_ann"]: s.curve for s in outcome.summaries}
     assert [e for e, _ in curves["instances_val_empty.json"]] == [1]
-
-
-def _events(run_dir):
-    return [r["event"] for r in read_metrics(os.path.join(run_dir, "metrics.jsonl")) if r["kind"] == "event"]
-
-
-def test_killed_driver_resumes_without_rerunning_finished_trials(tmp_path, sweep_overrides):
-    """The sweep's own process (and the local Ray it started) is killed once the first trial has
-    finished and the second has a checkpoint; the same command then finishes the sweep."""
-    overrides = sweep_overrides(
-        tmp_path,
-        "resume",
-        'space={"train": {"lr": {"grid": [1e-3, 5e-4]}}}',
-        "num_trials=1",
-        "scheduler.kind=none",
-        epochs=2,
-    )
-    cmd = [sys.executable, "tune/sweep.py", *(f"--set={o}" for o in overrides)]
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    trials = tmp_path / "resume" / TRIALS_DIR
-
-    def run_dirs():
-        return sorted(p for p in trials.iterdir() if p.is_dir()) if trials.is_dir() else []
-
-    log = open(tmp_path / "first.log", "w")
-    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline and proc.poll() is None:
-            dirs = run_dirs()
-            first_done = "finished" in (tmp_path / "first.log").read_text()
-            if first_done and len(dirs) == 2 and (dirs[1] / "checkpoint_epoch0000").is_dir():
-                break
-            time.sleep(1)
-        else:
-            pytest.fail("the first run never reached one finished trial and one checkpointed: " + open(log.name).read())
-        time.sleep(2)  # let Tune's experiment state take in the finished trial
-        os.killpg(proc.pid, signal.SIGKILL)  # the driver, and the local Ray it started with it
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        log.close()
-    first, second = run_dirs()
-    first_metrics = (first / "metrics.jsonl").read_text()
-
-    again = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert "resuming sweep" in again.stdout
-    # The finished trial did not run again; the interrupted one continued from its checkpoint.
-    assert (first / "metrics.jsonl").read_text() == first_metrics
-    assert _events(second) == ["start", "resume"]
-    epochs = [r["epoch"] for r in read_metrics(second / "metrics.jsonl") if r["kind"] == "epoch"]
-    assert epochs == [0, 1]
-    table = pq.read_table(tmp_path / "resume" / TABLE_PARQUET).to_pylist()
-    assert sorted(r["train.lr"] for r in table) == [5e-4, 1e-3]
-    assert all(r["status"] == "done" and r["epochs_run"] == 2 for r in table), table
