@@ -11,6 +11,7 @@ Sweep directory (``<storage_path>/<name>/``, also Tune's experiment directory)::
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import math
@@ -56,8 +57,17 @@ class SweepOutcome:
     concurrency: int = 1
 
 
-def trial_resources(job: JobConfig) -> dict[str, float]:
-    """What one trial holds while it trains: its worker group, plus CPUs for its Ray Data decode tasks."""
+# Training fields that change what a trial holds; when searched, the largest trial sets the concurrency.
+RESOURCE_FIELDS = (
+    "train.num_workers",
+    "train.cpus_per_worker",
+    "train.gpus_per_worker",
+    "train.use_gpu",
+    "data.num_decode_workers",
+)
+
+
+def _trial_need(job: JobConfig) -> dict[str, float]:
     t = job.train
     # Without CPUs outside the worker group, a trial's decode tasks wait forever (the same count
     # pipelines.train.connect_ray adds when it sizes a local Ray).
@@ -67,7 +77,26 @@ def trial_resources(job: JobConfig) -> dict[str, float]:
     return need
 
 
-def max_concurrent_trials(job: JobConfig, cluster: dict[str, float], requested: int | None, strict: bool) -> int:
+def trial_resources(job: JobConfig, space: SearchSpace | None = None) -> dict[str, float]:
+    """What one trial holds while it trains: its worker group, plus CPUs for its Ray Data decode tasks.
+
+    With resource fields in ``space``, the most any of their candidate combinations asks for.
+    """
+    names = [n for n in RESOURCE_FIELDS if space is not None and n in space.domains]
+    need = _trial_need(job)
+    if not names:
+        return need
+    base = job.model_dump(mode="json")
+    for combo in itertools.product(*(space.domains[n].candidates for n in names)):
+        trial = validate_job_config(apply_params(base, {**space.fixed, **dict(zip(names, combo))}))
+        for k, v in _trial_need(trial).items():
+            need[k] = max(need.get(k, 0.0), v)
+    return need
+
+
+def max_concurrent_trials(
+    job: JobConfig, cluster: dict[str, float], requested: int | None, strict: bool, space: SearchSpace | None = None
+) -> int:
     """How many trials run at once: as many as the cluster holds (GPUs, else CPUs), at most ``requested``.
 
     Args:
@@ -77,7 +106,7 @@ def max_concurrent_trials(job: JobConfig, cluster: dict[str, float], requested: 
     Raises:
         PreflightError: one trial does not fit a local Ray.
     """
-    need = trial_resources(job)
+    need = trial_resources(job, space)
     fits = min(math.floor(cluster.get(k, 0.0) / v + 1e-9) for k, v in need.items())
     have = ", ".join(f"{k} {cluster.get(k, 0.0):g}" for k in need)
     wants = ", ".join(f"{k} {v:g}" for k, v in need.items())
@@ -177,7 +206,7 @@ def run_sweep(
     sweep_uri = join_uri(storage, cfg.sweep_name)
     same = _check_same_sweep(sweep_uri, cfg)
     started_local = connect_ray(job, address, log_to_driver=False)
-    concurrency = max_concurrent_trials(job, ray.cluster_resources(), cfg.max_concurrent_trials, started_local)
+    concurrency = max_concurrent_trials(job, ray.cluster_resources(), cfg.max_concurrent_trials, started_local, space)
 
     base = job.model_dump(mode="json")
     if not same:

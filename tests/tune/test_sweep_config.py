@@ -123,6 +123,9 @@ def test_concurrency_from_the_cluster():
     _, gpu_job, _ = load_sweep_config(overrides=["base.train.use_gpu=true", "base.train.num_workers=2"])
     assert max_concurrent_trials(gpu_job, {"CPU": 64.0, "GPU": 8.0}, None, strict=True) == 4
     assert max_concurrent_trials(gpu_job, {"CPU": 64.0, "GPU": 3.0}, None, strict=True) == 1
+    # A searched worker count: the largest trial decides.
+    _, job, space = load_sweep_config(overrides=['space.train.num_workers={"choice": [1, 4]}'])
+    assert max_concurrent_trials(job, {"CPU": 16.0}, None, strict=True, space=space) == 2  # 4 + 2 CPUs a trial
 
 
 def test_trials_table_files(tmp_path):
