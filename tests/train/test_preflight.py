@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pipelines.config import load_job_config
-from pipelines.preflight import PreflightError, ensure_demo_data, load_finetune_weights, preflight
+from pipelines.raytrain.preflight import PreflightError, ensure_demo_data, load_finetune_weights, preflight
 
 
 @pytest.fixture
@@ -119,7 +119,7 @@ def test_latest_checkpoint_is_the_registered_one(tmp_path, job_with):
     """A checkpoint folder Ray never registered (an interrupted upload) is not taken as the latest."""
     import json
 
-    from pipelines.preflight import SNAPSHOT_FILE, latest_checkpoint_epoch
+    from pipelines.raytrain.preflight import SNAPSHOT_FILE, latest_checkpoint_epoch
 
     job = preflight(job_with())
     run = tmp_path / "runs" / "t"

@@ -6,16 +6,9 @@ import numpy as np
 import pyarrow.fs as pafs
 import pytest
 
-from pipelines.run_outputs import (
-    RunDir,
-    draw_detections,
-    join_uri,
-    latest_history,
-    plot_curves,
-    read_metrics,
-    split_run_uri,
-    storage_filesystem,
-)
+from pipelines.raytrain.plots import draw_detections, plot_curves
+from pipelines.raytrain.run_dir import RunDir, latest_history, read_metrics
+from pipelines.storage import filesystem_for, join_uri, split_uri
 
 
 def test_latest_history_keeps_the_replayed_attempt():
@@ -34,11 +27,11 @@ def test_bucket_uris_keep_their_options_at_the_end():
     assert (
         join_uri(run, "config.json") == "s3://bucket/runs/demo/config.json?endpoint_override=127.0.0.1:9000&scheme=http"
     )
-    assert split_run_uri(run) == ("s3://bucket/runs?endpoint_override=127.0.0.1:9000&scheme=http", "demo")
+    assert split_uri(run) == ("s3://bucket/runs?endpoint_override=127.0.0.1:9000&scheme=http", "demo")
     assert RunDir(storage, "demo", staging_root="/tmp/x").uri == run
-    fs, path = storage_filesystem(join_uri(run, "config.json"))
+    fs, path = filesystem_for(join_uri(run, "config.json"))
     assert isinstance(fs, pafs.S3FileSystem) and path == "bucket/runs/demo/config.json"
-    assert join_uri("/data/runs/", "demo") == "/data/runs/demo" and split_run_uri("/data/runs/demo") == (
+    assert join_uri("/data/runs/", "demo") == "/data/runs/demo" and split_uri("/data/runs/demo") == (
         "/data/runs",
         "demo",
     )

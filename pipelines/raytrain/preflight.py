@@ -18,9 +18,8 @@ from typing import Any, TypeVar
 
 import pyarrow.fs as pafs
 
-from pipelines.coco import filesystem_for
 from pipelines.config import JobConfig
-from pipelines.run_outputs import is_remote, join_uri, storage_filesystem
+from pipelines.storage import absolute, file_type, filesystem_for, has_scheme, is_remote, join_uri, local_path
 
 log = logging.getLogger(__name__)
 
@@ -63,15 +62,14 @@ def default_run_name(job: JobConfig) -> str:
 def resolve(job: JobConfig) -> JobConfig:
     """The config with a run name and absolute local paths (workers may run in another directory)."""
     data = job.data.model_copy()
-    if "://" not in data.root:
-        data.root = os.path.abspath(os.path.expanduser(data.root))
+    data.root = absolute(data.root)
     train = job.train.model_copy()
     if train.name is None:
         train.name = default_run_name(job)
     if not is_remote(train.storage_path):
-        train.storage_path = os.path.abspath(os.path.expanduser(train.storage_path.removeprefix("file://")))
-    if train.finetune_from and "://" not in train.finetune_from:
-        train.finetune_from = os.path.abspath(os.path.expanduser(train.finetune_from))
+        train.storage_path = local_path(train.storage_path)
+    if train.finetune_from:
+        train.finetune_from = absolute(train.finetune_from)
     return job.model_copy(update={"data": data, "train": train})
 
 
@@ -84,12 +82,12 @@ def ensure_demo_data(job: JobConfig) -> bool:
     spec, data = job.demo_data, job.data
     if spec is None:
         return False
-    if "://" in data.root:
+    if has_scheme(data.root):
         raise PreflightError(f"demo_data can only be generated on a local disk, got data.root={data.root!r}")
     wanted = [data.ann_uri("train"), data.ann_uri("val")]
     if all(os.path.isfile(p) for p in wanted):
         return False
-    from pipelines.synthetic import generate_coco
+    from pipelines.data.synthetic import generate_coco
 
     t0 = time.time()
     print(
@@ -125,11 +123,6 @@ def ensure_demo_data(job: JobConfig) -> bool:
     return True
 
 
-def _file_type(uri: str, storage_options: dict | None) -> pafs.FileType:
-    fs, path = filesystem_for(uri, storage_options)
-    return fs.get_file_info(path).type
-
-
 def check_data(job: JobConfig, splits: tuple[str, ...] | None = None) -> None:
     """The annotation files and image folders the run reads exist (default: train, and val when evaluating)."""
     data = job.data
@@ -141,7 +134,7 @@ def check_data(job: JobConfig, splits: tuple[str, ...] | None = None) -> None:
             checks.append(
                 (
                     f"data.parquet_dir ({split} manifest)",
-                    f"{data.parquet_uri().rstrip('/')}/{split}_manifest.json",
+                    join_uri(data.parquet_uri(), f"{split}_manifest.json"),
                     pafs.FileType.File,
                 )
             )
@@ -152,13 +145,13 @@ def check_data(job: JobConfig, splits: tuple[str, ...] | None = None) -> None:
     for field, uri, want in checks:
         try:
             got = with_timeout(
-                lambda uri=uri: _file_type(uri, data.storage_options), job.train.preflight_timeout_s, f"{field}={uri!r}"
+                lambda uri=uri: file_type(uri, data.storage_options), job.train.preflight_timeout_s, f"{field}={uri!r}"
             )
         except PreflightError:
             raise
         except Exception as e:  # credentials, DNS, permissions: name the setting, keep the cause
             raise PreflightError(f"{field}={uri!r} cannot be read: {type(e).__name__}: {e}") from e
-        if "://" in uri and want == pafs.FileType.Directory and got == pafs.FileType.NotFound:
+        if is_remote(uri) and want == pafs.FileType.Directory and got == pafs.FileType.NotFound:
             # Object stores have no folders; an empty prefix reads as not found. The image listing
             # in the dataset builder reports missing files one by one.
             continue
@@ -183,7 +176,7 @@ def check_storage(job: JobConfig) -> None:
         return
 
     def probe() -> None:
-        fs, path = storage_filesystem(uri)
+        fs, path = filesystem_for(uri)
         bucket = path.split("/", 1)[0]
         info = fs.get_file_info(bucket)
         if info.type == pafs.FileType.NotFound:
@@ -215,7 +208,7 @@ def load_finetune_weights(job: JobConfig) -> dict | None:
     if src is None:
         return None
     from core.checkpoint import load_checkpoint
-    from pipelines.train_worker import fetch_checkpoint_file
+    from pipelines.raytrain.state import fetch_checkpoint_file
 
     tmp = tempfile.mkdtemp(prefix="ddetr-finetune-")
     try:
@@ -260,7 +253,7 @@ def latest_checkpoint_epoch(job: JobConfig) -> int | None:
     """The epoch of the run's latest registered checkpoint (read from Ray Train's snapshot), or None."""
     uri = join_uri(job.train.storage_path, job.train.name, SNAPSHOT_FILE)
     try:
-        fs, path = storage_filesystem(uri)
+        fs, path = filesystem_for(uri)
 
         def read() -> bytes:
             with fs.open_input_stream(path) as f:
