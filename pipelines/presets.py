@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
-# torchvision's ImageNet weights of the R50 backbone (fetched once into torch.hub's cache on the driver).
+# torchvision's ImageNet weights of the backbones (fetched once into torch.hub's cache, on the driver first).
 R50_IMAGENET = "https://download.pytorch.org/models/resnet50-0676ba61.pth"
+R18_IMAGENET = "https://download.pytorch.org/models/resnet18-f37072fd.pth"
 
 # The paper's recipe: total batch 32 (8 GPUs x 4 images), 50 epochs, lr drop at 40, bf16.
 _COCO_TRAIN: dict[str, Any] = {
@@ -119,6 +120,55 @@ PRESETS: dict[str, dict[str, Any]] = {
             "keep_checkpoints": 2,
             "log_every_s": 2,
             "num_vis_images": 2,
+        },
+    },
+    # A small run on CPUs over COCO-layout data (train2017/, val2017/, annotations/instances_*2017.json):
+    # the demo's light model with an ImageNet ResNet-18, COCO's raw category ids, images at ~1/2 scale.
+    # A custom dataset in that layout: --set data.root=... and, if its ids are not COCO's,
+    # --set data.category_ids=contiguous --set model.num_classes=<number of categories>.
+    "cpu_coco": {
+        "model": {
+            "backbone": "resnet18",
+            "backbone_weights": R18_IMAGENET,
+            "num_feature_levels": 3,
+            "hidden_dim": 128,
+            "nheads": 8,
+            "enc_layers": 2,
+            "dec_layers": 2,
+            "dim_feedforward": 512,
+            "dropout": 0.0,
+            "num_queries": 100,
+            "dec_n_points": 4,
+            "enc_n_points": 4,
+            "with_box_refine": True,
+            "num_classes": 91,
+        },
+        "data": {
+            "root": "data/coco",
+            "train_short_sides": [288, 320, 352, 384, 416],
+            "max_size": 640,
+            "val_short_side": 384,
+            "crop_resize_sides": [224, 288, 352],
+            "crop_size": [192, 320],
+            "batch_size_per_worker": 2,
+            "num_decode_workers": 1,
+            "read_threads": 8,
+        },
+        "train": {
+            "epochs": 12,
+            "lr": 2e-4,
+            "lr_backbone": 2e-5,
+            "lr_schedule": "warmup_cosine",
+            "warmup_epochs": 0.2,
+            "min_lr_ratio": 0.05,
+            "num_workers": 2,
+            "cpus_per_worker": 1,
+            "use_gpu": False,
+            "amp": "off",
+            "eval_every": 1,
+            "keep_checkpoints": 2,
+            "log_every_s": 30,
+            "metrics_every_steps": 10,
         },
     },
     "r50": {"data": {"root": "data/coco", "batch_size_per_worker": 4}, "train": _COCO_TRAIN, "model": _R50},

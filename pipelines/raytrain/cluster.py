@@ -1,7 +1,13 @@
-"""Joining a Ray cluster or starting a local one: the one place a driver calls ``ray.init``."""
+"""Joining a Ray cluster or starting a local one: the one place a driver calls ``ray.init``.
+
+The console is the project's: the workers' own output and Ray's logs stay in Ray's log files
+(``ray_logs_dir``), and the run's lines reach the driver through the metrics channel. A failed worker's
+cause is printed by the entry script in one line (``raytrain.errors.describe_failure``).
+"""
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 
@@ -33,7 +39,7 @@ def connect_ray(job: JobConfig, address: str | None = None) -> bool:
     if address:
         # A submitted job already ships the working dir; a plain driver ships the repository itself.
         runtime_env = None if in_ray_job() else {"working_dir": REPO_ROOT, "excludes": WORKING_DIR_EXCLUDES}
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=False, logging_level=logging.WARNING)
         return False
     t = job.train
     # Logical CPUs: the workers' plus some for Ray Data's decode tasks, which would otherwise find
@@ -43,6 +49,20 @@ def connect_ray(job: JobConfig, address: str | None = None) -> bool:
     pythonpath = os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH")) if p)
     # address="local": a new instance even when another `ray start` cluster runs on this machine.
     ray.init(
-        address="local", num_cpus=num_cpus, runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, log_to_driver=True
+        address="local",
+        num_cpus=num_cpus,
+        runtime_env={"env_vars": {"PYTHONPATH": pythonpath}},
+        log_to_driver=False,
+        logging_level=logging.WARNING,
     )
     return True
+
+
+def ray_logs_dir() -> str | None:
+    """The log folder of this driver's Ray session (on the head node for a joined cluster), if known."""
+    try:
+        from ray._private.worker import _global_node
+
+        return _global_node.get_logs_dir_path() if _global_node is not None else None
+    except Exception:  # a private API: absent in another Ray version
+        return None

@@ -79,7 +79,10 @@ def prepare_data(job: JobConfig, *, splits: Sequence[str] | None = None, start_e
     """
     if splits is None:
         splits = ("train", "val") if job.train.eval_every else ("train",)
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    ctx = ray.data.DataContext.get_current()
+    # The run prints its own progress; Ray Data's bars and execution plans would bury it.
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
     datasets: dict[str, ray.data.Dataset] = {}
     infos: dict[str, DatasetInfo] = {}
     epoch_clock = None

@@ -67,14 +67,23 @@ def plot_curves(records: Sequence[dict[str, Any]], out_dir: str | os.PathLike) -
     evals = latest_history(records, "eval", "epoch")
     if evals:
         fig, ax = plt.subplots(figsize=(6, 4))
-        epochs = [r["epoch"] + 1 for r in evals]
-        for key in ("AP", "AP50", "AP75"):
-            ax.plot(epochs, [100 * r[key] for r in evals], marker="o", label=key)
-        ax.set_xlabel("epoch")
+        if len(evals) == 1:
+            # One evaluation is no curve: the six COCO numbers of that epoch as bars.
+            r = evals[0]
+            keys = [k for k in ("AP", "AP50", "AP75", "APs", "APm", "APl") if k in r]
+            values = [100 * max(r[k], 0.0) for k in keys]  # -1 means "no such objects": drawn as 0
+            bars = ax.bar(keys, values, color="C0")
+            ax.bar_label(bars, labels=[f"{v:.1f}" if r[k] >= 0 else "n/a" for k, v in zip(keys, values)])
+            ax.set_title(f"validation AP after epoch {r['epoch'] + 1} (one evaluation)")
+        else:
+            epochs = [r["epoch"] + 1 for r in evals]
+            for key in ("AP", "AP50", "AP75"):
+                ax.plot(epochs, [100 * r[key] for r in evals], marker="o", label=key)
+            ax.set_xlabel("epoch")
+            ax.set_title("validation AP")
+            ax.legend()
         ax.set_ylabel("COCO AP (%)")
-        ax.set_title("validation AP")
         ax.grid(alpha=0.3)
-        ax.legend()
         fig.tight_layout()
         path = out_dir / "ap.png"
         fig.savefig(path, dpi=100)
@@ -88,7 +97,8 @@ def draw_detections(item: dict[str, Any], path: str | os.PathLike, min_side: int
 
     Args:
         item: as collected by ``engine.evaluate``: "image" (h, w, 3) uint8, "true_boxes", "true_labels",
-            "pred_boxes", "pred_scores", "pred_labels" (boxes xyxy in the image's pixels), "label_names".
+            "pred_boxes", "pred_scores", "pred_labels" (boxes xyxy in the image's pixels), "label_names",
+            and "score_threshold" (the drawing threshold, said on the image when no prediction passed it).
         path: PNG to write.
         min_side: small images are scaled up so the boxes and text stay readable.
     """
@@ -114,6 +124,11 @@ def draw_detections(item: dict[str, Any], path: str | os.PathLike, min_side: int
     ):
         draw.rectangle([float(v) * scale for v in box], outline=(230, 30, 30), width=2)
         draw.text((box[0] * scale + 2, box[1] * scale + 1), f"{name(label)} {score:.2f}", fill=(230, 30, 30))
+    if len(np.asarray(item["pred_scores"]).reshape(-1)) == 0:
+        threshold = item.get("score_threshold")
+        note = "no prediction" + (f" scored >= {threshold:g}" if threshold is not None else " passed the threshold")
+        draw.rectangle([0, 0, 8 + 6 * len(note), 16], fill=(255, 255, 255))
+        draw.text((4, 2), note, fill=(230, 30, 30))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path)

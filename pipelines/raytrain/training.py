@@ -15,12 +15,18 @@ import ray.train
 from core.coco_eval import AP_KEYS, format_ap_table
 from pipelines.config import CONFIG_FILE, JobConfig
 from pipelines.data.report import data_report, format_data_report
-from pipelines.raytrain.cluster import connect_ray
+from pipelines.raytrain.cluster import connect_ray, ray_logs_dir
 from pipelines.raytrain.datasets import PreparedData, prepare_data
 from pipelines.raytrain.errors import describe_failure
 from pipelines.raytrain.metrics import MetricsPump, MetricsSink
 from pipelines.raytrain.plots import write_final_outputs
-from pipelines.raytrain.preflight import check_resources, latest_checkpoint_epoch, load_finetune_weights, preflight
+from pipelines.raytrain.preflight import (
+    check_resources,
+    fetch_backbone_weights,
+    latest_checkpoint_epoch,
+    load_finetune_weights,
+    preflight,
+)
 from pipelines.raytrain.run_dir import AP_TABLE_FILE, DATA_REPORT_FILE, RunDir, write_status
 from pipelines.raytrain.trainer import build_trainer
 
@@ -66,15 +72,20 @@ def run_training(
     out = None if quiet else sys.stdout
     job = preflight(job)
     finetune_weights = load_finetune_weights(job)
+    last_epoch = latest_checkpoint_epoch(job)
+    if last_epoch is None and finetune_weights is None:
+        fetch_backbone_weights(job)  # only a fresh start reads them
     started_local = connect_ray(job, address)
     check_resources(job, ray.cluster_resources(), strict=started_local)
-    last_epoch = latest_checkpoint_epoch(job)
     data = prepare_data(job, start_epoch=0 if last_epoch is None else last_epoch + 1)
 
     run_dir = RunDir(job.train.storage_path, job.train.name).mkdir()
     run_dir.write_json(CONFIG_FILE, job.model_dump(mode="json"))
     write_status(run_dir, "running")
     _say(out, f"run {job.train.name}: {run_dir.uri}")
+    logs = ray_logs_dir()
+    if logs:
+        _say(out, f"  Ray's own logs (workers' output included): {logs}")
     _say(
         out,
         f"  {job.detr_config().variant()} {job.model.backbone}, {data.facts.num_train} train / "

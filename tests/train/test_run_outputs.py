@@ -71,3 +71,25 @@ def test_curves_and_drawn_images(tmp_path):
     img = np.asarray(Image.open(path))
     assert img.shape[:2] == (120, 160)
     assert (img[..., 1] > 180).any() and (img[..., 0] > 200).any()  # green and red boxes drawn
+
+
+def test_one_evaluation_and_no_prediction_are_said(tmp_path):
+    pytest.importorskip("matplotlib")
+    from PIL import Image
+
+    one = [{"kind": "eval", "epoch": 0, "AP": 0.2, "AP50": 0.4, "AP75": 0.1, "APs": -1.0, "APm": 0.2, "APl": 0.3}]
+    (ap,) = plot_curves(one, tmp_path)
+    assert ap.name == "ap.png" and ap.stat().st_size > 1000
+    item = {
+        "image_id": 3,
+        "image": np.full((60, 80, 3), 128, np.uint8),
+        "true_boxes": np.array([[10, 10, 40, 30]]),
+        "true_labels": np.array([1]),
+        "pred_boxes": np.zeros((0, 4)),
+        "pred_scores": np.zeros(0),
+        "pred_labels": np.zeros(0, np.int64),
+        "score_threshold": 0.3,
+    }
+    img = np.asarray(Image.open(draw_detections(item, tmp_path / "none.png", min_side=120)))
+    banner = img[:16, :200]
+    assert (banner == 255).all(axis=-1).any() and ((banner[..., 0] > 200) & (banner[..., 1] < 80)).any()
