@@ -144,7 +144,7 @@ class EmulatedModule:
         self._lib = lib
         self.arch = arch
         self.names = tuple(lib.emu_kernel_name(i).decode() for i in range(lib.emu_kernel_count()))
-        self.launches = 0  # how many launches ran, so tests can tell the kernel ran at all
+        self.launched: list[str] = []  # kernel names in launch order, so tests see which variant ran
 
     def launch(self, name, grid, block, shared_bytes, args: KernelArgs, stream: int = 0) -> None:
         del stream  # one CPU thread: everything is in order
@@ -153,7 +153,18 @@ class EmulatedModule:
         code = self._lib.emu_launch(name.encode(), grid_c, block_c, shared_bytes, args.address, args.sizes, len(args))
         if code != 0:
             raise EmulationError(f"{name} on {self.arch}: {self._lib.emu_last_error().decode()}")
-        self.launches += 1
+        self.launched.append(name)
+
+    COUNTERS = ("barriers", "shuffles", "vector_loads", "atomics", "wide_atomics")
+
+    def counters(self, reset: bool = False) -> dict[str, int]:
+        """What the kernels executed since the last reset: __syncthreads, shuffles, 16-byte loads,
+        scalar atomics and float4 atomics (sm_90+ paths)."""
+        out = (ctypes.c_ulonglong * len(self.COUNTERS))()
+        self._lib.emu_counters(out)
+        if reset:
+            self._lib.emu_reset_counters()
+        return dict(zip(self.COUNTERS, out))
 
 
 _modules: dict[tuple, EmulatedModule] = {}

@@ -189,6 +189,15 @@ struct Launch {
   std::string error;
 };
 
+// What the kernels did, for tests that must know a path ran (e.g. sm_90's float4 atomics).
+struct Counters {
+  unsigned long long barriers, shuffles, vector_loads, atomics, wide_atomics;
+};
+inline Counters& counters() {
+  static Counters c = {};
+  return c;
+}
+
 inline Launch*& launch_state() {
   static Launch* state = nullptr;
   return state;
@@ -388,6 +397,7 @@ inline void run_block(Launch& l) {
 
 inline void barrier(int line) {
   Thread& t = self();
+  ++counters().barriers;
   t.state = State::kAtBarrier;
   t.line = line;
   leave(false);
@@ -397,6 +407,7 @@ template <typename T>
 inline T shuffle(int line, Shuffle kind, unsigned mask, T value, int operand, int width) {
   static_assert(sizeof(T) <= 8 && std::is_trivially_copyable<T>::value, "shuffles move 4- or 8-byte values");
   Thread& t = self();
+  ++counters().shuffles;
   const int lane = t.linear % 32;
   if (!(mask >> lane & 1u)) fail("%s on line %d: the calling lane %d is not in mask 0x%08x", kShuffleNames[static_cast<int>(kind)], line, lane, mask);
   if (width < 1 || width > 32 || (width & (width - 1)) != 0) fail("shuffle width must be a power of two <= 32, got %d", width);
@@ -471,6 +482,7 @@ inline void __threadfence() {}
 template <typename T>
 inline T __ldg(const T* p) {
   cuda_emu::check_aligned(p, alignof(T), "__ldg");
+  cuda_emu::counters().vector_loads += sizeof(T) == 16;
   return *p;
 }
 
@@ -480,6 +492,7 @@ inline T atomicAdd(T* p, T v) {
                     std::is_same<T, double>::value,
                 "atomicAdd: int, unsigned, float or double (float4 from sm_90)");
   cuda_emu::check_aligned(p, sizeof(T), "atomicAdd");
+  ++cuda_emu::counters().atomics;
   const T old = *p;
   *p = old + v;  // fibers of one OS thread: nothing interleaves
   return old;
@@ -488,6 +501,7 @@ inline T atomicAdd(T* p, T v) {
 #if __CUDA_ARCH__ >= 900
 inline float4 atomicAdd(float4* p, float4 v) {
   cuda_emu::check_aligned(p, 16, "atomicAdd(float4*)");
+  ++cuda_emu::counters().wide_atomics;
   const float4 old = *p;
   p->x += v.x, p->y += v.y, p->z += v.z, p->w += v.w;
   return old;
@@ -501,6 +515,13 @@ extern const cuda_emu::Kernel cuda_emu_kernels[];
 extern const int cuda_emu_n_kernels;
 
 const char* emu_last_error(void) { return cuda_emu::last_error().c_str(); }
+// barriers, shuffles, 16-byte __ldg loads, scalar atomics, float4 atomics since the last reset.
+void emu_counters(unsigned long long* out) {
+  const cuda_emu::Counters& c = cuda_emu::counters();
+  const unsigned long long values[] = {c.barriers, c.shuffles, c.vector_loads, c.atomics, c.wide_atomics};
+  std::memcpy(out, values, sizeof values);
+}
+void emu_reset_counters(void) { cuda_emu::counters() = cuda_emu::Counters{}; }
 int emu_kernel_count(void) { return cuda_emu_n_kernels; }
 const char* emu_kernel_name(int i) { return i >= 0 && i < cuda_emu_n_kernels ? cuda_emu_kernels[i].name : nullptr; }
 
