@@ -194,15 +194,31 @@ class GpuModule:
             self._functions = {}
             for name, symbol in meta["symbols"].items():
                 function = _check_driver(driver.cuModuleGetFunction(self._module, symbol.encode()), name)
-                if hasattr(driver, "cuFuncLoad"):  # CUDA 12.4+
-                    _check_driver(driver.cuFuncLoad(function), f"loading {name}")
-                else:  # asking for an attribute loads the function too
-                    attr = driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_NUM_REGS
-                    _check_driver(driver.cuFuncGetAttribute(attr, function), f"loading {name}")
+                # Asking for an attribute loads the function (cuFuncLoad says so explicitly, but
+                # only from CUDA 12.4 on).
+                attr = driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_NUM_REGS
+                _check_driver(driver.cuFuncGetAttribute(attr, function), f"loading {name}")
                 self._functions[name] = function
         finally:
             driver.cuCtxPopCurrent()
         self.names = tuple(self._functions)
+        self._checked: set[str] = set()
+
+    def _check_arguments(self, name: str, function, args: KernelArgs) -> None:
+        """Once per kernel: the argument sizes match the kernel's parameters (the emulation checks
+        the same from the C++ types), so a Dims out of step with the .cu fails loudly, not silently."""
+        for i, size in enumerate(args.sizes):
+            try:
+                err, _, param_size = driver.cuFuncGetParamInfo(function, i)
+            except Exception:  # a driver before CUDA 12.4 has no cuFuncGetParamInfo: cannot check
+                return
+            if err != driver.CUresult.CUDA_SUCCESS:
+                raise RuntimeError(f"{name} takes fewer than {len(args)} arguments (parameter {i}: {err!r})")
+            if param_size != size:
+                raise RuntimeError(
+                    f"{name}: argument {i} is {param_size} bytes on the device, the caller passed {size}"
+                )
+        self._checked.add(name)
 
     def registers(self, name: str) -> int:
         """Registers per thread of kernel ``name`` (what ptxas settled on)."""
@@ -214,6 +230,8 @@ class GpuModule:
         function = self._functions.get(name)
         if function is None:
             raise KeyError(f"no kernel {name!r} in this module; it holds {sorted(self._functions)}")
+        if name not in self._checked:
+            self._check_arguments(name, function, args)
         # PyTorch binds the primary context to a thread lazily (autograd's device threads, a fresh
         # thread); a launch needs it current.
         if int(_check_driver(driver.cuCtxGetCurrent(), "cuCtxGetCurrent")) != int(self._context):
