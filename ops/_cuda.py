@@ -360,7 +360,7 @@ def _probe(index: int | None) -> tuple[bool, str]:
     except ImportError as exc:
         return False, (
             f"NVIDIA's runtime compiler is not installed ({exc}); install it with pip install 'msda-ops[cuda]' "
-            "(cuda-core, cuda-bindings, nvidia-cuda-nvrtc, nvidia-cuda-runtime)"
+            "(cuda-bindings, nvidia-cuda-nvrtc, nvidia-cuda-runtime)"
         )
     arch = "?"
     try:

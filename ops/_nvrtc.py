@@ -1,8 +1,9 @@
 """CUDA sources compiled at first use by NVRTC for one GPU architecture, cached, loaded on a device.
 
 No nvcc: NVRTC, NVIDIA's runtime compiler, and the CUDA headers come from the ``nvidia-cuda-nvrtc``
-and ``nvidia-cuda-runtime`` wheels (``pip install 'msda-ops[cuda]'``); ``cuda-core`` drives the
-compiler and ``cuda-bindings`` the driver. Reusable for any .cu (kernel names are C++ name
+and ``nvidia-cuda-runtime`` wheels (``pip install 'msda-ops[cuda]'``); ``cuda-bindings``, NVIDIA's
+Python bindings, drive NVRTC and the driver (cuda-core's Program would do the compile too, but
+wants a driver even for PTX, which CI machines lack). Reusable for any .cu (kernel names are C++ name
 expressions, so templates need no ``extern "C"`` wrappers):
 
     path = build(source, names, "sm_90")           # cubin in the cache, compiled once
@@ -17,7 +18,6 @@ Importing this module imports the bindings: ``ops._cuda`` imports it only when a
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
@@ -26,7 +26,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from cuda.bindings import driver, nvrtc
-from cuda.core import Program, ProgramOptions
 
 from ops import _cache
 from ops._launch import KernelArgs
@@ -106,21 +105,38 @@ def target(arch: str) -> tuple[str, str]:
 
 
 def compile_source(source: Path, names: Sequence[str], arch: str) -> tuple[str, bytes, dict[str, str], str]:
-    """One NVRTC compile: (code type, code, {name expression: lowered symbol}, NVRTC's log)."""
+    """One NVRTC compile: (code type, code, {name expression: lowered symbol}, NVRTC's log).
+
+    Raises:
+        RuntimeError: the compile failed (the message holds NVRTC's log).
+    """
     kind, nvrtc_arch = target(arch)
-    options = ProgramOptions(
-        name=source.name, arch=nvrtc_arch, std=STD, include_path=[str(source.parent), *include_dirs()]
-    )
-    log = io.StringIO()
+    options = [f"--gpu-architecture={nvrtc_arch}", f"--std={STD}", f"--include-path={source.parent}"]
+    options += [f"--include-path={d}" for d in include_dirs()]
+    program = _check_nvrtc(nvrtc.nvrtcCreateProgram(source.read_bytes(), source.name.encode(), 0, [], []))
     try:
-        code = Program(source.read_text(), "c++", options).compile(kind, name_expressions=tuple(names), logs=log)
-    except Exception as exc:
-        raise RuntimeError(f"NVRTC failed compiling {source.name} for {arch}: {exc}\n{log.getvalue()}") from exc
-    symbols = {
-        name: (lowered.decode() if isinstance(lowered, bytes) else lowered)
-        for name, lowered in code.symbol_mapping.items()
-    }
-    return kind, bytes(code.code), symbols, log.getvalue()
+        for name in names:
+            _check_nvrtc(nvrtc.nvrtcAddNameExpression(program, name.encode()))
+        (result,) = nvrtc.nvrtcCompileProgram(program, len(options), [o.encode() for o in options])
+        size = _check_nvrtc(nvrtc.nvrtcGetProgramLogSize(program))
+        log = b" " * size
+        _check_nvrtc(nvrtc.nvrtcGetProgramLog(program, log))
+        log = log.rstrip(b"\0 ").decode(errors="replace")
+        if result != nvrtc.nvrtcResult.NVRTC_SUCCESS:
+            raise RuntimeError(f"NVRTC failed compiling {source.name} for {arch} ({result!r}):\n{log}")
+        get_size, get = (
+            (nvrtc.nvrtcGetCUBINSize, nvrtc.nvrtcGetCUBIN)
+            if kind == "cubin"
+            else (nvrtc.nvrtcGetPTXSize, nvrtc.nvrtcGetPTX)
+        )
+        code = b" " * _check_nvrtc(get_size(program))
+        _check_nvrtc(get(program, code))
+        if kind == "ptx":
+            code = code.rstrip(b"\0")
+        symbols = {name: _check_nvrtc(nvrtc.nvrtcGetLoweredName(program, name.encode())).decode() for name in names}
+    finally:
+        nvrtc.nvrtcDestroyProgram(program)
+    return kind, code, symbols, log
 
 
 def build(source: Path, names: Sequence[str], arch: str) -> Path:

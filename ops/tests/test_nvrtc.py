@@ -1,7 +1,7 @@
 """The kernels compile with NVRTC for sm_80, sm_90, sm_100 and sm_120 without a GPU or nvcc; the build
 cache, the architecture choice and availability on a machine without CUDA.
 
-Needs the ``cuda`` extra (cuda-core, cuda-bindings, nvidia-cuda-nvrtc, nvidia-cuda-runtime), which
+Needs the ``cuda`` extra (cuda-bindings, nvidia-cuda-nvrtc, nvidia-cuda-runtime), which
 ``./dev test`` installs.
 """
 
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -21,36 +20,42 @@ _nvrtc = pytest.importorskip("ops._nvrtc", reason="the cuda extra is not install
 ARCHS = ("sm_80", "sm_90", "sm_100", "sm_120")
 
 
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """Every architecture compiled once into a fresh cache: (cache folder, {arch: (path, seconds)})."""
+    cache = tmp_path_factory.mktemp("nvrtc-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MSDA_CACHE_DIR", str(cache))
+        results = {}
+        for arch in ARCHS:
+            start = time.perf_counter()
+            results[arch] = (_cuda.build(arch), time.perf_counter() - start)
+    return cache, results
+
+
 @pytest.fixture
 def cache_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("MSDA_CACHE_DIR", str(tmp_path / "cache"))
     return tmp_path / "cache"
 
 
-def test_every_kernel_compiles_for_each_architecture(cache_dir):
-    # Two at a time: NVRTC releases the GIL, and CI has two cores.
-    with ThreadPoolExecutor(2) as pool:
-        timed = list(pool.map(lambda arch: (time.perf_counter(), _cuda.build(arch), time.perf_counter()), ARCHS))
-    for arch, (start, path, end) in zip(ARCHS, timed):
-        meta, code = _nvrtc.read(path)
-        assert meta["kind"] == "cubin" and meta["arch"] == arch
-        assert code[:4] == b"\x7fELF", f"{arch}: not a cubin"
-        assert sorted(meta["symbols"]) == sorted(_cuda.KERNEL_NAMES), f"{arch}: {sorted(meta['symbols'])}"
-        assert all(symbol.startswith("_ZN4msda") for symbol in meta["symbols"].values())
-        assert "warning" not in meta["log"].lower(), meta["log"]
-        print(f"NVRTC {arch}: {end - start:.1f} s, {len(code) / 1e3:.0f} kB")
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_kernel_compiles(built, arch):
+    path, seconds = built[1][arch]
+    meta, code = _nvrtc.read(path)
+    assert meta["kind"] == "cubin" and meta["arch"] == arch
+    assert code[:4] == b"\x7fELF", f"{arch}: not a cubin"
+    assert sorted(meta["symbols"]) == sorted(_cuda.KERNEL_NAMES), f"{arch}: {sorted(meta['symbols'])}"
+    assert all(symbol.startswith("_ZN4msda") for symbol in meta["symbols"].values())
+    assert "warning" not in meta["log"].lower(), meta["log"]
+    print(f"NVRTC {arch}: {seconds:.1f} s, {len(code) / 1e3:.0f} kB")
 
 
-def test_build_is_cached(cache_dir, monkeypatch):
-    path = _cuda.build("sm_90")
-    calls = []
-    monkeypatch.setattr(_nvrtc, "compile_source", lambda *a: calls.append(a))
-    assert _cuda.build("9.0") == path and not calls  # same key: no compile
-    path.write_bytes(path.read_bytes()[:100])  # a truncated entry is rebuilt
-    monkeypatch.undo()
-    monkeypatch.setenv("MSDA_CACHE_DIR", str(cache_dir))
-    rebuilt = _cuda.build("sm_90")
-    assert rebuilt == path and _nvrtc.read(rebuilt)[1][:4] == b"\x7fELF"
+def test_build_is_cached(built, monkeypatch):
+    cache, results = built
+    monkeypatch.setenv("MSDA_CACHE_DIR", str(cache))
+    monkeypatch.setattr(_nvrtc, "compile_source", lambda *a: pytest.fail("compiled again"))
+    assert _cuda.build("9.0") == results["sm_90"][0]  # same key: found, no compile
 
 
 def test_architecture_choice():
@@ -92,6 +97,9 @@ def test_cache_builds_once_under_concurrency_and_cleans_up_failures(cache_dir):
     with pytest.raises(RuntimeError, match="compiler said no"):
         _cache.cached(other, "x.bin", broken)
     assert [p.name for p in (cache_dir / other).iterdir()] == ["build.lock"]
+
+    paths[0].write_bytes(b"pay")  # truncated (or otherwise corrupt): rebuilt
+    assert _cache.cached(key, "x.bin", produce).read_bytes() == b"payload" and len(produced) == 2
 
 
 def test_content_key_separates_parts():
