@@ -14,8 +14,10 @@
 // that arithmetic in G lanes is cheaper than passing it between them, and the location/weight
 // loads are warp broadcasts.
 //
-// D that is not a multiple of CPT, or a pointer that is not 16-byte aligned, takes the same code
-// with scalar, bounds-checked loads (the kVec = false instantiations), so any D is correct.
+// D that is not a multiple of CPT takes the same code with scalar, bounds-checked loads (the
+// kVec = false instantiations), so any D is correct; these are also correct for pointers that are not
+// 16-byte aligned, but ops/_cuda.py copies such a view to an aligned tensor rather than pay 8 loads
+// and atomics per neighbour (in half precision) for the rest of the call.
 //
 // Backward: grad_value takes atomic adds (one per neighbour and channel; one per 4 channels on
 // sm_90+) into a float32 (float64 for double) workspace the caller zeroed. The gradients of a

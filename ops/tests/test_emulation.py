@@ -248,6 +248,9 @@ def test_half_conversions_are_bit_exact():
 # ---------------------------------------------------------------------------------------------
 
 CASES_SCRIPT = Path(__file__).resolve().parent / "emulated_cases.py"
+needs_asan = pytest.mark.skipif(
+    shutil.which(emulation.CXX) is None or emulation.libasan() is None, reason="no libasan for the compiler"
+)
 
 
 def _run_cases_sanitized(source: Path, arch: str, names: str) -> subprocess.CompletedProcess:
@@ -255,6 +258,7 @@ def _run_cases_sanitized(source: Path, arch: str, names: str) -> subprocess.Comp
     return subprocess.run(cmd, capture_output=True, text=True, env=emulation.asan_environment(), timeout=900)
 
 
+@needs_asan
 def test_address_sanitizer_run_is_clean():
     proc = _run_cases_sanitized(_cuda.SOURCE, "sm_90", "all")
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
@@ -294,11 +298,12 @@ OUT_OF_BOUNDS_MUTATIONS = {
 @pytest.mark.parametrize("mutation", list(MUTATIONS))
 def test_broken_kernel_is_caught(tmp_path, mutation):
     source = _mutant(tmp_path, *MUTATIONS[mutation])
-    mutant = emulation.build_module(source, FLOAT_KERNELS, "sm_80")
+    mutant = emulation.build_module(source, FLOAT_KERNELS, "sm_80", optimize=False)
     failures = [f for f in (check_case(mutant, c) for c in all_cases() if c.dtype == torch.float32) if f]
     assert failures, f"the harness passed a kernel with: {mutation}"
 
 
+@needs_asan
 @pytest.mark.parametrize("mutation", list(OUT_OF_BOUNDS_MUTATIONS))
 def test_off_by_one_is_caught_with_the_sanitizer(tmp_path, mutation):
     """An off-by-one bound reads or writes past a row or past a tensor: AddressSanitizer stops the
