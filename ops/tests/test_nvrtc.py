@@ -58,6 +58,20 @@ def test_build_is_cached(built, monkeypatch):
     assert _cuda.build("9.0") == results["sm_90"][0]  # same key: found, no compile
 
 
+def test_python_m_ops_build_and_info(built, monkeypatch, capsys):
+    from ops.__main__ import main
+
+    cache, results = built
+    monkeypatch.setenv("MSDA_CACHE_DIR", str(cache))
+    monkeypatch.setattr(_nvrtc, "compile_source", lambda *a: pytest.fail("compiled again"))
+    assert main(["build", "sm_80", "90"]) == 0
+    out = capsys.readouterr().out
+    assert f"sm_80: {results['sm_80'][0]}" in out and f"sm_90: {results['sm_90'][0]}" in out
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "compiler: NVRTC 1" in out and f"cache: {cache}" in out and "CUDA kernel: " in out
+
+
 def test_architecture_choice():
     newest = _nvrtc.supported_archs()[-1]
     assert _nvrtc.target("sm_90") == ("cubin", "sm_90")
