@@ -210,10 +210,15 @@ class GpuModule:
             self._functions = {}
             for name, symbol in meta["symbols"].items():
                 function = _check_driver(driver.cuModuleGetFunction(self._module, symbol.encode()), name)
-                # Asking for an attribute loads the function (cuFuncLoad says so explicitly, but
-                # only from CUDA 12.4 on).
-                attr = driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_NUM_REGS
-                _check_driver(driver.cuFuncGetAttribute(attr, function), f"loading {name}")
+                # Under lazy loading a function's code loads at its first launch unless asked for
+                # now; cuFuncLoad (CUDA 12.4+) asks. Older drivers lack it: there, graph capture
+                # needs CUDA_MODULE_LOADING=EAGER (or a warm-up launch of each variant).
+                try:
+                    result = driver.cuFuncLoad(function)
+                except Exception:  # the symbol is missing from a driver before 12.4
+                    result = None
+                if result is not None:
+                    _check_driver(result, f"loading {name}")
                 self._functions[name] = function
         finally:
             driver.cuCtxPopCurrent()
