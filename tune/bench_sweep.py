@@ -38,14 +38,15 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from pipelines.run_outputs import read_metrics
-    from pipelines.train import connect_ray, run_training
+    from pipelines.raytrain.cluster import connect_ray
+    from pipelines.raytrain.run_dir import read_metrics
+    from pipelines.raytrain.training import run_training
     from tune.config import load_sweep_config
     from tune.tuner import run_sweep
 
     overrides = [f"space={json.dumps(BENCH_SPACE)}", "num_trials=4", "name=bench-sweep", *args.overrides]
     cfg, job, space = load_sweep_config(overrides=overrides)
-    connect_ray(job, log_to_driver=False)
+    connect_ray(job)
 
     t0 = time.perf_counter()
     default = job.model_copy(update={"train": job.train.model_copy(update={"name": "bench-default"})})

@@ -16,9 +16,9 @@ from pipelines.config import (
     PRESETS,
     ConfigError,
     JobConfig,
+    apply_overrides,
     format_validation_error,
     load_job_config,
-    parse_override,
     read_config_file,
 )
 from tune.space import SearchSpace, SpaceError, parse_space
@@ -177,16 +177,7 @@ def load_sweep_config(config_file: str | os.PathLike | None = None, overrides: l
     defaults = SweepConfig().model_dump(mode="json")
     # A file's space or base replaces the default one whole: merging would keep default parameters
     # (or ranges tied to the default epochs) the file never asked for.
-    data = {**defaults, **data}
-    # TODO(issue 8): pipelines.config.apply_overrides, the one --set loop, once merged.
-    for item in overrides:
-        path, value = parse_override(item)
-        node = data
-        for part in path[:-1]:
-            if not isinstance(node.get(part, {}), dict):
-                raise ConfigError(f"--set {item!r}: {part!r} is a value, not a section")
-            node = node.setdefault(part, {})
-        node[path[-1]] = value
+    data = apply_overrides({**defaults, **data}, overrides)
     cfg = validate_sweep_config(data)
     job = base_job(cfg)
     return cfg, job, check_sweep(cfg, job)

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from pipelines.run_outputs import is_remote, join_uri, storage_filesystem
+from pipelines.storage import join_uri, read_bytes, write_bytes
 from tune.trial import EPOCHS_DONE
 
 TABLE_CSV = "trials.csv"
@@ -44,33 +44,12 @@ class TrialSummary:
     error: str | None = None
 
 
-def write_bytes(uri: str, data: bytes) -> None:
-    """Writes a file whole: a local temporary renamed into place, or one object put to a bucket."""
-    # TODO(issue 8): pipelines.storage.write_bytes once merged.
-    fs, path = storage_filesystem(uri)
-    if is_remote(uri):
-        with fs.open_output_stream(path) as f:
-            f.write(data)
-        return
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
 def read_text(uri: str) -> str | None:
     """A small text file's content, or None when it does not exist."""
-    fs, path = storage_filesystem(uri)
     try:
-        with fs.open_input_stream(path) as f:
-            return f.read().decode()
+        return read_bytes(uri).decode()
     except FileNotFoundError:
         return None
-    except OSError as e:
-        if "not found" in str(e).lower() or "no such file" in str(e).lower():
-            return None
-        raise
 
 
 def _trial_id(result) -> str:

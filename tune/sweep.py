@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     from pipelines.config import ConfigError
-    from pipelines.preflight import PreflightError
+    from pipelines.raytrain.preflight import PreflightError
     from tune.config import load_sweep_config
 
     try:

@@ -15,18 +15,9 @@ from tune.space import apply_params
 
 # Tune refuses 0; the driver only parses annotations and waits on the trainer.
 TRIAL_DRIVER_RESOURCES = {"cpu": 0.01}
-# The scheduler's clock: epochs this trial has trained, which (unlike Tune's training_iteration)
-# continues where it was when an interrupted trial resumes from its Train checkpoint.
+# The scheduler's clock, in every epoch's report: epochs this trial has trained, which (unlike Tune's
+# training_iteration) continues where it was when an interrupted trial resumes from its Train checkpoint.
 EPOCHS_DONE = "epochs_done"
-
-
-class EpochReportCallback(TuneReportCallback):
-    """Tune's report callback with ``epochs_done`` (the training's 0-based ``epoch`` + 1) added."""
-
-    def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
-        if metrics and "epoch" in metrics[0]:
-            metrics = [{**metrics[0], EPOCHS_DONE: int(metrics[0]["epoch"]) + 1}, *metrics[1:]]
-        super().after_report(run_context, metrics, checkpoint)
 
 
 def trial_job(base: dict[str, Any], params: dict[str, Any], trials_uri: str, trial_id: str) -> JobConfig:
@@ -50,11 +41,13 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], trials_uri: str) 
     """
     import ray.tune
 
-    from pipelines.train import describe_failure, run_training
+    from pipelines.raytrain.errors import describe_failure
+    from pipelines.raytrain.training import run_training
 
     trial_id = ray.tune.get_context().get_trial_id()
     job = trial_job(base, config, trials_uri, trial_id)
-    # Built here, inside the trial: the callback talks to this trial's Tune session.
-    outcome = run_training(job, callbacks=[EpochReportCallback()])
+    # Built here, inside the trial: the callback talks to this trial's Tune session. The run's own
+    # lines go to its run directory (metrics.jsonl); the sweep's driver prints the sweep's progress.
+    outcome = run_training(job, callbacks=[TuneReportCallback()], quiet=True)
     if outcome.error is not None:
         raise RuntimeError(f"trial {trial_id}: training failed: {describe_failure(outcome.error)}")

@@ -15,15 +15,15 @@ import itertools
 import json
 import logging
 import math
-import os
 from typing import Any
 
 import ray
 from ray import tune
 
 from pipelines.config import ConfigError, JobConfig, validate_job_config
-from pipelines.preflight import PreflightError, preflight
-from pipelines.run_outputs import is_remote, join_uri, storage_filesystem
+from pipelines.raytrain.cluster import connect_ray
+from pipelines.raytrain.preflight import PreflightError, preflight
+from pipelines.storage import absolute, filesystem_for, is_remote, join_uri, write_bytes
 from tune.config import SweepConfig
 from tune.plots import CURVES_PLOT, PARAMS_PLOT, plot_curves, plot_params
 from tune.progress import SweepProgress
@@ -33,7 +33,6 @@ from tune.results import (
     summarize,
     table_rows,
     write_best,
-    write_bytes,
     write_table,
 )
 from tune.space import SearchSpace, apply_params
@@ -70,7 +69,7 @@ RESOURCE_FIELDS = (
 def _trial_need(job: JobConfig) -> dict[str, float]:
     t = job.train
     # Without CPUs outside the worker group, a trial's decode tasks wait forever (the same count
-    # pipelines.train.connect_ray adds when it sizes a local Ray).
+    # pipelines.raytrain.cluster.connect_ray adds when it sizes a local Ray).
     need = {"CPU": t.num_workers * t.cpus_per_worker + max(2, job.data.num_decode_workers or 2)}
     if t.use_gpu:
         need["GPU"] = t.num_workers * t.gpus_per_worker
@@ -129,7 +128,7 @@ def max_concurrent_trials(
 def _tune_storage(uri: str):
     """(storage_path, storage_filesystem) for Tune: a bucket URI goes through our filesystem (endpoint options)."""
     if is_remote(uri):
-        return storage_filesystem(uri)[::-1]
+        return filesystem_for(uri)[::-1]
     return uri, None
 
 
@@ -195,17 +194,13 @@ def run_sweep(
     Raises:
         ConfigError, PreflightError: before any trial starts.
     """
-    from pipelines.train import connect_ray
-
     # Once, before any trial: absolute paths (trials run in other directories), the demo data
     # generated (concurrent trials would race to write it), the data and storage reachable.
     job = preflight(job)
-    storage = cfg.storage_path
-    if not is_remote(storage):
-        storage = os.path.abspath(os.path.expanduser(storage.removeprefix("file://")))
+    storage = absolute(cfg.storage_path)
     sweep_uri = join_uri(storage, cfg.sweep_name)
     same = _check_same_sweep(sweep_uri, cfg)
-    started_local = connect_ray(job, address, log_to_driver=False)
+    started_local = connect_ray(job, address)
     concurrency = max_concurrent_trials(job, ray.cluster_resources(), cfg.max_concurrent_trials, started_local, space)
 
     base = job.model_dump(mode="json")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import socket
 
 import ray
 
@@ -23,6 +24,12 @@ WORKING_DIR_EXCLUDES = [".venv/", ".git/", "runs/", "data/", "**/__pycache__/", 
 def in_ray_job() -> bool:
     """True inside a driver started by ``ray job submit`` (the job supervisor sets this variable)."""
     return "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def connect_ray(job: JobConfig, address: str | None = None) -> bool:
@@ -47,11 +54,19 @@ def connect_ray(job: JobConfig, address: str | None = None) -> bool:
     data_cpus = max(2, job.data.num_decode_workers or 2)
     num_cpus = max(os.cpu_count() or 1, math.ceil(t.num_workers * t.cpus_per_worker) + data_cpus)
     pythonpath = os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH")) if p)
+    # The dashboard on a port of our own, named to every process of this instance: Ray Train's
+    # placement-group cleaner asks the state API for it, and with a second Ray instance on this
+    # machine (another `ray start`, another test) it cannot tell which one is its own; its monitor
+    # thread then dies, and the placement group of a run stopped from outside (a Tune trial that
+    # ASHA stops) is never removed, so the next trial waits forever for its CPUs.
+    dashboard_port = _free_port()
+    env_vars = {"PYTHONPATH": pythonpath, "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dashboard_port}"}
     # address="local": a new instance even when another `ray start` cluster runs on this machine.
     ray.init(
         address="local",
         num_cpus=num_cpus,
-        runtime_env={"env_vars": {"PYTHONPATH": pythonpath}},
+        dashboard_port=dashboard_port,
+        runtime_env={"env_vars": env_vars},
         log_to_driver=False,
         logging_level=logging.WARNING,
     )

@@ -15,7 +15,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> str:
     """8 train / 4 val generated images of 3 shape classes, 64-96 px; plus a val split without objects."""
-    from pipelines.synthetic import generate_coco
+    from pipelines.data.synthetic import generate_coco
 
     root = tmp_path_factory.mktemp("tune_data") / "shapes"
     generate_coco(root, 8, 4, image_size=((64, 96), (64, 96)), num_classes=3, max_objects=3, seed=0, threads=2)
@@ -61,7 +61,7 @@ def ray_local():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    # The dashboard address named to every process, as pipelines.train.connect_ray does: Train's
+    # The dashboard address named to every process, as pipelines.raytrain.cluster.connect_ray does: Train's
     # placement-group cleaner (which frees a stopped trial's workers) needs it when other Ray
     # instances run on the machine.
     env = {"PYTHONPATH": str(REPO_ROOT), "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}

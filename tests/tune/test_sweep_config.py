@@ -10,7 +10,7 @@ import pytest
 from ray import tune as ray_tune
 
 from pipelines.config import ConfigError, JobConfig
-from pipelines.preflight import PreflightError
+from pipelines.raytrain.preflight import PreflightError
 from tune.config import load_sweep_config
 from tune.results import TrialSummary, format_table, table_rows, write_table
 from tune.space import BACKBONE_MULT, apply_params

@@ -13,9 +13,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from core.checkpoint import read_checkpoint
-from pipelines.run_outputs import read_metrics
+from pipelines.raytrain.run_dir import read_metrics
+from pipelines.raytrain.state import CHECKPOINT_FILE
 from pipelines.train import main as train_main
-from pipelines.train_worker import CHECKPOINT_FILE
 from tune.config import load_sweep_config
 from tune.results import BEST_CONFIG_FILE, BEST_TRIAL_FILE, TABLE_CSV, TABLE_PARQUET
 from tune.tuner import TRIALS_DIR, run_sweep
