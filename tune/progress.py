@@ -82,4 +82,4 @@ class SweepProgress(Callback):
         self._print(trials, f"trial {trial.trial_id} {what} after {r.get(EPOCHS_DONE, 0)} epochs, {shown}\n")
 
     def on_trial_error(self, iteration: int, trials, trial, **info) -> None:
-        self._print(trials, f"trial {trial.trial_id} failed (its error.txt is in {trial.local_path})\n")
+        self._print(trials, f"trial {trial.trial_id} failed (its error.txt is in {trial.path})\n")
