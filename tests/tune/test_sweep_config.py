@@ -163,7 +163,7 @@ def test_optuna_searcher_draws_from_our_space():
     assert searcher.suggest("t2") is None  # the concurrency cap holds the third back
     for i, params in enumerate(drawn):
         assert 1e-4 <= params["train.lr"] <= 2e-3 and params["model.num_queries"] in (100, 300, 900)
-        assert 3 <= params["train.lr_drop"] <= 5 and isinstance(params["train.lr_drop"], int)
+        assert 2 <= params["train.lr_drop"] <= 3 and isinstance(params["train.lr_drop"], int)
         searcher.on_trial_result(f"t{i}", {"AP": 0.1 * i, "training_iteration": 1, "config": params})
         searcher.on_trial_complete(f"t{i}", {"AP": 0.1 * i, "config": params})
     assert searcher.suggest("t3") is not None
