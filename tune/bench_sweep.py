@@ -44,12 +44,14 @@ def main(argv: list[str] | None = None) -> int:
     from tune.config import load_sweep_config
     from tune.tuner import run_sweep
 
-    overrides = [f"space={json.dumps(BENCH_SPACE)}", "num_trials=4", "name=bench-sweep", *args.overrides]
+    # Fresh names: the same names again would resume the finished run and sweep, timing nothing.
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    overrides = [f"space={json.dumps(BENCH_SPACE)}", "num_trials=4", f"name=bench-sweep-{stamp}", *args.overrides]
     cfg, job, space = load_sweep_config(overrides=overrides)
     connect_ray(job)
 
     t0 = time.perf_counter()
-    default = job.model_copy(update={"train": job.train.model_copy(update={"name": "bench-default"})})
+    default = job.model_copy(update={"train": job.train.model_copy(update={"name": f"bench-default-{stamp}"})})
     outcome = run_training(default)
     plain_s = time.perf_counter() - t0
     evals = [r for r in read_metrics(os.path.join(outcome.run_dir.path, "metrics.jsonl")) if r["kind"] == "eval"]
