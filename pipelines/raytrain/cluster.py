@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import warnings
 
 import ray
 
@@ -47,6 +48,9 @@ def connect_ray(job: JobConfig, address: str | None = None) -> bool:
     data_cpus = max(2, job.data.num_decode_workers or 2)
     num_cpus = max(os.cpu_count() or 1, math.ceil(t.num_workers * t.cpus_per_worker) + data_cpus)
     pythonpath = os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH")) if p)
+    # Ray 2.60 turns token auth on for a new local cluster and says so: nothing to act on. Its warning
+    # that auth is *disabled* stays (that one is the user's call).
+    logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(_NotTokenAuthEnabled())
     # address="local": a new instance even when another `ray start` cluster runs on this machine.
     ray.init(
         address="local",
@@ -56,6 +60,20 @@ def connect_ray(job: JobConfig, address: str | None = None) -> bool:
         logging_level=logging.WARNING,
     )
     return True
+
+
+class _NotTokenAuthEnabled(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "authentication is enabled for this Ray cluster" not in record.getMessage()
+
+
+def quiet_ray_warnings() -> None:
+    """Hides Ray's own deprecation warnings about Ray's internals (nothing a user of this project acts on).
+
+    Entry scripts call it in ``main``; a library import never changes warning filters.
+    """
+    for category in (DeprecationWarning, FutureWarning):
+        warnings.filterwarnings("ignore", category=category, module=r"ray(\.|$)")
 
 
 def ray_logs_dir() -> str | None:
