@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import socket
+import warnings
 
 import ray
 
@@ -61,6 +62,9 @@ def connect_ray(job: JobConfig, address: str | None = None) -> bool:
     # ASHA stops) is never removed, so the next trial waits forever for its CPUs.
     dashboard_port = _free_port()
     env_vars = {"PYTHONPATH": pythonpath, "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dashboard_port}"}
+    # Ray 2.60 turns token auth on for a new local cluster and says so: nothing to act on. Its warning
+    # that auth is *disabled* stays (that one is the user's call).
+    logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(_NotTokenAuthEnabled())
     # address="local": a new instance even when another `ray start` cluster runs on this machine.
     ray.init(
         address="local",
@@ -71,6 +75,20 @@ def connect_ray(job: JobConfig, address: str | None = None) -> bool:
         logging_level=logging.WARNING,
     )
     return True
+
+
+class _NotTokenAuthEnabled(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "authentication is enabled for this Ray cluster" not in record.getMessage()
+
+
+def quiet_ray_warnings() -> None:
+    """Hides Ray's own deprecation warnings about Ray's internals (nothing a user of this project acts on).
+
+    Entry scripts call it in ``main``; a library import never changes warning filters.
+    """
+    for category in (DeprecationWarning, FutureWarning):
+        warnings.filterwarnings("ignore", category=category, module=r"ray(\.|$)")
 
 
 def ray_logs_dir() -> str | None:
