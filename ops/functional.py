@@ -170,7 +170,9 @@ def _backward_cpu(grad_output, value, spatial_shapes, level_start_index, samplin
     if _use_cpu_kernel():
         from ops import _cpu
 
-        return _cpu.backward(grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+        return _cpu.backward(
+            grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+        )
     return _reference_backward(
         grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights
     )
