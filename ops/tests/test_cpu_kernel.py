@@ -32,7 +32,7 @@ def cpu_kernel():
     cxx, reason = _cpu.find_compiler()
     if cxx is None:
         pytest.skip(reason)
-    ok, reason = _cpu.is_available()
+    ok, reason = ops.cpu_kernel_available()
     assert ok, reason
 
 
@@ -230,6 +230,11 @@ _FALLBACK_SCRIPT = textwrap.dedent(
         out.sum().backward()
     torch.testing.assert_close(out, ms_deform_attn_reference(value, ss, lsi, loc, attn))
     print("grads", all(t.grad is not None for t in ins))
+    ops.set_backend("cpu")
+    try:
+        ops.ms_deform_attn(value, ss, lsi, loc, attn)
+    except RuntimeError as exc:
+        print(exc)
     """
 )
 
@@ -245,7 +250,9 @@ def test_no_compiler_falls_back_to_the_reference_with_one_log_line(tmp_path):
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == "grads True"
+    grads, forced = proc.stdout.strip().splitlines()
+    assert grads == "grads True"
+    assert forced.startswith("MSDA backend 'cpu' was forced but the CPU kernel is unavailable: "), forced
     lines = [line for line in proc.stderr.splitlines() if "MSDeformAttn" in line]
     assert lines == [
         f"WARNING ops.functional: MSDeformAttn CPU kernel unavailable (building or loading the CPU kernel failed: "
