@@ -43,7 +43,8 @@
 
 #define MSDA_CPU_ABI_VERSION 1
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
+// ifunc-based clones need glibc (musl has no ifunc) and GCC 12 for the arch= form.
+#if defined(__x86_64__) && defined(__GLIBC__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
 #define MSDA_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
 #else
 #define MSDA_CLONES

@@ -258,3 +258,10 @@ def test_no_compiler_falls_back_to_the_reference_with_one_log_line(tmp_path):
         f"WARNING ops.functional: MSDeformAttn CPU kernel unavailable (building or loading the CPU kernel failed: "
         f"C++ compiler $CXX={env['CXX']!r} not found); using the PyTorch reference path"
     ], proc.stderr
+
+
+def test_kernel_compiles_without_warnings(tmp_path):
+    cxx, _ = _cpu.find_compiler()
+    cmd = [cxx, *_cpu.CXX_FLAGS, "-Wall", "-Wextra", "-o", str(tmp_path / "lib.so"), str(_cpu.SOURCE)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    assert proc.returncode == 0 and not proc.stderr.strip(), proc.stderr
