@@ -41,6 +41,7 @@ from pipelines.config import (
     read_config_file,
     validate_job_config,
 )
+from pipelines.engine import steps_per_epoch
 from pipelines.preflight import (
     PreflightError,
     check_resources,
@@ -102,7 +103,7 @@ def connect_ray(job: JobConfig, address: str | None = None) -> bool:
     # Logical CPUs: the workers' plus some for Ray Data's decode tasks, which would otherwise find
     # none free on a small machine and stall the input pipeline.
     data_cpus = max(2, job.data.num_decode_workers or 2)
-    num_cpus = max(os.cpu_count() or 1, math.ceil(t.num_workers * t.cpus_per_worker) + data_cpus)
+    num_cpus = max(os.cpu_count() or 1, math.ceil(t.max_workers * t.cpus_per_worker) + data_cpus)
     pythonpath = os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH")) if p)
     # address="local": a new instance even when another `ray start` cluster runs on this machine.
     ray.init(
@@ -120,7 +121,8 @@ class PreparedData:
 
     datasets: dict[str, ray.data.Dataset]
     dataset_info: dict[str, Any]  # categories, label map, sizes: goes through train_loop_config
-    steps_per_epoch: int
+    steps_per_epoch: int  # at train.max_workers; the workers count their own from the live world size
+    train_rows: int  # rows of the train dataset per epoch (after a max_steps_per_epoch limit)
     start_epoch: int
     infos: dict[str, Any] = dataclasses.field(default_factory=dict)  # split -> DatasetInfo, for data_report
     epoch_clock: Any = None  # EpochClock handle: the workers set the train dataset's epoch
@@ -196,19 +198,21 @@ def prepare_data(job: JobConfig, start_epoch: int = 0) -> PreparedData:
             f"set --set model.num_classes={categories.num_classes}"
         )
     t, bs = job.train, job.data.batch_size_per_worker
-    batches = (train_info.num_images // t.num_workers) // bs  # equal split, drop_last
-    if batches < 1:
+    rows = train_info.num_images
+    steps = steps_per_epoch(rows, t.max_workers, bs, t.grad_accum_steps)
+    if steps < 1:
         raise PreflightError(
             f"the train split has {train_info.num_images} images, fewer than train.num_workers x "
-            f"data.batch_size_per_worker = {t.num_workers} x {bs}"
+            f"data.batch_size_per_worker = {t.max_workers} x {bs}"
         )
-    steps = math.ceil(batches / t.grad_accum_steps)
     if t.max_steps_per_epoch is not None and steps > t.max_steps_per_epoch:
         steps = t.max_steps_per_epoch
-        # Limit the dataset itself so every epoch's iterator ends on its own.
-        datasets["train"] = datasets["train"].limit(steps * t.grad_accum_steps * bs * t.num_workers)
+        # Limit the dataset itself so every epoch's iterator ends on its own (an elastic run on fewer
+        # workers than max then takes more steps over the same rows).
+        rows = steps * t.grad_accum_steps * bs * t.max_workers
+        datasets["train"] = datasets["train"].limit(rows)
     info = dataset_info(categories, job.model.num_classes, train_info.num_images, num_val)
-    return PreparedData(datasets, info, steps, start_epoch, infos, epoch_clock)
+    return PreparedData(datasets, info, steps, rows, start_epoch, infos, epoch_clock)
 
 
 # ------------------------------------------------------------------------------------------- trainer
@@ -236,7 +240,7 @@ def build_trainer(
     from pipelines.data import ingest_options
 
     t = job.train
-    resources = {"CPU": t.cpus_per_worker}
+    resources = {"CPU": t.cpus_per_worker, **t.worker_resources}
     if t.use_gpu:
         resources["GPU"] = t.gpus_per_worker
     storage_fs = None
@@ -248,19 +252,26 @@ def build_trainer(
         train_loop_config={
             "job": job.model_dump(mode="json"),
             "dataset_info": data.dataset_info,
-            "steps_per_epoch": data.steps_per_epoch,
+            "train_rows": data.train_rows,
             "sink": sink,
             "epoch_clock": data.epoch_clock,
             "finetune_weights": finetune_weights,
         },
         scaling_config=ray.train.ScalingConfig(
-            num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources
+            # A (min, max) tuple makes the run elastic: restarts take the workers the cluster holds.
+            num_workers=(t.min_workers, t.max_workers) if t.elastic else t.max_workers,
+            use_gpu=t.use_gpu,
+            resources_per_worker=resources,
+            elastic_resize_monitor_interval_s=t.elastic_resize_interval_s,
         ),
         run_config=ray.train.RunConfig(
             name=name or t.name,
             storage_path=storage_path,
             storage_filesystem=storage_fs,
-            failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
+            # Spot reclamations restart the group without using up max_failures, kept for real errors.
+            failure_config=ray.train.FailureConfig(
+                max_failures=t.max_failures, max_preemption_failures=t.max_preemption_failures
+            ),
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=t.keep_checkpoints,
                 checkpoint_score_attribute=SCORE_KEY,
@@ -335,6 +346,10 @@ class _Pump:
         return None
 
 
+def _workers_text(t) -> str:
+    return f"{t.min_workers}-{t.max_workers}" if t.elastic else str(t.max_workers)
+
+
 def write_data_report(data: PreparedData, run_dir: RunDir) -> dict[str, Any]:
     """Writes data_report.json (what was skipped so far) into the run directory; returns the report."""
     report = data_report(data.infos)
@@ -386,7 +401,7 @@ def run_training(job: JobConfig, *, address: str | None = None) -> TrainOutcome:
     print(f"run {job.train.name}: {run_dir.uri}", flush=True)
     print(
         f"  {job.detr_config().variant()} {job.model.backbone}, {data.dataset_info['num_train']} train / "
-        f"{data.dataset_info['num_val']} val images, {job.train.num_workers} workers x "
+        f"{data.dataset_info['num_val']} val images, {_workers_text(job.train)} workers x "
         f"{job.data.batch_size_per_worker} images (total batch {job.total_batch_size}), "
         f"{data.steps_per_epoch} steps/epoch, {job.train.epochs} epochs",
         flush=True,

@@ -37,8 +37,10 @@ from pipelines.engine import (
     build_optimizer,
     evaluate,
     freeze_zero_lr_params,
+    live_lr_scale,
     realign_lr_scheduler,
     resolve_amp_dtype,
+    steps_per_epoch,
     train_one_epoch,
 )
 
@@ -301,16 +303,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     Args:
         config: {"job": JobConfig as a JSON dict, "dataset_info": category map and sizes (small),
-            "steps_per_epoch": optimizer steps per epoch per worker, "sink": MetricsSink handle or None,
+            "train_rows": rows of the train dataset per epoch, "sink": MetricsSink handle or None,
             "finetune_weights": ObjectRef of the state_dict to start from, or None}.
     """
     job = JobConfig.model_validate(config["job"])
     _quiet_report_log(job.train.ray_log_level)
     info = config["dataset_info"]
-    steps_per_epoch = int(config["steps_per_epoch"])
     sink = config.get("sink")
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    # From the live world size: an elastic run restarted on fewer workers takes more steps per epoch.
+    epoch_steps = steps_per_epoch(
+        int(config["train_rows"]), world, job.data.batch_size_per_worker, job.train.grad_accum_steps
+    )
     device = ray.train.torch.get_device()
     amp_dtype = resolve_amp_dtype(job.train.amp, device)
     _seed_everything(job.train.seed)  # the same initial weights on every rank (DDP broadcasts rank 0's anyway)
@@ -336,9 +341,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"forward_sync_buffers": False})
     criterion.to(device)
     postprocessor = PostProcess(num_select=100, label_map=info.get("label_to_category_id")).to(device)
-    optimizer = build_optimizer(model, job.train)
-    scheduler = build_lr_scheduler(optimizer, job.train, steps_per_epoch)
+    lr_scale = live_lr_scale(world, job.train)
+    optimizer = build_optimizer(model, job.train, lr_scale)
+    scheduler = build_lr_scheduler(optimizer, job.train, epoch_steps)
+    base_lrs = list(scheduler.base_lrs)  # this worker group's, before a checkpoint's replace them
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+    if lr_scale != 1 and rank == 0:
+        log.warning("training on %d of %d workers: lr scaled by %.3g", world, job.train.max_workers, lr_scale)
 
     start_epoch, global_step, history = 0, 0, []
     if state is not None:
@@ -349,14 +358,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         start_epoch = int(state["epoch"]) + 1
         global_step = int(state["global_step"])
         history = list(state.get("history", []))
-        if realign_lr_scheduler(scheduler, start_epoch * steps_per_epoch) and rank == 0:
+        if realign_lr_scheduler(scheduler, start_epoch * epoch_steps, base_lrs) and rank == 0:
             log.warning(
-                "steps per epoch changed since the checkpoint (now %d): lr schedule realigned to epoch %d",
-                steps_per_epoch,
+                "workers or steps per epoch changed since the checkpoint (now %d workers, %d steps): "
+                "lr schedule realigned to epoch %d",
+                world,
+                epoch_steps,
                 start_epoch,
             )
 
-    progress = _Progress(sink if rank == 0 else None, job, world, steps_per_epoch, device)
+    progress = _Progress(sink if rank == 0 else None, job, world, epoch_steps, device)
     if rank == 0:
         progress.send(
             [
@@ -388,7 +399,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
         def on_step(record: dict[str, Any], epoch=epoch, base_step=base_step) -> None:
             gstep = base_step + record["step"]
-            remaining = (epochs - epoch) * steps_per_epoch - record["step"]
+            remaining = (epochs - epoch) * epoch_steps - record["step"]
             if rank == 0:
                 progress.on_step(record, epoch, gstep, remaining)
             _maybe_inject_fault(job, rank, gstep)
