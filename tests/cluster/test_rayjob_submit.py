@@ -80,7 +80,7 @@ def test_rayjob_train_entrypoint_runs(ray_head, tiny_root, tmp_path):
         f"--address={ray_head['address']}",
         f"--submission-id={submission_id}",
         "--",
-        shlex.join(command),
+        *command,  # the CLI quotes each argument back into one shell line, as the RayJob's entrypoint is
     ]
     deadline = time.time() + 120
     while True:  # the job agent comes up a few seconds after `ray start` returns
