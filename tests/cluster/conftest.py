@@ -100,39 +100,112 @@ def _stop_cluster(temp_dir: str) -> None:
             time.sleep(0.5)
 
 
+def _ray_start(args: list[str], env: dict[str, str], ports: dict[str, int]) -> None:
+    subprocess.run(
+        [
+            str(BIN / "ray"),
+            "start",
+            *args,
+            *[f"--{flag}={port}" for flag, port in ports.items()],
+            "--disable-usage-stats",
+        ],
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+
+
+def _descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+class LocalCluster:
+    """A `ray start --head` on loopback with ports of its own (other Ray instances may run on this
+    machine), as tests/train/test_job_submit.py starts it, and optionally more nodes on the same machine."""
+
+    def __init__(self, head_args: list[str], env_extra: dict[str, str] | None = None) -> None:
+        self.temp_dir = tempfile.mkdtemp(prefix="rjc", dir="/tmp")  # short: Ray's socket paths have a length limit
+        self.env = dict(os.environ, RAY_AUTH_MODE="disabled", PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
+        self.env.pop("RAY_ADDRESS", None)
+        self.env.update(env_extra or {})
+        flags = ("port", "dashboard-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port")
+        flags += ("runtime-env-agent-port", "metrics-export-port", "ray-client-server-port")
+        ports = {flag: _free_port() for flag in flags}
+        self.gcs_address = f"127.0.0.1:{ports['port']}"
+        self.address = f"http://127.0.0.1:{ports['dashboard-port']}"  # the job API
+        base = ["--node-ip-address=127.0.0.1", "--object-store-memory=200000000"]
+        _ray_start(
+            ["--head", "--dashboard-host=127.0.0.1", f"--temp-dir={self.temp_dir}", *base, *head_args], self.env, ports
+        )
+
+    def add_node(self, args: list[str]) -> int:
+        """Starts one more node (a second raylet on this machine); returns its node manager port."""
+        flags = ("node-manager-port", "object-manager-port", "dashboard-agent-listen-port")
+        flags += ("dashboard-agent-grpc-port", "runtime-env-agent-port", "metrics-export-port")
+        ports = {flag: _free_port() for flag in flags}
+        base = ["--node-ip-address=127.0.0.1", "--object-store-memory=100000000"]
+        _ray_start([f"--address={self.gcs_address}", *base, *args], self.env, ports)
+        return ports["node-manager-port"]
+
+    def kill_node(self, node_manager_port: int) -> list[int]:
+        """SIGKILLs a node's raylet and everything it started, as a reclaimed cloud VM disappears."""
+        raylets = [pid for pid in _pids_using(f"--node_manager_port={node_manager_port}") if "raylet" in _cmdline(pid)]
+        assert raylets, f"no raylet with node manager port {node_manager_port}"
+        victims = [p for r in raylets for p in (*_descendants(r), r)]
+        for pid in victims:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        return victims
+
+    def stop(self) -> None:
+        _stop_cluster(self.temp_dir)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
 @pytest.fixture
 def ray_head():
-    """A `ray start --head` on loopback with ports of its own, as tests/train/test_job_submit.py starts it,
-    plus the `spot` resource that the cluster configs' spot workers advertise. Yields the job API address
-    and the environment to run `ray` and `python` with."""
-    temp_dir = tempfile.mkdtemp(prefix="rjc", dir="/tmp")  # short: Ray's socket paths have a length limit
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
-    env.pop("RAY_ADDRESS", None)
-    flags = ("port", "dashboard-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port")
-    flags += ("runtime-env-agent-port", "metrics-export-port", "ray-client-server-port")
-    ports = {flag: _free_port() for flag in flags}
+    """One local head with 4 CPUs and the `spot` resource that the cluster configs' spot workers
+    advertise: ``address`` (the job API) and ``env`` (to run `ray` and `python` with)."""
+    cluster = LocalCluster(["--num-cpus=4", '--resources={"spot": 4}'])
     try:
-        subprocess.run(
-            [
-                str(BIN / "ray"),
-                "start",
-                "--head",
-                "--node-ip-address=127.0.0.1",
-                "--dashboard-host=127.0.0.1",
-                *[f"--{flag}={port}" for flag, port in ports.items()],
-                "--num-cpus=4",
-                '--resources={"spot": 4}',
-                "--object-store-memory=200000000",
-                f"--temp-dir={temp_dir}",
-                "--disable-usage-stats",
-            ],
-            env=env,
-            check=True,
-            capture_output=True,
-            text=True,
-            timeout=180,
-        )
-        yield {"address": f"http://127.0.0.1:{ports['dashboard-port']}", "env": env}
+        yield {"address": cluster.address, "env": cluster.env}
     finally:
-        _stop_cluster(temp_dir)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        cluster.stop()
+
+
+@pytest.fixture
+def local_cluster_factory():
+    """Makes LocalCluster(head_args, env_extra) instances, stopped at the end of the test."""
+    made: list[LocalCluster] = []
+
+    def make(head_args: list[str], env_extra: dict[str, str] | None = None) -> LocalCluster:
+        made.append(LocalCluster(head_args, env_extra))
+        return made[-1]
+
+    yield make
+    for cluster in made:
+        cluster.stop()
