@@ -2,6 +2,7 @@
 shell splits it, its script found in this repository (the image holds the project at /home/ray/ddetr),
 and its arguments parsed by that script's own ``parse_args``, then turned into the script's validated
 config where the script has a ``config_from_args`` (a misspelled field fails there, not on the cluster).
+The training RayJob's workers must also fit the pods of its own cluster.
 """
 
 from __future__ import annotations
@@ -72,3 +73,44 @@ def test_a_bad_option_fails():
         module.parse_args([*args, "--num-gpus", "8"])
     with pytest.raises(ConfigError, match="train.num_worker"):
         module.config_from_args(module.parse_args([*args, "--set", "train.num_worker=8"]))
+
+
+def _pod_resources(group: dict) -> dict[str, float]:
+    """The Ray resources one pod of a worker group offers: its container's CPU and GPU limits, and the
+    group's custom resources."""
+    limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+    cpu = str(limits.get("cpu", "0"))
+    out = {
+        "CPU": float(cpu[:-1]) / 1000 if cpu.endswith("m") else float(cpu),
+        "GPU": float(limits.get("nvidia.com/gpu", 0)),
+    }
+    out.update({k: float(v) for k, v in group.get("resources", {}).items()})
+    return out
+
+
+def worker_fit_problems(job, cluster_spec: dict) -> list[str]:
+    """Whether the training workers of ``job`` fit the RayJob's own cluster: a pod holds at least one,
+    and the groups' maxReplicas hold train.max_workers of them."""
+    t = job.train
+    need = {"CPU": t.cpus_per_worker, **t.worker_resources, **({"GPU": t.gpus_per_worker} if t.use_gpu else {})}
+    capacity = 0
+    for group in cluster_spec.get("workerGroupSpecs", []):
+        pod = _pod_resources(group)
+        per_pod = min(int(pod.get(k, 0) // v) for k, v in need.items())
+        capacity += per_pod * group["maxReplicas"]
+    if capacity < t.max_workers:
+        return [f"the cluster holds {capacity} training workers of {need}, the job asks for up to {t.max_workers}"]
+    return []
+
+
+def test_training_rayjob_fits_its_cluster():
+    """A worker that no pod can hold would wait forever: the training RayJob's workers fit its cluster."""
+    with open(KUBERAY / "rayjob-train.yaml") as f:
+        doc = yaml.safe_load(f)
+    script, args = split_entrypoint(doc["spec"]["entrypoint"])
+    module = load_script(script)
+    job = module.config_from_args(module.parse_args(args))
+    assert worker_fit_problems(job, doc["spec"]["rayClusterSpec"]) == []
+    # The R50 preset's 8 CPUs per worker would not fit a 1-GPU pod of 7 CPUs.
+    too_big = module.config_from_args(module.parse_args([*args, "--set", "train.cpus_per_worker=8"]))
+    assert "holds 0 training workers" in "\n".join(worker_fit_problems(too_big, doc["spec"]["rayClusterSpec"]))

@@ -3,7 +3,7 @@
 
 The entrypoint is taken from the manifest as it is; only what a CPU machine cannot have is replaced:
 the preset (tiny for r50_box_refine), the bucket paths (a temp folder), the epochs and the worker
-range (one or two CPU workers). Its other options (the run name, the market resource) stay, and
+range (one or two CPU workers of one CPU). Its other options (the run name, the market resource) stay, and
 the local cluster advertises the `spot` resource as the cluster configs' spot workers do. As in the
 image, the project is installed and no working directory is shipped.
 """
@@ -46,6 +46,7 @@ def tiny_command(entrypoint: str, root: Path, storage: Path) -> tuple[list[str],
         "train.storage_path": str(storage),
         "train.epochs": "1",
         "train.num_workers": "[1, 2]",
+        "train.cpus_per_worker": "1",
     }
     kept, rest = {}, iter(argv[2:])
     for arg in rest:
