@@ -28,7 +28,7 @@ IMAGE_PROJECT_DIR = "/home/ray/ddetr"
 @pytest.fixture(scope="module")
 def tiny_root(tmp_path_factory) -> Path:
     """16 train / 5 val generated images of 3 shape classes, 64-96 px."""
-    from pipelines.synthetic import generate_coco
+    from pipelines.data.synthetic import generate_coco
 
     root = tmp_path_factory.mktemp("tiny") / "shapes"
     generate_coco(root, 16, 5, image_size=((64, 96), (64, 96)), num_classes=3, max_objects=3, seed=0, threads=2)

@@ -20,7 +20,7 @@ STEPS = {2: 4, 1: 8}  # steps per epoch of 16 images, 2 per worker, by world siz
 
 @pytest.fixture(scope="module")
 def tiny_root(tmp_path_factory) -> Path:
-    from pipelines.synthetic import generate_coco
+    from pipelines.data.synthetic import generate_coco
 
     root = tmp_path_factory.mktemp("tiny") / "shapes"
     generate_coco(root, 16, 5, image_size=((64, 96), (64, 96)), num_classes=3, max_objects=3, seed=0, threads=2)
@@ -58,7 +58,7 @@ def test_run_survives_a_spot_reclamation_on_fewer_workers(local_cluster_factory,
     import ray
 
     from pipelines.config import load_job_config
-    from pipelines.train import run_training
+    from pipelines.raytrain.training import run_training
 
     # Fast node-death detection and worker-group restarts, for a test on a loaded 2-core machine.
     env = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "20"}

@@ -95,7 +95,9 @@ def test_resume_on_fewer_workers_rebases_and_realigns_the_schedule():
 
 
 def test_build_trainer_hands_ray_the_range_and_the_preemption_budget():
-    from pipelines.train import PreparedData, build_trainer
+    from pipelines.raytrain.datasets import PreparedData
+    from pipelines.raytrain.trainer import build_trainer
+    from pipelines.raytrain.worker_config import DatasetFacts
 
     job = load_job_config(
         preset="tiny",
@@ -107,7 +109,10 @@ def test_build_trainer_hands_ray_the_range_and_the_preemption_budget():
             "train.name=elastic",
         ],
     )
-    data = PreparedData(datasets={}, dataset_info={}, steps_per_epoch=4, train_rows=32, start_epoch=0)
+    facts = DatasetFacts(
+        mode="contiguous", num_classes=3, category_ids=[1, 2, 3], category_names={1: "a", 2: "b", 3: "c"}
+    )
+    data = PreparedData(datasets={}, facts=facts, steps_per_epoch=4, start_epoch=0, train_rows=32)
     trainer = build_trainer(job, data)
     scaling, failure = trainer.scaling_config, trainer.run_config.failure_config
     assert scaling.num_workers == (2, 4) and scaling.elastic_resize_monitor_interval_s == 60.0
