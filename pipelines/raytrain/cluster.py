@@ -12,6 +12,7 @@ import math
 import os
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from pipelines.config import JobConfig
 
@@ -56,6 +57,14 @@ def connect_ray(job: JobConfig, address: str | None = None) -> bool:
         logging_level=logging.WARNING,
     )
     return True
+
+
+def on_driver_node() -> dict:
+    """``.options(**on_driver_node())`` pins a run's small actors (metrics sink, epoch clock) to the
+    driver's node: Ray would otherwise place them on any node, a spot worker's included, whose
+    reclamation would take them and the run with them. The driver's node is the head on a cluster."""
+    node = ray.get_runtime_context().get_node_id()
+    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(node_id=node, soft=False)}
 
 
 def ray_logs_dir() -> str | None:

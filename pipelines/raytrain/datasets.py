@@ -14,6 +14,7 @@ from pipelines.data.categories import CategoryMap
 from pipelines.data.coco import BadInputError
 from pipelines.data.datasets import DatasetInfo, EpochClock, build_dataset
 from pipelines.engine import steps_per_epoch
+from pipelines.raytrain.cluster import on_driver_node
 from pipelines.raytrain.preflight import PreflightError
 from pipelines.raytrain.worker_config import DatasetFacts
 
@@ -91,7 +92,7 @@ def prepare_data(job: JobConfig, *, splits: Sequence[str] | None = None, start_e
         for split in splits:
             if split == "train":
                 # Draw each epoch's augmentation for the epoch the loop is in, also after a worker-group restart.
-                epoch_clock = EpochClock.remote(start_epoch)
+                epoch_clock = EpochClock.options(**on_driver_node()).remote(start_epoch)
                 datasets[split], infos[split] = build_dataset(
                     job.data, split, start_epoch=start_epoch, epoch_clock=epoch_clock
                 )

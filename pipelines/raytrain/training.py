@@ -15,7 +15,7 @@ import ray.train
 from core.coco_eval import AP_KEYS, format_ap_table
 from pipelines.config import CONFIG_FILE, JobConfig
 from pipelines.data.report import data_report, format_data_report
-from pipelines.raytrain.cluster import connect_ray, ray_logs_dir
+from pipelines.raytrain.cluster import connect_ray, on_driver_node, ray_logs_dir
 from pipelines.raytrain.datasets import PreparedData, prepare_data
 from pipelines.raytrain.errors import describe_failure
 from pipelines.raytrain.metrics import MetricsPump, MetricsSink
@@ -101,7 +101,7 @@ def run_training(
     # What the annotation and file checks skipped, before any pixel is read.
     _say(out, format_data_report(write_data_report(data, run_dir), job.data.on_bad_input))
 
-    sink = MetricsSink.remote()
+    sink = MetricsSink.options(**on_driver_node()).remote()
     # Through the object store: every worker gets the weights, on whatever node it runs.
     weights_ref = ray.put(finetune_weights) if finetune_weights is not None else None
     trainer = build_trainer(job, data, sink=sink, weights=weights_ref, callbacks=callbacks)

@@ -96,6 +96,15 @@ def test_run_survives_a_spot_reclamation_on_fewer_workers(local_cluster_factory,
         reclaimer.start()
         outcome = run_training(job)
         reclaimer.join(timeout=60)
+        # The run's own actors live on the driver's node (the head), never on one that can be reclaimed.
+        from ray.util.state import list_actors
+
+        head = ray.get_runtime_context().get_node_id()
+        for name in ("MetricsSink", "EpochClock"):
+            placed = {
+                a.node_id for a in list_actors(filters=[("class_name", "=", name)], raise_on_missing_output=False)
+            }
+            assert placed == {head}, f"{name} actors on nodes {placed}, the driver's is {head}"
     finally:
         ray.shutdown()
 
