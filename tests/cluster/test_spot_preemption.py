@@ -102,7 +102,10 @@ def test_run_survives_a_spot_reclamation_on_fewer_workers(local_cluster_factory,
         head = ray.get_runtime_context().get_node_id()
         for name in ("MetricsSink", "EpochClock"):
             placed = {
-                a.node_id for a in list_actors(filters=[("class_name", "=", name)], raise_on_missing_output=False)
+                a.node_id
+                for a in list_actors(
+                    cluster.gcs_address, filters=[("class_name", "=", name)], raise_on_missing_output=False
+                )
             }
             assert placed == {head}, f"{name} actors on nodes {placed}, the driver's is {head}"
     finally:
