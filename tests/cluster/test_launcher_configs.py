@@ -250,8 +250,10 @@ def setup_problems(raw: dict, prepared: dict, pins: dict[str, str]) -> list[str]
     setup = " ; ".join(raw.get("setup_commands") or [])
     if f"torch=={pins['torch']}" not in setup:
         problems.append(f"setup_commands must pin torch=={pins['torch']} (./dev's default)")
-    if not re.search(r"pip install .*-e /home/ray/ddetr", setup):
-        problems.append("setup_commands must install the project (pip install -e /home/ray/ddetr)")
+    if not re.search(r"pip install .*-e \"?/home/ray/ddetr\[cuda\]", setup):
+        problems.append(
+            "setup_commands must install the project with its NVRTC extra (pip install -e /home/ray/ddetr[cuda])"
+        )
     if "/home/ray/ddetr" not in (raw.get("file_mounts") or {}):
         problems.append("file_mounts must copy the project to /home/ray/ddetr")
     if not any(c.strip().startswith("python -m ops build") for c in raw.get("worker_setup_commands") or []):
