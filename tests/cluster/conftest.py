@@ -100,21 +100,23 @@ def _stop_cluster(temp_dir: str) -> None:
             time.sleep(0.5)
 
 
-def _ray_start(args: list[str], env: dict[str, str], ports: dict[str, int]) -> None:
-    subprocess.run(
-        [
-            str(BIN / "ray"),
-            "start",
-            *args,
-            *[f"--{flag}={port}" for flag, port in ports.items()],
-            "--disable-usage-stats",
-        ],
-        env=env,
-        check=True,
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
+def _ray_start(args: list[str], env: dict[str, str], flags: tuple[str, ...], temp_dir: str) -> dict[str, int]:
+    """`ray start ARGS` with fresh ports for ``flags``; returns the ports. Another Ray on this machine may
+    take a port between picking it and binding it: a failed start is cleaned up and tried again."""
+    for _ in range(3):
+        ports = {flag: _free_port() for flag in flags}
+        proc = subprocess.run(
+            [str(BIN / "ray"), "start", *args, *[f"--{f}={p}" for f, p in ports.items()], "--disable-usage-stats"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+        if proc.returncode == 0:
+            return ports
+        if "--head" in args:
+            _stop_cluster(temp_dir)  # whatever the failed head left running
+    raise RuntimeError(f"ray start {' '.join(args)} failed 3 times:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
 
 
 def _descendants(pid: int) -> list[int]:
@@ -145,21 +147,18 @@ class LocalCluster:
         self.env.update(env_extra or {})
         flags = ("port", "dashboard-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port")
         flags += ("runtime-env-agent-port", "metrics-export-port", "ray-client-server-port")
-        ports = {flag: _free_port() for flag in flags}
+        base = ["--node-ip-address=127.0.0.1", "--object-store-memory=200000000"]
+        head = ["--head", "--dashboard-host=127.0.0.1", f"--temp-dir={self.temp_dir}", *base, *head_args]
+        ports = _ray_start(head, self.env, flags, self.temp_dir)
         self.gcs_address = f"127.0.0.1:{ports['port']}"
         self.address = f"http://127.0.0.1:{ports['dashboard-port']}"  # the job API
-        base = ["--node-ip-address=127.0.0.1", "--object-store-memory=200000000"]
-        _ray_start(
-            ["--head", "--dashboard-host=127.0.0.1", f"--temp-dir={self.temp_dir}", *base, *head_args], self.env, ports
-        )
 
     def add_node(self, args: list[str]) -> int:
         """Starts one more node (a second raylet on this machine); returns its node manager port."""
         flags = ("node-manager-port", "object-manager-port", "dashboard-agent-listen-port")
         flags += ("dashboard-agent-grpc-port", "runtime-env-agent-port", "metrics-export-port")
-        ports = {flag: _free_port() for flag in flags}
         base = ["--node-ip-address=127.0.0.1", "--object-store-memory=100000000"]
-        _ray_start([f"--address={self.gcs_address}", *base, *args], self.env, ports)
+        ports = _ray_start([f"--address={self.gcs_address}", *base, *args], self.env, flags, self.temp_dir)
         return ports["node-manager-port"]
 
     def kill_node(self, node_manager_port: int) -> list[int]:
