@@ -23,7 +23,8 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 import tomllib
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from core.config import DetrConfig, LossConfig, MatcherConfig, ModelConfig
 from pipelines.data.config import DataConfig
@@ -108,15 +109,33 @@ class TrainConfig(BaseModel):
     vis_score_threshold: float = Field(0.3, ge=0, le=1)
 
     # Scaling (Ray Train).
-    num_workers: int = Field(2, ge=1)
+    num_workers: int | tuple[int, int] = Field(
+        2,
+        description="training workers, or [min, max] for elastic training: the run goes on with as many "
+        "workers as the cluster holds between the two (spot nodes lost, added back), the lr scaled to the "
+        "live count; train.lr is the lr at max",
+    )
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(1.0, ge=0, description="used when use_gpu")
+    worker_resources: dict[str, float] = Field(
+        default_factory=dict,
+        description='more Ray resources per worker, e.g. {"spot": 0.01} to train on the cluster configs\' '
+        "spot nodes (cluster/)",
+    )
+    elastic_resize_interval_s: float = Field(
+        60.0, ge=0, description="elastic runs: how often Ray Train looks for room to grow the worker group"
+    )
 
     # Outputs, checkpoints, failures.
     storage_path: str = Field("runs", description="local folder, s3://bucket/prefix or gs://bucket/prefix")
     name: str | None = Field(None, description="run name (a folder under storage_path); None = <preset>-<time>")
     max_failures: int = Field(0, ge=-1, description="worker-group restarts from the last checkpoint; -1 = unlimited")
+    max_preemption_failures: int = Field(
+        -1,
+        ge=-1,
+        description="restarts after nodes were preempted (spot), counted apart from max_failures; -1 = unlimited",
+    )
     keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept, best by AP (by loss without eval)")
     log_every_s: float = Field(10.0, gt=0, description="seconds between progress lines on the driver")
     metrics_every_steps: int = Field(
@@ -132,11 +151,45 @@ class TrainConfig(BaseModel):
     preflight_timeout_s: float = Field(30.0, gt=0, description="time allowed to reach the data and storage")
     fault_injection: FaultInjection | None = Field(None, description="tests only: kill one worker once")
 
+    @field_validator("num_workers")
+    @classmethod
+    def _workers(cls, value: int | tuple[int, int]) -> int | tuple[int, int]:
+        low, high = (value, value) if isinstance(value, int) else value
+        if low < 1:
+            raise PydanticCustomError("greater_than_equal", "Input should be greater than or equal to 1")
+        if high < low:
+            raise PydanticCustomError("range", "a [min, max] range needs min <= max")
+        return value
+
+    @field_validator("worker_resources")
+    @classmethod
+    def _resources(cls, value: dict[str, float]) -> dict[str, float]:
+        for key, amount in value.items():
+            if key in ("CPU", "GPU"):
+                raise ValueError(f"{key} is set by cpus_per_worker / gpus_per_worker, not worker_resources")
+            if amount <= 0:
+                raise ValueError(f"{key}: amounts must be > 0, got {amount}")
+        return value
+
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
         if self.name is not None and (not self.name or "/" in self.name or self.name in (".", "..")):
             raise ValueError(f"name must be a single folder name, got {self.name!r}")
         return self
+
+    @property
+    def elastic(self) -> bool:
+        """True when num_workers is a [min, max] range (min < max)."""
+        return self.min_workers < self.max_workers
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[0]
+
+    @property
+    def max_workers(self) -> int:
+        """The worker count train.lr and the total batch are given for."""
+        return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[1]
 
 
 class JobConfig(BaseModel):
@@ -160,8 +213,8 @@ class JobConfig(BaseModel):
 
     @property
     def total_batch_size(self) -> int:
-        """Images per optimizer step across all workers."""
-        return self.train.num_workers * self.data.batch_size_per_worker * self.train.grad_accum_steps
+        """Images per optimizer step across all workers (at max_workers for an elastic run)."""
+        return self.train.max_workers * self.data.batch_size_per_worker * self.train.grad_accum_steps
 
 
 # ---------------------------------------------------------------------------------------------------

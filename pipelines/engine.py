@@ -67,12 +67,13 @@ def freeze_zero_lr_params(model: nn.Module, train_cfg: Any) -> int:
     return frozen
 
 
-def build_param_groups(model: nn.Module, train_cfg: Any) -> list[dict[str, Any]]:
+def build_param_groups(model: nn.Module, train_cfg: Any, lr_scale: float = 1.0) -> list[dict[str, Any]]:
     """The authors' three parameter groups, trainable parameters only.
 
     Args:
         model: the detector, possibly wrapped by DDP (the names then start with ``module.``).
         train_cfg: TrainConfig (lr, lr_backbone, lr_linear_proj_mult).
+        lr_scale: multiplies every group's lr (live_lr_scale of an elastic run).
 
     Returns:
         [{"name": "main", "params", "lr"}, {"name": "backbone", ...}, {"name": "linear_proj", ...}],
@@ -84,12 +85,31 @@ def build_param_groups(model: nn.Module, train_cfg: Any) -> list[dict[str, Any]]
         if p.requires_grad:
             params[_group_of(name)].append(p)
     # A group at lr 0 is frozen (freeze_zero_lr_params): leave it out rather than carry dead AdamW state.
-    return [{"name": g, "params": params[g], "lr": lrs[g]} for g in lrs if params[g] and lrs[g] > 0]
+    return [{"name": g, "params": params[g], "lr": lrs[g] * lr_scale} for g in lrs if params[g] and lrs[g] > 0]
 
 
-def build_optimizer(model: nn.Module, train_cfg: Any) -> torch.optim.AdamW:
-    """AdamW over build_param_groups with the config's weight decay."""
-    return torch.optim.AdamW(build_param_groups(model, train_cfg), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+def build_optimizer(model: nn.Module, train_cfg: Any, lr_scale: float = 1.0) -> torch.optim.AdamW:
+    """AdamW over build_param_groups with the config's weight decay; ``lr_scale`` as there."""
+    return torch.optim.AdamW(
+        build_param_groups(model, train_cfg, lr_scale), lr=train_cfg.lr * lr_scale, weight_decay=train_cfg.weight_decay
+    )
+
+
+def live_lr_scale(world_size: int, train_cfg: Any) -> float:
+    """The lr multiplier of a worker group of ``world_size`` workers.
+
+    The per-worker batch stays as configured, so the total batch follows the live worker count, and the
+    lr follows the total batch linearly (the linear scaling rule): ``train.lr`` is the lr of
+    ``train.max_workers`` workers, and an elastic run shrunk to half of them trains at half of it.
+    """
+    return world_size / train_cfg.max_workers
+
+
+def steps_per_epoch(num_rows: int, world_size: int, batch_size: int, grad_accum_steps: int) -> int:
+    """Optimizer steps each worker takes in an epoch of ``num_rows`` training rows split equally over
+    ``world_size`` workers, incomplete batches dropped (DDP needs the same step count on every rank)."""
+    batches = (num_rows // world_size) // batch_size
+    return math.ceil(batches / grad_accum_steps)
 
 
 def lr_factor(progress_epochs: float, train_cfg: Any) -> float:
@@ -128,17 +148,25 @@ def build_lr_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step / steps_per_epoch, train_cfg))
 
 
-def realign_lr_scheduler(scheduler: torch.optim.lr_scheduler.LambdaLR, optimizer_step: int) -> bool:
+def realign_lr_scheduler(
+    scheduler: torch.optim.lr_scheduler.LambdaLR, optimizer_step: int, base_lrs: list[float] | None = None
+) -> bool:
     """Puts a restored per-step scheduler at ``optimizer_step`` of this run and sets the groups' lr to match.
 
     A resume with another worker count, batch size or accumulation has another number of optimizer
-    steps per epoch, so the restored step count would put the lr drop or the cosine elsewhere.
+    steps per epoch, so the restored step count would put the lr drop or the cosine elsewhere; an
+    elastic run resumed on another number of workers also has another lr (``base_lrs``, this run's).
 
     Returns:
-        True if the scheduler had to move.
+        True if the scheduler had to move or change its base lrs.
     """
-    if scheduler.last_epoch == optimizer_step:
+    rebase = base_lrs is not None and [float(b) for b in base_lrs] != [float(b) for b in scheduler.base_lrs]
+    if scheduler.last_epoch == optimizer_step and not rebase:
         return False
+    if rebase:
+        scheduler.base_lrs = list(base_lrs)
+        for group, base in zip(scheduler.optimizer.param_groups, base_lrs):
+            group["initial_lr"] = base
     scheduler.last_epoch = optimizer_step
     lrs = [base * fn(optimizer_step) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
     for group, lr in zip(scheduler.optimizer.param_groups, lrs):

@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from pipelines.data.batching import SAMPLE_SCHEMA
 from pipelines.data.coco import (
@@ -254,7 +255,11 @@ def _build(
     epoch_clock: Any = None,
 ) -> tuple[ray.data.Dataset, DatasetInfo]:
     units, meta = _units(cfg, split, shuffle)
-    ledger = BadInputLedger.remote() if decode or cfg.on_bad_input == "skip" else None
+    ledger = None
+    if decode or cfg.on_bad_input == "skip":
+        # On the driver's node (the head on a cluster): a spot node's reclamation must not take it.
+        here = ray.get_runtime_context().get_node_id()
+        ledger = BadInputLedger.options(scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False)).remote()
     categories = CategoryMap.from_categories(meta["categories"], cfg.category_ids)
     info = DatasetInfo(
         split=split,

@@ -14,6 +14,7 @@ import socket
 import warnings
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from pipelines.config import JobConfig
 
@@ -53,7 +54,7 @@ def connect_ray(job: JobConfig, address: str | None = None) -> bool:
     # Logical CPUs: the workers' plus some for Ray Data's decode tasks, which would otherwise find
     # none free on a small machine and stall the input pipeline.
     data_cpus = max(2, job.data.num_decode_workers or 2)
-    num_cpus = max(os.cpu_count() or 1, math.ceil(t.num_workers * t.cpus_per_worker) + data_cpus)
+    num_cpus = max(os.cpu_count() or 1, math.ceil(t.max_workers * t.cpus_per_worker) + data_cpus)
     pythonpath = os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH")) if p)
     # The dashboard on a port of our own, named to every process of this instance: Ray Train's
     # placement-group cleaner asks the state API for it, and with a second Ray instance on this
@@ -89,6 +90,14 @@ def quiet_ray_warnings() -> None:
     """
     for category in (DeprecationWarning, FutureWarning):
         warnings.filterwarnings("ignore", category=category, module=r"ray(\.|$)")
+
+
+def on_driver_node() -> dict:
+    """``.options(**on_driver_node())`` pins a run's small actors (metrics sink, epoch clock) to the
+    driver's node: Ray would otherwise place them on any node, a spot worker's included, whose
+    reclamation would take them and the run with them. The driver's node is the head on a cluster."""
+    node = ray.get_runtime_context().get_node_id()
+    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(node_id=node, soft=False)}
 
 
 def ray_logs_dir() -> str | None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -14,6 +13,8 @@ from pipelines.config import JobConfig
 from pipelines.data.categories import CategoryMap
 from pipelines.data.coco import BadInputError
 from pipelines.data.datasets import DatasetInfo, EpochClock, build_dataset
+from pipelines.engine import steps_per_epoch
+from pipelines.raytrain.cluster import on_driver_node
 from pipelines.raytrain.preflight import PreflightError
 from pipelines.raytrain.worker_config import DatasetFacts
 
@@ -24,10 +25,11 @@ class PreparedData:
 
     datasets: dict[str, ray.data.Dataset]
     facts: DatasetFacts  # categories, label map, sizes: goes to the workers in WorkerConfig
-    steps_per_epoch: int  # 0 without a train split
+    steps_per_epoch: int  # 0 without a train split; at train.max_workers (the workers count their own)
     start_epoch: int
     infos: dict[str, DatasetInfo] = dataclasses.field(default_factory=dict)  # split -> info, for data_report
     epoch_clock: Any = None  # EpochClock handle: the workers set the train dataset's epoch
+    train_rows: int = 0  # rows of the train dataset per epoch (after a max_steps_per_epoch limit)
 
 
 class DetectionDataConfig(ray.train.DataConfig):
@@ -90,7 +92,7 @@ def prepare_data(job: JobConfig, *, splits: Sequence[str] | None = None, start_e
         for split in splits:
             if split == "train":
                 # Draw each epoch's augmentation for the epoch the loop is in, also after a worker-group restart.
-                epoch_clock = EpochClock.remote(start_epoch)
+                epoch_clock = EpochClock.options(**on_driver_node()).remote(start_epoch)
                 datasets[split], infos[split] = build_dataset(
                     job.data, split, start_epoch=start_epoch, epoch_clock=epoch_clock
                 )
@@ -106,25 +108,22 @@ def prepare_data(job: JobConfig, *, splits: Sequence[str] | None = None, start_e
             f"set --set model.num_classes={categories.num_classes}, or for the authors' COCO checkpoints "
             "keep data.category_ids=raw"
         )
-    steps = 0
+    steps, rows = 0, 0
     if "train" in datasets:
-        steps = _steps_per_epoch(job, infos["train"].num_images)
         t, bs = job.train, job.data.batch_size_per_worker
+        rows = infos["train"].num_images
+        # At max_workers: an elastic run shrunk to fewer workers takes more steps over the same rows.
+        steps = steps_per_epoch(rows, t.max_workers, bs, t.grad_accum_steps)
+        if steps < 1:
+            raise PreflightError(
+                f"the train split has {rows} images, fewer than train.num_workers x "
+                f"data.batch_size_per_worker = {t.max_workers} x {bs}"
+            )
         if t.max_steps_per_epoch is not None and steps > t.max_steps_per_epoch:
             steps = t.max_steps_per_epoch
             # Limit the dataset itself so every epoch's iterator ends on its own.
-            datasets["train"] = datasets["train"].limit(steps * t.grad_accum_steps * bs * t.num_workers)
+            rows = steps * t.grad_accum_steps * bs * t.max_workers
+            datasets["train"] = datasets["train"].limit(rows)
     sizes = {s: (infos[s].num_images if s in infos else 0) for s in ("train", "val")}
     facts = dataset_facts(categories, job.model.num_classes, sizes["train"], sizes["val"])
-    return PreparedData(datasets, facts, steps, start_epoch, infos, epoch_clock)
-
-
-def _steps_per_epoch(job: JobConfig, num_images: int) -> int:
-    t, bs = job.train, job.data.batch_size_per_worker
-    batches = (num_images // t.num_workers) // bs  # equal split, drop_last
-    if batches < 1:
-        raise PreflightError(
-            f"the train split has {num_images} images, fewer than train.num_workers x "
-            f"data.batch_size_per_worker = {t.num_workers} x {bs}"
-        )
-    return math.ceil(batches / t.grad_accum_steps)
+    return PreparedData(datasets, facts, steps, start_epoch, infos, epoch_clock, train_rows=rows)

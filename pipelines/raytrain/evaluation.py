@@ -13,7 +13,7 @@ from core.checkpoint import Checkpoint, read_checkpoint
 from core.coco_eval import AP_KEYS, format_ap_table
 from pipelines.config import JobConfig
 from pipelines.data.report import data_report, format_data_report
-from pipelines.raytrain.cluster import connect_ray
+from pipelines.raytrain.cluster import connect_ray, on_driver_node
 from pipelines.raytrain.datasets import prepare_data
 from pipelines.raytrain.distributed_eval import eval_loop_per_worker
 from pipelines.raytrain.metrics import MetricsPump, MetricsSink
@@ -56,7 +56,7 @@ def run_evaluation(
     check_data(job, splits=("val",))
     connect_ray(job, address)
     data = prepare_data(job, splits=("val",))
-    sink = MetricsSink.remote()
+    sink = MetricsSink.options(**on_driver_node()).remote()
     # Ray Train's run state only: the outputs go to out_dir.
     storage = tempfile.mkdtemp(prefix="ddetr-eval-")
     report = None

@@ -277,14 +277,17 @@ def fetch_backbone_weights(job: JobConfig) -> None:
 
 
 def check_resources(job: JobConfig, cluster_resources: dict[str, float], strict: bool) -> None:
-    """The cluster can hold the worker group now; ``strict`` (a local Ray we started) makes a shortfall fatal.
+    """The cluster can hold the (smallest) worker group now; ``strict`` (a local Ray we started) makes a
+    shortfall fatal.
 
     A joined cluster may autoscale, so there a shortfall is only a warning.
     """
     t = job.train
-    need = {"CPU": t.num_workers * t.cpus_per_worker}
+    # An elastic run starts with min_workers; a fixed one needs them all.
+    workers = t.min_workers
+    need = {"CPU": workers * t.cpus_per_worker, **{k: workers * v for k, v in t.worker_resources.items()}}
     if t.use_gpu:
-        need["GPU"] = t.num_workers * t.gpus_per_worker
+        need["GPU"] = workers * t.gpus_per_worker
     short = {k: (v, cluster_resources.get(k, 0.0)) for k, v in need.items() if cluster_resources.get(k, 0.0) < v}
     if not short:
         return
@@ -292,6 +295,8 @@ def check_resources(job: JobConfig, cluster_resources: dict[str, float], strict:
     msg = f"the worker group does not fit ({detail}); lower train.num_workers / train.cpus_per_worker" + (
         " or set train.use_gpu=false" if "GPU" in short else ""
     )
+    if set(short) & set(t.worker_resources):
+        msg += " or change train.worker_resources"
     if strict:
         raise PreflightError(msg)
     log.warning("%s (waiting for the cluster to scale up)", msg)

@@ -47,7 +47,7 @@ def build_trainer(
         storage_path: where Ray Train keeps checkpoints and its run state; default ``job.train.storage_path``.
     """
     t = job.train
-    resources = {"CPU": t.cpus_per_worker}
+    resources = {"CPU": t.cpus_per_worker, **t.worker_resources}
     if t.use_gpu:
         resources["GPU"] = t.gpus_per_worker
     storage_fs, storage = None, storage_path or t.storage_path
@@ -57,6 +57,7 @@ def build_trainer(
         job=job,
         dataset=data.facts,
         steps_per_epoch=data.steps_per_epoch,
+        train_rows=data.train_rows,
         sink=sink,
         epoch_clock=data.epoch_clock,
         weights=weights,
@@ -65,13 +66,20 @@ def build_trainer(
         loop,
         train_loop_config=worker.to_loop_config(),
         scaling_config=ray.train.ScalingConfig(
-            num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources
+            # A (min, max) tuple makes the run elastic: restarts take the workers the cluster holds.
+            num_workers=(t.min_workers, t.max_workers) if t.elastic else t.max_workers,
+            use_gpu=t.use_gpu,
+            resources_per_worker=resources,
+            elastic_resize_monitor_interval_s=t.elastic_resize_interval_s,
         ),
         run_config=ray.train.RunConfig(
             name=name or t.name,
             storage_path=storage,
             storage_filesystem=storage_fs,
-            failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
+            # Spot reclamations restart the group without using up max_failures, kept for real errors.
+            failure_config=ray.train.FailureConfig(
+                max_failures=t.max_failures, max_preemption_failures=t.max_preemption_failures
+            ),
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=t.keep_checkpoints,
                 checkpoint_score_attribute=SCORE_KEY,

@@ -15,7 +15,7 @@ import ray.train
 from core.coco_eval import AP_KEYS, format_ap_table
 from pipelines.config import CONFIG_FILE, JobConfig
 from pipelines.data.report import data_report, format_data_report
-from pipelines.raytrain.cluster import connect_ray, ray_logs_dir
+from pipelines.raytrain.cluster import connect_ray, on_driver_node, ray_logs_dir
 from pipelines.raytrain.datasets import PreparedData, prepare_data
 from pipelines.raytrain.errors import describe_failure
 from pipelines.raytrain.metrics import MetricsPump, MetricsSink
@@ -49,6 +49,11 @@ def write_data_report(data: PreparedData, run_dir: RunDir) -> dict[str, Any]:
     report = data_report(data.infos)
     run_dir.write_json(DATA_REPORT_FILE, report)
     return report
+
+
+def _workers_text(t) -> str:
+    """ "8", or "4-8" for an elastic run."""
+    return f"{t.min_workers}-{t.max_workers}" if t.elastic else str(t.max_workers)
 
 
 def run_training(
@@ -89,7 +94,7 @@ def run_training(
     _say(
         out,
         f"  {job.detr_config().variant()} {job.model.backbone}, {data.facts.num_train} train / "
-        f"{data.facts.num_val} val images, {job.train.num_workers} workers x "
+        f"{data.facts.num_val} val images, {_workers_text(job.train)} workers x "
         f"{job.data.batch_size_per_worker} images (total batch {job.total_batch_size}), "
         f"{data.steps_per_epoch} steps/epoch{' at most' if job.data.on_bad_input == 'skip' else ''}, "
         f"{job.train.epochs} epochs",
@@ -100,7 +105,7 @@ def run_training(
     # What the annotation and file checks skipped, before any pixel is read.
     _say(out, format_data_report(write_data_report(data, run_dir), job.data.on_bad_input))
 
-    sink = MetricsSink.remote()
+    sink = MetricsSink.options(**on_driver_node()).remote()
     # Through the object store: every worker gets the weights, on whatever node it runs.
     weights_ref = ray.put(finetune_weights) if finetune_weights is not None else None
     trainer = build_trainer(job, data, sink=sink, weights=weights_ref, callbacks=callbacks)

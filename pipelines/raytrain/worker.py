@@ -28,7 +28,9 @@ from pipelines.engine import (
     build_lr_scheduler,
     build_optimizer,
     freeze_zero_lr_params,
+    live_lr_scale,
     realign_lr_scheduler,
+    steps_per_epoch,
     train_one_epoch,
 )
 from pipelines.raytrain.distributed_eval import distributed_evaluate, load_val_ground_truth
@@ -53,8 +55,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     job, ctx = cfg.job, WorkerContext.current(cfg.job)
     seed_everything(job.train.seed)  # the same initial weights on every rank (DDP broadcasts rank 0's anyway)
 
-    state, notes = build_train_state(cfg, ctx)
-    reporter = StepReporter(cfg.sink if ctx.rank == 0 else None, job.train, ctx, cfg.steps_per_epoch)
+    # From the live world size: an elastic run restarted on fewer workers takes more steps per epoch.
+    epoch_steps = steps_per_epoch(
+        cfg.train_rows, ctx.world_size, job.data.batch_size_per_worker, job.train.grad_accum_steps
+    )
+    state, notes = build_train_state(cfg, ctx, epoch_steps)
+    reporter = StepReporter(cfg.sink if ctx.rank == 0 else None, job.train, ctx, epoch_steps)
     reporter.event("resume" if state.epoch >= 0 else "start", state.start_epoch, state.global_step)
     for note in notes:
         reporter.warn(note)
@@ -121,8 +127,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         state.report(metrics, job, cfg.dataset.model_dump(mode="json"), ctx.rank)
 
 
-def build_train_state(cfg: WorkerConfig, ctx: WorkerContext) -> tuple[TrainState, list[str]]:
+def build_train_state(cfg: WorkerConfig, ctx: WorkerContext, epoch_steps: int) -> tuple[TrainState, list[str]]:
     """Model, optimizer, scheduler and scaler, restored from Ray's latest checkpoint or fine-tuned.
+
+    The lr is scaled to the live worker count (``live_lr_scale``: train.lr is the lr at max_workers),
+    and a checkpoint of another worker count gets this group's lr and its point in the schedule.
 
     Returns:
         The state, and warnings for the person running the job.
@@ -138,21 +147,25 @@ def build_train_state(cfg: WorkerConfig, ctx: WorkerContext) -> tuple[TrainState
     freeze_zero_lr_params(model, job.train)  # before DDP, which hooks every parameter that wants a gradient
     # FrozenBatchNorm buffers never change: synced once at wrap time, not before every forward.
     model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"forward_sync_buffers": False})
-    optimizer = build_optimizer(model, job.train)
+    lr_scale = live_lr_scale(ctx.world_size, job.train)
+    if lr_scale != 1 and ctx.rank == 0:
+        log.warning("training on %d of %d workers: lr scaled by %.3g", ctx.world_size, job.train.max_workers, lr_scale)
+    optimizer = build_optimizer(model, job.train, lr_scale)
     state = TrainState(
         model=model,
         optimizer=optimizer,
-        scheduler=build_lr_scheduler(optimizer, job.train, cfg.steps_per_epoch),
+        scheduler=build_lr_scheduler(optimizer, job.train, epoch_steps),
         scaler=torch.amp.GradScaler(ctx.device.type) if ctx.amp_dtype == torch.float16 else None,
     )
+    base_lrs = list(state.scheduler.base_lrs)  # this worker group's, before a checkpoint's replace them
     notes = []
     if resume is not None:
         state.restore_from_ray(resume)
         log.info("rank %d resumes after epoch %d", ctx.rank, state.epoch)
-        if realign_lr_scheduler(state.scheduler, state.start_epoch * cfg.steps_per_epoch):
+        if realign_lr_scheduler(state.scheduler, state.start_epoch * epoch_steps, base_lrs):
             notes.append(
-                f"steps per epoch changed since the checkpoint (now {cfg.steps_per_epoch}): "
-                f"lr schedule realigned to epoch {state.start_epoch}"
+                f"workers or steps per epoch changed since the checkpoint (now {ctx.world_size} workers, "
+                f"{epoch_steps} steps): lr schedule realigned to epoch {state.start_epoch}"
             )
     return state, notes
 

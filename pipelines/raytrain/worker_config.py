@@ -34,7 +34,9 @@ class WorkerConfig(BaseModel):
     Attributes:
         job: the resolved run config.
         dataset: facts about the data (categories, label map, split sizes).
-        steps_per_epoch: optimizer steps per epoch on each worker (0 for evaluation).
+        steps_per_epoch: optimizer steps per epoch on each worker at train.max_workers (0 for evaluation).
+        train_rows: rows of the train dataset per epoch; the workers count their steps per epoch from
+            it and the live world size (an elastic run may run on fewer than max_workers).
         sink: the ``MetricsSink`` actor handle, or None (no per-step records).
         epoch_clock: the ``EpochClock`` actor the loop sets before each epoch, or None.
         weights: ObjectRef of a state_dict (fine-tuning start, or the model under evaluation), or None.
@@ -45,6 +47,7 @@ class WorkerConfig(BaseModel):
     job: JobConfig
     dataset: DatasetFacts
     steps_per_epoch: int = Field(0, ge=0)
+    train_rows: int = Field(0, ge=0)
     sink: Any = None
     epoch_clock: Any = None
     weights: Any = None
