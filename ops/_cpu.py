@@ -15,17 +15,16 @@ happens at import time.
 from __future__ import annotations
 
 import ctypes
-import fcntl
-import hashlib
 import os
 import platform
 import shutil
 import subprocess
-import tempfile
 import threading
 from pathlib import Path
 
 import torch
+
+from ops import _cache
 
 CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCE = CSRC / "ms_deform_attn_cpu.cpp"
@@ -60,11 +59,6 @@ def find_compiler() -> tuple[str | None, str]:
     return None, "no C++ compiler found ($CXX unset; no c++, g++ or clang++ on PATH)"
 
 
-def cache_root() -> Path:
-    """Where built libraries live: $MSDA_CACHE_DIR, default ~/.cache/msda_ops (shared with the CUDA kernel)."""
-    return Path(os.environ.get("MSDA_CACHE_DIR") or Path.home() / ".cache" / "msda_ops")
-
-
 def compiler_version(cxx: str) -> str:
     """``cxx --version`` output (the whole text: it names the exact build)."""
     proc = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=False)
@@ -74,27 +68,24 @@ def compiler_version(cxx: str) -> str:
 
 
 def cache_key(cxx: str, version_text: str) -> str:
-    """sha256 over everything that changes the built library: sources, compiler, flags, machine architecture."""
-    digest = hashlib.sha256()
-    for part in (
-        SOURCE.read_bytes(),
-        *(h.read_bytes() for h in HEADERS),
-        cxx.encode(),
-        version_text.encode(),
-        "\0".join(CXX_FLAGS).encode(),
-        platform.machine().encode(),
-    ):
-        digest.update(len(part).to_bytes(8, "little"))
-        digest.update(part)
-    return digest.hexdigest()
+    """The cache entry of the library: sources, compiler, flags and machine architecture."""
+    return "cpu-" + _cache.content_key(
+        (
+            SOURCE.read_bytes(),
+            *(h.read_bytes() for h in HEADERS),
+            cxx,
+            version_text,
+            "\0".join(CXX_FLAGS),
+            platform.machine(),
+        )
+    )
 
 
 def build(cxx: str | None = None) -> Path:
-    """Compile ``ms_deform_attn_cpu.cpp`` into the cache if it is not there yet; return the library path.
+    """Compile ``ms_deform_attn_cpu.cpp`` into the kernel cache if it is not there yet; return the library path.
 
-    Safe with several processes building at once: the first takes an flock on the cache entry and
-    builds into a temporary file that is renamed into place; the others wait on the lock and then
-    find the finished library.
+    The cache (``ops._cache``, shared with the CUDA kernels) builds once under concurrent builders and
+    rebuilds a corrupt entry.
 
     Args:
         cxx: compiler path; defaults to ``find_compiler()``.
@@ -106,31 +97,18 @@ def build(cxx: str | None = None) -> Path:
         cxx, reason = find_compiler()
         if cxx is None:
             raise RuntimeError(reason)
-    entry = cache_root() / f"cpu-{cache_key(cxx, compiler_version(cxx))}"
-    library = entry / "libmsda_cpu.so"
-    if library.is_file():
-        return library
-    entry.mkdir(parents=True, exist_ok=True)
-    with open(entry / "build.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-        if library.is_file():  # built by another process while this one waited
-            return library
-        fd, tmp = tempfile.mkstemp(dir=entry, prefix=".libmsda_cpu-", suffix=".so")
-        os.close(fd)
-        try:
-            cmd = [cxx, *CXX_FLAGS, "-o", tmp, str(SOURCE)]
-            proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-            if proc.returncode != 0:
-                raise RuntimeError(
-                    f"{cxx} failed (exit code {proc.returncode}) building {SOURCE.name}\n"
-                    f"command: {' '.join(cmd)}\n{(proc.stderr or proc.stdout).strip()}"
-                )
-            os.chmod(tmp, 0o755)
-            os.replace(tmp, library)  # atomic: readers see no library or a whole one
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    return library
+
+    def produce(tmp: Path) -> None:
+        cmd = [cxx, *CXX_FLAGS, "-o", str(tmp), str(SOURCE)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            raise RuntimeError(
+                f"{cxx} failed (exit code {proc.returncode}) building {SOURCE.name}\n"
+                f"command: {' '.join(cmd)}\n{(proc.stderr or proc.stdout).strip()}"
+            )
+        os.chmod(tmp, 0o755)
+
+    return _cache.cached(cache_key(cxx, compiler_version(cxx)), "libmsda_cpu.so", produce)
 
 
 def bind(lib: ctypes.CDLL) -> ctypes.CDLL:

@@ -195,7 +195,7 @@ def test_build_compiles_once_under_concurrent_builders(tmp_path, monkeypatch):
     assert (tmp_path / "calls.log").read_text().splitlines() == ["call"]
     library = paths[0]
     assert library.parent.parent == tmp_path / "cache"
-    assert sorted(p.name for p in library.parent.iterdir()) == ["build.lock", "libmsda_cpu.so"]
+    assert sorted(p.name for p in library.parent.iterdir()) == ["build.lock", "libmsda_cpu.so", "libmsda_cpu.so.sha256"]
     lib = _cpu.bind(__import__("ctypes").CDLL(str(library)))
     assert lib.msda_cpu_abi_version() == _cpu.ABI_VERSION
 
