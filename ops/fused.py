@@ -12,9 +12,13 @@ also the definition the fused CUDA kernel (``csrc/ms_deform_attn_fused.cu``) is 
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
-from ops.functional import _backward_op, _validate, ms_deform_attn
+from ops.functional import _backward_op, _validate, get_backend, ms_deform_attn
+
+log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------------------------
 # The composition: the definition of the fused op in PyTorch
@@ -63,6 +67,18 @@ def ms_deform_attn_composed(
     return ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights)
 
 
+def _reference_gradient(grad_locations, reference_points, offsets):
+    """d loss / d reference_points (N, Lq, L, R) from d loss / d location (N, Lq, M, L, P, 2): the
+    location is linear in the reference point, so sum over heads and points (and, for boxes,
+    d location / d (w, h) = offset / P / 2)."""
+    P = offsets.shape[4]
+    sum_mp = grad_locations.sum(dim=(2, 4))  # (N, Lq, M, L, P, 2) -> (N, Lq, L, 2)
+    if reference_points.shape[-1] == 2:
+        return sum_mp.to(reference_points.dtype)
+    grad_size = (grad_locations * offsets).sum(dim=(2, 4)) * 0.5 / P
+    return torch.cat([sum_mp, grad_size], -1).to(reference_points.dtype)  # (N, Lq, L, 4)
+
+
 def _composed_backward(
     grad_output, value, spatial_shapes, level_start_index, reference_points, offsets, attention_logits
 ):
@@ -78,21 +94,40 @@ def _composed_backward(
     # Softmax over each head's L*P points: dlogit_i = a_i * (da_i - sum_j a_j da_j).
     dot = (weights * grad_weights).flatten(-2).sum(-1)[..., None, None]  # (N, Lq, M, 1, 1)
     grad_logits = weights * (grad_weights - dot)
-    sum_mp = grad_loc.sum(dim=(2, 4))  # (N, Lq, M, L, P, 2) -> (N, Lq, L, 2)
     if reference_points.shape[-1] == 2:
         grad_offsets = grad_loc / _level_normalizer(spatial_shapes, offsets.dtype)[None, None, None, :, None, :]
-        grad_ref = sum_mp
     else:
         half_size = reference_points.to(offsets.dtype)[:, :, None, :, None, 2:] * 0.5  # (N, Lq, 1, L, 1, 2)
         grad_offsets = grad_loc * half_size / P
-        grad_size = (grad_loc * offsets).sum(dim=(2, 4)) * 0.5 / P  # d loc / d (w, h) = offset / P / 2
-        grad_ref = torch.cat([sum_mp, grad_size], -1)  # (N, Lq, L, 4)
-    return grad_value, grad_ref.to(reference_points.dtype), grad_offsets, grad_logits
+    return grad_value, _reference_gradient(grad_loc, reference_points, offsets), grad_offsets, grad_logits
 
 
 # ---------------------------------------------------------------------------------------------
 # Custom ops
 # ---------------------------------------------------------------------------------------------
+
+
+_fallback_logged = False
+
+
+def _use_fused_kernel(device: torch.device) -> bool:
+    """On CUDA tensors: the fused kernel, or (backend "reference", or the kernel unavailable) the
+    composition. A forced "cuda" backend makes an unavailable kernel an error."""
+    global _fallback_logged
+    backend = get_backend()
+    if backend == "reference":
+        return False
+    from ops import _fused_cuda
+
+    ok, reason = _fused_cuda.is_available(device)
+    if ok:
+        return True
+    if backend == "cuda":
+        raise RuntimeError(f"MSDA backend 'cuda' was forced but the fused CUDA kernel is unavailable: {reason}")
+    if not _fallback_logged:
+        log.warning("fused MSDeformAttn kernel unavailable (%s); running softmax and locations in PyTorch", reason)
+        _fallback_logged = True
+    return False
 
 
 @torch.library.custom_op("msda::fused_forward", mutates_args=())
@@ -104,6 +139,19 @@ def _fused_forward_op(
     offsets: torch.Tensor,
     attention_logits: torch.Tensor,
 ) -> torch.Tensor:
+    return ms_deform_attn_composed(
+        value, spatial_shapes, level_start_index, reference_points, offsets, attention_logits
+    )
+
+
+@_fused_forward_op.register_kernel("cuda")
+def _fused_forward_cuda(value, spatial_shapes, level_start_index, reference_points, offsets, attention_logits):
+    if _use_fused_kernel(value.device):
+        from ops import _fused_cuda
+
+        return _fused_cuda.forward(
+            value, spatial_shapes, level_start_index, reference_points, offsets, attention_logits
+        )
     return ms_deform_attn_composed(
         value, spatial_shapes, level_start_index, reference_points, offsets, attention_logits
     )
@@ -124,20 +172,70 @@ def _fused_backward_op(
     reference_points: torch.Tensor,
     offsets: torch.Tensor,
     attention_logits: torch.Tensor,
+    need_value_grad: bool,
+    need_reference_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    grads = _composed_backward(
-        grad_output, value, spatial_shapes, level_start_index, reference_points, offsets, attention_logits
+    inputs = (value, spatial_shapes, level_start_index, reference_points, offsets, attention_logits)
+    return _needed(
+        _composed_backward(grad_output, *inputs), value, reference_points, need_value_grad, need_reference_grad
     )
-    return tuple(g.contiguous() for g in grads)
+
+
+def _needed(grads, value, reference_points, need_value_grad: bool, need_reference_grad: bool):
+    """The composition's four gradients, contiguous, with an empty tensor for each one not needed
+    (as the kernel returns them)."""
+    grad_value, grad_ref, grad_offsets, grad_logits = (g.contiguous() for g in grads)
+    return (
+        grad_value if need_value_grad else value.new_empty(0),
+        grad_ref if need_reference_grad else reference_points.new_empty(0),
+        grad_offsets,
+        grad_logits,
+    )
+
+
+@_fused_backward_op.register_kernel("cuda")
+def _fused_backward_cuda(
+    grad_output,
+    value,
+    spatial_shapes,
+    level_start_index,
+    reference_points,
+    offsets,
+    attention_logits,
+    need_value_grad,
+    need_reference_grad,
+):
+    inputs = (value, spatial_shapes, level_start_index, reference_points, offsets, attention_logits)
+    if not _use_fused_kernel(value.device):
+        grads = _composed_backward(grad_output, *inputs)
+        return _needed(grads, value, reference_points, need_value_grad, need_reference_grad)
+    from ops import _fused_cuda
+
+    grad_value, grad_offsets, grad_logits, grad_locations = _fused_cuda.backward(
+        grad_output.contiguous(), *inputs, need_grad_value=need_value_grad, need_grad_locations=need_reference_grad
+    )
+    if need_reference_grad:
+        grad_ref = _reference_gradient(grad_locations, reference_points, offsets).contiguous()
+    else:
+        grad_ref = reference_points.new_empty(0)
+    return grad_value, grad_ref, grad_offsets, grad_logits
 
 
 @_fused_backward_op.register_fake
 def _fused_backward_fake(
-    grad_output, value, spatial_shapes, level_start_index, reference_points, offsets, attention_logits
+    grad_output,
+    value,
+    spatial_shapes,
+    level_start_index,
+    reference_points,
+    offsets,
+    attention_logits,
+    need_value_grad,
+    need_reference_grad,
 ):
     return (
-        torch.empty_like(value),
-        torch.empty_like(reference_points),
+        torch.empty_like(value) if need_value_grad else value.new_empty(0),
+        torch.empty_like(reference_points) if need_reference_grad else reference_points.new_empty(0),
         torch.empty_like(offsets),
         torch.empty_like(attention_logits),
     )
@@ -149,10 +247,18 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_output):
     value, spatial_shapes, level_start_index, reference_points, offsets, attention_logits = ctx.saved_tensors
-    grad_value, grad_ref, grad_offsets, grad_logits = _fused_backward_op(
-        grad_output, value, spatial_shapes, level_start_index, reference_points, offsets, attention_logits
-    )
     needs = ctx.needs_input_grad
+    grad_value, grad_ref, grad_offsets, grad_logits = _fused_backward_op(
+        grad_output,
+        value,
+        spatial_shapes,
+        level_start_index,
+        reference_points,
+        offsets,
+        attention_logits,
+        needs[0],
+        needs[3],
+    )
     return (
         grad_value if needs[0] else None,
         None,

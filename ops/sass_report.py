@@ -1,0 +1,314 @@
+"""Static report on the kernels' machine code, no GPU needed: ``python -m ops.sass_report [ARCH ...]``.
+
+Legend: N batch, S = sum_l H_l*W_l value positions, M heads, D channels per head, Lq queries,
+L levels, P sampling points per (head, level), G lanes per (n, q, m).
+
+Compiles the unfused (``csrc/ms_deform_attn.cu``) and the fused (``csrc/ms_deform_attn_fused.cu``)
+kernels to cubins with ``nvcc -cubin`` (default sm_90), disassembles them with ``nvdisasm`` (from the
+``nvidia-cuda-nvdisasm`` wheel or the CUDA toolkit) and prints, per kernel: registers and spills (from
+ptxas), 128-bit global loads, and the instructions per sampled point per lane, read off the loops of
+the SASS (static counts: every instruction of a loop body, both sides of its branches). Then the bytes
+one encoder layer moves at COCO size, analytically from the shapes: unfused, fused, and the floor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+CSRC = Path(__file__).resolve().parent / "csrc"
+SOURCES = {"unfused": CSRC / "ms_deform_attn.cu", "fused": CSRC / "ms_deform_attn_fused.cu"}
+# Lanes per (n, q, m) at D = 32: G = ceil(D / CPT) with CPT = 16 / sizeof(dtype).
+GROUP_AT_D32 = {"f32": 8, "f16": 4, "bf16": 4, "f64": 16}
+
+# Encoder layer of Deformable DETR at 800x1200 (strides 8..64).
+ENCODER = dict(N=2, shapes=((100, 150), (50, 75), (25, 38), (13, 19)), M=8, D=32, P=4)
+
+_INSTR = re.compile(r"^\s*/\*([0-9a-f]+)\*/\s+(.*?)\s*;")
+_LABEL = re.compile(r"^(\.L_x_\d+):")
+_SECTION = re.compile(r"^\.text\.(\S+):")
+_BRANCH_TARGET = re.compile(r"\bBRA\b[^`]*`\((\.L_x_\d+)\)")
+# Unfused kernels are C++ templates: msda_forward_kernel<float, true> etc.
+_MANGLED = re.compile(r"msda_(forward|backward)_kernelI(f|d|6__half|13__nv_bfloat16)Lb([01])E")
+_MANGLED_DTYPES = {"f": "f32", "d": "f64", "6__half": "f16", "13__nv_bfloat16": "bf16"}
+
+
+def find_tool(name: str) -> str | None:
+    """``name`` from the nvidia-cuda-* wheels of this environment, else from PATH / the CUDA toolkit."""
+    for base in sys.path:
+        candidate = Path(base) / "nvidia" / "cu13" / "bin" / name
+        if candidate.is_file():
+            return str(candidate)
+    found = shutil.which(name)
+    if found:
+        return found
+    nvcc = shutil.which("nvcc")
+    if nvcc:  # /usr/local/bin/nvcc may be a wrapper script: also look beside the real toolkit
+        for root in sorted(Path("/usr/local").glob("cuda*/bin"), reverse=True):
+            if (root / name).is_file():
+                return str(root / name)
+    return None
+
+
+@dataclass
+class Kernel:
+    """One compiled entry point and what the report reads off it."""
+
+    source: str  # "unfused" or "fused"
+    direction: str  # "forward" or "backward"
+    dtype: str  # "f32", "f16", "bf16", "f64"
+    vec: bool
+    registers: int = 0
+    spill_bytes: int = 0
+    instructions: int = 0
+    ldg128: int = 0
+    point_loop: float | None = None  # instructions per point per lane in the steady-state point loop
+    per_point_shared: float | None = None  # per-point work done once per group (fused), static
+    atomics: int = 0
+
+    @property
+    def name(self) -> str:
+        return f"{self.source} {self.direction} {self.dtype} {'vec' if self.vec else 'scalar'}"
+
+
+def compile_cubin(source: Path, arch: str, out: Path) -> dict[str, tuple[int, int]]:
+    """nvcc -cubin; returns {function: (registers, spill bytes)} from ptxas -v."""
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        raise RuntimeError("nvcc not found on PATH: the report compiles the kernels with nvcc -cubin")
+    cmd = [nvcc, "-cubin", "-O3", "-std=c++17", f"-arch={arch}", "-Xptxas", "-v", "-o", str(out), str(source)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"nvcc failed on {source.name} for {arch}:\n{proc.stderr.strip()}")
+    usage: dict[str, tuple[int, int]] = {}
+    current = None
+    for line in proc.stderr.splitlines():
+        m = re.search(r"Compiling entry function '(\S+)'", line)
+        if m:
+            current = m.group(1)
+            continue
+        m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if m and current:
+            usage[current] = (0, int(m.group(1)) + int(m.group(2)))
+        m = re.search(r"Used (\d+) registers", line)
+        if m and current:
+            usage[current] = (int(m.group(1)), usage.get(current, (0, 0))[1])
+    return usage
+
+
+def disassemble(cubin: Path) -> dict[str, list[tuple[int, str, str | None]]]:
+    """{function: [(address, instruction, label defined just before or None)]} from nvdisasm."""
+    nvdisasm = find_tool("nvdisasm")
+    if nvdisasm is None:
+        raise RuntimeError("nvdisasm not found: pip install nvidia-cuda-nvdisasm (or put the CUDA toolkit's on PATH)")
+    text = subprocess.run([nvdisasm, "-c", str(cubin)], capture_output=True, text=True, check=True).stdout
+    functions: dict[str, list[tuple[int, str, str | None]]] = {}
+    current: list | None = None
+    pending: str | None = None
+    for line in text.splitlines():
+        m = _SECTION.match(line)
+        if m:
+            current = functions.setdefault(m.group(1), [])
+            pending = None
+            continue
+        m = _LABEL.match(line)
+        if m:
+            pending = m.group(1)
+            if current is not None:
+                current.append((-1, "", pending))  # labels keep their place in the stream
+            continue
+        m = _INSTR.match(line)
+        if m and current is not None:
+            current.append((int(m.group(1), 16), m.group(2), None))
+    return functions
+
+
+def loops_of(stream: list[tuple[int, str, str | None]]) -> list[tuple[int, int]]:
+    """(first index, last index) into the instruction list of every backward branch's loop."""
+    instructions = [(addr, ins) for addr, ins, _ in stream if addr >= 0]
+    label_addr: dict[str, int] = {}
+    next_real = None
+    for addr, _, label in reversed(stream):
+        if addr >= 0:
+            next_real = addr
+        elif label is not None and next_real is not None:
+            label_addr[label] = next_real
+    index_of = {addr: i for i, (addr, _) in enumerate(instructions)}
+    loops = []
+    for i, (addr, ins) in enumerate(instructions):
+        m = _BRANCH_TARGET.search(ins)
+        # A loop's back edge is a predicated branch. Unpredicated backward branches return from
+        # code the compiler moved out of line (the divergent path of a shuffle) and close no loop.
+        predicated = ins.startswith("@")
+        if m and predicated and m.group(1) in label_addr and label_addr[m.group(1)] <= addr and ".DIV" not in ins:
+            loops.append((index_of[label_addr[m.group(1)]], i))
+    return loops
+
+
+def _innermost(loops: list[tuple[int, int]], keep) -> list[tuple[int, int]]:
+    chosen = [lp for lp in loops if keep(lp)]
+    return [a for a in chosen if not any(b != a and a[0] <= b[0] and b[1] <= a[1] for b in chosen)]
+
+
+def analyse(kernel: Kernel, stream: list[tuple[int, str, str | None]]) -> None:
+    instructions = [ins for addr, ins, _ in stream if addr >= 0 and not ins.startswith("NOP")]
+    all_ins = [ins for addr, ins, _ in stream if addr >= 0]
+    kernel.instructions = len(instructions)
+    kernel.ldg128 = sum("LDG.E.128" in ins for ins in instructions)
+    kernel.atomics = sum(bool(re.search(r"\b(RED|ATOM|ATOMG)\b", ins)) for ins in instructions)
+    loops = loops_of(stream)
+
+    def count(lp, pattern):
+        return sum(bool(re.search(pattern, ins)) for ins in all_ins[lp[0] : lp[1] + 1])
+
+    if kernel.vec:
+        # The point loop: the innermost loops holding the value loads; the unrolled one is the steady state.
+        value_loops = _innermost(loops, lambda lp: count(lp, r"LDG\.E\.128") >= 4)
+        if value_loops:
+            best = max(value_loops, key=lambda lp: count(lp, r"LDG\.E\.128"))
+            points = count(best, r"LDG\.E\.128") // 4  # one 16-byte load per neighbour and lane
+            body = best[1] - best[0] + 1
+            kernel.point_loop = body / max(points, 1)
+    if kernel.source == "fused":
+        # Per-point arithmetic done once per group and split over its G lanes: the loops that compute
+        # records (exp of the softmax, shared stores) and, in the backward, the owners' epilogue.
+        shared = _innermost(loops, lambda lp: count(lp, r"MUFU\.EX2") > 0 and count(lp, r"\bSTS") > 0)
+        epilogue = [lp for lp in loops if count(lp, r"\bSTG") > 0 and count(lp, r"LDG\.E\.128") == 0]
+        epilogue = [lp for lp in epilogue if not any(o != lp and o[0] <= lp[0] and lp[1] <= o[1] for o in epilogue)]
+        total = sum(lp[1] - lp[0] + 1 for lp in shared[:1])
+        if kernel.direction == "backward" and epilogue:
+            total += max(lp[1] - lp[0] + 1 for lp in epilogue)
+        kernel.per_point_shared = float(total) if total else None
+
+
+def report_arch(arch: str, workdir: Path) -> list[Kernel]:
+    kernels: list[Kernel] = []
+    for source_name, source in SOURCES.items():
+        cubin = workdir / f"{source_name}_{arch}.cubin"
+        usage = compile_cubin(source, arch, cubin)
+        for function, stream in disassemble(cubin).items():
+            if source_name == "fused":
+                m = re.fullmatch(r"msda_fused_(forward|backward)_(f32|f16|bf16|f64)_(vec|scalar)", function)
+                if not m:
+                    continue
+                kernel = Kernel("fused", m.group(1), m.group(2), m.group(3) == "vec")
+            else:
+                m = _MANGLED.search(function)
+                if not m:
+                    continue
+                kernel = Kernel("unfused", m.group(1), _MANGLED_DTYPES[m.group(2)], m.group(3) == "1")
+            kernel.registers, kernel.spill_bytes = usage.get(function, (0, 0))
+            analyse(kernel, stream)
+            kernels.append(kernel)
+    order = {"f32": 0, "bf16": 1, "f16": 2, "f64": 3}
+    kernels.sort(key=lambda k: (k.direction != "forward", order[k.dtype], not k.vec, k.source != "unfused"))
+    return kernels
+
+
+def per_point_per_lane(kernel: Kernel) -> float | None:
+    """Point-loop instructions plus the shared per-point work divided over the G lanes (D = 32)."""
+    if kernel.point_loop is None:
+        return None
+    shared = (kernel.per_point_shared or 0.0) / GROUP_AT_D32[kernel.dtype]
+    return kernel.point_loop + shared
+
+
+def print_table(arch: str, kernels: list[Kernel]) -> None:
+    print(f"\n## SASS, {arch} (static counts; per point per lane at D = 32)\n")
+    print(
+        "| kernel | registers | spill bytes | instructions | LDG.128 | atomics | point loop / point | shared / point | per point per lane |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for k in kernels:
+        fmt = lambda x: "-" if x is None else f"{x:.1f}"  # noqa: E731
+        print(
+            f"| {k.name} | {k.registers} | {k.spill_bytes} | {k.instructions} | {k.ldg128} | {k.atomics} | "
+            f"{fmt(k.point_loop)} | {fmt(k.per_point_shared)} | {fmt(per_point_per_lane(k))} |"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Bytes per encoder layer, from the shapes
+# ---------------------------------------------------------------------------------------------
+
+
+def encoder_bytes(value_bytes: int) -> dict[str, dict[str, float]]:
+    """Bytes (MB) one encoder layer's attention moves in DRAM, per step, for values of ``value_bytes``.
+
+    Counts each tensor read or written once per kernel that touches it (no cache reuse); coordinates
+    and weights are float32. The forward floor is the sampling kernel's own traffic; the unfused path
+    adds PyTorch's location arithmetic (a divide and an add over the offsets) and the softmax.
+    """
+    e = ENCODER
+    N, M, D, P = e["N"], e["M"], e["D"], e["P"]
+    L = len(e["shapes"])
+    S = sum(h * w for h, w in e["shapes"])
+    Lq = S
+    mb = 1e-6
+    value = N * S * M * D * value_bytes * mb
+    out = N * Lq * M * D * value_bytes * mb
+    loc = N * Lq * M * L * P * 2 * 4 * mb  # offsets, locations and their gradients alike
+    weights = N * Lq * M * L * P * 4 * mb  # logits, weights and their gradients alike
+    ref = N * Lq * L * 2 * 4 * mb
+    grad_value_acc = N * S * M * D * 4 * mb  # float32 accumulation buffer
+    forward = {
+        "floor (sampling kernel)": value + out + loc + weights,
+        "unfused: offsets / (W, H)": 2 * loc,
+        "unfused: ref + that": 2 * loc + ref,
+        "unfused: softmax": 2 * weights,
+        "fused (one kernel)": value + out + loc + weights + ref,
+    }
+    forward["unfused total"] = sum(v for k, v in forward.items() if k.startswith(("floor", "unfused:")))
+    # Backward: read grad_out, value, coordinates; zero, accumulate and convert grad_value; write the
+    # coordinate gradients. The unfused path also runs the softmax and location backward in PyTorch.
+    kernel_bwd = out + value + loc + weights + 2 * grad_value_acc + grad_value_acc + value + loc + weights
+    backward = {
+        "floor (sampling kernel)": kernel_bwd,
+        "unfused: softmax backward": 3 * weights,
+        "unfused: grad offsets = grad loc / (W, H)": 2 * loc,
+        "fused (one kernel)": kernel_bwd + ref + 2 * weights,  # grad logits written twice, read once
+    }
+    backward["unfused total"] = sum(v for k, v in backward.items() if k.startswith(("floor", "unfused:")))
+    return {"forward": forward, "backward": backward}
+
+
+def print_bytes() -> None:
+    e = ENCODER
+    print(
+        f"\n## Bytes per encoder layer (MB; N={e['N']}, levels {'/'.join(f'{h}x{w}' for h, w in e['shapes'])}, "
+        f"M={e['M']}, D={e['D']}, P={e['P']})\n"
+    )
+    print("| step | item | float32 | bfloat16 |")
+    print("|---|---|---:|---:|")
+    f32, bf16 = encoder_bytes(4), encoder_bytes(2)
+    for step in ("forward", "backward"):
+        for item in f32[step]:
+            print(f"| {step} | {item} | {f32[step][item]:.1f} | {bf16[step][item]:.1f} |")
+    for step in ("forward", "backward"):
+        floor32, floor16 = f32[step]["floor (sampling kernel)"], bf16[step]["floor (sampling kernel)"]
+        print(
+            f"| {step} | unfused / floor, fused / floor | "
+            f"{f32[step]['unfused total'] / floor32:.2f}, {f32[step]['fused (one kernel)'] / floor32:.2f} | "
+            f"{bf16[step]['unfused total'] / floor16:.2f}, {bf16[step]['fused (one kernel)'] / floor16:.2f} |"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("archs", nargs="*", default=["sm_90"], help="targets, e.g. sm_80 sm_90 (default sm_90)")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="msda-sass-") as tmp:
+        for arch in args.archs:
+            print_table(arch, report_arch(arch, Path(tmp)))
+    print_bytes()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
