@@ -41,6 +41,7 @@ class FusedDims(ctypes.Structure):
         ("n_groups", ctypes.c_longlong),
         ("S", ctypes.c_longlong),
         ("Lq", ctypes.c_longlong),
+        ("half_over_p", ctypes.c_double),
         ("M", ctypes.c_int),
         ("D", ctypes.c_int),
         ("L", ctypes.c_int),
@@ -51,6 +52,7 @@ class FusedDims(ctypes.Structure):
         ("chunk_iters", ctypes.c_int),
         ("tile", ctypes.c_int),
         ("box", ctypes.c_int),
+        ("p_magic", ctypes.c_uint),
     ]
 
 
@@ -104,6 +106,8 @@ def make_dims(N: int, S: int, M: int, D: int, Lq: int, L: int, P: int, dtype: to
     for name, size in (("S", S), ("M*D*8", M * D * max(acc, 8)), ("L*P*2", L * P * 2), ("L*3*4", L * 12)):
         if size > _INT_MAX:
             raise ValueError(f"the fused kernel indexes {name} with 32-bit ints: {name}={size} exceeds {_INT_MAX}")
+    if L * P > 65535:  # the level of point i is i * p_magic >> 32, exact while i * P < 2**32
+        raise ValueError(f"the fused kernel handles at most 65535 points per head (L*P), got L*P={L * P}")
     if L * 12 + 16 > SHARED_LIMIT // 2:
         raise ValueError(f"the fused kernel stages the level table in shared memory: L={L} levels is too many")
     cpt = chunk_channels(dtype)
@@ -116,6 +120,7 @@ def make_dims(N: int, S: int, M: int, D: int, Lq: int, L: int, P: int, dtype: to
         n_groups=N * Lq * M,
         S=S,
         Lq=Lq,
+        half_over_p=0.5 / P if P > 0 else 0.0,
         M=M,
         D=D,
         L=L,
@@ -126,6 +131,7 @@ def make_dims(N: int, S: int, M: int, D: int, Lq: int, L: int, P: int, dtype: to
         chunk_iters=-(-n_chunks // group) if n_chunks > 0 else 1,
         tile=1,
         box=int(box),
+        p_magic=2**32 // P + 1 if P > 1 else 0,
     )
 
 

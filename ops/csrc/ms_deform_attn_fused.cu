@@ -73,6 +73,9 @@ __device__ inline unsigned warp_match_any(unsigned mask, unsigned long long key)
   return peers;
 }
 __device__ inline int popc(unsigned x) { return __builtin_popcount(x); }
+__device__ inline unsigned mul_hi(unsigned a, unsigned b) {
+  return static_cast<unsigned>((static_cast<unsigned long long>(a) * b) >> 32);
+}
 __device__ inline int first_set(unsigned x) { return __builtin_ffs(static_cast<int>(x)); }
 __device__ inline float neg_inf(float) { return -__builtin_inff(); }
 __device__ inline double neg_inf(double) { return -__builtin_inf(); }
@@ -86,6 +89,7 @@ __device__ __forceinline__ unsigned warp_match_any(unsigned mask, unsigned long 
   return __match_any_sync(mask, key);
 }
 __device__ __forceinline__ int popc(unsigned x) { return __popc(x); }
+__device__ __forceinline__ unsigned mul_hi(unsigned a, unsigned b) { return __umulhi(a, b); }
 __device__ __forceinline__ int first_set(unsigned x) { return __ffs(x); }
 __device__ __forceinline__ float neg_inf(float) { return __int_as_float(0xff800000); }
 __device__ __forceinline__ double neg_inf(double) { return __longlong_as_double(0xfff0000000000000ULL); }
@@ -118,6 +122,15 @@ __device__ __forceinline__ __half from_acc<__half>(float x) { return __float2hal
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 
+template <typename T>
+struct is_half {
+  static constexpr bool value = false;
+};
+template <>
+struct is_half<__half> {
+  static constexpr bool value = true;
+};
+
 __device__ __forceinline__ float floor_acc(float x) { return floorf(x); }
 __device__ __forceinline__ double floor_acc(double x) { return floor(x); }
 __device__ __forceinline__ float exp_acc(float x) { return expf(x); }
@@ -135,6 +148,7 @@ struct FusedDims {
   i64 n_groups;     // N * Lq * M: one lane group each
   i64 S;
   i64 Lq;
+  double half_over_p;  // 0.5 / P: box offsets are in units of half the box size over P
   int M;
   int D;
   int L;
@@ -145,6 +159,7 @@ struct FusedDims {
   int chunk_iters;  // ceil(n_chunks / G), at least 1
   int tile;         // points per shared-memory tile, 1 <= tile; the host sizes shared memory by it
   int box;          // 1: reference boxes (R = 4), 0: reference points (R = 2)
+  unsigned p_magic;  // floor(2^32 / P) + 1 (P > 1): l = i / P is mul_hi(i, p_magic) for i * P < 2^32
 };
 
 // One point as every lane of the group needs it: attention * bilinear weight of each neighbour
@@ -275,7 +290,8 @@ struct Placed {
 template <typename A>
 __device__ __forceinline__ Placed<A> place_point(int i, const A* __restrict__ ref_q, const A* __restrict__ off_g,
                                                  const int* s_levels, const FusedDims& d) {
-  const int l = i / d.P;
+  // i / P without a division (2^32 + 1 does not fit for P = 1).
+  const int l = d.P == 1 ? i : static_cast<int>(mul_hi(static_cast<unsigned>(i), d.p_magic));
   Placed<A> pl;
   pl.H = s_levels[3 * l];
   pl.W = s_levels[3 * l + 1];
@@ -284,7 +300,7 @@ __device__ __forceinline__ Placed<A> place_point(int i, const A* __restrict__ re
   const A Wf = A(pl.W), Hf = A(pl.H);
   if (d.box) {
     const A* r = ref_q + 4 * l;
-    const A sx = __ldg(r + 2) * A(0.5) / A(d.P), sy = __ldg(r + 3) * A(0.5) / A(d.P);
+    const A sx = __ldg(r + 2) * A(d.half_over_p), sy = __ldg(r + 3) * A(d.half_over_p);
     pl.w_im = fma(ox, sx, __ldg(r)) * Wf - A(0.5);
     pl.h_im = fma(oy, sy, __ldg(r + 1)) * Hf - A(0.5);
     pl.dw_doff = sx * Wf;
@@ -300,9 +316,30 @@ __device__ __forceinline__ Placed<A> place_point(int i, const A* __restrict__ re
 }
 
 // Reads the CPT channels at p. kVec: one 16-byte load. Otherwise n (< CPT possible) scalar loads.
+// float from its bit pattern.
+#ifdef CUDA_EMULATION
+__device__ inline float float_of_bits(unsigned bits) {
+  float f;
+  memcpy(&f, &bits, sizeof f);
+  return f;
+}
+#else
+__device__ __forceinline__ float float_of_bits(unsigned bits) { return __uint_as_float(bits); }
+#endif
+
 template <typename T, int CPT, bool kVec>
 __device__ __forceinline__ void load_chunk(const T* p, int n, typename AccOf<T>::type (&dst)[CPT]) {
-  if constexpr (kVec) {
+  if constexpr (kVec && sizeof(T) == 2 && !is_half<T>::value) {
+    // bfloat16 is the top half of a float: one shift or one mask per channel, where the generic
+    // conversion extracts each half-word first (two instructions per channel).
+    const uint4 raw = __ldg(reinterpret_cast<const uint4*>(p));
+    const unsigned words[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      dst[2 * i] = float_of_bits(words[i] << 16);
+      dst[2 * i + 1] = float_of_bits(words[i] & 0xffff0000u);
+    }
+  } else if constexpr (kVec) {
     alignas(16) T tmp[CPT];
     *reinterpret_cast<uint4*>(tmp) = __ldg(reinterpret_cast<const uint4*>(p));
 #pragma unroll

@@ -103,6 +103,7 @@ def test_kernel_matches_float64_composition(arch, dtype, ref_dim, collide):
         (torch.float32, dict(D=132, Lq=2, M=1)),  # 33 chunks: G = 32 and two chunk iterations
         (torch.float16, dict(D=71, Lq=3)),
         (torch.float64, dict(D=5, N=3, Lq=7)),  # warps cut off at the end of the grid
+        (torch.float32, dict(D=4, P=1)),  # one point per level
     ],
 )
 def test_shapes(dtype, shape):
