@@ -3,12 +3,16 @@
 Legend: N batch, S = sum_l H_l*W_l value positions, M heads, D channels per head, Lq queries,
 L levels, P sampling points per (head, level), G lanes per (n, q, m).
 
-Compiles the unfused (``csrc/ms_deform_attn.cu``) and the fused (``csrc/ms_deform_attn_fused.cu``)
-kernels to cubins with ``nvcc -cubin`` (default sm_90), disassembles them with ``nvdisasm`` (from the
-``nvidia-cuda-nvdisasm`` wheel or the CUDA toolkit) and prints, per kernel: registers and spills (from
-ptxas), 128-bit global loads, and the instructions per sampled point per lane, read off the loops of
-the SASS (static counts: every instruction of a loop body, both sides of its branches). Then the bytes
-one encoder layer moves at COCO size, analytically from the shapes: unfused, fused, and the floor.
+Compiles every instantiation of the unfused (``csrc/ms_deform_attn.cu``) and the fused
+(``csrc/ms_deform_attn_fused.cu``) kernels to cubins (default sm_90) with NVRTC when ``ops._nvrtc``
+imports (the ``ops[cuda]`` wheels), else with ``nvcc -cubin``; disassembles them with ``nvdisasm``
+(the ``nvidia-cuda-nvdisasm`` wheel, or the CUDA toolkit's) and prints per kernel: registers (from
+the cubin), local-memory (spill) instructions, 128-bit global loads, atomics, and the instructions
+per sampled point per lane read off the loops of the SASS (static counts: every instruction of a
+loop body, both sides of its branches). The fused backward is also compiled without warp-aggregated
+atomics (``MSDA_FUSED_AGGREGATE=0``): its point loop is close to the path taken when no two groups
+of a warp add to the same address. Then the bytes one encoder layer moves at COCO size, analytically
+from the shapes: unfused, fused, and the floor.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import argparse
 import re
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
@@ -26,6 +31,12 @@ CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = {"unfused": CSRC / "ms_deform_attn.cu", "fused": CSRC / "ms_deform_attn_fused.cu"}
 # Lanes per (n, q, m) at D = 32: G = ceil(D / CPT) with CPT = 16 / sizeof(dtype).
 GROUP_AT_D32 = {"f32": 8, "f16": 4, "bf16": 4, "f64": 16}
+# (label, source, extra defines): the define changes only the fused backward.
+VARIANTS = (
+    ("unfused", "unfused", ()),
+    ("fused", "fused", ()),
+    ("fused, no aggregation", "fused", ("MSDA_FUSED_AGGREGATE=0",)),
+)
 
 # Encoder layer of Deformable DETR at 800x1200 (strides 8..64).
 ENCODER = dict(N=2, shapes=((100, 150), (50, 75), (25, 38), (13, 19)), M=8, D=32, P=4)
@@ -34,8 +45,8 @@ _INSTR = re.compile(r"^\s*/\*([0-9a-f]+)\*/\s+(.*?)\s*;")
 _LABEL = re.compile(r"^(\.L_x_\d+):")
 _SECTION = re.compile(r"^\.text\.(\S+):")
 _BRANCH_TARGET = re.compile(r"\bBRA\b[^`]*`\((\.L_x_\d+)\)")
-# Unfused kernels are C++ templates: msda_forward_kernel<float, true> etc.
-_MANGLED = re.compile(r"msda_(forward|backward)_kernelI(f|d|6__half|13__nv_bfloat16)Lb([01])E")
+# Kernels are C++ templates: msda::forward_kernel<float, true>, msda_fused::backward_kernel<__half, false>...
+_MANGLED = re.compile(r"(forward|backward)_kernelI(f|d|6__half|13__nv_bfloat16)Lb([01])E")
 _MANGLED_DTYPES = {"f": "f32", "d": "f64", "6__half": "f16", "13__nv_bfloat16": "bf16"}
 
 
@@ -60,46 +71,94 @@ def find_tool(name: str) -> str | None:
 class Kernel:
     """One compiled entry point and what the report reads off it."""
 
-    source: str  # "unfused" or "fused"
+    source: str  # a VARIANTS label
     direction: str  # "forward" or "backward"
     dtype: str  # "f32", "f16", "bf16", "f64"
     vec: bool
     registers: int = 0
-    spill_bytes: int = 0
+    local_memory: int = 0  # LDL/STL instructions: spills
     instructions: int = 0
     ldg128: int = 0
-    point_loop: float | None = None  # instructions per point per lane in the steady-state point loop
-    per_point_shared: float | None = None  # per-point work done once per group (fused), static
     atomics: int = 0
+    point_loop: float | None = None  # instructions per point per lane in the steady-state point loop
+    per_point_shared: float | None = None  # per-point work done once per group and split over its lanes
 
     @property
     def name(self) -> str:
         return f"{self.source} {self.direction} {self.dtype} {'vec' if self.vec else 'scalar'}"
 
 
-def compile_cubin(source: Path, arch: str, out: Path) -> dict[str, tuple[int, int]]:
-    """nvcc -cubin; returns {function: (registers, spill bytes)} from ptxas -v."""
+def kernel_names(source_name: str) -> tuple[str, ...]:
+    """The name expressions of every instantiation of a source."""
+    namespace = "msda_fused" if source_name == "fused" else "msda"
+    return tuple(
+        f"{namespace}::{direction}_kernel<{t}, {vec}>"
+        for direction in ("forward", "backward")
+        for t in ("float", "__half", "__nv_bfloat16", "double")
+        for vec in ("true", "false")
+    )
+
+
+def compile_cubin(source: Path, names: tuple[str, ...], arch: str, out: Path, defines: tuple[str, ...] = ()) -> str:
+    """A cubin of ``names`` from ``source`` at ``out``; returns the compiler used. NVRTC when ops._nvrtc
+    imports, else nvcc, for which a wrapper file takes every kernel's address (instantiating the templates)."""
+    try:
+        from ops import _nvrtc
+    except ImportError:
+        _nvrtc = None
+    if _nvrtc is not None and not defines:
+        kind, code, _, _ = _nvrtc.compile_source(source, names, arch)
+        if kind == "cubin":
+            out.write_bytes(code)
+            return "NVRTC"
     nvcc = shutil.which("nvcc")
     if nvcc is None:
-        raise RuntimeError("nvcc not found on PATH: the report compiles the kernels with nvcc -cubin")
-    cmd = [nvcc, "-cubin", "-O3", "-std=c++17", f"-arch={arch}", "-Xptxas", "-v", "-o", str(out), str(source)]
+        raise RuntimeError("neither NVRTC (pip install 'msda-ops[cuda]') nor nvcc found: nothing compiles the kernels")
+    wrapper = out.with_suffix(".cu")
+    keep = ", ".join(f"(void*)&{name}" for name in names)
+    wrapper.write_text(f'#include "{source}"\nvoid* msda_report_keep[] = {{{keep}}};\n')
+    defs = [f"-D{d}" for d in defines]
+    cmd = [nvcc, "-cubin", "-O3", "-std=c++17", f"-arch={arch}", *defs, "-o", str(out), str(wrapper)]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"nvcc failed on {source.name} for {arch}:\n{proc.stderr.strip()}")
-    usage: dict[str, tuple[int, int]] = {}
-    current = None
-    for line in proc.stderr.splitlines():
-        m = re.search(r"Compiling entry function '(\S+)'", line)
-        if m:
-            current = m.group(1)
+    return "nvcc"
+
+
+def registers_of(cubin: Path) -> dict[str, int]:
+    """{function: registers per thread}, read from the cubin (an ELF file): the .nv.info section holds
+    an EIATTR_REGCOUNT record (symbol index, registers) per kernel, and a kernel's .text section
+    names its symbol in sh_info."""
+    data = cubin.read_bytes()
+    shoff = struct.unpack_from("<Q", data, 0x28)[0]
+    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", data, 0x3A)
+    # (name, type, flags, addr, offset, size, link, info, addralign, entsize)
+    headers = [struct.unpack_from("<IIQQQQIIQQ", data, shoff + i * shentsize) for i in range(shnum)]
+    strtab = headers[shstrndx][4]
+
+    def name_of(header) -> str:
+        start = strtab + header[0]
+        return data[start : data.index(b"\0", start)].decode()
+
+    regcount: dict[int, int] = {}
+    for header in headers:
+        if name_of(header) != ".nv.info":
             continue
-        m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)
-        if m and current:
-            usage[current] = (0, int(m.group(1)) + int(m.group(2)))
-        m = re.search(r"Used (\d+) registers", line)
-        if m and current:
-            usage[current] = (int(m.group(1)), usage.get(current, (0, 0))[1])
-    return usage
+        i, end = header[4], header[4] + header[5]
+        while i < end:  # records: format byte, attribute byte, value by format
+            fmt, attr = data[i], data[i + 1]
+            i += 2
+            if fmt == 0x04:  # EIFMT_SVAL: u16 size, then the value
+                size = struct.unpack_from("<H", data, i)[0]
+                if attr == 0x2F and size == 8:  # EIATTR_REGCOUNT
+                    symbol, registers = struct.unpack_from("<II", data, i + 2)
+                    regcount[symbol] = registers
+                i += 2 + size
+            elif fmt == 0x03:  # EIFMT_HVAL
+                i += 2
+            elif fmt == 0x02:  # EIFMT_BVAL
+                i += 1
+    return {name_of(h)[len(".text.") :]: regcount.get(h[7], 0) for h in headers if name_of(h).startswith(".text.")}
 
 
 def disassemble(cubin: Path) -> dict[str, list[tuple[int, str, str | None]]]:
@@ -161,7 +220,8 @@ def analyse(kernel: Kernel, stream: list[tuple[int, str, str | None]]) -> None:
     all_ins = [ins for addr, ins, _ in stream if addr >= 0]
     kernel.instructions = len(instructions)
     kernel.ldg128 = sum("LDG.E.128" in ins for ins in instructions)
-    kernel.atomics = sum(bool(re.search(r"\b(RED|ATOM|ATOMG)\b", ins)) for ins in instructions)
+    kernel.atomics = sum(bool(re.search(r"\b(RED|REDG|ATOM|ATOMG)\b", ins)) for ins in instructions)
+    kernel.local_memory = sum(bool(re.search(r"\b(LDL|STL)\b", ins)) for ins in instructions)
     loops = loops_of(stream)
 
     def count(lp, pattern):
@@ -175,7 +235,7 @@ def analyse(kernel: Kernel, stream: list[tuple[int, str, str | None]]) -> None:
             points = count(best, r"LDG\.E\.128") // 4  # one 16-byte load per neighbour and lane
             body = best[1] - best[0] + 1
             kernel.point_loop = body / max(points, 1)
-    if kernel.source == "fused":
+    if kernel.source.startswith("fused"):
         # Per-point arithmetic done once per group and split over its G lanes: the loops that compute
         # records (exp of the softmax, shared stores) and, in the backward, the owners' epilogue.
         shared = _innermost(loops, lambda lp: count(lp, r"MUFU\.EX2") > 0 and count(lp, r"\bSTS") > 0)
@@ -187,28 +247,26 @@ def analyse(kernel: Kernel, stream: list[tuple[int, str, str | None]]) -> None:
         kernel.per_point_shared = float(total) if total else None
 
 
-def report_arch(arch: str, workdir: Path) -> list[Kernel]:
+def report_arch(arch: str, workdir: Path) -> tuple[list[Kernel], set[str]]:
+    """Every kernel of every variant compiled for ``arch``; and the compilers used."""
     kernels: list[Kernel] = []
-    for source_name, source in SOURCES.items():
-        cubin = workdir / f"{source_name}_{arch}.cubin"
-        usage = compile_cubin(source, arch, cubin)
+    compilers = set()
+    for label, source_name, defines in VARIANTS:
+        cubin = workdir / f"{re.sub(r'[^a-z]+', '_', label)}_{arch}.cubin"
+        compilers.add(compile_cubin(SOURCES[source_name], kernel_names(source_name), arch, cubin, defines))
+        registers = registers_of(cubin)
         for function, stream in disassemble(cubin).items():
-            if source_name == "fused":
-                m = re.fullmatch(r"msda_fused_(forward|backward)_(f32|f16|bf16|f64)_(vec|scalar)", function)
-                if not m:
-                    continue
-                kernel = Kernel("fused", m.group(1), m.group(2), m.group(3) == "vec")
-            else:
-                m = _MANGLED.search(function)
-                if not m:
-                    continue
-                kernel = Kernel("unfused", m.group(1), _MANGLED_DTYPES[m.group(2)], m.group(3) == "1")
-            kernel.registers, kernel.spill_bytes = usage.get(function, (0, 0))
+            m = _MANGLED.search(function)
+            if not m or (defines and m.group(1) == "forward"):
+                continue
+            kernel = Kernel(label, m.group(1), _MANGLED_DTYPES[m.group(2)], m.group(3) == "1")
+            kernel.registers = registers.get(function, 0)
             analyse(kernel, stream)
             kernels.append(kernel)
     order = {"f32": 0, "bf16": 1, "f16": 2, "f64": 3}
-    kernels.sort(key=lambda k: (k.direction != "forward", order[k.dtype], not k.vec, k.source != "unfused"))
-    return kernels
+    labels = [v[0] for v in VARIANTS]
+    kernels.sort(key=lambda k: (k.direction != "forward", order[k.dtype], not k.vec, labels.index(k.source)))
+    return kernels, compilers
 
 
 def per_point_per_lane(kernel: Kernel) -> float | None:
@@ -219,16 +277,15 @@ def per_point_per_lane(kernel: Kernel) -> float | None:
     return kernel.point_loop + shared
 
 
-def print_table(arch: str, kernels: list[Kernel]) -> None:
-    print(f"\n## SASS, {arch} (static counts; per point per lane at D = 32)\n")
-    print(
-        "| kernel | registers | spill bytes | instructions | LDG.128 | atomics | point loop / point | shared / point | per point per lane |"
-    )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+def print_table(arch: str, kernels: list[Kernel], compilers: set[str]) -> None:
+    print(f"\n## SASS, {arch}, compiled by {' and '.join(sorted(compilers))} (static counts, D = 32 for per lane)\n")
+    columns = "registers | LDL/STL | instructions | LDG.128 | atomics | point loop / point | shared / point"
+    print(f"| kernel | {columns} | per point per lane |")
+    print("|---|" + "---:|" * 8)
     for k in kernels:
         fmt = lambda x: "-" if x is None else f"{x:.1f}"  # noqa: E731
         print(
-            f"| {k.name} | {k.registers} | {k.spill_bytes} | {k.instructions} | {k.ldg128} | {k.atomics} | "
+            f"| {k.name} | {k.registers} | {k.local_memory} | {k.instructions} | {k.ldg128} | {k.atomics} | "
             f"{fmt(k.point_loop)} | {fmt(k.per_point_shared)} | {fmt(per_point_per_lane(k))} |"
         )
 
@@ -305,7 +362,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="msda-sass-") as tmp:
         for arch in args.archs:
-            print_table(arch, report_arch(arch, Path(tmp)))
+            kernels, compilers = report_arch(arch, Path(tmp))
+            print_table(arch, kernels, compilers)
     print_bytes()
     return 0
 
