@@ -24,6 +24,9 @@ SOURCE = Path(__file__).resolve().parent / "csrc" / "ms_deform_attn_fused.cu"
 MAX_THREADS = 256  # kThreads in the source: the kernels' __launch_bounds__
 SHARED_LIMIT = 48 * 1024  # dynamic shared memory a launch gets without opting in
 MAX_TILE = {"forward": 16, "backward": 8}  # points per shared-memory tile
+# Backward: sum grad_value adds that collide within a warp before the atomic (FusedDims.aggregate).
+# Module-level so the benchmark can time both; whether it pays is for the GPU to say.
+AGGREGATE_ATOMICS = True
 _INT_MAX = 2**31 - 1
 
 KERNEL_NAMES = tuple(
@@ -53,6 +56,7 @@ class FusedDims(ctypes.Structure):
         ("tile", ctypes.c_int),
         ("box", ctypes.c_int),
         ("p_magic", ctypes.c_uint),
+        ("aggregate", ctypes.c_int),
     ]
 
 
@@ -132,6 +136,7 @@ def make_dims(N: int, S: int, M: int, D: int, Lq: int, L: int, P: int, dtype: to
         tile=1,
         box=int(box),
         p_magic=2**32 // P + 1 if P > 1 else 0,
+        aggregate=int(AGGREGATE_ATOMICS),
     )
 
 

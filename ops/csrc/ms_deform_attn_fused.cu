@@ -44,8 +44,10 @@
 #include <cuda_fp16.h>
 #endif
 
-// 1: lanes of different groups that add to the same grad_value address sum by shuffles first and one
-// atomic goes out (costs a MATCH and a VOTE per neighbour when nothing collides); 0: every lane adds.
+// 1: the backward can aggregate atomics (FusedDims::aggregate picks it per launch): lanes of
+// different groups that add to the same grad_value address sum by shuffles first and one atomic
+// goes out, at the cost of a MATCH and a VOTE per neighbour when nothing collides. 0: compiled out
+// (ops.sass_report reads the point loop without it).
 #ifndef MSDA_FUSED_AGGREGATE
 #define MSDA_FUSED_AGGREGATE 1
 #endif
@@ -160,6 +162,7 @@ struct FusedDims {
   int tile;         // points per shared-memory tile, 1 <= tile; the host sizes shared memory by it
   int box;          // 1: reference boxes (R = 4), 0: reference points (R = 2)
   unsigned p_magic;  // floor(2^32 / P) + 1 (P > 1): l = i / P is mul_hi(i, p_magic) for i * P < 2^32
+  int aggregate;     // backward: 1 to sum colliding grad_value adds within the warp before the atomic
 };
 
 // One point as every lane of the group needs it: attention * bilinear weight of each neighbour
@@ -489,13 +492,13 @@ __device__ __forceinline__ void atomic_add_chunk(A* p, int n, const A (&add)[CPT
 // lanes still running; all of them call this together.
 template <typename A, int CPT, bool kVec>
 __device__ __forceinline__ void add_to_grad_value(A* p, int n, A w, const A (&g)[CPT], int group_size,
-                                                  unsigned live) {
+                                                  unsigned live, bool aggregate) {
   const int lane_w = threadIdx.x & 31;
   const bool has = n > 0 && w != A(0);
   A add[CPT];
 #pragma unroll
   for (int c = 0; c < CPT; ++c) add[c] = w * g[c];
-  if (MSDA_FUSED_AGGREGATE && group_size < 32) {
+  if (MSDA_FUSED_AGGREGATE && aggregate && group_size < 32) {
     // A key no pointer can equal for lanes with nothing to add.
     const unsigned long long key = has ? reinterpret_cast<unsigned long long>(p) : ~0ull - lane_w;
     const unsigned peers = warp_match_any(live, key);
@@ -622,7 +625,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) backward_kernel(
 #pragma unroll
           for (int k = 0; k < 4; ++k) {
             A* p = const_cast<A*>(row_ptr<A>(gv, r.row[k], grad_row_bytes));
-            add_to_grad_value<A, CPT, kVec>(p, n_valid, r.w[k], g, G, live);
+            add_to_grad_value<A, CPT, kVec>(p, n_valid, r.w[k], g, G, live, d.aggregate != 0);
           }
         }
       }

@@ -112,6 +112,13 @@ def test_shapes(dtype, shape):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
+def test_atomics_without_aggregation(arch, monkeypatch):
+    monkeypatch.setattr(_fused_cuda, "AGGREGATE_ATOMICS", False)
+    assert_all_close(run_and_compare(module(arch), torch.float32, 4, collide=True))
+    assert_all_close(run_and_compare(module(arch), torch.bfloat16, 2, collide=True))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
 def test_no_grad_value(arch):
     assert_all_close(run_and_compare(module(arch), torch.float32, 2, need_grad_value=False))
 
