@@ -4,6 +4,10 @@ sm_80 (scalar atomics) and sm_90 (float4 atomics) paths, several tiles and chunk
 non-finite inputs. And a broken copy of the kernel must fail the same comparison."""
 
 import math
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -171,3 +175,28 @@ def test_a_broken_kernel_is_caught(tmp_path, edits, caught_in):
     source.write_text(text)
     results = run_and_compare(module("sm_90", source), torch.float32, 4, collide=True)
     assert not results[caught_in][0], f"the broken kernel passed: {results}"
+
+
+@pytest.mark.slow
+def test_address_sanitizer_build():
+    """The same comparisons under AddressSanitizer and UBSan (in a subprocess: the library needs
+    libasan preloaded): every load, clamped neighbour rows included, stays inside its tensor."""
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.path[:0] = {[str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[2])]!r}
+        import torch
+        import test_fused_emulated as t
+        from ops import emulation
+        for arch in t.ARCHS:
+            mod = emulation.build_module(t._fused_cuda.SOURCE, t._fused_cuda.KERNEL_NAMES, arch=arch, sanitize=True)
+            t.assert_all_close(t.run_and_compare(mod, torch.float32, 4, collide=True))
+            t.assert_all_close(t.run_and_compare(mod, torch.bfloat16, 2))
+        t.assert_all_close(t.run_and_compare(mod, torch.float16, 4, D=30, P=7))
+        print("sanitized runs passed")
+        """
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], env=emulation.asan_environment(), capture_output=True, text=True, timeout=900
+    )
+    assert proc.returncode == 0 and "sanitized runs passed" in proc.stdout, proc.stdout + proc.stderr[-4000:]
