@@ -128,7 +128,7 @@ def compile_cubin(source: Path, names: tuple[str, ...], arch: str, out: Path, de
 def registers_of(cubin: Path) -> dict[str, int]:
     """{function: registers per thread}, read from the cubin (an ELF file): the .nv.info section holds
     an EIATTR_REGCOUNT record (symbol index, registers) per kernel, and a kernel's .text section
-    names its symbol in sh_info."""
+    names its symbol in the low 24 bits of sh_info (sm_80 cubins keep the count in the top 8 too)."""
     data = cubin.read_bytes()
     shoff = struct.unpack_from("<Q", data, 0x28)[0]
     shentsize, shnum, shstrndx = struct.unpack_from("<HHH", data, 0x3A)
@@ -158,7 +158,11 @@ def registers_of(cubin: Path) -> dict[str, int]:
                 i += 2
             elif fmt == 0x02:  # EIFMT_BVAL
                 i += 1
-    return {name_of(h)[len(".text.") :]: regcount.get(h[7], 0) for h in headers if name_of(h).startswith(".text.")}
+    return {
+        name_of(h)[len(".text.") :]: regcount.get(h[7] & 0xFFFFFF, 0)
+        for h in headers
+        if name_of(h).startswith(".text.")
+    }
 
 
 def disassemble(cubin: Path) -> dict[str, list[tuple[int, str, str | None]]]:
@@ -199,14 +203,17 @@ def loops_of(stream: list[tuple[int, str, str | None]]) -> list[tuple[int, int]]
         elif label is not None and next_real is not None:
             label_addr[label] = next_real
     index_of = {addr: i for i, (addr, _) in enumerate(instructions)}
+    # Code after the last EXIT was moved out of line (the divergent path of a shuffle, slow paths of
+    # division); its branches back into the kernel close no loop.
+    last_exit = max((addr for addr, ins in instructions if re.search(r"\bEXIT\b", ins)), default=None)
     loops = []
     for i, (addr, ins) in enumerate(instructions):
         m = _BRANCH_TARGET.search(ins)
-        # A loop's back edge is a predicated branch. Unpredicated backward branches return from
-        # code the compiler moved out of line (the divergent path of a shuffle) and close no loop.
-        predicated = ins.startswith("@")
-        if m and predicated and m.group(1) in label_addr and label_addr[m.group(1)] <= addr and ".DIV" not in ins:
-            loops.append((index_of[label_addr[m.group(1)]], i))
+        if m is None or ".DIV" in ins or m.group(1) not in label_addr or label_addr[m.group(1)] > addr:
+            continue
+        if last_exit is not None and addr > last_exit:
+            continue
+        loops.append((index_of[label_addr[m.group(1)]], i))
     return loops
 
 
