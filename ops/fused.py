@@ -176,9 +176,8 @@ def _fused_backward_op(
     need_reference_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     inputs = (value, spatial_shapes, level_start_index, reference_points, offsets, attention_logits)
-    return _needed(
-        _composed_backward(grad_output, *inputs), value, reference_points, need_value_grad, need_reference_grad
-    )
+    grads = _composed_backward(grad_output, *inputs)
+    return _needed(grads, value, reference_points, need_value_grad, need_reference_grad)
 
 
 def _needed(grads, value, reference_points, need_value_grad: bool, need_reference_grad: bool):
