@@ -1,23 +1,41 @@
-"""``python -m ops build [ARCH ...]`` compiles the kernel into the cache ahead of time (e.g. in an image
-build, for sm_80 and sm_90); ``python -m ops info`` says which path the op will take here."""
+"""``python -m ops build ARCH ...`` compiles the kernels into the cache ahead of time (e.g. in an image
+build, for sm_80 and sm_90; no GPU needed); ``python -m ops info`` says which path the op takes here."""
 
 import sys
+import time
 
 
 def main(argv: list[str]) -> int:
-    from ops import _cuda, cuda_kernel_available, get_backend
+    from ops import _cache, _cuda, cuda_kernel_available, get_backend
 
     command, args = (argv[0], argv[1:]) if argv else ("info", [])
     if command == "build":
-        archs = args or [None]  # None: the current device's architecture
-        for arch in archs:
-            print(f"built {_cuda.build(arch)}")
+        if not args:
+            import torch
+
+            if not torch.cuda.is_available():
+                print(
+                    "usage: python -m ops build ARCH [ARCH ...] (e.g. sm_80 sm_90); no GPU here to default to",
+                    file=sys.stderr,
+                )
+                return 2
+            args = [_cuda.arch_for_capability(torch.cuda.get_device_capability())]
+        for arch in args:
+            start = time.perf_counter()
+            path = _cuda.build(arch)
+            print(f"{_cuda.normalize_arch(arch)}: {path} ({time.perf_counter() - start:.1f} s)")
         return 0
     if command == "info":
+        try:
+            from ops import _nvrtc
+
+            nvrtc = "NVRTC {}.{}, headers in {}".format(*_nvrtc.version(), _nvrtc.include_dirs()[0])
+        except Exception as exc:  # not installed, or no headers: say so and carry on
+            nvrtc = f"unavailable ({exc}); pip install 'msda-ops[cuda]'"
         ok, reason = cuda_kernel_available()
         print(f"backend setting: {get_backend()}")
-        print(f"nvcc: {_cuda.find_nvcc() or 'not found'}")
-        print(f"cache: {_cuda.cache_root()}")
+        print(f"compiler: {nvrtc}")
+        print(f"cache: {_cache.cache_root()}")
         print("CUDA kernel: available" if ok else f"CUDA kernel: unavailable ({reason}); the PyTorch reference runs")
         return 0
     print("usage: python -m ops {info|build [ARCH ...]}", file=sys.stderr)

@@ -93,7 +93,7 @@ def make_inputs(
         level, as in a trained encoder/decoder (nearby queries read nearby values); otherwise
         uniform over [-0.1, 1.1], which also covers the borders and the outside.
     value_offset: start value this many elements into its storage, so it is not 16-byte aligned
-        and the kernel takes its scalar path.
+        (ops._cuda copies it aligned so that the vector kernel still runs).
     """
     gen = torch.Generator(device=device).manual_seed(seed)
     coord_dtype = torch.float64 if dtype == torch.float64 else torch.float32
@@ -161,8 +161,10 @@ def compare_to_reference(inputs: tuple[torch.Tensor, ...], tol: float, seed: int
 
 
 def run_checks(report: Report, device: torch.device) -> None:
+    # First, while no float16 kernel has run yet in this process.
+    report.run_check("CUDA graph capture of kernels never launched before", lambda: _capture_first_launch(device))
     shapes = [[12, 17], [6, 9], [3, 5], [1, 2]]
-    for D in (1, 3, 30, 32, 71):
+    for D in (1, 3, 8, 30, 32, 71):
         for dtype in (torch.float32, torch.bfloat16, torch.float16):
             inputs = make_inputs(2, 37, 3, D, shapes, 3, dtype, device, seed=D)
             tol = TOLERANCES[dtype]
@@ -171,7 +173,7 @@ def run_checks(report: Report, device: torch.device) -> None:
         inputs = make_inputs(2, 37, 3, 32, shapes, 3, dtype, device, value_offset=1)
         tol = TOLERANCES[dtype]
         report.run_check(
-            f"vs reference unaligned value (scalar path) {str(dtype)[6:]}", lambda: compare_to_reference(inputs, tol)
+            f"vs reference unaligned value (aligned copy) {str(dtype)[6:]}", lambda: compare_to_reference(inputs, tol)
         )
     inputs = make_inputs(1, 40, 2, 300, [[5, 7], [2, 3]], 2, torch.float32, device)  # 75 chunks > 32 lanes
     report.run_check("vs reference D=300 float32 (several chunks per lane)", lambda: compare_to_reference(inputs, 1e-4))
@@ -181,6 +183,7 @@ def run_checks(report: Report, device: torch.device) -> None:
     report.run_check("int64 indexing (value > 2**31 elements)", lambda: _large_index(device))
     report.run_check("non-default stream", lambda: _side_stream(device))
     report.run_check("CUDA graph capture (forward + backward)", lambda: _cuda_graph(device))
+    report.run_check("use_deterministic_algorithms(True) raises in backward", lambda: _deterministic(device))
     report.run_check("torch.compile(fullgraph=True) forward + backward", lambda: _compile(device))
     if torch.cuda.device_count() > 1:
         report.run_check("second GPU (cuda:1 while cuda:0 is current)", lambda: _second_gpu())
@@ -262,6 +265,45 @@ def _cuda_graph(device: torch.device) -> tuple[bool, str]:
     torch.cuda.synchronize(device)
     errors = [_rel_err(c, e) for c, e in zip(captured, expected)]
     return max(errors) <= 1e-6, f"replay with new inputs vs eager: max err {max(errors):.1e}"
+
+
+def _capture_first_launch(device: torch.device) -> tuple[bool, str]:
+    """float16 with D=6 (the scalar kernels) runs nowhere else: its first launch is inside the capture,
+    which works only because every kernel was loaded when the device was first probed."""
+    value, spatial_shapes, level_start_index, loc, attn = make_inputs(
+        1, 20, 2, 6, SMALL_SHAPES, 2, torch.float16, device, seed=3
+    )
+    graph = torch.cuda.CUDAGraph()
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side), torch.cuda.graph(graph, stream=side):
+        out = _cuda.forward(value, spatial_shapes, level_start_index, loc, attn)
+        grads = _cuda.backward(torch.ones_like(out), value, spatial_shapes, level_start_index, loc, attn)
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph.replay()
+    torch.cuda.synchronize(device)
+    want = ms_deform_attn_reference(value.double(), spatial_shapes, level_start_index, loc.double(), attn.double())
+    err = _rel_err(out, want)
+    return err <= TOLERANCES[torch.float16] and all(
+        torch.isfinite(g).all() for g in grads
+    ), f"replay vs reference {err:.1e}"
+
+
+def _deterministic(device: torch.device) -> tuple[bool, str]:
+    value, spatial_shapes, level_start_index, loc, attn = make_inputs(
+        1, 10, 2, 8, SMALL_SHAPES, 2, torch.float32, device
+    )
+    value.requires_grad_(True)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        out = ops.ms_deform_attn(value, spatial_shapes, level_start_index, loc, attn)
+        out.sum().backward()
+    except RuntimeError as exc:
+        return "deterministic" in str(exc), str(exc).splitlines()[0][:100]
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    return False, "backward ran without raising"
 
 
 def _compile(device: torch.device) -> tuple[bool, str]:
@@ -458,6 +500,34 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def print_build_info(device: torch.device) -> None:
+    """NVRTC's version, a fresh (uncached) compile time per architecture, and the registers per
+    thread ptxas chose for each kernel on this device."""
+    import os
+    import tempfile
+    import time
+
+    from ops import _nvrtc
+
+    print("NVRTC {}.{}".format(*_nvrtc.version()))
+    previous = os.environ.get("MSDA_CACHE_DIR")
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ["MSDA_CACHE_DIR"] = tmp  # an empty cache: every build compiles
+        try:
+            for arch in ("sm_80", "sm_90", "sm_100", "sm_120"):
+                start = time.perf_counter()
+                _cuda.build(arch)
+                print(f"NVRTC compile {arch} (16 kernels, uncached): {time.perf_counter() - start:.2f} s")
+        finally:
+            if previous is None:
+                del os.environ["MSDA_CACHE_DIR"]
+            else:
+                os.environ["MSDA_CACHE_DIR"] = previous
+    module = _cuda.device_module(device)
+    for name in module.names:
+        print(f"registers {name}: {module.registers(name)}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the checks and the benchmark; 0 when every check passed, 1 otherwise, 2 without a GPU."""
     argv = sys.argv[1:] if argv is None else argv
@@ -477,6 +547,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda", torch.cuda.current_device())
     props = torch.cuda.get_device_properties(device)
     print(f"device: {props.name} (sm_{props.major}{props.minor}), torch {torch.__version__}, ops {ops.__version__}")
+    print_build_info(device)
     previous_backend = ops.get_backend()
     ops.set_backend("cuda")  # the op must run the kernel, never fall back silently
     report = Report()

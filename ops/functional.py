@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 import weakref
 
 import torch
@@ -44,7 +45,12 @@ def get_backend() -> str:
 
 
 def _use_cuda_kernel(device: torch.device) -> bool:
-    """Decide, for CUDA tensors on ``device``, between the kernel and the reference path."""
+    """Decide, for CUDA tensors on ``device``, between the kernel and the reference path.
+
+    A fall back to the reference is loud (a warning, once per process, naming the cause and the
+    fix): it is many times slower, and a training job that silently takes it wastes its GPUs.
+    MSDA_BACKEND=cuda makes it an error.
+    """
     global _fallback_logged
     backend = get_backend()
     if backend == "reference":
@@ -54,12 +60,38 @@ def _use_cuda_kernel(device: torch.device) -> bool:
     ok, reason = _cuda.is_available(device)
     if ok:
         return True
+    fix = (
+        "Fix: pip install 'msda-ops[cuda]' (NVIDIA's runtime compiler, no nvcc needed) and check "
+        "`python -m ops info`; MSDA_BACKEND=reference selects the reference path on purpose."
+    )
     if backend == "cuda":
-        raise RuntimeError(f"MSDA backend 'cuda' was forced but the CUDA kernel is unavailable: {reason}")
+        raise RuntimeError(
+            f"MSDA_BACKEND=cuda but the MSDeformAttn CUDA kernel is unavailable on {device}: {reason}. {fix}"
+        )
     if not _fallback_logged:
-        log.warning("MSDeformAttn CUDA kernel unavailable (%s); using the PyTorch reference path", reason)
+        message = (
+            f"MSDeformAttn falls back to the PyTorch reference on {device}, many times slower than the CUDA "
+            f"kernel, which is unavailable: {reason}. {fix} MSDA_BACKEND=cuda turns this warning into an error."
+        )
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+        log.warning("%s", message)
         _fallback_logged = True
     return False
+
+
+def _check_deterministic(what: str) -> None:
+    """Raise (or warn, with warn_only=True) as PyTorch's own nondeterministic CUDA ops do."""
+    if not torch.are_deterministic_algorithms_enabled():
+        return
+    message = (
+        f"{what} does not have a deterministic implementation (grad_value is summed with float atomics), but "
+        "you set 'torch.use_deterministic_algorithms(True)'. Turn that off for this op with "
+        "torch.use_deterministic_algorithms(True, warn_only=True), or detach value if it needs no gradient."
+    )
+    if torch.is_deterministic_algorithms_warn_only_enabled():
+        warnings.warn(message, UserWarning, stacklevel=3)
+    else:
+        raise RuntimeError(message)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -102,28 +134,45 @@ def _backward_op(
     level_start_index: torch.Tensor,
     sampling_locations: torch.Tensor,
     attention_weights: torch.Tensor,
+    need_grad_value: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _reference_backward(
+    grads = _reference_backward(
         grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights
     )
+    return grads if need_grad_value else (value.new_empty(0), *grads[1:])
 
 
 @_backward_op.register_kernel("cuda")
-def _backward_cuda(grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+def _backward_cuda(
+    grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights, need_grad_value=True
+):
     if _use_cuda_kernel(value.device):
         from ops import _cuda
 
+        if need_grad_value:
+            _check_deterministic("ms_deform_attn's CUDA backward")
+        # Without a gradient for value the kernel skips grad_value: no zero fill, no atomics, no conversion.
         return _cuda.backward(
-            grad_output.contiguous(), value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+            grad_output.contiguous(),
+            value,
+            spatial_shapes,
+            level_start_index,
+            sampling_locations,
+            attention_weights,
+            need_grad_value=need_grad_value,
         )
-    return _reference_backward(
+    grads = _reference_backward(
         grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights
     )
+    return grads if need_grad_value else (value.new_empty(0), *grads[1:])
 
 
 @_backward_op.register_fake
-def _backward_fake(grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
-    return torch.empty_like(value), torch.empty_like(sampling_locations), torch.empty_like(attention_weights)
+def _backward_fake(
+    grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights, need_grad_value=True
+):
+    grad_value = torch.empty_like(value) if need_grad_value else value.new_empty(0)
+    return grad_value, torch.empty_like(sampling_locations), torch.empty_like(attention_weights)
 
 
 def _reference_backward(grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
@@ -146,10 +195,11 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_output):
     value, spatial_shapes, level_start_index, sampling_locations, attention_weights = ctx.saved_tensors
+    need_grad_value = ctx.needs_input_grad[0]
     grad_value, grad_loc, grad_attn = _backward_op(
-        grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+        grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights, need_grad_value
     )
-    return grad_value, None, None, grad_loc, grad_attn
+    return grad_value if need_grad_value else None, None, None, grad_loc, grad_attn
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
@@ -222,10 +272,13 @@ def _validate(value, spatial_shapes, level_start_index, sampling_locations, atte
     if value.is_cuda and torch.cuda.is_current_stream_capturing():
         return
     global _last_checked
-    try:
+    if spatial_shapes.is_inference() or level_start_index.is_inference():
+        # Inference tensors keep no version counter, and checking them on every call cost a device
+        # sync per layer (about 12 per image). They can only be changed in place inside inference
+        # mode, so the data pointers stand in for the version; such an in-place edit goes unseen.
+        key = ("inference", spatial_shapes.data_ptr(), level_start_index.data_ptr(), S)
+    else:
         key = (spatial_shapes._version, level_start_index._version, S)
-    except RuntimeError:  # inference-mode tensors keep no version counter: check every time
-        key = None
     if _last_checked is not None:
         shapes_ref, starts_ref, last_key = _last_checked
         if key is not None and shapes_ref() is spatial_shapes and starts_ref() is level_start_index and last_key == key:

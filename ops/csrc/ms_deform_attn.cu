@@ -1,7 +1,8 @@
-// Multi-scale deformable attention forward and backward kernels behind a C interface (no torch).
+// Multi-scale deformable attention forward and backward kernels, device code only.
 //
 // Legend: N batch, S = sum_l H_l*W_l value positions, M heads, D channels per head, Lq queries,
-// L levels, P sampling points per (head, level). Layouts and dtypes: see ms_deform_attn.h.
+// L levels, P sampling points per (head, level). Layouts, dtypes, kernel names and the launch
+// geometry: see ms_deform_attn.h; ops/_cuda.py does the host side.
 //
 // Work layout. One thread handles one (n, q, m) and a chunk of CPT = 16 / sizeof(T) consecutive
 // channels of head m, so each bilinear neighbour costs one 16-byte load per thread (4 floats, 8
@@ -13,39 +14,46 @@
 // that arithmetic in G lanes is cheaper than passing it between them, and the location/weight
 // loads are warp broadcasts.
 //
-// D that is not a multiple of CPT, or a pointer that is not 16-byte aligned, takes the same code
-// with scalar, bounds-checked loads (the kVec = false instantiations), so any D is correct.
+// D that is not a multiple of CPT takes the same code with scalar, bounds-checked loads (the
+// kVec = false instantiations), so any D is correct; these are also correct for pointers that are not
+// 16-byte aligned, but ops/_cuda.py copies such a view to an aligned tensor rather than pay 8 loads
+// and atomics per neighbour (in half precision) for the rest of the call.
 //
 // Backward: grad_value takes atomic adds (one per neighbour and channel; one per 4 channels on
 // sm_90+) into a float32 (float64 for double) workspace the caller zeroed. The gradients of a
 // point's location and attention weight are sums over the head's D channels: each thread sums its
 // chunk, the group reduces with __shfl_xor_sync and lane 0 stores once, so those two outputs need
 // no atomics and no zero fill.
+//
+// The file compiles with NVRTC (no host headers: no <cstdint>, no <type_traits>) and with g++
+// against csrc/emu/cuda_emu.h, which defines the CUDA built-ins for the CPU emulation.
 
 #include "ms_deform_attn.h"
 
+#ifndef CUDA_EMULATION  // the emulation header (csrc/emu/cuda_emu.h) defines the half types
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#include <cuda_runtime.h>
-#include <stdint.h>
+#endif
 
-#include <climits>
-#include <type_traits>
+namespace msda {
 
-static_assert(MSDA_ABI_VERSION == 1, "update msda_abi_version() and ops/_cuda.py together");
+using i64 = long long;
 
-namespace {
-
-constexpr int kThreads = 256;
 // Minimum resident blocks per SM promised to ptxas, which caps registers per thread (3: 80, 2: 128).
 // Left to itself ptxas aims at 64 registers (4 blocks) and spills: in the forward kernel the 8
 // neighbour loads of two sampling points, in the backward kernel the per-channel loads and
 // atomics of the half-precision scalar path. The vectorized kernels end up at 64-80 registers.
 constexpr int kForwardMinBlocks = 3;
 constexpr int kBackwardMinBlocks = 2;
-// Level shapes and starts are staged in shared memory as 3 ints per level; more than this many
-// levels would not fit the default 48 KiB of dynamic shared memory.
-constexpr int64_t kMaxLevels = 4096;
+
+template <typename A>
+struct IsFloat {
+  static constexpr bool value = false;
+};
+template <>
+struct IsFloat<float> {
+  static constexpr bool value = true;
+};
 
 // Accumulation (and location / attention weight) type for a storage type.
 template <typename T>
@@ -113,10 +121,9 @@ __device__ __forceinline__ void store_chunk(T* p, int n, const typename AccOf<T>
 // float atomics, which cut the number of atomic transactions (backward's bottleneck) by 4.
 template <typename A, int CPT, bool kVec>
 __device__ __forceinline__ void atomic_add_chunk(A* p, int n, A scale, const A (&g)[CPT]) {
-// The float4 overload ships in sm_90_rt.h of CUDA 12.x; 12.4 is a conservative lower bound.
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && \
-    (__CUDACC_VER_MAJOR__ > 12 || (__CUDACC_VER_MAJOR__ == 12 && __CUDACC_VER_MINOR__ >= 4))
-  constexpr bool kWide = kVec && std::is_same<A, float>::value && CPT % 4 == 0;
+// The float4 overload ships in sm_90_rt.h from CUDA 12.4 on; ops/_nvrtc.py requires NVRTC >= 12.4.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  constexpr bool kWide = kVec && IsFloat<A>::value && CPT % 4 == 0;
 #else
   constexpr bool kWide = false;
 #endif
@@ -134,43 +141,28 @@ __device__ __forceinline__ void atomic_add_chunk(A* p, int n, A scale, const A (
   }
 }
 
-// Sizes shared by both kernels, derived once on the host.
-struct Dims {
-  int64_t n_groups;  // N * Lq * M: one thread group each
-  int64_t S;
-  int64_t Lq;
-  int M;
-  int D;
-  int L;
-  int P;
-  int row_stride;    // M * D: elements between value rows of consecutive positions
-  int log2_group;    // G = 1 << log2_group threads per (n, q, m)
-  int n_chunks;      // ceil(D / CPT)
-  int chunk_iters;   // ceil(n_chunks / G), at least 1 so backward writes its outputs even if D == 0
-};
-
 // The (n, q, m) a thread group works on, and its flat index into the (N, Lq, M, ...) tensors.
 // Groups run head-major, (n, m, q) with q fastest: the groups of a block are neighbouring queries of
 // one head, whose sampling windows overlap (encoder queries are neighbouring pixels), so many of
 // their neighbour loads hit in L1. Query-major order would spread a block over all M heads, whose
 // value slices are disjoint.
 struct QueryHead {
-  int64_t value_offset;  // of value[n, 0, m, 0]; a neighbour at position s is s rows of M*D further
-  int64_t nqm;           // flat (n, q, m)
+  i64 value_offset;  // of value[n, 0, m, 0]; a neighbour at position s is s rows of M*D further
+  i64 nqm;           // flat (n, q, m)
 };
 
-__device__ __forceinline__ QueryHead query_head_of(int64_t group, const Dims& d) {
-  const int64_t nm = group / d.Lq;
-  const int64_t q = group - nm * d.Lq;
-  const int64_t n = nm / d.M;
-  const int64_t m = nm - n * d.M;
+__device__ __forceinline__ QueryHead query_head_of(i64 group, const Dims& d) {
+  const i64 nm = group / d.Lq;
+  const i64 q = group - nm * d.Lq;
+  const i64 n = nm / d.M;
+  const i64 m = nm - n * d.M;
   return {(n * d.S * d.M + m) * d.D, (n * d.Lq + q) * d.M + m};
 }
 
 // Copies (H, W, start) of every level to shared memory: every sampling point reads them, and the
 // block reads them once instead of every thread once per point. Must run before any thread exits.
-__device__ __forceinline__ void stage_levels(const int64_t* __restrict__ spatial_shapes,
-                                             const int64_t* __restrict__ level_start_index, int L,
+__device__ __forceinline__ void stage_levels(const i64* __restrict__ spatial_shapes,
+                                             const i64* __restrict__ level_start_index, int L,
                                              int* s_levels) {
   for (int l = threadIdx.x; l < L; l += blockDim.x) {
     s_levels[3 * l] = static_cast<int>(spatial_shapes[2 * l]);
@@ -219,9 +211,9 @@ __device__ __forceinline__ Neighbours<A> neighbours_of(A x, A y, int H, int W, i
 }
 
 template <typename T, bool kVec>
-__global__ void __launch_bounds__(kThreads, kForwardMinBlocks)
-    msda_forward_kernel(const T* __restrict__ value, const int64_t* __restrict__ spatial_shapes,
-                        const int64_t* __restrict__ level_start_index,
+__global__ void __launch_bounds__(MSDA_THREADS, kForwardMinBlocks)
+    forward_kernel(const T* __restrict__ value, const i64* __restrict__ spatial_shapes,
+                        const i64* __restrict__ level_start_index,
                         const typename AccOf<T>::type* __restrict__ sampling_locations,
                         const typename AccOf<T>::type* __restrict__ attention_weights,
                         T* __restrict__ output, const Dims d) {
@@ -233,13 +225,13 @@ __global__ void __launch_bounds__(kThreads, kForwardMinBlocks)
   extern __shared__ int s_levels[];
   stage_levels(spatial_shapes, level_start_index, d.L, s_levels);
 
-  const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t group = tid >> d.log2_group;
+  const i64 tid = static_cast<i64>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const i64 group = tid >> d.log2_group;
   if (group >= d.n_groups) return;
   const int group_size = 1 << d.log2_group;
   const int lane = static_cast<int>(tid & (group_size - 1));
   const QueryHead qh = query_head_of(group, d);
-  const int64_t nqm = qh.nqm;
+  const i64 nqm = qh.nqm;
   const int LP = d.L * d.P;
 
   const T* value_nm = value + qh.value_offset;
@@ -270,7 +262,7 @@ __global__ void __launch_bounds__(kThreads, kForwardMinBlocks)
         for (int k = 0; k < 4; ++k) {
           if (nb.valid & (1u << k)) {
             A s[CPT];
-            load_chunk<T, CPT, kVec>(v + static_cast<int64_t>(nb.row[k]) * d.row_stride, n_valid, s);
+            load_chunk<T, CPT, kVec>(v + static_cast<i64>(nb.row[k]) * d.row_stride, n_valid, s);
 #pragma unroll
             for (int c = 0; c < CPT; ++c) acc[c] = fma(coef[k], s[c], acc[c]);
           }
@@ -282,10 +274,10 @@ __global__ void __launch_bounds__(kThreads, kForwardMinBlocks)
 }
 
 template <typename T, bool kVec>
-__global__ void __launch_bounds__(kThreads, kBackwardMinBlocks)
-    msda_backward_kernel(const T* __restrict__ grad_output, const T* __restrict__ value,
-                         const int64_t* __restrict__ spatial_shapes,
-                         const int64_t* __restrict__ level_start_index,
+__global__ void __launch_bounds__(MSDA_THREADS, kBackwardMinBlocks)
+    backward_kernel(const T* __restrict__ grad_output, const T* __restrict__ value,
+                         const i64* __restrict__ spatial_shapes,
+                         const i64* __restrict__ level_start_index,
                          const typename AccOf<T>::type* __restrict__ sampling_locations,
                          const typename AccOf<T>::type* __restrict__ attention_weights,
                          typename AccOf<T>::type* __restrict__ grad_value,
@@ -298,9 +290,9 @@ __global__ void __launch_bounds__(kThreads, kBackwardMinBlocks)
   extern __shared__ int s_levels[];
   stage_levels(spatial_shapes, level_start_index, d.L, s_levels);
 
-  const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t group = tid >> d.log2_group;
-  // G divides kThreads, so a group is wholly in or out of range and leaves as a whole; the
+  const i64 tid = static_cast<i64>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const i64 group = tid >> d.log2_group;
+  // G divides MSDA_THREADS, so a group is wholly in or out of range and leaves as a whole; the
   // shuffles below name only the lanes of their own group, so exited groups do not matter.
   if (group >= d.n_groups) return;
   const int group_size = 1 << d.log2_group;
@@ -309,7 +301,7 @@ __global__ void __launch_bounds__(kThreads, kBackwardMinBlocks)
       group_size == 32 ? 0xffffffffu
                        : ((1u << group_size) - 1u) << (threadIdx.x & 31u & ~unsigned(group_size - 1));
   const QueryHead qh = query_head_of(group, d);
-  const int64_t nqm = qh.nqm, value_offset = qh.value_offset;
+  const i64 nqm = qh.nqm, value_offset = qh.value_offset;
   const int LP = d.L * d.P;
 
   const A* loc_g = sampling_locations + nqm * LP * 2;
@@ -351,7 +343,7 @@ __global__ void __launch_bounds__(kThreads, kBackwardMinBlocks)
 #pragma unroll
         for (int k = 0; k < 4; ++k) {
           if (valid & (1u << k)) {
-            const int64_t row = static_cast<int64_t>(nb.row[k]) * d.row_stride;
+            const i64 row = static_cast<i64>(nb.row[k]) * d.row_stride;
             A s[CPT];
             load_chunk<T, CPT, kVec>(v + row, n_valid, s);
             A dot = A(0);  // <grad_output, neighbour value> over this thread's channels
@@ -360,7 +352,7 @@ __global__ void __launch_bounds__(kThreads, kBackwardMinBlocks)
             sum_attn = fma(bw[k], dot, sum_attn);
             sum_x = fma(dbw_dx[k], dot, sum_x);
             sum_y = fma(dbw_dy[k], dot, sum_y);
-            atomic_add_chunk<A, CPT, kVec>(gv + row, n_valid, w * bw[k], g);
+            if (grad_value != nullptr) atomic_add_chunk<A, CPT, kVec>(gv + row, n_valid, w * bw[k], g);
           }
         }
         // Butterfly: afterwards every lane of the group holds the sums over all D channels.
@@ -387,190 +379,4 @@ __global__ void __launch_bounds__(kThreads, kBackwardMinBlocks)
   }
 }
 
-bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
-
-// Validates the sizes and fills Dims; false on sizes the kernels cannot index.
-bool make_dims(int64_t N, int64_t S, int64_t M, int64_t D, int64_t Lq, int64_t L, int64_t P,
-               int cpt, Dims* d) {
-  if (N < 0 || S < 0 || M < 0 || D < 0 || Lq < 0 || L < 0 || P < 0) return false;
-  // Positions, channel offsets within a row and per-(n, q, m) point counts are 32-bit in the
-  // kernels; only the products that span the whole batch are 64-bit.
-  if (S > INT_MAX || M > INT_MAX || D > INT_MAX || M * D > INT_MAX || L > kMaxLevels ||
-      P > INT_MAX || L * P * 2 > INT_MAX) {
-    return false;
-  }
-  // Thread counts (groups times up to 32 lanes) and value offsets stay far from int64 overflow.
-  constexpr int64_t kLimit = INT64_MAX / 64;
-  if (N > 0 && Lq > 0 && M > 0 && (N > kLimit / Lq || N * Lq > kLimit / M)) return false;
-  if (N > 0 && S > 0 && M * D > 0 && (N > kLimit / S || N * S > kLimit / (M * D))) return false;
-  d->n_groups = N * Lq * M;
-  d->S = S;
-  d->Lq = Lq;
-  d->M = static_cast<int>(M);
-  d->D = static_cast<int>(D);
-  d->L = static_cast<int>(L);
-  d->P = static_cast<int>(P);
-  d->row_stride = static_cast<int>(M * D);
-  d->n_chunks = static_cast<int>((D + cpt - 1) / cpt);
-  d->log2_group = 0;
-  while ((1 << d->log2_group) < d->n_chunks && d->log2_group < 5) ++d->log2_group;
-  const int group_size = 1 << d->log2_group;
-  d->chunk_iters = d->n_chunks > 0 ? (d->n_chunks + group_size - 1) / group_size : 1;
-  return true;
-}
-
-// Grid for one thread per (group, lane); false when it exceeds the grid limit.
-bool grid_for(const Dims& d, unsigned* blocks) {
-  const int64_t threads = d.n_groups << d.log2_group;
-  const int64_t n_blocks = (threads + kThreads - 1) / kThreads;
-  if (n_blocks > INT_MAX) return false;
-  *blocks = static_cast<unsigned>(n_blocks);
-  return true;
-}
-
-template <typename T>
-cudaError_t launch_forward(const void* value, const int64_t* spatial_shapes,
-                           const int64_t* level_start_index, const void* sampling_locations,
-                           const void* attention_weights, void* output, int64_t N, int64_t S,
-                           int64_t M, int64_t D, int64_t Lq, int64_t L, int64_t P,
-                           cudaStream_t stream) {
-  using A = typename AccOf<T>::type;
-  constexpr int CPT = 16 / sizeof(T);
-  Dims d;
-  if (!make_dims(N, S, M, D, Lq, L, P, CPT, &d)) return cudaErrorInvalidValue;
-  if (d.n_groups == 0 || D == 0) return cudaSuccess;  // empty output
-  // With no sampling points the kernel only writes zeros and reads nothing but the level table.
-  if (output == nullptr ||
-      (L * P > 0 && (value == nullptr || sampling_locations == nullptr ||
-                     attention_weights == nullptr)) ||
-      (L > 0 && (spatial_shapes == nullptr || level_start_index == nullptr))) {
-    return cudaErrorInvalidValue;
-  }
-  unsigned blocks;
-  if (!grid_for(d, &blocks)) return cudaErrorInvalidValue;
-  const size_t smem = static_cast<size_t>(3 * L) * sizeof(int);
-  const T* v = static_cast<const T*>(value);
-  const A* loc = static_cast<const A*>(sampling_locations);
-  const A* attn = static_cast<const A*>(attention_weights);
-  T* out = static_cast<T*>(output);
-  // With D a multiple of CPT and 16-byte aligned bases every row offset stays 16-byte aligned.
-  if (D % CPT == 0 && aligned16(value) && aligned16(output)) {
-    msda_forward_kernel<T, true>
-        <<<blocks, kThreads, smem, stream>>>(v, spatial_shapes, level_start_index, loc, attn, out, d);
-  } else {
-    msda_forward_kernel<T, false>
-        <<<blocks, kThreads, smem, stream>>>(v, spatial_shapes, level_start_index, loc, attn, out, d);
-  }
-  return cudaGetLastError();
-}
-
-template <typename T>
-cudaError_t launch_backward(const void* grad_output, const void* value,
-                            const int64_t* spatial_shapes, const int64_t* level_start_index,
-                            const void* sampling_locations, const void* attention_weights,
-                            void* grad_value, void* grad_sampling_locations,
-                            void* grad_attention_weights, int64_t N, int64_t S, int64_t M,
-                            int64_t D, int64_t Lq, int64_t L, int64_t P, cudaStream_t stream) {
-  using A = typename AccOf<T>::type;
-  constexpr int CPT = 16 / sizeof(T);
-  Dims d;
-  if (!make_dims(N, S, M, D, Lq, L, P, CPT, &d)) return cudaErrorInvalidValue;
-  // Nothing to write: grad_value is the caller's zeroed workspace and the other two are empty.
-  if (d.n_groups == 0 || L * P == 0) return cudaSuccess;
-  if (sampling_locations == nullptr || attention_weights == nullptr ||
-      grad_sampling_locations == nullptr || grad_attention_weights == nullptr ||
-      spatial_shapes == nullptr || level_start_index == nullptr ||
-      (D > 0 && (grad_output == nullptr || value == nullptr || grad_value == nullptr))) {
-    return cudaErrorInvalidValue;
-  }
-  unsigned blocks;
-  if (!grid_for(d, &blocks)) return cudaErrorInvalidValue;
-  const size_t smem = static_cast<size_t>(3 * L) * sizeof(int);
-  const T* go = static_cast<const T*>(grad_output);
-  const T* v = static_cast<const T*>(value);
-  const A* loc = static_cast<const A*>(sampling_locations);
-  const A* attn = static_cast<const A*>(attention_weights);
-  A* gv = static_cast<A*>(grad_value);
-  A* gloc = static_cast<A*>(grad_sampling_locations);
-  A* gattn = static_cast<A*>(grad_attention_weights);
-  if (D % CPT == 0 && aligned16(grad_output) && aligned16(value) && aligned16(grad_value)) {
-    msda_backward_kernel<T, true><<<blocks, kThreads, smem, stream>>>(
-        go, v, spatial_shapes, level_start_index, loc, attn, gv, gloc, gattn, d);
-  } else {
-    msda_backward_kernel<T, false><<<blocks, kThreads, smem, stream>>>(
-        go, v, spatial_shapes, level_start_index, loc, attn, gv, gloc, gattn, d);
-  }
-  return cudaGetLastError();
-}
-
-}  // namespace
-
-extern "C" int msda_forward(int dtype, const void* value, const int64_t* spatial_shapes,
-                            const int64_t* level_start_index, const void* sampling_locations,
-                            const void* attention_weights, void* output, int64_t N, int64_t S,
-                            int64_t M, int64_t D, int64_t Lq, int64_t L, int64_t P, void* stream) {
-  const cudaStream_t s = static_cast<cudaStream_t>(stream);
-  switch (dtype) {
-    case MSDA_FLOAT32:
-      return launch_forward<float>(value, spatial_shapes, level_start_index, sampling_locations,
-                                   attention_weights, output, N, S, M, D, Lq, L, P, s);
-    case MSDA_FLOAT16:
-      return launch_forward<__half>(value, spatial_shapes, level_start_index, sampling_locations,
-                                    attention_weights, output, N, S, M, D, Lq, L, P, s);
-    case MSDA_BFLOAT16:
-      return launch_forward<__nv_bfloat16>(value, spatial_shapes, level_start_index,
-                                           sampling_locations, attention_weights, output, N, S, M,
-                                           D, Lq, L, P, s);
-    case MSDA_FLOAT64:
-      return launch_forward<double>(value, spatial_shapes, level_start_index, sampling_locations,
-                                    attention_weights, output, N, S, M, D, Lq, L, P, s);
-    default:
-      return cudaErrorInvalidValue;
-  }
-}
-
-extern "C" int msda_backward(int dtype, const void* grad_output, const void* value,
-                             const int64_t* spatial_shapes, const int64_t* level_start_index,
-                             const void* sampling_locations, const void* attention_weights,
-                             void* grad_value, void* grad_sampling_locations,
-                             void* grad_attention_weights, int64_t N, int64_t S, int64_t M,
-                             int64_t D, int64_t Lq, int64_t L, int64_t P, void* stream) {
-  const cudaStream_t s = static_cast<cudaStream_t>(stream);
-  switch (dtype) {
-    case MSDA_FLOAT32:
-      return launch_backward<float>(grad_output, value, spatial_shapes, level_start_index,
-                                    sampling_locations, attention_weights, grad_value,
-                                    grad_sampling_locations, grad_attention_weights, N, S, M, D,
-                                    Lq, L, P, s);
-    case MSDA_FLOAT16:
-      return launch_backward<__half>(grad_output, value, spatial_shapes, level_start_index,
-                                     sampling_locations, attention_weights, grad_value,
-                                     grad_sampling_locations, grad_attention_weights, N, S, M, D,
-                                     Lq, L, P, s);
-    case MSDA_BFLOAT16:
-      return launch_backward<__nv_bfloat16>(grad_output, value, spatial_shapes, level_start_index,
-                                            sampling_locations, attention_weights, grad_value,
-                                            grad_sampling_locations, grad_attention_weights, N, S,
-                                            M, D, Lq, L, P, s);
-    case MSDA_FLOAT64:
-      return launch_backward<double>(grad_output, value, spatial_shapes, level_start_index,
-                                     sampling_locations, attention_weights, grad_value,
-                                     grad_sampling_locations, grad_attention_weights, N, S, M, D,
-                                     Lq, L, P, s);
-    default:
-      return cudaErrorInvalidValue;
-  }
-}
-
-extern "C" int msda_check_device(void) {
-  // Asking for a kernel's attributes loads the module for the current device, which fails the
-  // same way a launch would when the image or the driver does not fit.
-  cudaFuncAttributes attributes;
-  return cudaFuncGetAttributes(&attributes, msda_forward_kernel<float, true>);
-}
-
-extern "C" const char* msda_error_string(int code) {
-  return cudaGetErrorString(static_cast<cudaError_t>(code));
-}
-
-extern "C" int msda_abi_version(void) { return MSDA_ABI_VERSION; }
+}  // namespace msda

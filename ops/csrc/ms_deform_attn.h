@@ -1,77 +1,75 @@
-/* Multi-scale deformable attention in plain CUDA: the C interface loaded by ops/_cuda.py with ctypes.
+/* Multi-scale deformable attention kernels: what ops/_cuda.py must know to launch them.
  *
  * Legend: N batch, S = sum_l H_l*W_l value positions, M heads, D channels per head, Lq queries,
  * L levels, P sampling points per (head, level).
  *
- * Layouts (all contiguous, all pointers on the current CUDA device):
+ * The kernels are compiled at first use by NVRTC (ops/_nvrtc.py) for the GPU's architecture, or by
+ * g++ against csrc/emu/cuda_emu.h for the CPU emulation (ops/emulation.py); ops/_cuda.py computes
+ * the grid, fills Dims and picks the instantiation. There is no host code in the .cu.
+ *
+ * Kernels (name expressions, T in float, __half, __nv_bfloat16, double; kVec in true, false):
+ *   msda::forward_kernel<T, kVec>(value, spatial_shapes, level_start_index, sampling_locations,
+ *                                 attention_weights, output, Dims)
+ *   msda::backward_kernel<T, kVec>(grad_output, value, spatial_shapes, level_start_index,
+ *                                  sampling_locations, attention_weights, grad_value,
+ *                                  grad_sampling_locations, grad_attention_weights, Dims)
+ * launched with MSDA_THREADS threads per block, ceil((n_groups << log2_group) / MSDA_THREADS)
+ * blocks and 3 * L * sizeof(int) bytes of dynamic shared memory (L <= MSDA_MAX_LEVELS).
+ *
+ * Layouts (all contiguous, all pointers on the device the kernel runs on):
  *   value                    (N, S, M, D)          dtype T
  *   spatial_shapes           (L, 2) int64 (H, W)
  *   level_start_index        (L,)   int64
  *   sampling_locations       (N, Lq, M, L, P, 2)   normalized (x, y), coord type C
  *   attention_weights        (N, Lq, M, L, P)      coord type C
  *   output / grad_output     (N, Lq, M, D)         dtype T
- *   grad_value               (N, S, M, D)          accumulation type A, zero-filled by the caller
- *   grad_sampling_locations  (N, Lq, M, L, P, 2)   coord type C, written once per element
- *   grad_attention_weights   (N, Lq, M, L, P)      coord type C, written once per element
+ *   grad_value               (N, S, M, D)          accumulation type A, zero-filled by the caller;
+ *                                                  NULL when value needs no gradient (then skipped)
+ *   grad_sampling_locations  (N, Lq, M, L, P, 2)   coord type C; stored by lane 0 of each group,
+ *   grad_attention_weights   (N, Lq, M, L, P)      coord type C  once per chunk iteration (heads wider
+ *                                                  than 32 chunks add to their own earlier store), so
+ *                                                  neither needs a zero fill
  *
- *   dtype            T               C = A
- *   MSDA_FLOAT32     float           float
- *   MSDA_FLOAT16     __half          float
- *   MSDA_BFLOAT16    __nv_bfloat16   float
- *   MSDA_FLOAT64     double          double
+ *   T                C = A
+ *   float            float
+ *   __half           float
+ *   __nv_bfloat16    float
+ *   double           double
+ *
+ * kVec = true needs D % (16 / sizeof(T)) == 0 and 16-byte aligned value, output, grad_output and
+ * grad_value: every neighbour is then one 16-byte load. kVec = false is correct for any D and any
+ * element alignment.
  *
  * Sampling is the paper's (= grid_sample with align_corners=False, zero padding): location (x, y)
  * on level l reads pixel (y*H_l - 0.5, x*W_l - 0.5) bilinearly; neighbours outside the map read 0.
- *
- * msda_forward, msda_backward and msda_check_device return a cudaError_t as int: 0 on success,
- * cudaErrorInvalidValue (1) for bad arguments, else the launch error. Kernels are queued on `stream`
- * (a cudaStream_t; NULL is the legacy default stream) on the device current for the calling
- * thread. Nothing synchronizes. The kernels trust the level table: spatial_shapes and
- * level_start_index must describe S (sum of H*W, starts the running sums), or reads go out of bounds.
+ * The kernels trust the level table: spatial_shapes and level_start_index must describe S (sum of
+ * H*W, starts the running sums), or reads go out of bounds.
  */
 #ifndef MSDA_MS_DEFORM_ATTN_H_
 #define MSDA_MS_DEFORM_ATTN_H_
 
-#include <stdint.h>
+#define MSDA_THREADS 256
+/* Level shapes and starts are staged in shared memory as 3 ints per level: 4096 levels fill the
+ * 48 KiB of dynamic shared memory a launch gets without opting in to more. */
+#define MSDA_MAX_LEVELS 4096
 
-#ifdef __cplusplus
-extern "C" {
-#endif
+namespace msda {
 
-enum MsdaDtype {
-  MSDA_FLOAT32 = 0,
-  MSDA_FLOAT16 = 1,
-  MSDA_BFLOAT16 = 2,
-  MSDA_FLOAT64 = 3,
+/* Sizes shared by both kernels, passed by value; ops/_cuda.py mirrors it as a ctypes.Structure. */
+struct Dims {
+  long long n_groups;  // N * Lq * M: one thread group each
+  long long S;
+  long long Lq;
+  int M;
+  int D;
+  int L;
+  int P;
+  int row_stride;   // M * D: elements between value rows of consecutive positions
+  int log2_group;   // G = 1 << log2_group threads per (n, q, m)
+  int n_chunks;     // ceil(D / CPT), CPT = 16 / sizeof(T) channels per thread and chunk
+  int chunk_iters;  // ceil(n_chunks / G), at least 1 so backward writes its outputs even if D == 0
 };
 
-/* output = sum over (l, p) of attention_weights * bilinear(value, sampling_locations). */
-int msda_forward(int dtype, const void* value, const int64_t* spatial_shapes,
-                 const int64_t* level_start_index, const void* sampling_locations,
-                 const void* attention_weights, void* output, int64_t N, int64_t S, int64_t M,
-                 int64_t D, int64_t Lq, int64_t L, int64_t P, void* stream);
-
-/* Gradients of msda_forward; grad_value is accumulated with atomics into a zeroed workspace. */
-int msda_backward(int dtype, const void* grad_output, const void* value,
-                  const int64_t* spatial_shapes, const int64_t* level_start_index,
-                  const void* sampling_locations, const void* attention_weights, void* grad_value,
-                  void* grad_sampling_locations, void* grad_attention_weights, int64_t N,
-                  int64_t S, int64_t M, int64_t D, int64_t Lq, int64_t L, int64_t P, void* stream);
-
-/* 0 when the kernels can run on the current device, else why not (e.g. no kernel image for this
- * architecture, a driver older than the toolkit the library was built with). */
-int msda_check_device(void);
-
-/* cudaGetErrorString for a code returned above. */
-const char* msda_error_string(int code);
-
-/* MSDA_ABI_VERSION, bumped whenever a signature above changes; _cuda.py checks it on load. */
-int msda_abi_version(void);
-
-#ifdef __cplusplus
-}
-#endif
-
-#define MSDA_ABI_VERSION 1
+}  // namespace msda
 
 #endif /* MSDA_MS_DEFORM_ATTN_H_ */

@@ -1,0 +1,314 @@
+"""The kernel executed on the CPU: ops/csrc/ms_deform_attn.cu compiled by g++ against the emulation
+header and launched through the GPU's own launcher (ops._cuda), for the sm_80 and sm_90 paths.
+
+Every case of emulated_cases.py against the float64 reference; the variant and path each input takes;
+the harness's rules on small kernels of their own; an AddressSanitizer build in a subprocess; and
+broken copies of the kernel, which must fail.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from emulated_cases import Case, all_cases, check_case, run_case
+
+from ops import _cuda, emulation
+from ops._launch import KernelArgs, pointer
+
+pytestmark = pytest.mark.skipif(shutil.which(emulation.CXX) is None, reason=f"{emulation.CXX} not found")
+
+ARCHS = ("sm_80", "sm_90")
+RULES = Path(__file__).resolve().parent / "emu_rules.cu"
+FLOAT_KERNELS = [n for n in _cuda.KERNEL_NAMES if "<float," in n]
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def module(request):
+    return emulation.build_module(_cuda.SOURCE, _cuda.KERNEL_NAMES, request.param)
+
+
+@pytest.mark.parametrize("case", all_cases(), ids=lambda c: c.name)
+def test_case_matches_reference(module, case):
+    module.launched.clear()
+    assert check_case(module, case) is None
+    # The kernels ran (no shortcut), exactly when there is something to write.
+    expected = ["forward"] * (case.N * case.Lq * case.M * case.D > 0) + ["backward"] * (
+        case.N * case.Lq * case.M * case.P > 0
+    )
+    assert [name.split("::")[1].split("_")[0] for name in module.launched] == expected
+
+
+def test_vector_and_scalar_paths(module):
+    module.counters(reset=True)
+    module.launched.clear()
+    run_case(module, Case("aligned", torch.float32, 32))
+    run_case(module, Case("misaligned view", torch.float32, 32, offset=1))  # copied, so still vectorized
+    assert module.launched == ["msda::forward_kernel<float, true>", "msda::backward_kernel<float, true>"] * 2
+    counts = module.counters(reset=True)
+    assert counts["vector_loads"] > 0 and counts["shuffles"] > 0 and counts["barriers"] > 0
+    if module.arch == "sm_90":  # 16-byte float atomics on Hopper and later, none before
+        assert counts["wide_atomics"] > 0 and counts["atomics"] == 0, counts
+    else:
+        assert counts["wide_atomics"] == 0 and counts["atomics"] > 0, counts
+    module.launched.clear()
+    run_case(module, Case("D=30", torch.bfloat16, 30))
+    assert module.launched == [
+        "msda::forward_kernel<__nv_bfloat16, false>",
+        "msda::backward_kernel<__nv_bfloat16, false>",
+    ]
+    assert module.counters()["vector_loads"] == 0
+
+
+def _launch_raw(module, name, value, others):
+    """ops._cuda's launch with a chosen variant and a value pointer as given (no aligned copy)."""
+    spatial_shapes, level_start_index, loc, attn = others
+    N, S, M, D = value.shape
+    _, Lq, _, L, P, _ = loc.shape
+    dims = _cuda.make_dims(N, S, M, D, Lq, L, P, 4)
+    output = torch.empty(N, Lq, M * D)
+    _cuda._launch(module, value.device, name, dims, [value, spatial_shapes, level_start_index, loc, attn, output])
+    return output
+
+
+def test_scalar_kernel_reads_misaligned_value_and_vector_kernel_refuses(module):
+    from conftest import make_inputs
+
+    value, *others = make_inputs([[5, 6], [2, 3]], N=1, Lq=4, M=2, D=8, P=2, dtype=torch.float32)
+    storage = torch.empty(value.numel() + 1)
+    shifted = storage[1:].view(value.shape).copy_(value)
+    assert shifted.data_ptr() % 16 != 0
+    want = _cuda.forward(value, *others, module=module)
+    got = _launch_raw(module, "msda::forward_kernel<float, false>", shifted, others)
+    assert torch.equal(got, want)
+    with pytest.raises(emulation.EmulationError, match="not 16-byte aligned"):
+        _launch_raw(module, "msda::forward_kernel<float, true>", shifted, others)
+
+
+def test_argument_sizes_are_checked(module):
+    args = KernelArgs([pointer(None)] * 6 + [ctypes.c_int(0)])  # an int where Dims goes
+    with pytest.raises(emulation.EmulationError, match=r"argument 6 is \d+ bytes, the caller passed 4"):
+        module.launch("msda::forward_kernel<float, true>", (1, 1, 1), (256, 1, 1), 0, args)
+    with pytest.raises(emulation.EmulationError, match="no kernel named"):
+        module.launch("msda::forward_kernel<int, true>", (1, 1, 1), (256, 1, 1), 0, args)
+
+
+def test_no_grad_value_skips_the_atomics(module):
+    from conftest import make_inputs
+
+    inputs = make_inputs([[5, 6], [2, 3]], N=1, Lq=4, M=2, D=8, P=2, dtype=torch.float32)
+    grad_out = torch.randn(1, 4, 16)
+    full = _cuda.backward(grad_out, *inputs, module=module)
+    module.counters(reset=True)
+    partial = _cuda.backward(grad_out, *inputs, need_grad_value=False, module=module)
+    counts = module.counters()
+    assert partial[0].numel() == 0 and counts["atomics"] == counts["wide_atomics"] == 0
+    assert torch.equal(partial[1], full[1]) and torch.equal(partial[2], full[2])
+
+
+def test_more_levels_than_shared_memory_holds_is_a_clear_error():
+    with pytest.raises(ValueError, match="at most 4096 levels.*L=4097"):
+        _cuda.make_dims(1, 4097, 1, 4, 1, 4097, 1, 4)
+
+
+# ---------------------------------------------------------------------------------------------
+# The harness's own rules, on small kernels
+# ---------------------------------------------------------------------------------------------
+
+RULE_KERNELS = [
+    "rules::butterfly",
+    "rules::shuffles",
+    "rules::reverse",
+    "rules::caller_outside_mask",
+    "rules::named_lane_exited",
+    "rules::different_shuffles",
+    "rules::divergent_barrier",
+    "rules::exit_before_barrier",
+    "rules::vector_copy",
+    "rules::scalar_atomics",
+    "rules::vector_atomics",
+    "rules::convert",
+]
+
+
+@pytest.fixture(scope="module")
+def rules():
+    return emulation.build_module(RULES, RULE_KERNELS, "sm_90")
+
+
+def _run(module, name, tensors, scalars=(), grid=1, block=32, shared=0):
+    args = KernelArgs([*[pointer(t) for t in tensors], *[ctypes.c_int(s) for s in scalars]])
+    module.launch(name, (grid, 1, 1), (block, 1, 1), shared, args)
+
+
+@pytest.mark.parametrize("width", [1, 2, 4, 8, 16, 32])
+def test_butterfly_shuffles_sum_each_group(rules, width):
+    x = torch.arange(64, dtype=torch.float32)
+    out = torch.empty(64)
+    _run(rules, "rules::butterfly", [x, out], [width], block=64)
+    assert torch.equal(out, x.view(-1, width).sum(1).repeat_interleave(width))
+
+
+def test_shuffle_sources(rules):
+    x = torch.arange(32, dtype=torch.float64) * 10
+    down, up, idx = (
+        torch.empty(32, dtype=torch.float64),
+        torch.empty(32, dtype=torch.float64),
+        torch.empty(32, dtype=torch.float64),
+    )
+    _run(rules, "rules::shuffles", [x, down, up, idx], [3])
+    lanes = torch.arange(32)
+    assert torch.equal(down, x[torch.where(lanes + 3 < 32, lanes + 3, lanes)])
+    assert torch.equal(up, x[torch.where(lanes >= 3, lanes - 3, lanes)])
+    assert torch.equal(idx, torch.full((32,), 30.0, dtype=torch.float64))
+
+
+def test_shared_memory_and_barrier(rules):
+    x = torch.arange(96, dtype=torch.int32)
+    out = torch.empty(96, dtype=torch.int32)
+    _run(rules, "rules::reverse", [x, out], grid=3, block=32, shared=32 * 4)
+    assert torch.equal(out, x.view(3, 32).flip(1).reshape(-1))
+
+
+@pytest.mark.parametrize(
+    ("kernel", "message"),
+    [
+        ("rules::caller_outside_mask", r"__shfl_xor_sync on line \d+: the calling lane 1 is not in mask 0x00000001"),
+        ("rules::named_lane_exited", r"lane 31 it names has exited"),
+        (
+            "rules::different_shuffles",
+            r"waits at __shfl_xor_sync on line \d+ .* but lane 1 it names waits at __shfl_xor_sync on line",
+        ),
+        ("rules::divergent_barrier", r"waits at __syncthreads on line \d+ but thread 16 has exited"),
+        ("rules::exit_before_barrier", r"but thread 5 has exited"),
+    ],
+)
+def test_broken_rules_are_reported(rules, kernel, message):
+    with pytest.raises(emulation.EmulationError, match=message):
+        _run(rules, kernel, [torch.zeros(32)])
+
+
+def test_vector_accesses_must_be_aligned(rules):
+    src, dst = torch.arange(132, dtype=torch.float32), torch.zeros(132)
+    _run(rules, "rules::vector_copy", [src, dst], [0])
+    assert torch.equal(dst[:128], src[:128])
+    with pytest.raises(emulation.EmulationError, match="__ldg at 0x[0-9a-f]+ is not 16-byte aligned"):
+        _run(rules, "rules::vector_copy", [src, dst], [1])
+    p = torch.zeros(8)
+    _run(rules, "rules::vector_atomics", [p], [4], block=2)
+    assert p.tolist() == [0, 0, 0, 0, 2, 4, 6, 8]
+    with pytest.raises(emulation.EmulationError, match=r"atomicAdd\(float4\*\) at .* is not 16-byte aligned"):
+        _run(rules, "rules::vector_atomics", [p], [2])
+
+
+def test_half_conversions_are_bit_exact():
+    """Round to nearest even, as the GPU does, on random floats and on the awkward ones."""
+    rules = emulation.build_module(RULES, ["rules::convert"], "sm_80")
+    g = torch.Generator().manual_seed(0)
+    bits = torch.randint(-(2**31), 2**31 - 1, (40000,), generator=g, dtype=torch.int64).to(torch.int32)
+    special = torch.tensor(
+        [
+            0.0,
+            -0.0,
+            1.0,
+            65504.0,
+            65520.0,
+            1e-8,
+            6e-8,
+            3e-5,
+            2.0**-24,
+            2.0**-25,
+            3.0 * 2.0**-26,
+            float("inf"),
+            -float("inf"),
+            3.4e38,
+            1.00390625,
+            1.01171875,
+        ]
+    )
+    x = torch.cat([bits.view(torch.float32), special])
+    n = x.numel()
+    bf16, f16 = torch.empty(n, dtype=torch.bfloat16), torch.empty(n, dtype=torch.float16)
+    bf16_back, f16_back = torch.empty(n), torch.empty(n)
+    _run(rules, "rules::convert", [x, bf16, f16, bf16_back, f16_back], [n], grid=-(-n // 256), block=256)
+    finite = ~torch.isnan(x)
+    assert torch.equal(bf16.view(torch.int16)[finite], x.to(torch.bfloat16).view(torch.int16)[finite])
+    assert torch.equal(f16.view(torch.int16)[finite], x.to(torch.float16).view(torch.int16)[finite])
+    assert torch.isnan(bf16[~finite].float()).all() and torch.isnan(f16[~finite].float()).all()
+    assert torch.equal(bf16_back[finite], bf16.float()[finite]) and torch.equal(f16_back[finite], f16.float()[finite])
+
+
+# ---------------------------------------------------------------------------------------------
+# AddressSanitizer, and broken kernels the harness must catch
+# ---------------------------------------------------------------------------------------------
+
+CASES_SCRIPT = Path(__file__).resolve().parent / "emulated_cases.py"
+needs_asan = pytest.mark.skipif(
+    shutil.which(emulation.CXX) is None or emulation.libasan() is None, reason="no libasan for the compiler"
+)
+
+
+def _run_cases_sanitized(source: Path, arch: str, names: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(CASES_SCRIPT), "--sanitize", "--arch", arch, "--source", str(source), "--names", names]
+    return subprocess.run(cmd, capture_output=True, text=True, env=emulation.asan_environment(), timeout=900)
+
+
+@needs_asan
+def test_address_sanitizer_run_is_clean():
+    proc = _run_cases_sanitized(_cuda.SOURCE, "sm_90", "all")
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "cases passed on sm_90" in proc.stdout and "ERROR: AddressSanitizer" not in proc.stderr
+
+
+def _mutant(tmp_path: Path, old: str, new: str) -> Path:
+    text = _cuda.SOURCE.read_text()
+    assert text.count(old) >= 1, f"the kernel no longer contains {old!r}: update this mutation"
+    folder = tmp_path / "mutant"
+    folder.mkdir()
+    shutil.copy(_cuda.SOURCE.with_suffix(".h"), folder)
+    (folder / _cuda.SOURCE.name).write_text(text.replace(old, new, 1))
+    return folder / _cuda.SOURCE.name
+
+
+MUTATIONS = {
+    "shuffle mask without the group's offset in the warp": (
+        "((1u << group_size) - 1u) << (threadIdx.x & 31u & ~unsigned(group_size - 1))",
+        "((1u << group_size) - 1u)",
+    ),
+    "no barrier after staging the level table": ("  }\n  __syncthreads();\n}", "  }\n}"),
+    "butterfly stops one step early": ("offset > 0; offset >>= 1", "offset > 1; offset >>= 1"),
+    "lane 1 stores the point gradients": ("if (lane == 0) {", "if (lane == 1) {"),
+}
+# Mutations that touch memory out of bounds run only in the AddressSanitizer subprocess: in this
+# process they could corrupt the heap instead of failing a case.
+OUT_OF_BOUNDS_MUTATIONS = {
+    "neighbour test lets h0 + 1 == H through": ("bottom = h0 + 1 < H", "bottom = h0 + 1 <= H"),
+    "tail chunk takes one channel too many": (
+        "const int n_valid = max(0, min(CPT, d.D - c0));",
+        "const int n_valid = max(0, min(CPT, d.D - c0 + 1));",
+    ),
+}
+
+
+@pytest.mark.parametrize("mutation", list(MUTATIONS))
+def test_broken_kernel_is_caught(tmp_path, mutation):
+    source = _mutant(tmp_path, *MUTATIONS[mutation])
+    mutant = emulation.build_module(source, FLOAT_KERNELS, "sm_80", optimize=False)
+    failures = [f for f in (check_case(mutant, c) for c in all_cases() if c.dtype == torch.float32) if f]
+    assert failures, f"the harness passed a kernel with: {mutation}"
+
+
+@needs_asan
+@pytest.mark.parametrize("mutation", list(OUT_OF_BOUNDS_MUTATIONS))
+def test_off_by_one_is_caught_with_the_sanitizer(tmp_path, mutation):
+    """An off-by-one bound reads or writes past a row or past a tensor: AddressSanitizer stops the
+    run, or a wrong result fails a case."""
+    source = _mutant(tmp_path, *OUT_OF_BOUNDS_MUTATIONS[mutation])
+    proc = _run_cases_sanitized(source, "sm_80", "float")
+    assert proc.returncode != 0, proc.stdout[-2000:]
+    assert "FAIL" in proc.stdout or "AddressSanitizer" in proc.stderr

@@ -1,0 +1,146 @@
+"""The kernels compile with NVRTC for sm_80, sm_90, sm_100 and sm_120 without a GPU or nvcc; the build
+cache, the architecture choice and availability on a machine without CUDA.
+
+Needs the ``cuda`` extra (cuda-bindings, nvidia-cuda-nvrtc, nvidia-cuda-runtime), which
+``./dev test`` installs.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from ops import _cache, _cuda
+
+_nvrtc = pytest.importorskip("ops._nvrtc", reason="the cuda extra is not installed: pip install 'msda-ops[cuda]'")
+
+ARCHS = ("sm_80", "sm_90", "sm_100", "sm_120")
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """Every architecture compiled once into a fresh cache: (cache folder, {arch: (path, seconds)})."""
+    cache = tmp_path_factory.mktemp("nvrtc-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MSDA_CACHE_DIR", str(cache))
+        results = {}
+        for arch in ARCHS:
+            start = time.perf_counter()
+            results[arch] = (_cuda.build(arch), time.perf_counter() - start)
+    return cache, results
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("MSDA_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_kernel_compiles(built, arch):
+    path, seconds = built[1][arch]
+    meta, code = _nvrtc.read(path)
+    assert meta["kind"] == "cubin" and meta["arch"] == arch
+    assert code[:4] == b"\x7fELF", f"{arch}: not a cubin"
+    assert sorted(meta["symbols"]) == sorted(_cuda.KERNEL_NAMES), f"{arch}: {sorted(meta['symbols'])}"
+    assert all(symbol.startswith("_ZN4msda") for symbol in meta["symbols"].values())
+    assert "warning" not in meta["log"].lower(), meta["log"]
+    print(f"NVRTC {arch}: {seconds:.1f} s, {len(code) / 1e3:.0f} kB")
+
+
+def test_build_is_cached(built, monkeypatch):
+    cache, results = built
+    monkeypatch.setenv("MSDA_CACHE_DIR", str(cache))
+    monkeypatch.setattr(_nvrtc, "compile_source", lambda *a: pytest.fail("compiled again"))
+    assert _cuda.build("9.0") == results["sm_90"][0]  # same key: found, no compile
+
+
+def test_python_m_ops_build_and_info(built, monkeypatch, capsys):
+    from ops.__main__ import main
+
+    cache, results = built
+    monkeypatch.setenv("MSDA_CACHE_DIR", str(cache))
+    monkeypatch.setattr(_nvrtc, "compile_source", lambda *a: pytest.fail("compiled again"))
+    assert main(["build", "sm_80", "90"]) == 0
+    out = capsys.readouterr().out
+    assert f"sm_80: {results['sm_80'][0]}" in out and f"sm_90: {results['sm_90'][0]}" in out
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "compiler: NVRTC 1" in out and f"cache: {cache}" in out and "CUDA kernel: " in out
+
+
+def test_architecture_choice():
+    newest = _nvrtc.supported_archs()[-1]
+    assert _nvrtc.target("sm_90") == ("cubin", "sm_90")
+    assert _nvrtc.target("sm_990") == ("ptx", f"compute_{newest}")  # newer than NVRTC knows: PTX, JIT on load
+    with pytest.raises(RuntimeError, match=r"not sm_50: install the NVRTC of an older CUDA"):
+        _nvrtc.target("sm_50")
+
+
+def test_ptx_for_a_newer_gpu_compiles(cache_dir):
+    meta, code = _nvrtc.read(_cuda.build("sm_990"))
+    assert meta["kind"] == "ptx" and b".entry _ZN4msda14forward_kernel" in code
+
+
+def test_cache_builds_once_under_concurrency_and_cleans_up_failures(cache_dir):
+    produced = []
+
+    def produce(out):
+        time.sleep(0.3)
+        produced.append(out)
+        out.write_bytes(b"payload")
+
+    key = _cache.content_key(["test", "one"])
+    paths = []
+    threads = [threading.Thread(target=lambda: paths.append(_cache.cached(key, "x.bin", produce))) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(produced) == 1 and len(set(paths)) == 1 and paths[0].read_bytes() == b"payload"
+    assert sorted(p.name for p in paths[0].parent.iterdir()) == ["build.lock", "x.bin", "x.bin.sha256"]
+
+    def broken(out):
+        out.write_bytes(b"half")
+        raise RuntimeError("compiler said no")
+
+    other = _cache.content_key(["test", "two"])
+    with pytest.raises(RuntimeError, match="compiler said no"):
+        _cache.cached(other, "x.bin", broken)
+    assert [p.name for p in (cache_dir / other).iterdir()] == ["build.lock"]
+
+    paths[0].write_bytes(b"pay")  # truncated (or otherwise corrupt): rebuilt
+    assert _cache.cached(key, "x.bin", produce).read_bytes() == b"payload" and len(produced) == 2
+
+
+def test_content_key_separates_parts():
+    assert _cache.content_key(["ab", "c"]) != _cache.content_key(["a", "bc"])
+
+
+@pytest.mark.parametrize(
+    ("arch", "expected"), [("sm_90", "sm_90"), ("90", "sm_90"), ("8.6", "sm_86"), ("100", "sm_100")]
+)
+def test_normalize_arch(arch, expected):
+    assert _cuda.normalize_arch(arch) == expected
+
+
+@pytest.mark.parametrize("arch", ["9", "hopper", "sm_9x"])
+def test_normalize_arch_rejects(arch):
+    with pytest.raises(ValueError, match="arch"):
+        _cuda.normalize_arch(arch)
+
+
+@pytest.mark.parametrize(("capability", "arch"), [((8, 0), "sm_80"), ((9, 0), "sm_90"), ((12, 0), "sm_120")])
+def test_arch_for_capability(capability, arch):
+    assert _cuda.arch_for_capability(capability) == arch
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the answer on a machine without CUDA")
+def test_is_available_without_cuda_says_why(monkeypatch):
+    monkeypatch.setattr(_cuda, "_availability", {})
+    ok, reason = _cuda.is_available()
+    assert ok is False and "no CUDA device" in reason
+    assert _cuda.is_available(torch.device("cuda", 1)) == (False, "no CUDA device (torch.cuda.is_available() is False)")
