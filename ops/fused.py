@@ -13,10 +13,11 @@ also the definition the fused CUDA kernel (``csrc/ms_deform_attn_fused.cu``) is 
 from __future__ import annotations
 
 import logging
+import warnings
 
 import torch
 
-from ops.functional import _backward_op, _validate, get_backend, ms_deform_attn
+from ops.functional import _backward_op, _check_deterministic, _validate, get_backend, ms_deform_attn
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,14 @@ def _reference_gradient(grad_locations, reference_points, offsets):
 
 
 def _composed_backward(
-    grad_output, value, spatial_shapes, level_start_index, reference_points, offsets, attention_logits
+    grad_output,
+    value,
+    spatial_shapes,
+    level_start_index,
+    reference_points,
+    offsets,
+    attention_logits,
+    need_value_grad=True,
 ):
     """Gradients of the composition for its raw inputs: the unfused op's backward, then the chain
     rule through the location arithmetic and the softmax written out (the fused kernel's backward
@@ -89,7 +97,7 @@ def _composed_backward(
     locations = sampling_locations_of(reference_points, offsets, spatial_shapes)
     weights = attention_weights_of(attention_logits)
     grad_value, grad_loc, grad_weights = _backward_op(
-        grad_output, value, spatial_shapes, level_start_index, locations, weights
+        grad_output, value, spatial_shapes, level_start_index, locations, weights, need_value_grad
     )
     # Softmax over each head's L*P points: dlogit_i = a_i * (da_i - sum_j a_j da_j).
     dot = (weights * grad_weights).flatten(-2).sum(-1)[..., None, None]  # (N, Lq, M, 1, 1)
@@ -112,7 +120,7 @@ _fallback_logged = False
 
 def _use_fused_kernel(device: torch.device) -> bool:
     """On CUDA tensors: the fused kernel, or (backend "reference", or the kernel unavailable) the
-    composition. A forced "cuda" backend makes an unavailable kernel an error."""
+    composition. Falling back is loud, as for the unfused op; MSDA_BACKEND=cuda makes it an error."""
     global _fallback_logged
     backend = get_backend()
     if backend == "reference":
@@ -123,9 +131,15 @@ def _use_fused_kernel(device: torch.device) -> bool:
     if ok:
         return True
     if backend == "cuda":
-        raise RuntimeError(f"MSDA backend 'cuda' was forced but the fused CUDA kernel is unavailable: {reason}")
+        raise RuntimeError(f"MSDA_BACKEND=cuda but the fused MSDeformAttn kernel is unavailable on {device}: {reason}")
     if not _fallback_logged:
-        log.warning("fused MSDeformAttn kernel unavailable (%s); running softmax and locations in PyTorch", reason)
+        message = (
+            f"ms_deform_attn_fused computes its softmax and sampling locations in PyTorch on {device} (about 2.4x "
+            f"the memory traffic of the fused kernel), which is unavailable: {reason}. Check `python -m ops info`; "
+            "MSDA_BACKEND=cuda turns this warning into an error."
+        )
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+        log.warning("%s", message)
         _fallback_logged = True
     return False
 
@@ -176,7 +190,7 @@ def _fused_backward_op(
     need_reference_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     inputs = (value, spatial_shapes, level_start_index, reference_points, offsets, attention_logits)
-    grads = _composed_backward(grad_output, *inputs)
+    grads = _composed_backward(grad_output, *inputs, need_value_grad)
     return _needed(grads, value, reference_points, need_value_grad, need_reference_grad)
 
 
@@ -206,10 +220,12 @@ def _fused_backward_cuda(
 ):
     inputs = (value, spatial_shapes, level_start_index, reference_points, offsets, attention_logits)
     if not _use_fused_kernel(value.device):
-        grads = _composed_backward(grad_output, *inputs)
+        grads = _composed_backward(grad_output, *inputs, need_value_grad)
         return _needed(grads, value, reference_points, need_value_grad, need_reference_grad)
     from ops import _fused_cuda
 
+    if need_value_grad:
+        _check_deterministic("ms_deform_attn_fused's CUDA backward")
     grad_value, grad_offsets, grad_logits, grad_locations = _fused_cuda.backward(
         grad_output.contiguous(), *inputs, need_grad_value=need_value_grad, need_grad_locations=need_reference_grad
     )

@@ -12,9 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-emulation = pytest.importorskip("ops.emulation", reason="the CPU emulation of the CUDA kernels (ops/emulation.py)")
-from ops import _fused_cuda  # noqa: E402
-from ops.fused import _reference_gradient, ms_deform_attn_composed  # noqa: E402
+from ops import _fused_cuda, emulation
+from ops.fused import _reference_gradient, ms_deform_attn_composed
 
 ARCHS = ("sm_80", "sm_90")
 # Largest |got - want| relative to max(1, max |want|), as in ops.benchmark: float32 differs by
