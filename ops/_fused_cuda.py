@@ -107,7 +107,7 @@ def make_dims(N: int, S: int, M: int, D: int, Lq: int, L: int, P: int, dtype: to
             raise ValueError(f"{name} must be >= 0, got {size}")
     acc = 8 if dtype == torch.float64 else 4
     # Rows are 32-bit positions in S; a row's bytes (value or the float32/64 grad_value) fit an int.
-    for name, size in (("S", S), ("M*D*8", M * D * max(acc, 8)), ("L*P*2", L * P * 2), ("L*3*4", L * 12)):
+    for name, size in (("S", S), (f"M*D*{acc} (bytes of a grad_value row)", M * D * acc), ("L*P*2", L * P * 2)):
         if size > _INT_MAX:
             raise ValueError(f"the fused kernel indexes {name} with 32-bit ints: {name}={size} exceeds {_INT_MAX}")
     if L * P > 65535:  # the level of point i is i * p_magic >> 32, exact while i * P < 2**32
