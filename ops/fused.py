@@ -186,8 +186,8 @@ def _fused_backward_op(
     reference_points: torch.Tensor,
     offsets: torch.Tensor,
     attention_logits: torch.Tensor,
-    need_value_grad: bool,
-    need_reference_grad: bool,
+    need_value_grad: bool = True,
+    need_reference_grad: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     inputs = (value, spatial_shapes, level_start_index, reference_points, offsets, attention_logits)
     grads = _composed_backward(grad_output, *inputs, need_value_grad)
@@ -215,8 +215,8 @@ def _fused_backward_cuda(
     reference_points,
     offsets,
     attention_logits,
-    need_value_grad,
-    need_reference_grad,
+    need_value_grad=True,
+    need_reference_grad=True,
 ):
     inputs = (value, spatial_shapes, level_start_index, reference_points, offsets, attention_logits)
     if not _use_fused_kernel(value.device):
@@ -245,8 +245,8 @@ def _fused_backward_fake(
     reference_points,
     offsets,
     attention_logits,
-    need_value_grad,
-    need_reference_grad,
+    need_value_grad=True,
+    need_reference_grad=True,
 ):
     return (
         torch.empty_like(value) if need_value_grad else value.new_empty(0),
