@@ -8,6 +8,14 @@ Typical use::
     loss = criterion.total_loss(criterion(outputs, targets))
 
     model, criterion, postprocessor, ckpt = load_checkpoint("r50_deformable_detr-checkpoint.pth")
+
+One shape legend across core/ (and ops/), each module restating the letters it uses:
+N batch (images), H x W an image, L feature levels, Hl x Wl level l's map, S = sum_l Hl*Wl positions over
+all levels, Lq queries, M attention heads, D head dim (d_model = M * D), P sampling points per head and
+level, Ld decoder layers, C classes (sigmoid, no background), K target boxes (K_i in image i, ΣK in a
+batch), J matched (query, target) pairs. Widths are written out: d_model (the config's hidden_dim),
+d_ffn (its dim_feedforward); n_heads is the config's nheads. The config keeps the authors' flag names
+so that their checkpoints' args load.
 """
 
 from core.build import build_criterion, build_detector, build_model

@@ -4,7 +4,8 @@ The ResNet uses torchvision's module names (``conv1``, ``bn1``, ``layer1.0.downs
 torchvision ImageNet state_dict loads into ``Backbone.body`` as is, and the whole backbone saves under
 the authors' keys ``backbone.0.body.*``.
 
-Legend: N batch, H x W input image, Hl x Wl feature map of level l, C_l its channels.
+Legend: N batch, H x W input image, Hl x Wl feature map of level l, Ch_l its channels (C3-C5 name
+ResNet stages, as in the paper).
 """
 
 from __future__ import annotations
@@ -51,8 +52,10 @@ class FrozenBatchNorm2d(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         scale = self.weight * (self.running_var + self.eps).rsqrt()
         shift = self.bias - self.running_mean * scale
-        # Cast so that under autocast a half-precision activation stays half precision.
-        return x * scale.to(x.dtype).view(1, -1, 1, 1) + shift.to(x.dtype).view(1, -1, 1, 1)
+        # One pass over x (shift + x * scale in one kernel) instead of a multiply and an add, each a
+        # full read and write of the activation. Cast so that under autocast a half-precision
+        # activation stays half precision.
+        return torch.addcmul(shift.to(x.dtype).view(1, -1, 1, 1), x, scale.to(x.dtype).view(1, -1, 1, 1))
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"
@@ -213,7 +216,7 @@ class Backbone(nn.Module):
             mask: (N, H, W) bool, True at padding.
 
         Returns:
-            Per returned level, (feature (N, C_l, Hl, Wl), mask (N, Hl, Wl) bool).
+            Per returned level, (feature (N, Ch_l, Hl, Wl), mask (N, Hl, Wl) bool).
         """
         features = self.body(images)
         if not self.return_interm_layers:
@@ -231,7 +234,7 @@ class Joiner(nn.Sequential):
 
     Args:
         backbone: the feature extractor.
-        position_embedding: encodes a mask into (N, hidden_dim, h, w).
+        position_embedding: encodes a mask into (N, d_model, h, w).
     """
 
     def __init__(self, backbone: Backbone, position_embedding: PositionEmbeddingSine) -> None:
@@ -247,8 +250,8 @@ class Joiner(nn.Sequential):
             mask: (N, H, W) bool, True at padding.
 
         Returns:
-            features: per level (N, C_l, Hl, Wl); masks: per level (N, Hl, Wl) bool;
-            pos: per level (N, hidden_dim, Hl, Wl) in the features' dtype.
+            features: per level (N, Ch_l, Hl, Wl); masks: per level (N, Hl, Wl) bool;
+            pos: per level (N, d_model, Hl, Wl) in the features' dtype.
         """
         features, masks, pos = [], [], []
         for x, m in self[0](images, mask):
@@ -287,7 +290,7 @@ def load_backbone_weights(body: ResNet, source: str) -> None:
 
 def build_backbone(
     name: str,
-    hidden_dim: int,
+    d_model: int,
     num_feature_levels: int,
     dilation: bool = False,
     position_embedding_scale: float | None = None,
@@ -298,7 +301,7 @@ def build_backbone(
 
     Args:
         name: ResNet depth name.
-        hidden_dim: transformer width; the position encoding has this many channels.
+        d_model: transformer width; the position encoding has this many channels.
         num_feature_levels: 1 returns C5 only, more returns C3-C5.
         dilation: DC5.
         position_embedding_scale: range of the normalized positions (2*pi by default).
@@ -310,5 +313,5 @@ def build_backbone(
     )
     if weights is not None:
         load_backbone_weights(backbone.body, weights)
-    position_embedding = PositionEmbeddingSine(hidden_dim // 2, normalize=True, scale=position_embedding_scale)
+    position_embedding = PositionEmbeddingSine(d_model // 2, normalize=True, scale=position_embedding_scale)
     return Joiner(backbone, position_embedding)

@@ -24,18 +24,20 @@ def build_detector(cfg: DetrConfig, load_backbone_weights: bool = True) -> Defor
     m = cfg.model
     backbone = build_backbone(
         m.backbone,
-        hidden_dim=m.hidden_dim,
+        d_model=m.hidden_dim,
         num_feature_levels=m.num_feature_levels,
         dilation=m.dilation,
         position_embedding_scale=m.position_embedding_scale,
         weights=m.backbone_weights if load_backbone_weights else None,
     )
+    # The config keeps the authors' flag names (hidden_dim, nheads, dim_feedforward) so that their
+    # checkpoints' args load; inside the code they are d_model, n_heads and d_ffn.
     transformer = build_deformable_transformer(
-        hidden_dim=m.hidden_dim,
-        nheads=m.nheads,
+        d_model=m.hidden_dim,
+        n_heads=m.nheads,
         enc_layers=m.enc_layers,
         dec_layers=m.dec_layers,
-        dim_feedforward=m.dim_feedforward,
+        d_ffn=m.dim_feedforward,
         dropout=m.dropout,
         num_feature_levels=m.num_feature_levels,
         dec_n_points=m.dec_n_points,

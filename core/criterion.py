@@ -1,7 +1,7 @@
 """Set prediction losses for Deformable DETR: sigmoid focal classification, L1 and GIoU box losses.
 
-Shapes: N images, Q queries per image, C classes (sigmoid, no background class),
-K_i target boxes in image i, M = Σ matched pairs in the batch.
+Shapes: N images, Lq queries per image, C classes (sigmoid, no background class),
+K_i target boxes in image i, J = Σ matched pairs in the batch.
 """
 
 from collections.abc import Sequence
@@ -24,12 +24,12 @@ def sigmoid_focal_loss(
 ) -> Tensor:
     """Focal loss (Lin et al., 2017) summed over all elements and divided by the number of boxes.
 
-    The authors compute `loss.mean(1).sum() / num_boxes` and then multiply by Q; that is the same
+    The authors compute `loss.mean(1).sum() / num_boxes` and then multiply by Lq; that is the same
     value as the plain sum over queries and classes divided by num_boxes, which is what this returns.
 
     Args:
-        logits: (N, Q, C) class logits.
-        targets: (N, Q, C) one-hot float targets (all zero for unmatched queries).
+        logits: (N, Lq, C) class logits.
+        targets: (N, Lq, C) one-hot float targets (all zero for unmatched queries).
         num_boxes: normalizer, the average number of target boxes per worker.
         alpha: weight of positives in [0, 1]; negative to disable the alpha balancing.
         gamma: focusing exponent that down-weights easy examples.
@@ -94,7 +94,7 @@ class SetCriterion(nn.Module):
             "loss_ce": scalar. "class_error" (only when log): scalar, top-1 error in percent over matched
             queries, 0 when nothing was matched; a metric, not differentiable.
         """
-        logits = outputs["pred_logits"].float()  # (N, Q, C')
+        logits = outputs["pred_logits"].float()  # (N, Lq, C')
         # The class count comes from the logits, not self.num_classes: the two-stage encoder head may
         # be class-agnostic while still producing C outputs, as in the authors' code.
         n, q, c = logits.shape
@@ -103,7 +103,7 @@ class SetCriterion(nn.Module):
         # Unmatched queries get the extra index c, whose one-hot column is dropped: all-zero targets.
         target_classes = torch.full((n, q), c, dtype=torch.int64, device=logits.device)
         target_classes[batch_idx, src_idx] = target_labels_matched
-        target_onehot = F.one_hot(target_classes, c + 1)[..., :c].to(logits.dtype)  # (N, Q, C'+1) -> (N, Q, C')
+        target_onehot = F.one_hot(target_classes, c + 1)[..., :c].to(logits.dtype)  # (N, Lq, C'+1) -> (N, Lq, C')
 
         losses = {"loss_ce": sigmoid_focal_loss(logits, target_onehot, num_boxes, self.focal_alpha, self.focal_gamma)}
         if log:
@@ -111,7 +111,7 @@ class SetCriterion(nn.Module):
                 if target_labels_matched.numel() == 0:
                     class_error = logits.new_zeros(())
                 else:
-                    predicted = logits[batch_idx, src_idx].argmax(-1)  # (M,)
+                    predicted = logits[batch_idx, src_idx].argmax(-1)  # (J,)
                     class_error = 100.0 - 100.0 * (predicted == target_labels_matched).float().mean()
             losses["class_error"] = class_error
         return losses
@@ -130,8 +130,8 @@ class SetCriterion(nn.Module):
             "loss_giou": scalar, (1 - GIoU) summed over matches / num_boxes.
         """
         batch_idx, src_idx = _src_permutation_idx(indices)
-        src_boxes = outputs["pred_boxes"][batch_idx, src_idx].float()  # (M, 4) cxcywh
-        target_boxes = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, indices)]).to(src_boxes)  # (M, 4)
+        src_boxes = outputs["pred_boxes"][batch_idx, src_idx].float()  # (J, 4) cxcywh
+        target_boxes = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, indices)]).to(src_boxes)  # (J, 4)
         # With no matches these are sums over empty tensors: 0, yet still connected to pred_boxes,
         # so every worker's graph reaches the same parameters under DDP.
         loss_bbox = F.l1_loss(src_boxes, target_boxes, reduction="none").sum() / num_boxes
@@ -183,7 +183,7 @@ class SetCriterion(nn.Module):
         """Computes all losses of the final layer, the auxiliary decoder layers and the encoder proposals.
 
         Args:
-            outputs: "pred_logits" (N, Q, C), "pred_boxes" (N, Q, 4) normalized cxcywh; optionally
+            outputs: "pred_logits" (N, Lq, C), "pred_boxes" (N, Lq, 4) normalized cxcywh; optionally
                 "aux_outputs", a list of dicts with the same keys (earlier decoder layers), and
                 "enc_outputs", a dict with the same keys (two-stage encoder proposals).
             targets: N dicts with "labels" (K_i,) int64 and "boxes" (K_i, 4) normalized cxcywh.
@@ -248,7 +248,7 @@ class SetCriterion(nn.Module):
 
 
 def _src_permutation_idx(indices: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
-    """Flattens per-image matches into (image index, query index) pairs, each (M,) int64."""
+    """Flattens per-image matches into (image index, query index) pairs, each (J,) int64."""
     batch_idx = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)])
     src_idx = torch.cat([src for src, _ in indices])
     return batch_idx, src_idx

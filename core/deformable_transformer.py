@@ -1,7 +1,8 @@
 """Deformable transformer: multi-scale deformable encoder, decoder with deformable cross-attention, two-stage proposals.
 
-Legend: N batch, L levels, Hl x Wl level l, S = sum_l Hl*Wl flattened positions, C = d_model,
-Lq queries, M heads, P sampling points, T decoder layers.
+Legend (the repository's, see core/__init__.py): N batch, L levels, Hl x Wl level l, S = sum_l Hl*Wl
+flattened positions, Lq queries, M heads, D = d_model / M head dim, P sampling points, Ld decoder
+layers; d_model (the authors' hidden_dim) and d_ffn (their dim_feedforward) are written out.
 
 Reference points are normalized to the valid (unpadded) image: (x, y) in [0, 1], or boxes
 (cx, cy, w, h) in [0, 1]. They are kept in float32 under autocast; the attention op samples at them.
@@ -34,7 +35,7 @@ class DeformableTransformerEncoderLayer(nn.Module):
     """Deformable self-attention over all levels, then FFN; post-norm.
 
     Args:
-        d_model: C.
+        d_model: the model width (M * D).
         d_ffn: FFN hidden width.
         dropout: dropout after attention and inside/after the FFN.
         n_levels: L.
@@ -70,7 +71,7 @@ class DeformableTransformerEncoderLayer(nn.Module):
         level_start_index: Tensor,
         padding_mask: Tensor | None = None,
     ) -> Tensor:
-        """src, pos: (N, S, C); reference_points: (N, S, L, 2); padding_mask: (N, S). Returns (N, S, C)."""
+        """src, pos: (N, S, d_model); reference_points: (N, S, L, 2); padding_mask: (N, S). Returns (N, S, d_model)."""
         src2 = self.self_attn(src + pos, reference_points, src, spatial_shapes, level_start_index, padding_mask)
         src = self.norm1(src + self.dropout1(src2))
         src2 = self.linear2(self.dropout2(F.relu(self.linear1(src))))
@@ -125,7 +126,7 @@ class DeformableTransformerEncoder(nn.Module):
         pos: Tensor,
         padding_mask: Tensor | None = None,
     ) -> Tensor:
-        """src, pos: (N, S, C); valid_ratios: (N, L, 2); padding_mask: (N, S). Returns memory (N, S, C)."""
+        """src, pos: (N, S, d_model); valid_ratios: (N, L, 2); padding_mask: (N, S). Returns memory (N, S, d_model)."""
         reference_points = self.get_reference_points(shapes, valid_ratios)
         output = src
         for layer in self.layers:
@@ -137,7 +138,7 @@ class DeformableTransformerDecoderLayer(nn.Module):
     """Query self-attention, deformable cross-attention into the encoder memory, FFN; post-norm.
 
     Args:
-        d_model: C.
+        d_model: the model width (M * D).
         d_ffn: FFN hidden width.
         dropout: dropout in attention and FFN.
         n_levels: L.
@@ -177,7 +178,7 @@ class DeformableTransformerDecoderLayer(nn.Module):
         level_start_index: Tensor,
         src_padding_mask: Tensor | None = None,
     ) -> Tensor:
-        """tgt, query_pos: (N, Lq, C); reference_points: (N, Lq, L, 2|4); src: (N, S, C). Returns (N, Lq, C)."""
+        """tgt, query_pos: (N, Lq, d_model); reference_points: (N, Lq, L, 2|4); src: (N, S, d_model). Returns (N, Lq, d_model)."""
         q = k = tgt + query_pos
         tgt2 = self.self_attn(q, k, tgt, need_weights=False)[0]  # SDPA path
         tgt = self.norm2(tgt + self.dropout2(tgt2))
@@ -200,7 +201,7 @@ class DeformableTransformerDecoder(nn.Module):
 
     Args:
         decoder_layer: copied num_layers times.
-        num_layers: T.
+        num_layers: Ld.
     """
 
     def __init__(self, decoder_layer: DeformableTransformerDecoderLayer, num_layers: int) -> None:
@@ -223,17 +224,17 @@ class DeformableTransformerDecoder(nn.Module):
         """Runs all layers.
 
         Args:
-            tgt: (N, Lq, C) query content.
+            tgt: (N, Lq, d_model) query content.
             reference_points: (N, Lq, 2) points or (N, Lq, 4) boxes, normalized to the valid area.
-            src: (N, S, C) encoder memory.
+            src: (N, S, d_model) encoder memory.
             spatial_shapes: (L, 2) int64; level_start_index: (L,) int64.
             valid_ratios: (N, L, 2).
-            query_pos: (N, Lq, C) query position embedding.
+            query_pos: (N, Lq, d_model) query position embedding.
             src_padding_mask: (N, S) bool.
             bbox_embed: per-layer box heads for iterative refinement, or None.
 
         Returns:
-            hs: (T, N, Lq, C) every layer's output; references: (T, N, Lq, 2|4) the reference each
+            hs: (Ld, N, Lq, d_model) every layer's output; references: (Ld, N, Lq, 2|4) the reference each
             layer's output refines next (equal to the input reference without refinement).
         """
         output = tgt
@@ -268,9 +269,9 @@ class DeformableTransformerDecoder(nn.Module):
 class TransformerOutput(NamedTuple):
     """What DeformableTransformer.forward returns.
 
-    hs: (T, N, Lq, C) decoder outputs of every layer.
+    hs: (Ld, N, Lq, d_model) decoder outputs of every layer.
     init_reference: (N, Lq, 2|4) the first layer's reference points (boxes in two-stage).
-    inter_references: (T, N, Lq, 2|4) the reference points after each layer.
+    inter_references: (Ld, N, Lq, 2|4) the reference points after each layer.
     enc_outputs_class: (N, S, num_classes) two-stage proposal logits, else None.
     enc_outputs_coord_unact: (N, S, 4) two-stage proposal boxes before sigmoid (inf at padding), else None.
     """
@@ -286,11 +287,11 @@ class DeformableTransformer(nn.Module):
     """Encoder over all feature levels, then a decoder of learned (or, two-stage, proposed) queries.
 
     Args:
-        d_model: C.
-        nhead: M.
+        d_model: the model width (M * D).
+        n_heads: M.
         num_encoder_layers: encoder depth.
-        num_decoder_layers: T.
-        dim_feedforward: FFN width.
+        num_decoder_layers: Ld.
+        d_ffn: FFN width.
         dropout: dropout everywhere.
         num_feature_levels: L.
         dec_n_points: P in the decoder's cross-attention.
@@ -302,10 +303,10 @@ class DeformableTransformer(nn.Module):
     def __init__(
         self,
         d_model: int = 256,
-        nhead: int = 8,
+        n_heads: int = 8,
         num_encoder_layers: int = 6,
         num_decoder_layers: int = 6,
-        dim_feedforward: int = 1024,
+        d_ffn: int = 1024,
         dropout: float = 0.1,
         num_feature_levels: int = 4,
         dec_n_points: int = 4,
@@ -315,16 +316,16 @@ class DeformableTransformer(nn.Module):
     ) -> None:
         super().__init__()
         self.d_model = d_model
-        self.nhead = nhead
+        self.n_heads = n_heads
         self.two_stage = two_stage
         self.two_stage_num_proposals = two_stage_num_proposals
 
         encoder_layer = DeformableTransformerEncoderLayer(
-            d_model, dim_feedforward, dropout, num_feature_levels, nhead, enc_n_points
+            d_model, d_ffn, dropout, num_feature_levels, n_heads, enc_n_points
         )
         self.encoder = DeformableTransformerEncoder(encoder_layer, num_encoder_layers)
         decoder_layer = DeformableTransformerDecoderLayer(
-            d_model, dim_feedforward, dropout, num_feature_levels, nhead, dec_n_points
+            d_model, d_ffn, dropout, num_feature_levels, n_heads, dec_n_points
         )
         self.decoder = DeformableTransformerDecoder(decoder_layer, num_decoder_layers)
 
@@ -351,15 +352,15 @@ class DeformableTransformer(nn.Module):
         nn.init.normal_(self.level_embed)
 
     def get_proposal_pos_embed(self, proposals: Tensor) -> Tensor:
-        """Sine embedding of proposal boxes: (N, Lq, 4) logits -> (N, Lq, 2C)."""
-        num_pos_feats = self.d_model // 2  # 4 coordinates x C/2 = 2C, the width of pos_trans
+        """Sine embedding of proposal boxes: (N, Lq, 4) logits -> (N, Lq, 2·d_model)."""
+        num_pos_feats = self.d_model // 2  # 4 coordinates x d_model/2 = 2·d_model, the width of pos_trans
         temperature = 10000
         scale = 2 * math.pi
         dim_t = torch.arange(num_pos_feats, dtype=torch.float32, device=proposals.device)
         dim_t = temperature ** (2 * (dim_t // 2) / num_pos_feats)
         proposals = proposals.sigmoid() * scale  # (N, Lq, 4)
-        pos = proposals[:, :, :, None] / dim_t  # (N, Lq, 4, C/2)
-        # (N, Lq, 4, C/4, 2) -> (N, Lq, 2C)
+        pos = proposals[:, :, :, None] / dim_t  # (N, Lq, 4, d_model/2)
+        # (N, Lq, 4, d_model/4, 2) -> (N, Lq, 2·d_model)
         return torch.stack((pos[:, :, :, 0::2].sin(), pos[:, :, :, 1::2].cos()), dim=4).flatten(2)
 
     def gen_encoder_output_proposals(
@@ -368,12 +369,12 @@ class DeformableTransformer(nn.Module):
         """One proposal per encoder position: a box centred on the pixel, 0.05 * 2^l wide on level l.
 
         Args:
-            memory: (N, S, C) encoder output.
+            memory: (N, S, d_model) encoder output.
             memory_padding_mask: (N, S) bool.
             shapes: L (Hl, Wl) pairs.
 
         Returns:
-            output_memory: (N, S, C) normalized memory, zero at padding and at border proposals;
+            output_memory: (N, S, d_model) normalized memory, zero at padding and at border proposals;
             output_proposals: (N, S, 4) proposal boxes in logit space, inf where invalid.
         """
         n = memory.shape[0]
@@ -425,10 +426,10 @@ class DeformableTransformer(nn.Module):
         """Encodes the feature levels and decodes the queries.
 
         Args:
-            srcs: L projected maps (N, C, Hl, Wl).
+            srcs: L projected maps (N, d_model, Hl, Wl).
             masks: L padding masks (N, Hl, Wl) bool.
-            pos_embeds: L position encodings (N, C, Hl, Wl).
-            query_embed: (Lq, 2C) learned query position and content (not used in two-stage).
+            pos_embeds: L position encodings (N, d_model, Hl, Wl).
+            query_embed: (Lq, 2·d_model) learned query position and content (not used in two-stage).
             bbox_embed: per-layer box heads for iterative refinement, or None.
             proposal_heads: two-stage (class head, box head) scoring every encoder position.
 
@@ -444,12 +445,12 @@ class DeformableTransformer(nn.Module):
         for lvl, (src, mask, pos_embed) in enumerate(zip(srcs, masks, pos_embeds)):
             h, w = src.shape[-2:]
             shapes.append((h, w))
-            src_flatten.append(src.flatten(2).transpose(1, 2))  # (N, C, Hl, Wl) -> (N, Hl*Wl, C)
+            src_flatten.append(src.flatten(2).transpose(1, 2))  # (N, d_model, Hl, Wl) -> (N, Hl*Wl, d_model)
             mask_flatten.append(mask.flatten(1))  # (N, Hl, Wl) -> (N, Hl*Wl)
             lvl_pos_embed_flatten.append(pos_embed.flatten(2).transpose(1, 2) + self.level_embed[lvl].view(1, 1, -1))
-        src_flatten = torch.cat(src_flatten, 1)  # (N, S, C)
+        src_flatten = torch.cat(src_flatten, 1)  # (N, S, d_model)
         mask_flatten = torch.cat(mask_flatten, 1)  # (N, S)
-        lvl_pos_embed_flatten = torch.cat(lvl_pos_embed_flatten, 1)  # (N, S, C)
+        lvl_pos_embed_flatten = torch.cat(lvl_pos_embed_flatten, 1)  # (N, S, d_model)
         spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=src_flatten.device)  # (L, 2)
         level_start_index = torch.cat((spatial_shapes.new_zeros((1,)), spatial_shapes.prod(1).cumsum(0)[:-1]))
         valid_ratios = torch.stack([self.get_valid_ratio(m) for m in masks], 1)  # (N, L, 2)
@@ -474,9 +475,9 @@ class DeformableTransformer(nn.Module):
             topk_coords_unact = topk_coords_unact.detach()  # (N, Lq, 4)
             reference_points = topk_coords_unact.sigmoid()
             pos_trans_out = self.pos_trans_norm(self.pos_trans(self.get_proposal_pos_embed(topk_coords_unact)))
-            query_pos, tgt = torch.split(pos_trans_out, c, dim=2)  # (N, Lq, 2C) -> 2 x (N, Lq, C)
+            query_pos, tgt = torch.split(pos_trans_out, c, dim=2)  # (N, Lq, 2·d_model) -> 2 x (N, Lq, d_model)
         else:
-            query_pos, tgt = torch.split(query_embed, c, dim=1)  # (Lq, 2C) -> 2 x (Lq, C)
+            query_pos, tgt = torch.split(query_embed, c, dim=1)  # (Lq, 2·d_model) -> 2 x (Lq, d_model)
             query_pos = query_pos.unsqueeze(0).expand(n, -1, -1)
             tgt = tgt.unsqueeze(0).expand(n, -1, -1)
             reference_points = self.reference_points(query_pos).float().sigmoid()  # (N, Lq, 2)
@@ -497,11 +498,11 @@ class DeformableTransformer(nn.Module):
 
 
 def build_deformable_transformer(
-    hidden_dim: int,
-    nheads: int,
+    d_model: int,
+    n_heads: int,
     enc_layers: int,
     dec_layers: int,
-    dim_feedforward: int,
+    d_ffn: int,
     dropout: float,
     num_feature_levels: int,
     dec_n_points: int,
@@ -509,13 +510,13 @@ def build_deformable_transformer(
     two_stage: bool,
     num_queries: int,
 ) -> DeformableTransformer:
-    """DeformableTransformer from the authors' flag names."""
+    """DeformableTransformer from the model config's sizes (``enc_layers``/``dec_layers`` as the authors' flags)."""
     return DeformableTransformer(
-        d_model=hidden_dim,
-        nhead=nheads,
+        d_model=d_model,
+        n_heads=n_heads,
         num_encoder_layers=enc_layers,
         num_decoder_layers=dec_layers,
-        dim_feedforward=dim_feedforward,
+        d_ffn=d_ffn,
         dropout=dropout,
         num_feature_levels=num_feature_levels,
         dec_n_points=dec_n_points,

@@ -1,7 +1,8 @@
 """Deformable DETR: backbone, multi-scale input projections, deformable transformer, class and box heads.
 
-Legend: N batch, H x W padded image, L feature levels, C = hidden_dim, Q = num_queries,
-K = num_classes, T decoder layers, S = sum of the levels' Hl*Wl.
+Legend (the repository's, see core/__init__.py): N batch, H x W padded image, L feature levels,
+S = sum of the levels' Hl*Wl, Lq = num_queries, C = num_classes, Ld decoder layers; d_model is the
+model width (the config's hidden_dim).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ class DeformableDETR(nn.Module):
         plain: one class head and one box head shared by all decoder layers (saved under every index).
         with_box_refine: one head per decoder layer; each layer's boxes become the next layer's
             reference points (detached).
-        two_stage: every encoder position proposes a box with an extra head (index T); the top Q
+        two_stage: every encoder position proposes a box with an extra head (index Ld); the top Lq
             proposals become the decoder's reference boxes and, through ``pos_trans``, its queries.
             Also works without box refinement (where the authors' code crashes): the shared heads
             then score the proposals too.
@@ -54,8 +55,8 @@ class DeformableDETR(nn.Module):
     Args:
         backbone: Joiner of ResNet and position encoding.
         transformer: the deformable transformer (its two_stage must match).
-        num_classes: K sigmoid classes (no background).
-        num_queries: Q.
+        num_classes: C sigmoid classes (no background).
+        num_queries: Lq.
         num_feature_levels: L; levels beyond the backbone's are stride-2 3x3 convs on the last map.
         aux_loss: also return every earlier decoder layer's predictions.
         with_box_refine: iterative bounding box refinement.
@@ -84,30 +85,28 @@ class DeformableDETR(nn.Module):
             )
         self.num_queries = num_queries
         self.transformer = transformer
-        hidden_dim = transformer.d_model
-        class_embed = nn.Linear(hidden_dim, num_classes)
-        bbox_embed = MLP(hidden_dim, hidden_dim, 4, 3)
+        d_model = transformer.d_model
+        class_embed = nn.Linear(d_model, num_classes)
+        bbox_embed = MLP(d_model, d_model, 4, 3)
         self.num_feature_levels = num_feature_levels
         self.num_classes = num_classes
         # Assigned here only to keep the authors' key order: transformer, class_embed, bbox_embed, ...
         self.class_embed = class_embed
         self.bbox_embed = bbox_embed
         if not two_stage:
-            self.query_embed = nn.Embedding(num_queries, hidden_dim * 2)  # query position and content
+            self.query_embed = nn.Embedding(num_queries, d_model * 2)  # query position and content
 
         input_proj = []
         for in_channels in backbone.num_channels:
-            input_proj.append(
-                nn.Sequential(nn.Conv2d(in_channels, hidden_dim, kernel_size=1), nn.GroupNorm(32, hidden_dim))
-            )
+            input_proj.append(nn.Sequential(nn.Conv2d(in_channels, d_model, kernel_size=1), nn.GroupNorm(32, d_model)))
         in_channels = backbone.num_channels[-1]
         for _ in range(num_feature_levels - num_backbone_outs):
             input_proj.append(
                 nn.Sequential(
-                    nn.Conv2d(in_channels, hidden_dim, kernel_size=3, stride=2, padding=1), nn.GroupNorm(32, hidden_dim)
+                    nn.Conv2d(in_channels, d_model, kernel_size=3, stride=2, padding=1), nn.GroupNorm(32, d_model)
                 )
             )
-            in_channels = hidden_dim
+            in_channels = d_model
         self.input_proj = nn.ModuleList(input_proj)
         self.backbone = backbone
         self.aux_loss = aux_loss
@@ -124,7 +123,7 @@ class DeformableDETR(nn.Module):
             nn.init.xavier_uniform_(proj[0].weight, gain=1)
             nn.init.constant_(proj[0].bias, 0)
 
-        # With two-stage, index T is the encoder's proposal head.
+        # With two-stage, index Ld is the encoder's proposal head.
         num_pred = transformer.decoder.num_layers + (1 if two_stage else 0)
         if with_box_refine:
             self.class_embed = nn.ModuleList([copy.deepcopy(class_embed) for _ in range(num_pred)])
@@ -154,12 +153,12 @@ class DeformableDETR(nn.Module):
 
         Returns:
             A dict:
-            - "pred_logits": (N, Q, K) class logits of the last decoder layer (sigmoid, no background).
-            - "pred_boxes": (N, Q, 4) boxes of the last layer, normalized cxcywh in [0, 1] relative to
+            - "pred_logits": (N, Lq, C) class logits of the last decoder layer (sigmoid, no background).
+            - "pred_boxes": (N, Lq, 4) boxes of the last layer, normalized cxcywh in [0, 1] relative to
               each image's valid (unpadded) size. float32.
-            - "aux_outputs" (if aux_loss): list of T-1 dicts with "pred_logits" and "pred_boxes" of
-              decoder layers 0..T-2, same shapes and formats.
-            - "enc_outputs" (two-stage only): dict with "pred_logits" (N, S, K) proposal logits (only
+            - "aux_outputs" (if aux_loss): list of Ld-1 dicts with "pred_logits" and "pred_boxes" of
+              decoder layers 0..Ld-2, same shapes and formats.
+            - "enc_outputs" (two-stage only): dict with "pred_logits" (N, S, C) proposal logits (only
               class 0 is trained, class-agnostically) and "pred_boxes" (N, S, 4) proposal boxes,
               normalized cxcywh, 1.0 at padded and border positions.
         """
@@ -188,7 +187,7 @@ class DeformableDETR(nn.Module):
         for lvl in range(hs.shape[0]):
             reference = inverse_sigmoid(init_reference if lvl == 0 else inter_references[lvl - 1])
             outputs_classes.append(self.class_embed[lvl](hs[lvl]))
-            tmp = self.bbox_embed[lvl](hs[lvl]).float()  # (N, Q, 4) offset from the reference, logit space
+            tmp = self.bbox_embed[lvl](hs[lvl]).float()  # (N, Lq, 4) offset from the reference, logit space
             if reference.shape[-1] == 4:
                 tmp = tmp + reference
             else:

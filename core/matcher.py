@@ -1,7 +1,7 @@
 """Hungarian matching of predicted queries to ground-truth boxes, one-to-one per image.
 
-Shapes: N images, Q queries per image, C classes (sigmoid, no background class),
-K_i target boxes in image i, T = Σ K_i target boxes in the batch.
+Shapes: N images, Lq queries per image, C classes (sigmoid, no background class),
+K_i target boxes in image i, ΣK = Σ K_i target boxes in the batch.
 """
 
 import torch
@@ -46,12 +46,12 @@ class HungarianMatcher(nn.Module):
         """Match predictions to targets image by image.
 
         Args:
-            outputs: "pred_logits" (N, Q, C) class logits; "pred_boxes" (N, Q, 4) normalized cxcywh.
+            outputs: "pred_logits" (N, Lq, C) class logits; "pred_boxes" (N, Lq, 4) normalized cxcywh.
                 Other keys are ignored.
             targets: N dicts with "labels" (K_i,) int64 in [0, C) and "boxes" (K_i, 4) normalized cxcywh.
 
         Returns:
-            N pairs (src_idx, tgt_idx), each (min(Q, K_i),) int64 on CPU: query src_idx[j] is matched to
+            N pairs (src_idx, tgt_idx), each (min(Lq, K_i),) int64 on CPU: query src_idx[j] is matched to
             target tgt_idx[j]. Empty for an image without targets.
         """
         pred_logits, pred_boxes = outputs["pred_logits"], outputs["pred_boxes"]
@@ -71,10 +71,10 @@ class HungarianMatcher(nn.Module):
         # Under bf16 autocast the sigmoid, log and GIoU would lose enough precision to flip close
         # assignments; the cost is cheap, so compute it in float32 whatever the model ran in.
         with torch.autocast(device_type=pred_logits.device.type, enabled=False):
-            prob = pred_logits.flatten(0, 1).float().sigmoid()  # (N, Q, C) -> (N*Q, C)
-            boxes = pred_boxes.flatten(0, 1).float()  # (N, Q, 4) -> (N*Q, 4)
-            tgt_labels = torch.cat([t["labels"] for t in targets]).to(prob.device)  # (T,)
-            tgt_boxes = torch.cat([t["boxes"] for t in targets]).to(prob.device).float()  # (T, 4)
+            prob = pred_logits.flatten(0, 1).float().sigmoid()  # (N, Lq, C) -> (N*Lq, C)
+            boxes = pred_boxes.flatten(0, 1).float()  # (N, Lq, 4) -> (N*Lq, 4)
+            tgt_labels = torch.cat([t["labels"] for t in targets]).to(prob.device)  # (ΣK,)
+            tgt_boxes = torch.cat([t["boxes"] for t in targets]).to(prob.device).float()  # (ΣK, 4)
             if tgt_labels.min() < 0 or tgt_labels.max() >= c:
                 raise ValueError(
                     f"target labels must be in [0, {c}) for {c} classes, got range "
@@ -84,23 +84,23 @@ class HungarianMatcher(nn.Module):
             # Focal cost: how much the focal loss would drop if this query predicted the target class,
             # i.e. the positive term minus the negative term it replaces, at the target's class only.
             alpha, gamma, eps = self.focal_alpha, self.focal_gamma, 1e-8
-            prob_t = prob[:, tgt_labels]  # (N*Q, T)
+            prob_t = prob[:, tgt_labels]  # (N*Lq, ΣK)
             neg_cost = (1 - alpha) * prob_t.pow(gamma) * -(1 - prob_t + eps).log()
             pos_cost = alpha * (1 - prob_t).pow(gamma) * -(prob_t + eps).log()
-            cost_class = pos_cost - neg_cost  # (N*Q, T)
-            cost_bbox = torch.cdist(boxes, tgt_boxes, p=1)  # (N*Q, T)
+            cost_class = pos_cost - neg_cost  # (N*Lq, ΣK)
+            cost_bbox = torch.cdist(boxes, tgt_boxes, p=1)  # (N*Lq, ΣK)
             cost_giou = -generalized_box_iou(box_cxcywh_to_xyxy(boxes), box_cxcywh_to_xyxy(tgt_boxes))
 
             cost = self.cost_bbox * cost_bbox + self.cost_class * cost_class + self.cost_giou * cost_giou
             # One batched cost (all queries x all targets) keeps the GPU busy with a few large kernels;
             # only the per-image diagonal blocks are used below.
-            cost = cost.view(n, q, -1).cpu()  # (N*Q, T) -> (N, Q, T)
+            cost = cost.view(n, q, -1).cpu()  # (N*Lq, ΣK) -> (N, Lq, ΣK)
 
         if not torch.isfinite(cost).all():
             raise ValueError("matching cost has NaN or inf entries: the predictions are not finite")
         indices = []
         for i, block in enumerate(cost.split(sizes, dim=-1)):
-            src, tgt = linear_sum_assignment(block[i].numpy())  # block[i]: (Q, K_i)
+            src, tgt = linear_sum_assignment(block[i].numpy())  # block[i]: (Lq, K_i)
             indices.append((torch.as_tensor(src, dtype=torch.int64), torch.as_tensor(tgt, dtype=torch.int64)))
         return indices
 

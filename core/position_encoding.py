@@ -1,6 +1,6 @@
 """Sine position encoding of feature maps, normalized to the valid (unpadded) image area.
 
-Legend: N batch, H x W a feature map, F = num_pos_feats features per axis (2F = hidden_dim).
+Legend: N batch, H x W a feature map, F = num_pos_feats features per axis (2F = d_model).
 """
 
 from __future__ import annotations

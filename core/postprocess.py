@@ -1,6 +1,6 @@
 """Turns model outputs into detections in original-image pixels: top-k over queries x classes.
 
-Shapes: N images, Q queries per image, C classes (sigmoid, no background class), k detections kept.
+Shapes: N images, Lq queries per image, C classes (sigmoid, no background class), k detections kept.
 """
 
 from collections.abc import Sequence
@@ -37,13 +37,13 @@ class PostProcess(nn.Module):
         """Top num_select detections per image.
 
         Args:
-            outputs: "pred_logits" (N, Q, C) class logits; "pred_boxes" (N, Q, 4) normalized cxcywh.
+            outputs: "pred_logits" (N, Lq, C) class logits; "pred_boxes" (N, Lq, 4) normalized cxcywh.
             target_sizes: (N, 2) (height, width) of each ORIGINAL image, before resizing and padding.
 
         Returns:
             N dicts: "scores" (k,) sigmoid probabilities, descending; "labels" (k,) int64 class indices
             (category ids with label_map); "boxes" (k, 4) xyxy in original-image pixels, not clamped
-            to the image. k = min(num_select, Q * C).
+            to the image. k = min(num_select, Lq * C).
         """
         return self._top_k(outputs, target_sizes, self.num_select)
 
@@ -82,14 +82,14 @@ class PostProcess(nn.Module):
         if self.label_map is not None and len(self.label_map) != c:
             raise ValueError(f"label_map must have one entry per class ({c}), got {len(self.label_map)}")
         k = min(k, q * c)
-        prob = logits.float().sigmoid().view(n, q * c)  # (N, Q, C) -> (N, Q*C), index = query * C + class
+        prob = logits.float().sigmoid().view(n, q * c)  # (N, Lq, C) -> (N, Lq*C), index = query * C + class
         scores, flat_idx = prob.topk(k, dim=1)  # (N, k)
         query_idx = flat_idx // c  # (N, k)
         labels = flat_idx % c  # (N, k)
         if self.label_map is not None:
             labels = self.label_map[labels]
 
-        boxes_xyxy = box_cxcywh_to_xyxy(boxes.float())  # (N, Q, 4) normalized
+        boxes_xyxy = box_cxcywh_to_xyxy(boxes.float())  # (N, Lq, 4) normalized
         boxes_xyxy = torch.gather(boxes_xyxy, 1, query_idx.unsqueeze(-1).expand(-1, -1, 4))  # (N, k, 4)
         img_h, img_w = target_sizes.to(boxes_xyxy).unbind(1)
         scale = torch.stack([img_w, img_h, img_w, img_h], dim=1)  # (N, 4)

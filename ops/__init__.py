@@ -1,7 +1,8 @@
-"""Multi-scale deformable attention: a CUDA kernel built on first use, a PyTorch reference, one op.
+"""Multi-scale deformable attention: CUDA and CPU kernels built on first use, a PyTorch reference, one op.
 
 Public interface (versioned by ``__version__``): ``ms_deform_attn``, ``MSDeformAttn``,
-``ms_deform_attn_fused``, ``ms_deform_attn_reference``, ``set_backend``/``get_backend``, ``cuda_kernel_available``.
+``ms_deform_attn_fused``, ``ms_deform_attn_reference``, ``set_backend``/``get_backend``,
+``cuda_kernel_available``, ``cpu_kernel_available``.
 """
 
 from ops.functional import get_backend, ms_deform_attn, set_backend
@@ -20,8 +21,16 @@ def cuda_kernel_available(device=None) -> tuple[bool, str]:
     return _cuda.is_available(device)
 
 
+def cpu_kernel_available() -> tuple[bool, str]:
+    """(True, "") when the CPU kernel is built (building it on the first call) and loads, else (False, the reason)."""
+    from ops import _cpu
+
+    return _cpu.is_available()
+
+
 __all__ = [
     "MSDeformAttn",
+    "cpu_kernel_available",
     "cuda_kernel_available",
     "get_backend",
     "ms_deform_attn",

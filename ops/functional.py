@@ -4,8 +4,10 @@ Legend: N batch, S = sum_l H_l*W_l, M heads, D channels per head, Lq queries, L 
 
 The op is registered with ``torch.library`` as ``msda::forward`` / ``msda::backward`` so that
 ``torch.compile(fullgraph=True)`` sees one opaque node (with a fake implementation for shapes) and CUDA
-graphs can capture it. On CUDA tensors it runs the CUDA kernel when it can be built and the PyTorch
-reference otherwise; on any other device it runs the reference.
+graphs can capture it. On CUDA tensors it runs the CUDA kernel, on CPU tensors the CPU kernel, each
+when it can be built. Where no kernel runs (another device, no compiler, backend "reference"), eager
+calls skip the custom op and run the PyTorch reference under plain autograd, whose backward reuses
+what the forward saved; only traced calls (torch.compile) keep the opaque op around the reference.
 """
 
 from __future__ import annotations
@@ -21,13 +23,18 @@ from ops.reference import ms_deform_attn_reference
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "cuda", "reference")
+BACKENDS = ("auto", "cuda", "cpu", "reference")
 _backend_override: str | None = None
 _fallback_logged = False
+_cpu_fallback_logged = False
 
 
 def set_backend(name: str | None) -> None:
-    """Force a backend for this process: "cuda", "reference", "auto", or None to follow $MSDA_BACKEND."""
+    """Force a backend for this process: "cuda", "cpu", "reference", "auto", or None to follow $MSDA_BACKEND.
+
+    "cuda" and "cpu" force the kernel of that device (an error where it cannot be built); tensors on
+    the other device still take their own default.
+    """
     global _backend_override
     if name is not None and name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
@@ -79,6 +86,34 @@ def _use_cuda_kernel(device: torch.device) -> bool:
     return False
 
 
+def _use_cpu_kernel() -> bool:
+    """Decide, for CPU tensors, between the CPU kernel and the reference path."""
+    global _cpu_fallback_logged
+    backend = get_backend()
+    if backend == "reference":
+        return False
+    from ops import _cpu
+
+    ok, reason = _cpu.is_available()
+    if ok:
+        return True
+    if backend == "cpu":
+        raise RuntimeError(f"MSDA backend 'cpu' was forced but the CPU kernel is unavailable: {reason}")
+    if not _cpu_fallback_logged:
+        log.warning("MSDeformAttn CPU kernel unavailable (%s); using the PyTorch reference path", reason)
+        _cpu_fallback_logged = True
+    return False
+
+
+def _use_kernel(device: torch.device) -> bool:
+    """Whether tensors on ``device`` run a kernel (else the reference path)."""
+    if device.type == "cpu":
+        return _use_cpu_kernel()
+    if device.type == "cuda":
+        return _use_cuda_kernel(device)
+    return False
+
+
 def _check_deterministic(what: str) -> None:
     """Raise (or warn, with warn_only=True) as PyTorch's own nondeterministic CUDA ops do."""
     if not torch.are_deterministic_algorithms_enabled():
@@ -116,6 +151,15 @@ def _forward_cuda(value, spatial_shapes, level_start_index, sampling_locations, 
         from ops import _cuda
 
         return _cuda.forward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    return ms_deform_attn_reference(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+
+
+@_forward_op.register_kernel("cpu")
+def _forward_cpu(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    if _use_cpu_kernel():
+        from ops import _cpu
+
+        return _cpu.forward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     return ms_deform_attn_reference(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
 
 
@@ -167,6 +211,25 @@ def _backward_cuda(
     return grads if need_grad_value else (value.new_empty(0), *grads[1:])
 
 
+@_backward_op.register_kernel("cpu")
+def _backward_cpu(
+    grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights, need_grad_value=True
+):
+    if _use_cpu_kernel():
+        from ops import _cpu
+
+        # The CPU kernel's grad_value has no write conflicts to save (one (n, m) pair per thread), so
+        # it is always computed; dropped here when value needs none.
+        grads = _cpu.backward(
+            grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+        )
+    else:
+        grads = _reference_backward(
+            grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+        )
+    return grads if need_grad_value else (value.new_empty(0), *grads[1:])
+
+
 @_backward_op.register_fake
 def _backward_fake(
     grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights, need_grad_value=True
@@ -176,8 +239,10 @@ def _backward_fake(
 
 
 def _reference_backward(grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
-    """Gradients of the reference path. torch.func.vjp, because plain autograd is switched off
-    inside a custom op's kernel."""
+    """Gradients of the reference path inside the custom op, reached only by traced calls
+    (torch.compile) and direct calls of ``torch.ops.msda.forward`` where no kernel runs: eager calls of
+    ``ms_deform_attn`` take the reference under plain autograd instead. torch.func.vjp, which
+    recomputes the forward, because plain autograd is switched off inside a custom op's kernel."""
 
     def forward(v, loc, attn):
         return ms_deform_attn_reference(v, spatial_shapes, level_start_index, loc, attn)
@@ -321,6 +386,16 @@ def ms_deform_attn(
     """
     _validate(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     coord_dtype = torch.float64 if value.dtype == torch.float64 else torch.float32
+    if not torch.compiler.is_compiling() and not _use_kernel(value.device):
+        # Plain autograd over the reference: its backward reuses the sampled values saved by the
+        # forward, where the custom op's backward would have to sample them again.
+        return ms_deform_attn_reference(
+            value,
+            spatial_shapes,
+            level_start_index,
+            sampling_locations.to(coord_dtype),
+            attention_weights.to(coord_dtype),
+        )
     return _forward_op(
         value.contiguous(),
         spatial_shapes.to(torch.int64).contiguous(),

@@ -324,6 +324,7 @@ def evaluate(
     pixel_mean: Sequence[float] = (0.485, 0.456, 0.406),
     pixel_std: Sequence[float] = (0.229, 0.224, 0.225),
     label_names: dict[int, str] | None = None,
+    on_batch: Callable[[int], None] | None = None,
 ) -> tuple[list[dict], list[int], list[dict[str, Any]]]:
     """Inference over ``batches`` into COCO result records.
 
@@ -337,12 +338,13 @@ def evaluate(
         vis_score_threshold: predicted boxes kept for drawing score above this.
         pixel_mean, pixel_std: the data normalization, to undo it for drawing.
         label_names: category id -> name for drawing; ids are drawn without it.
+        on_batch: called after each batch with the number of images done so far (progress).
 
     Returns:
         (records, image_ids, vis): COCO result dicts (image_id, category_id, bbox xywh in original
         pixels, score), the image ids seen, and up to num_vis dicts {"image_id", "image" (h, w, 3)
         uint8, "pred_boxes" (k, 4) xyxy pixels of the resized image, "pred_scores", "pred_labels",
-        "true_boxes", "true_labels", "label_names"}.
+        "true_boxes", "true_labels", "label_names", "score_threshold"}.
     """
     # The bare module: DDP's forward would sync buffers with the other workers, whose val shards
     # may hold a different number of batches.
@@ -389,8 +391,11 @@ def evaluate(
                             "true_boxes": true_xyxy.numpy(),
                             "true_labels": true_labels.numpy(),
                             "label_names": dict(label_names or {}),
+                            "score_threshold": vis_score_threshold,
                         }
                     )
+            if on_batch is not None:
+                on_batch(len(image_ids))
     finally:
         model.train(was_training)
     return records, image_ids, vis

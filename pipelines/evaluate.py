@@ -29,6 +29,7 @@ import ray.train
 from core.checkpoint import Checkpoint
 from core.coco_eval import format_ap_table
 from pipelines.config import ConfigError, JobConfig, eval_job_config
+from pipelines.raytrain.cluster import quiet_ray_warnings
 from pipelines.raytrain.errors import describe_failure
 from pipelines.raytrain.evaluation import load_for_eval, run_evaluation
 from pipelines.raytrain.preflight import PreflightError
@@ -76,6 +77,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    quiet_ray_warnings()
     args = parse_args(argv)
     try:
         ckpt = load_for_eval(args.checkpoint)

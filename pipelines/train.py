@@ -23,6 +23,7 @@ import argparse
 import logging
 
 from pipelines.config import PRESETS, ConfigError, JobConfig, load_job_config, resume_job_config
+from pipelines.raytrain.cluster import quiet_ray_warnings
 from pipelines.raytrain.errors import describe_failure
 from pipelines.raytrain.preflight import PreflightError
 from pipelines.raytrain.training import run_training
@@ -55,6 +56,7 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    quiet_ray_warnings()
     args = parse_args(argv)
     try:
         job = config_from_args(args)

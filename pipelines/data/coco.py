@@ -59,26 +59,39 @@ def load_json(uri: str, storage_options: Mapping[str, Any] | None = None) -> Any
 
 @dataclass
 class BadInputSummary:
-    """Counts of skipped input by kind, with the first few offenders; `fixed` counts silent-safe repairs."""
+    """Input problems by kind, with the first few offenders (``examples``, keyed by kind).
+
+    ``counts``: skipped input (an error unless data.on_bad_input=skip). ``fixed``: silent-safe repairs
+    (boxes clipped to the image). ``flagged``: kept as it is but worth a look (an EXIF orientation tag:
+    pixels are used as stored, as COCO's sizes and boxes are).
+    """
 
     counts: dict[str, int] = field(default_factory=dict)
     examples: dict[str, list[str]] = field(default_factory=dict)
     fixed: dict[str, int] = field(default_factory=dict)
+    flagged: dict[str, int] = field(default_factory=dict)
 
     def add(self, kind: str, ident: str) -> None:
         self.counts[kind] = self.counts.get(kind, 0) + 1
+        self._example(kind, ident)
+
+    def flag(self, kind: str, ident: str) -> None:
+        self.flagged[kind] = self.flagged.get(kind, 0) + 1
+        self._example(kind, ident)
+
+    def _example(self, kind: str, ident: str) -> None:
         ex = self.examples.setdefault(kind, [])
         if len(ex) < MAX_EXAMPLES:
             ex.append(ident)
 
     def merge(self, other: BadInputSummary) -> BadInputSummary:
-        out = BadInputSummary(dict(self.counts), {k: list(v) for k, v in self.examples.items()}, dict(self.fixed))
-        for k, n in other.counts.items():
-            out.counts[k] = out.counts.get(k, 0) + n
-            ex = out.examples.setdefault(k, [])
-            ex.extend(other.examples.get(k, [])[: MAX_EXAMPLES - len(ex)])
-        for k, n in other.fixed.items():
-            out.fixed[k] = out.fixed.get(k, 0) + n
+        out = BadInputSummary.from_dict(self.to_dict())
+        for mine, theirs in ((out.counts, other.counts), (out.fixed, other.fixed), (out.flagged, other.flagged)):
+            for k, n in theirs.items():
+                mine[k] = mine.get(k, 0) + n
+        for k, ex in other.examples.items():
+            mine_ex = out.examples.setdefault(k, [])
+            mine_ex.extend(ex[: MAX_EXAMPLES - len(mine_ex)])
         return out
 
     @property
@@ -90,12 +103,16 @@ class BadInputSummary:
             "counts": dict(self.counts),
             "examples": {k: list(v) for k, v in self.examples.items()},
             "fixed": dict(self.fixed),
+            "flagged": dict(self.flagged),
         }
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> BadInputSummary:
         return cls(
-            dict(d.get("counts", {})), {k: list(v) for k, v in d.get("examples", {}).items()}, dict(d.get("fixed", {}))
+            dict(d.get("counts", {})),
+            {k: list(v) for k, v in d.get("examples", {}).items()},
+            dict(d.get("fixed", {})),
+            dict(d.get("flagged", {})),
         )
 
     def __str__(self) -> str:

@@ -46,17 +46,19 @@ logger = logging.getLogger(__name__)
 
 @ray.remote(num_cpus=0)
 class BadInputLedger:
-    """Collects images skipped inside Ray Data tasks (undecodable, wrong size), once per file."""
+    """Collects images skipped inside Ray Data tasks (undecodable, wrong size) and flagged ones, once per file."""
 
     def __init__(self) -> None:
         self._summary = BadInputSummary()
         self._seen: set[tuple[str, str]] = set()
 
-    def record(self, items: list[tuple[str, str]]) -> None:
-        for kind, ident in items:
-            if (kind, ident) not in self._seen:
-                self._seen.add((kind, ident))
-                self._summary.add(kind, ident)
+    def record(self, items: list[tuple[str, str]], flagged: list[tuple[str, str]] = ()) -> None:
+        """Skipped input (``items``) and input kept but worth a look (``flagged``), as (kind, identity)."""
+        for add, pairs in ((self._summary.add, items), (self._summary.flag, flagged)):
+            for kind, ident in pairs:
+                if (kind, ident) not in self._seen:  # every epoch decodes every image again
+                    self._seen.add((kind, ident))
+                    add(kind, ident)
 
     def summary(self) -> dict[str, Any]:
         return self._summary.to_dict()
@@ -92,7 +94,7 @@ class DatasetInfo:
     keep_crowd: bool
     start_epoch: int = 0
     bad_input: BadInputSummary = field(default_factory=BadInputSummary)  # found before reading pixels
-    ledger: Any = None  # BadInputLedger handle when on_bad_input == "skip"
+    ledger: Any = None  # BadInputLedger handle (skips and flags found while decoding)
 
     @property
     def num_classes(self) -> int:
@@ -252,7 +254,7 @@ def _build(
     epoch_clock: Any = None,
 ) -> tuple[ray.data.Dataset, DatasetInfo]:
     units, meta = _units(cfg, split, shuffle)
-    ledger = BadInputLedger.remote() if cfg.on_bad_input == "skip" else None
+    ledger = BadInputLedger.remote() if decode or cfg.on_bad_input == "skip" else None
     categories = CategoryMap.from_categories(meta["categories"], cfg.category_ids)
     info = DatasetInfo(
         split=split,

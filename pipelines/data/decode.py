@@ -14,6 +14,7 @@ except ImportError:  # pragma: no cover - exercised where the wheel is missing
     simplejpeg = None
 
 _JPEG_MAGIC = b"\xff\xd8\xff"
+EXIF_ORIENTATION = 0x0112
 # libjpeg-turbo messages that mean damaged data, not a flavour turbojpeg can't convert. Pillow must not
 # get these files: it ignores libjpeg's warnings and fills the damaged part with gray or garbage.
 # "Corrupt JPEG data: N extraneous bytes before marker 0xd9" is one of them: a damaged scan often ends
@@ -73,6 +74,19 @@ def decode_image(
             # A JPEG flavour turbojpeg can't convert (or a header it can't parse): Pillow decides,
             # and its error, if any, is the one reported.
     return _decode_pillow(data, name)
+
+
+def exif_orientation(data: bytes | memoryview) -> int:
+    """The EXIF orientation tag of an encoded image (1 = upright, 2-8 = flipped or rotated); 1 when absent.
+
+    Decoding never applies it: pixels come as stored, which is what COCO's width, height and boxes
+    describe. A tag other than 1 means viewers show the image transformed.
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as img:  # reads the header only
+            return int(img.getexif().get(EXIF_ORIENTATION, 1) or 1)
+    except Exception:  # no or damaged EXIF: decoding reports real damage
+        return 1
 
 
 def _decode_pillow(data: bytes | memoryview, name: str) -> np.ndarray:

@@ -8,6 +8,12 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
+# What a flagged kind means for the person reading the report.
+FLAG_NOTES = {
+    "exif_orientation": "pixels used as stored, ignoring the tag, as COCO's sizes and boxes are: if the "
+    "annotations were drawn on the rotated view, rotate these files or their annotations",
+}
+
 
 def data_report(infos: Mapping[str, Any]) -> dict[str, Any]:
     """The data_report.json of a run: per split, what was read and what was skipped.
@@ -17,9 +23,10 @@ def data_report(infos: Mapping[str, Any]) -> dict[str, Any]:
             of the epochs run so far, so call this again when the run ends.
 
     Returns:
-        {split: {"source", "num_images", "skipped", "counts", "examples", "fixed"}}: `num_images`
-        passed the annotation and file checks; `skipped` is the total of `counts` (images and
-        annotations by kind); `fixed` counts silent-safe repairs such as boxes clipped to the image.
+        {split: {"source", "num_images", "skipped", "counts", "examples", "fixed", "flagged"}}:
+        `num_images` passed the annotation and file checks; `skipped` is the total of `counts` (images
+        and annotations by kind); `fixed` counts silent-safe repairs such as boxes clipped to the image;
+        `flagged` counts images kept as they are but worth a look (an EXIF orientation tag).
     """
     out = {}
     for split, info in infos.items():
@@ -44,4 +51,6 @@ def format_data_report(report: Mapping[str, Any], on_bad_input: str) -> str:
             lines.append(f"    {kind}: {n}  e.g. {'; '.join(r['examples'].get(kind, []))}")
         for kind, n in sorted(r.get("fixed", {}).items()):
             lines.append(f"    {kind}: {n} (repaired, kept)")
+        for kind, n in sorted(r.get("flagged", {}).items()):
+            lines.append(f"    {kind}: {n} (kept, {FLAG_NOTES.get(kind, 'check them')})  e.g. {'; '.join(r['examples'].get(kind, []))}")
     return "\n".join(lines)

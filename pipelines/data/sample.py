@@ -17,7 +17,7 @@ from pipelines.data.batching import SAMPLE_SCHEMA, samples_to_table
 from pipelines.data.categories import CategoryMap
 from pipelines.data.coco import BadInputError
 from pipelines.data.config import DataConfig
-from pipelines.data.decode import ImageDecodeError, decode_image
+from pipelines.data.decode import ImageDecodeError, decode_image, exif_orientation
 from pipelines.data.transforms import (
     boxes_xywh_to_xyxy,
     boxes_xyxy_to_cxcywh_normalized,
@@ -59,9 +59,16 @@ def make_sample(
     image = decode_image(image_bytes, name=name, decoder=cfg.decoder)
     h, w = image.shape[:2]
     if (h, w) != (row["height"], row["width"]):
+        orientation = exif_orientation(image_bytes)
+        exif = (
+            f"its EXIF orientation tag is {orientation} (shown rotated or flipped by viewers; the annotation "
+            "must describe the stored pixels, which are used as they are)"
+            if orientation != 1
+            else "it has no EXIF orientation tag"
+        )
         raise BadInputError(
             f"{name} (image {row['image_id']}): decoded size {h}x{w} differs from the "
-            f"annotation's {row['height']}x{row['width']}"
+            f"annotation's {row['height']}x{row['width']}; {exif}"
         )
     boxes = boxes_xywh_to_xyxy(np.asarray(row["boxes"], np.float32))
     cat = np.asarray(row["category_id"], np.int64)
@@ -101,7 +108,7 @@ def make_sample(
 
 
 class DecodeSamples:
-    """ROW_SCHEMA table -> SAMPLE_SCHEMA table; bad images raise or go to the ledger."""
+    """ROW_SCHEMA table -> SAMPLE_SCHEMA table; bad images raise or go to the ledger, as do EXIF-tagged ones."""
 
     def __init__(self, cfg: DataConfig, categories: CategoryMap, augment: bool, keep_crowd: bool, ledger: Any):
         self.cfg, self.categories, self.augment, self.keep_crowd, self.ledger = (
@@ -116,8 +123,11 @@ class DecodeSamples:
         torch.set_num_threads(1)  # one Ray CPU per task: no intra-op threads fighting the other tasks
         images = rows.column("image").to_pylist()
         meta = rows.drop_columns(["image"]).to_pylist()
-        samples, bad = [], []
+        samples, bad, flagged = [], [], []
         for data, row in zip(images, meta):
+            orientation = exif_orientation(data)
+            if orientation != 1:
+                flagged.append(("exif_orientation", f"{row['file_name']} (image {row['image_id']}, tag {orientation})"))
             try:
                 samples.append(
                     make_sample(
@@ -141,6 +151,6 @@ class DecodeSamples:
                 if self.cfg.on_bad_input == "error":
                     raise
                 bad.append(("size_mismatch", f"{row['file_name']} (image {row['image_id']}): {e}"))
-        if bad and self.ledger is not None:
-            ray.get(self.ledger.record.remote(bad))  # recorded before these rows can be consumed
+        if (bad or flagged) and self.ledger is not None:
+            ray.get(self.ledger.record.remote(bad, flagged))  # recorded before these rows can be consumed
         return samples_to_table(samples) if samples else SAMPLE_SCHEMA.empty_table()

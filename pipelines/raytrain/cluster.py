@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 import math
 import os
+import socket
+import warnings
 
 import ray
 
@@ -23,6 +25,12 @@ WORKING_DIR_EXCLUDES = [".venv/", ".git/", "runs/", "data/", "**/__pycache__/", 
 def in_ray_job() -> bool:
     """True inside a driver started by ``ray job submit`` (the job supervisor sets this variable)."""
     return "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def connect_ray(job: JobConfig, address: str | None = None) -> bool:
@@ -47,15 +55,40 @@ def connect_ray(job: JobConfig, address: str | None = None) -> bool:
     data_cpus = max(2, job.data.num_decode_workers or 2)
     num_cpus = max(os.cpu_count() or 1, math.ceil(t.num_workers * t.cpus_per_worker) + data_cpus)
     pythonpath = os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH")) if p)
+    # The dashboard on a port of our own, named to every process of this instance: Ray Train's
+    # placement-group cleaner asks the state API for it, and with a second Ray instance on this
+    # machine (another `ray start`, another test) it cannot tell which one is its own; its monitor
+    # thread then dies, and the placement group of a run stopped from outside (a Tune trial that
+    # ASHA stops) is never removed, so the next trial waits forever for its CPUs.
+    dashboard_port = _free_port()
+    env_vars = {"PYTHONPATH": pythonpath, "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dashboard_port}"}
+    # Ray 2.60 turns token auth on for a new local cluster and says so: nothing to act on. Its warning
+    # that auth is *disabled* stays (that one is the user's call).
+    logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(_NotTokenAuthEnabled())
     # address="local": a new instance even when another `ray start` cluster runs on this machine.
     ray.init(
         address="local",
         num_cpus=num_cpus,
-        runtime_env={"env_vars": {"PYTHONPATH": pythonpath}},
+        dashboard_port=dashboard_port,
+        runtime_env={"env_vars": env_vars},
         log_to_driver=False,
         logging_level=logging.WARNING,
     )
     return True
+
+
+class _NotTokenAuthEnabled(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "authentication is enabled for this Ray cluster" not in record.getMessage()
+
+
+def quiet_ray_warnings() -> None:
+    """Hides Ray's own deprecation warnings about Ray's internals (nothing a user of this project acts on).
+
+    Entry scripts call it in ``main``; a library import never changes warning filters.
+    """
+    for category in (DeprecationWarning, FutureWarning):
+        warnings.filterwarnings("ignore", category=category, module=r"ray(\.|$)")
 
 
 def ray_logs_dir() -> str | None:

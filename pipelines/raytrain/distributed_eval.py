@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -22,6 +23,7 @@ from core.coco_eval import coco_evaluate, load_coco_gt
 from pipelines.config import JobConfig
 from pipelines.data.coco import load_json
 from pipelines.engine import evaluate
+from pipelines.raytrain.metrics import StepReporter
 from pipelines.raytrain.worker_config import DatasetFacts, WorkerConfig
 from pipelines.raytrain.worker_context import WorkerContext, distributed, shard_batches
 
@@ -56,10 +58,14 @@ def distributed_evaluate(
     ctx: WorkerContext,
     coco_gt,
     dataset: DatasetFacts,
+    on_batch: Callable[[int], None] | None = None,
+    warn: Callable[[str], None] = log.warning,
 ) -> tuple[dict[str, float] | None, list[dict]]:
     """Inference on this worker's val shard, detections gathered on rank 0 and scored by pycocotools.
 
     An image id seen on two workers is an error; fewer images than ``dataset.num_val`` is logged.
+    ``on_batch`` gets this worker's images done after each batch (progress); ``warn`` takes the
+    warnings meant for the person running the job.
 
     Returns:
         (stats, vis) on rank 0, (None, []) elsewhere: the AP dict (with "num_eval_images") and the
@@ -76,6 +82,7 @@ def distributed_evaluate(
         pixel_mean=job.data.pixel_mean,
         pixel_std=job.data.pixel_std,
         label_names=dataset.category_names,
+        on_batch=on_batch,
     )
     payload = (_records_to_array(records), np.asarray(image_ids, np.int64))
     if distributed():
@@ -94,10 +101,9 @@ def distributed_evaluate(
             f"evaluation saw image ids more than once across workers: {all_ids[counts > 1][:10].tolist()}"
         )
     if dataset.num_val and len(all_ids) != dataset.num_val:
-        log.warning(
-            "evaluated %d of the %d val images (images skipped at decode are counted in the data report)",
-            len(all_ids),
-            dataset.num_val,
+        warn(
+            f"evaluated {len(all_ids)} of the {dataset.num_val} val images "
+            "(images skipped at decode are counted in the data report)"
         )
     stats = coco_evaluate(coco_gt, all_records, all_ids.tolist())
     stats["num_eval_images"] = len(all_ids)
@@ -121,6 +127,7 @@ def eval_loop_per_worker(config: dict[str, Any]) -> None:
     model = ray.train.torch.prepare_model(model, parallel_strategy=None)
     postprocessor.to(ctx.device)
     coco_gt = load_val_ground_truth(job) if ctx.rank == 0 else None
+    reporter = StepReporter(cfg.sink if ctx.rank == 0 else None, job.train, ctx, 0)
     start = time.time()
     ap, vis = distributed_evaluate(
         model,
@@ -130,6 +137,8 @@ def eval_loop_per_worker(config: dict[str, Any]) -> None:
         ctx=ctx,
         coco_gt=coco_gt,
         dataset=cfg.dataset,
+        on_batch=lambda n: reporter.eval_progress(n, cfg.dataset.num_val),
+        warn=reporter.warn,
     )
     if ctx.rank == 0:
         ap["eval_time_s"] = time.time() - start

@@ -16,7 +16,7 @@ from pipelines.data.report import data_report, format_data_report
 from pipelines.raytrain.cluster import connect_ray
 from pipelines.raytrain.datasets import prepare_data
 from pipelines.raytrain.distributed_eval import eval_loop_per_worker
-from pipelines.raytrain.metrics import MetricsSink
+from pipelines.raytrain.metrics import MetricsPump, MetricsSink
 from pipelines.raytrain.plots import draw_detections
 from pipelines.raytrain.preflight import PreflightError, check_data, with_timeout
 from pipelines.raytrain.run_dir import AP_TABLE_FILE, DATA_REPORT_FILE, RunDir
@@ -71,13 +71,14 @@ def run_evaluation(
             name=f"evaluate-{time.strftime('%Y%m%d-%H%M%S')}",
             storage_path=storage,
         )
-        result = trainer.fit()  # Train V2 raises TrainingFailedError itself
+        print(f"evaluating {data.facts.num_val} images on {job.train.num_workers} workers ...", flush=True)
+        with MetricsPump(sink, None) as pump:  # progress lines while the workers infer
+            result = trainer.fit()  # Train V2 raises TrainingFailedError itself
         if result.error is not None:
             raise result.error
-        evals = [r for r in ray.get(sink.drain.remote()) if r.get("kind") == "eval"]
-        if not evals:
+        if pump.last_eval is None:
             raise RuntimeError("the evaluation workers finished without reporting an AP")
-        stats = {k: v for k, v in evals[-1].items() if k not in ("kind", "time")}
+        stats = {k: v for k, v in pump.last_eval.items() if k not in ("kind", "time")}
         report = data_report(data.infos)  # with the images skipped while decoding
         if out_dir is not None:
             run = RunDir(os.path.dirname(os.path.abspath(out_dir)) or ".", os.path.basename(os.path.abspath(out_dir)))

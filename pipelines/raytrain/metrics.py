@@ -102,6 +102,19 @@ class StepReporter:
             self.last_flush = now
             self.window_images, self.window_time = 0, 0.0
 
+    def warn(self, message: str) -> None:
+        """A warning for the person running the job (one the user can act on), printed by the driver."""
+        self.send([{"kind": "warning", "time": time.time(), "message": message}])
+
+    def eval_progress(self, images_done: int, num_val: int) -> None:
+        """Rank 0's images evaluated so far (x world size: an estimate of the whole), every log_every_s."""
+        now = time.monotonic()
+        if self.sink is None or now - self.last_flush < self.train.log_every_s:
+            return
+        self.last_flush = now
+        total = min(images_done * self.world_size, num_val) if num_val else images_done * self.world_size
+        self.send([{"kind": "eval_progress", "time": time.time(), "images": total, "num_val": num_val}])
+
     def send_eval(self, ap: dict[str, float], epoch: int, global_step: int, vis: list[dict[str, Any]]) -> None:
         """The validation AP of ``epoch`` and the images drawn for it."""
         self.send([{"kind": "eval", "time": time.time(), "epoch": epoch, "global_step": global_step, **ap}])
@@ -163,7 +176,7 @@ class MetricsSink:
 class MetricsPump:
     """Stage 3, on the driver: drains the sink every second on a thread into metrics.jsonl and the console."""
 
-    def __init__(self, sink, run_dir: RunDir, out: TextIO | None = sys.stdout) -> None:
+    def __init__(self, sink, run_dir: RunDir | None, out: TextIO | None = sys.stdout) -> None:
         self.sink, self.run_dir, self.out = sink, run_dir, out
         self.stop = threading.Event()
         self.last_eval: dict[str, Any] | None = None
@@ -187,11 +200,16 @@ class MetricsPump:
 
     def drain(self) -> None:
         records = ray.get(self.sink.drain.remote())
-        self.run_dir.append_metrics([r for r in records if r.get("kind") != "progress"])
-        if any(r.get("kind") == "epoch" for r in records):
-            self.run_dir.sync()  # a bucket run's metrics reach the bucket every epoch, not only at the end
+        if self.run_dir is not None:  # None: an evaluation, whose outputs are written at the end
+            self.run_dir.append_metrics([r for r in records if r.get("kind") not in ("progress", "eval_progress")])
+            if any(r.get("kind") == "epoch" for r in records):
+                self.run_dir.sync()  # a bucket run's metrics reach the bucket every epoch, not only at the end
         for r in records:
-            line = self.format(r)
+            try:
+                line = self.format(r)
+            except (KeyError, TypeError, ValueError) as e:  # a record this printer does not know
+                log.debug("unprintable record %s: %s", r, e)
+                continue
             if line and self.out is not None:  # out=None: quiet (a Tune trial's run)
                 print(line, file=self.out, flush=True)
 
@@ -212,10 +230,17 @@ def format_record(r: dict[str, Any]) -> str | None:
             f"{r['epoch_time_s']:.0f} s  peak mem {r['max_mem_mb']:.0f} MiB"
         )
     if kind == "eval":
+        if "epoch" not in r:  # an evaluation alone: its entry script prints the table
+            return f"evaluated {r['num_eval_images']} images in {r['eval_time_s']:.0f} s"
         return (
             f"eval after epoch {r['epoch'] + 1} ({r['num_eval_images']} images, {r['eval_time_s']:.0f} s):\n"
             + format_ap_table(r)
         )
+    if kind == "eval_progress":
+        of = f"/{r['num_val']}" if r.get("num_val") else ""
+        return f"evaluating: about {r['images']}{of} images done"
+    if kind == "warning":
+        return f"warning: {r['message']}"
     if kind == "event":
         if r["event"] == "resume":
             return f"resuming from the checkpoint of epoch {r['epoch']} (global step {r['global_step']})"

@@ -91,8 +91,12 @@ def run_training(
         f"  {job.detr_config().variant()} {job.model.backbone}, {data.facts.num_train} train / "
         f"{data.facts.num_val} val images, {job.train.num_workers} workers x "
         f"{job.data.batch_size_per_worker} images (total batch {job.total_batch_size}), "
-        f"{data.steps_per_epoch} steps/epoch, {job.train.epochs} epochs",
+        f"{data.steps_per_epoch} steps/epoch{' at most' if job.data.on_bad_input == 'skip' else ''}, "
+        f"{job.train.epochs} epochs",
     )
+    if job.data.on_bad_input == "skip":
+        # Images that fail to decode are found (and dropped) only while an epoch runs.
+        _say(out, "  (data.on_bad_input=skip: images dropped while decoding can end an epoch before its last step)")
     # What the annotation and file checks skipped, before any pixel is read.
     _say(out, format_data_report(write_data_report(data, run_dir), job.data.on_bad_input))
 

@@ -53,9 +53,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     job, ctx = cfg.job, WorkerContext.current(cfg.job)
     seed_everything(job.train.seed)  # the same initial weights on every rank (DDP broadcasts rank 0's anyway)
 
-    state = build_train_state(cfg, ctx)
+    state, notes = build_train_state(cfg, ctx)
     reporter = StepReporter(cfg.sink if ctx.rank == 0 else None, job.train, ctx, cfg.steps_per_epoch)
     reporter.event("resume" if state.epoch >= 0 else "start", state.start_epoch, state.global_step)
+    for note in notes:
+        reporter.warn(note)
     criterion = build_criterion(job.detr_config()).to(ctx.device)
     postprocessor = PostProcess(NUM_DETECTIONS, cfg.dataset.label_to_category_id).to(ctx.device)
     coco_gt = load_val_ground_truth(job) if ctx.rank == 0 and job.train.eval_every else None
@@ -93,7 +95,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             eval_start = time.time()
             val_batches = shard_batches("val", job, ctx.device, epoch)
             ap, vis = distributed_evaluate(
-                state.model, postprocessor, val_batches, job=job, ctx=ctx, coco_gt=coco_gt, dataset=cfg.dataset
+                state.model,
+                postprocessor,
+                val_batches,
+                job=job,
+                ctx=ctx,
+                coco_gt=coco_gt,
+                dataset=cfg.dataset,
+                on_batch=lambda n: reporter.eval_progress(n, cfg.dataset.num_val),
+                warn=reporter.warn,
             )
             if ctx.rank == 0:
                 ap["eval_time_s"] = time.time() - eval_start
@@ -111,8 +121,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         state.report(metrics, job, cfg.dataset.model_dump(mode="json"), ctx.rank)
 
 
-def build_train_state(cfg: WorkerConfig, ctx: WorkerContext) -> TrainState:
-    """Model, optimizer, scheduler and scaler, restored from Ray's latest checkpoint or fine-tuned."""
+def build_train_state(cfg: WorkerConfig, ctx: WorkerContext) -> tuple[TrainState, list[str]]:
+    """Model, optimizer, scheduler and scaler, restored from Ray's latest checkpoint or fine-tuned.
+
+    Returns:
+        The state, and warnings for the person running the job.
+    """
     job = cfg.job
     resume = ray.train.get_checkpoint()
     # ImageNet backbone weights only matter for a fresh start (fetched on the driver by preflight).
@@ -131,16 +145,16 @@ def build_train_state(cfg: WorkerConfig, ctx: WorkerContext) -> TrainState:
         scheduler=build_lr_scheduler(optimizer, job.train, cfg.steps_per_epoch),
         scaler=torch.amp.GradScaler(ctx.device.type) if ctx.amp_dtype == torch.float16 else None,
     )
+    notes = []
     if resume is not None:
         state.restore_from_ray(resume)
         log.info("rank %d resumes after epoch %d", ctx.rank, state.epoch)
-        if realign_lr_scheduler(state.scheduler, state.start_epoch * cfg.steps_per_epoch) and ctx.rank == 0:
-            log.warning(
-                "steps per epoch changed since the checkpoint (now %d): lr schedule realigned to epoch %d",
-                cfg.steps_per_epoch,
-                state.start_epoch,
+        if realign_lr_scheduler(state.scheduler, state.start_epoch * cfg.steps_per_epoch):
+            notes.append(
+                f"steps per epoch changed since the checkpoint (now {cfg.steps_per_epoch}): "
+                f"lr schedule realigned to epoch {state.start_epoch}"
             )
-    return state
+    return state, notes
 
 
 def evaluation_due(job: JobConfig, epoch: int) -> bool:

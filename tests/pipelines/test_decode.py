@@ -90,3 +90,34 @@ def test_jpeg_corrupt_in_the_middle_is_an_error():
     m = len(data) // 2
     with pytest.raises(ImageDecodeError, match=r"broken\.jpg: corrupt JPEG \(Unsupported marker"):
         decode_image(data[:m] + b"\xff" * 50 + data[m + 50 :], name="broken.jpg")
+
+
+def _with_orientation(pixels: np.ndarray, orientation: int) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return _encode(Image.fromarray(pixels), "JPEG", quality=95, exif=exif.tobytes())
+
+
+def test_exif_orientation_is_read_and_never_applied():
+    from pipelines.data.decode import exif_orientation
+
+    rgb = _smooth(48, 64)
+    tagged = _with_orientation(rgb, 6)  # "rotate 90 degrees to display"
+    assert exif_orientation(tagged) == 6 and exif_orientation(_encode(Image.fromarray(rgb), "JPEG")) == 1
+    assert exif_orientation(b"not an image") == 1
+    assert decode_image(tagged).shape == (48, 64, 3)  # the stored pixels, as COCO's sizes describe them
+
+
+def test_size_mismatch_names_the_exif_tag():
+    from pipelines.data.categories import CategoryMap
+    from pipelines.data.coco import BadInputError
+    from pipelines.data.config import DataConfig
+    from pipelines.data.sample import make_sample
+
+    tagged = _with_orientation(_smooth(48, 64), 6)
+    # Annotated on the rotated view: 64 high, 48 wide.
+    row = {"file_name": "phone.jpg", "image_id": 5, "height": 64, "width": 48, "boxes": [], "category_id": []}
+    row.update(iscrowd=[], ann_id=[])
+    cats = CategoryMap.from_categories([{"id": 1, "name": "a"}], "raw")
+    with pytest.raises(BadInputError, match=r"phone.jpg \(image 5\): decoded size 48x64 .* EXIF orientation tag is 6"):
+        make_sample(tagged, row, categories=cats, cfg=DataConfig(), augment=False, keep_crowd=True, epoch=0)

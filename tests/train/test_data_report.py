@@ -26,6 +26,15 @@ def test_skipped_bad_input_is_reported_and_saved(ray_local, tmp_path, tiny_data,
     (root / "train" / empty).write_bytes(b"")
     data = (root / "train" / truncated).read_bytes()
     (root / "train" / truncated).write_bytes(data[: len(data) // 2])
+    # A third image keeps its pixels and size but gains an EXIF orientation tag: used as stored, flagged.
+    from PIL import Image
+
+    tagged = js["images"][2]["file_name"]
+    with Image.open(root / "train" / tagged) as im:
+        pixels = im.copy()
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    pixels.save(root / "train" / tagged, "JPEG", quality=95, exif=exif.tobytes())
     bad_ann = next(a for a in js["annotations"] if a["image_id"] not in (js["images"][0]["id"], js["images"][1]["id"]))
     bad_ann["category_id"] = 99
     (root / "instances_train.json").write_text(json.dumps(js))
@@ -65,3 +74,5 @@ def test_skipped_bad_input_is_reported_and_saved(ray_local, tmp_path, tiny_data,
     final = data_report(data.infos)["train"]
     assert final["counts"] == {"empty_file": 1, "unknown_category": 1, "undecodable_image": 1}
     assert truncated in final["examples"]["undecodable_image"][0]
+    assert final["flagged"] == {"exif_orientation": 1} and tagged in final["examples"]["exif_orientation"][0]
+    assert "exif_orientation: 1 (kept, pixels used as stored" in format_data_report({"train": final}, "skip")

@@ -18,7 +18,7 @@ def test_describe_failure_names_the_first_failed_worker():
     )
     assert describe_failure(err) == "worker 0 (and 1 more): RuntimeError: image 7: bad"
     remote = RuntimeError("Traceback (most recent call last):\n  File x, line 1\nBadInputError: a.jpg: corrupt JPEG")
-    assert describe_failure(ray.train.ControllerError(remote)) == "BadInputError: a.jpg: corrupt JPEG"
+    assert describe_failure(ray.train.ControllerError(remote)) == "bad input: a.jpg: corrupt JPEG"
 
 
 def test_evaluate_cli_reports_a_failed_fit(monkeypatch, capsys):

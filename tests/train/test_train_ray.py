@@ -79,6 +79,7 @@ def test_two_workers_two_epochs(two_epoch_run):
         "ap.png",
         "val_images",
     } <= files
+    assert json.loads((outcome.run_dir.path / "status.json").read_text())["state"] == "finished"
     report = json.loads((outcome.run_dir.path / "data_report.json").read_text())
     assert report == outcome.data_report
     assert {k: (r["num_images"], r["skipped"]) for k, r in report.items()} == {"train": (16, 0), "val": (5, 0)}

@@ -1,0 +1,148 @@
+"""Sweeps of tiny trials on local Ray: resume after a killed driver, results and best config, ASHA stopping a sure loser."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pyarrow.parquet as pq
+import pytest
+
+from core.checkpoint import read_checkpoint
+from pipelines.raytrain.run_dir import read_metrics
+from pipelines.raytrain.state import CHECKPOINT_FILE
+from pipelines.train import main as train_main
+from tune.config import load_sweep_config
+from tune.results import BEST_CONFIG_FILE, BEST_TRIAL_FILE, TABLE_CSV, TABLE_PARQUET
+from tune.tuner import TRIALS_DIR, run_sweep
+
+from .conftest import REPO_ROOT
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+def test_killed_driver_resumes_without_rerunning_finished_trials(tmp_path, sweep_overrides):
+    """The sweep's own process (and the local Ray it started) is killed once the first trial has
+    finished and the second has a checkpoint; the same command then finishes the sweep."""
+    overrides = sweep_overrides(
+        tmp_path,
+        "resume",
+        'space={"train": {"lr": {"grid": [1e-3, 5e-4]}}}',
+        "num_trials=1",
+        "scheduler.kind=none",
+        epochs=2,
+    )
+    cmd = [sys.executable, "tune/sweep.py", *(f"--set={o}" for o in overrides)]
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    trials = tmp_path / "resume" / TRIALS_DIR
+
+    def run_dirs():
+        return sorted(p for p in trials.iterdir() if p.is_dir()) if trials.is_dir() else []
+
+    log = open(tmp_path / "first.log", "w")
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and proc.poll() is None:
+            dirs = run_dirs()
+            first_done = "finished" in (tmp_path / "first.log").read_text()
+            if first_done and len(dirs) == 2 and (dirs[1] / "checkpoint_epoch0000").is_dir():
+                break
+            time.sleep(1)
+        else:
+            pytest.fail("the first run never reached one finished trial and one checkpointed: " + open(log.name).read())
+        time.sleep(2)  # let Tune's experiment state take in the finished trial
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver, and the local Ray it started with it
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        log.close()
+    first, second = run_dirs()
+    first_metrics = (first / "metrics.jsonl").read_text()
+
+    again = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "resuming sweep" in again.stdout
+    # The finished trial did not run again; the interrupted one continued from its checkpoint.
+    assert (first / "metrics.jsonl").read_text() == first_metrics
+    records = read_metrics(second / "metrics.jsonl")
+    events = [r for r in records if r["kind"] == "event"]
+    assert [e["event"] for e in events] == ["start", "resume"] and events[1]["epoch"] >= 1
+    # Epoch 0 ran once; epoch 1 may have run twice if the kill came between its end and its checkpoint.
+    epochs = [r["epoch"] for r in records if r["kind"] == "epoch"]
+    assert epochs.count(0) == 1 and epochs[-1] == 1, epochs
+    table = pq.read_table(tmp_path / "resume" / TABLE_PARQUET).to_pylist()
+    assert sorted(r["train.lr"] for r in table) == [5e-4, 1e-3]
+    assert all(r["status"] == "done" and r["epochs_run"] == 2 for r in table), table
+
+
+def test_three_trials_table_best_config_and_training_from_it(ray_local, tmp_path, sweep_overrides):
+    overrides = sweep_overrides(
+        tmp_path,
+        "three",
+        'space={"train": {"lr": {"loguniform": [1e-4, 2e-3]}, "lr_backbone_mult": {"choice": [0.1, 0.5]}}}',
+        "num_trials=3",
+        "scheduler.grace_period=1",
+    )
+    cfg, job, space = load_sweep_config(overrides=overrides)
+    outcome = run_sweep(cfg, job, space, progress_every_s=5)
+    sweep = tmp_path / "three"
+
+    assert len(outcome.rows) == 3
+    for row in outcome.rows:
+        assert row["status"] == "done" and row["epochs_run"] == 1, row
+        assert row["AP"] is not None and -1.0 <= row["AP"] <= 1.0 and row["AP50"] is not None
+        assert 1e-4 <= row["train.lr"] <= 2e-3 and row["train.lr_backbone_mult"] in (0.1, 0.5)
+        assert row["checkpoint"] and os.path.isdir(row["checkpoint"])
+    assert len({r["train.lr"] for r in outcome.rows}) == 3
+    assert pq.read_table(sweep / TABLE_PARQUET).num_rows == 3
+    assert (sweep / TABLE_CSV).read_text().count("\n") == 4
+    for name in ("sweep_config.json", "base_config.json", "metric_vs_params.png", "metric_curves.png"):
+        assert (sweep / name).stat().st_size > 0, name
+
+    best = json.loads((sweep / BEST_TRIAL_FILE).read_text())
+    assert best["trial_id"] == outcome.rows[0]["trial_id"]
+    # The best checkpoint is one of ours, holding the trial's config.
+    ckpt = read_checkpoint(os.path.join(best["checkpoint"], CHECKPOINT_FILE))
+    trained = json.loads(ckpt.meta["job_config"])
+    assert trained["train"]["lr"] == pytest.approx(best["params"]["train.lr"])
+
+    config = json.loads((sweep / BEST_CONFIG_FILE).read_text())
+    assert config["train"]["lr"] == pytest.approx(best["params"]["train.lr"])
+    assert config["train"]["lr_backbone"] == pytest.approx(
+        best["params"]["train.lr"] * best["params"]["train.lr_backbone_mult"]
+    )
+    code = train_main(
+        ["--config", str(sweep / BEST_CONFIG_FILE), f"--set=train.storage_path={tmp_path}", "--set=train.name=again"]
+    )
+    assert code == 0
+    again = json.loads((tmp_path / "again" / "config.json").read_text())
+    assert again["train"]["lr"] == config["train"]["lr"] and again["model"] == config["model"]
+    assert [r["epoch"] for r in read_metrics(tmp_path / "again" / "metrics.jsonl") if r["kind"] == "eval"] == [0]
+
+
+def test_asha_stops_the_trial_that_must_lose(ray_local, tmp_path, sweep_overrides):
+    # Two trials in grid order, one at a time: the second is scored on a val split without objects,
+    # which pycocotools scores -1, below the first trial's AP at the first rung, whatever it is.
+    overrides = sweep_overrides(
+        tmp_path,
+        "asha",
+        'space={"data": {"val_ann": {"grid": ["instances_val.json", "instances_val_empty.json"]}}}',
+        "num_trials=1",
+        "scheduler.grace_period=1",
+        "scheduler.reduction_factor=2",
+        epochs=2,
+    )
+    cfg, job, space = load_sweep_config(overrides=overrides)
+    outcome = run_sweep(cfg, job, space, progress_every_s=5)
+    rows = {r["data.val_ann"]: r for r in outcome.rows}
+    winner, loser = rows["instances_val.json"], rows["instances_val_empty.json"]
+    assert winner["status"] == "done" and winner["epochs_run"] == 2 and not winner["stopped_early"]
+    assert loser["stopped_early"] and loser["epochs_run"] == 1 and loser["AP"] == -1.0
+    curves = {s.params["data.val_ann"]: s.curve for s in outcome.summaries}
+    assert [e for e, _ in curves["instances_val_empty.json"]] == [1]

@@ -1,0 +1,279 @@
+"""Runs a sweep: Ray, the sweep directory, trial resources and concurrency, a new or restored Tuner, outputs.
+
+Sweep directory (``<storage_path>/<name>/``, also Tune's experiment directory)::
+
+    sweep_config.json, base_config.json   the sweep config and its resolved base training config
+    trial_<id>/                           Tune's per-trial folder (progress, the driver's stdout/stderr)
+    trials/<id>/                          each trial's Ray Train run: checkpoints, metrics.jsonl, curves
+    trials.csv, trials.parquet, best_config.json, best_trial.json, metric_vs_params.png, metric_curves.png
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import logging
+import math
+from typing import Any
+
+import ray
+from ray import tune
+
+from pipelines.config import ConfigError, JobConfig, validate_job_config
+from pipelines.raytrain.cluster import connect_ray
+from pipelines.raytrain.preflight import PreflightError, preflight
+from pipelines.storage import absolute, filesystem_for, is_remote, join_uri, write_bytes
+from tune.config import SweepConfig
+from tune.plots import CURVES_PLOT, PARAMS_PLOT, plot_curves, plot_params
+from tune.progress import SweepProgress
+from tune.results import (
+    TrialSummary,
+    read_text,
+    summarize,
+    table_rows,
+    write_best,
+    write_table,
+)
+from tune.space import SearchSpace, apply_params
+from tune.trial import EPOCHS_DONE, TRIAL_DRIVER_RESOURCES, run_trial
+
+log = logging.getLogger(__name__)
+
+SWEEP_CONFIG_FILE = "sweep_config.json"
+BASE_CONFIG_FILE = "base_config.json"
+TRIALS_DIR = "trials"
+
+
+@dataclasses.dataclass
+class SweepOutcome:
+    sweep_uri: str
+    summaries: list[TrialSummary]
+    rows: list[dict[str, Any]]
+    best: TrialSummary | None
+    files: list[str]
+    resumed: bool
+    concurrency: int = 1
+
+
+# Training fields that change what a trial holds; when searched, the largest trial sets the concurrency.
+RESOURCE_FIELDS = (
+    "train.num_workers",
+    "train.cpus_per_worker",
+    "train.gpus_per_worker",
+    "train.use_gpu",
+    "data.num_decode_workers",
+)
+
+
+def _trial_need(job: JobConfig) -> dict[str, float]:
+    t = job.train
+    # Without CPUs outside the worker group, a trial's decode tasks wait forever (the same count
+    # pipelines.raytrain.cluster.connect_ray adds when it sizes a local Ray).
+    need = {"CPU": t.num_workers * t.cpus_per_worker + max(2, job.data.num_decode_workers or 2)}
+    if t.use_gpu:
+        need["GPU"] = t.num_workers * t.gpus_per_worker
+    return need
+
+
+def trial_resources(job: JobConfig, space: SearchSpace | None = None) -> dict[str, float]:
+    """What one trial holds while it trains: its worker group, plus CPUs for its Ray Data decode tasks.
+
+    With resource fields in ``space``, the most any of their candidate combinations asks for.
+    """
+    names = [n for n in RESOURCE_FIELDS if space is not None and n in space.domains]
+    need = _trial_need(job)
+    if not names:
+        return need
+    base = job.model_dump(mode="json")
+    for combo in itertools.product(*(space.domains[n].candidates for n in names)):
+        trial = validate_job_config(apply_params(base, {**space.fixed, **dict(zip(names, combo))}))
+        for k, v in _trial_need(trial).items():
+            need[k] = max(need.get(k, 0.0), v)
+    return need
+
+
+def max_concurrent_trials(
+    job: JobConfig, cluster: dict[str, float], requested: int | None, strict: bool, space: SearchSpace | None = None
+) -> int:
+    """How many trials run at once: as many as the cluster holds (GPUs, else CPUs), at most ``requested``.
+
+    Args:
+        strict: a local Ray this process started (cannot grow): a trial that does not fit is an error.
+            On a joined cluster, which may autoscale, the requested number is kept with a warning.
+
+    Raises:
+        PreflightError: one trial does not fit a local Ray.
+    """
+    need = trial_resources(job, space)
+    fits = min(math.floor(cluster.get(k, 0.0) / v + 1e-9) for k, v in need.items())
+    have = ", ".join(f"{k} {cluster.get(k, 0.0):g}" for k in need)
+    wants = ", ".join(f"{k} {v:g}" for k, v in need.items())
+    if fits < 1:
+        msg = f"one trial needs {wants} (workers plus data decoding), the cluster has {have}"
+        if strict:
+            raise PreflightError(msg + ": lower train.num_workers / train.cpus_per_worker in the base config")
+        log.warning("%s; waiting for the cluster to scale up", msg)
+        return requested or 1
+    if requested is None:
+        return fits
+    if requested > fits:
+        if strict:
+            print(f"max_concurrent_trials={requested} lowered to {fits}: each trial needs {wants}, Ray has {have}")
+            return fits
+        log.warning("max_concurrent_trials=%d > %d that fit now (%s); relying on autoscaling", requested, fits, have)
+    return requested
+
+
+def _tune_storage(uri: str):
+    """(storage_path, storage_filesystem) for Tune: a bucket URI goes through our filesystem (endpoint options)."""
+    if is_remote(uri):
+        return filesystem_for(uri)[::-1]
+    return uri, None
+
+
+def _searcher(cfg: SweepConfig, concurrency: int):
+    """The search algorithm, holding the concurrency cap (Tune ignores max_concurrent_trials for a generator)."""
+    if cfg.searcher.kind == "optuna":
+        try:
+            import optuna  # noqa: F401
+            from ray.tune.search.optuna import OptunaSearch
+        except ImportError as e:
+            raise ConfigError(
+                'searcher.kind=optuna needs Optuna: pip install -e ".[tune]" (or pip install optuna)'
+            ) from e
+        from ray.tune.search import ConcurrencyLimiter
+
+        return ConcurrencyLimiter(OptunaSearch(seed=cfg.searcher.seed), max_concurrent=concurrency)
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    return BasicVariantGenerator(random_state=cfg.searcher.seed, max_concurrent=concurrency)
+
+
+def _scheduler(cfg: SweepConfig, epochs: int):
+    if cfg.scheduler.kind == "none":
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    s = cfg.scheduler
+    # max_t one past the last epoch: ASHA stops every trial that reaches max_t, which would kill the
+    # survivors at their last report, before their run writes its final outputs. Rungs stay the same.
+    return ASHAScheduler(
+        time_attr=EPOCHS_DONE, max_t=epochs + 1, grace_period=s.grace_period, reduction_factor=s.reduction_factor
+    )
+
+
+def _trial_dirname(trial) -> str:
+    return f"trial_{trial.trial_id}"
+
+
+def _check_same_sweep(sweep_uri: str, cfg: SweepConfig) -> bool:
+    """True when the directory holds this sweep already; ConfigError when it holds another one."""
+    saved = read_text(join_uri(sweep_uri, SWEEP_CONFIG_FILE))
+    if saved is None:
+        return False
+    before, now = json.loads(saved), cfg.model_dump(mode="json")
+    if before != now:
+        changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+        raise ConfigError(
+            f"{sweep_uri} holds another sweep (different {', '.join(changed)}): run the same command to resume "
+            f"it, or give this one its own --set name=..."
+        )
+    return True
+
+
+def run_sweep(
+    cfg: SweepConfig, job: JobConfig, space: SearchSpace, *, address: str | None = None, progress_every_s=30.0
+) -> SweepOutcome:
+    """Runs (or resumes) the sweep to its end and writes its outputs.
+
+    Args:
+        cfg, job, space: from tune.config.load_sweep_config (validated).
+        address: Ray cluster to join; default RAY_ADDRESS, else a local Ray.
+
+    Raises:
+        ConfigError, PreflightError: before any trial starts.
+    """
+    # Once, before any trial: absolute paths (trials run in other directories), the demo data
+    # generated (concurrent trials would race to write it), the data and storage reachable.
+    job = preflight(job)
+    storage = absolute(cfg.storage_path)
+    sweep_uri = join_uri(storage, cfg.sweep_name)
+    same = _check_same_sweep(sweep_uri, cfg)
+    started_local = connect_ray(job, address)
+    concurrency = max_concurrent_trials(job, ray.cluster_resources(), cfg.max_concurrent_trials, started_local, space)
+
+    base = job.model_dump(mode="json")
+    if not same:
+        write_bytes(join_uri(sweep_uri, SWEEP_CONFIG_FILE), (cfg.model_dump_json(indent=2) + "\n").encode())
+        write_bytes(join_uri(sweep_uri, BASE_CONFIG_FILE), (json.dumps(base, indent=2) + "\n").encode())
+    trials_uri = join_uri(sweep_uri, TRIALS_DIR)
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, base=base, trials_uri=trials_uri), TRIAL_DRIVER_RESOURCES
+    )
+    epochs = job.train.epochs
+    storage_path, storage_fs = _tune_storage(storage)
+    exp_path, exp_fs = _tune_storage(sweep_uri)
+    resumed = tune.Tuner.can_restore(exp_path, storage_filesystem=exp_fs)
+    if resumed:
+        print(f"resuming sweep {sweep_uri}: finished trials are kept, interrupted ones continue", flush=True)
+        tuner = tune.Tuner.restore(
+            exp_path, trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=exp_fs
+        )
+    else:
+        print(
+            f"sweep {sweep_uri}: {space.num_trials(cfg.num_trials)} trials ({cfg.searcher.kind} search, {cfg.scheduler.kind} "
+            f"scheduler on {cfg.metric}), {epochs} epochs each, {concurrency} at a time",
+            flush=True,
+        )
+        for name, d in space.domains.items():
+            print(f"  {name}: {d.describe()}", flush=True)
+        tuner = tune.Tuner(
+            trainable,
+            param_space=space.tune_param_space(),
+            tune_config=tune.TuneConfig(
+                metric=cfg.metric,
+                mode="max",
+                num_samples=cfg.num_trials,
+                search_alg=_searcher(cfg, concurrency),
+                scheduler=_scheduler(cfg, epochs),
+                trial_dirname_creator=_trial_dirname,
+            ),
+            run_config=tune.RunConfig(
+                name=cfg.sweep_name,
+                storage_path=storage_path,
+                storage_filesystem=storage_fs,
+                callbacks=[
+                    SweepProgress(cfg.metric, epochs, space.num_trials(cfg.num_trials), every_s=progress_every_s)
+                ],
+                log_to_file=True,  # each trial's own training output goes to its folder, not this console
+                verbose=0,
+            ),
+        )
+    grid = tuner.fit()
+    outcome = write_outputs(sweep_uri, grid, cfg, job, space, resumed)
+    outcome.concurrency = concurrency
+    return outcome
+
+
+def write_outputs(sweep_uri: str, grid, cfg: SweepConfig, job: JobConfig, space: SearchSpace, resumed: bool):
+    """The trials table (printed, CSV, Parquet), the best trial's config, and the plots."""
+    names = list(space.domains)
+    summaries = [summarize(r, names, cfg.metric, job.train.epochs) for r in grid]
+    rows = table_rows(summaries, cfg.metric)
+    files = write_table(sweep_uri, rows)
+    scored = [s for s in summaries if s.best is not None]
+    best = max(scored, key=lambda s: s.best[cfg.metric]) if scored else None
+    if best is not None:
+        data = apply_params(job.model_dump(mode="json"), {**space.fixed, **best.params})
+        # Trained again from this file, it is a run of its own: the base's storage, a fresh name.
+        data["train"].update(name=None, storage_path=job.train.storage_path)
+        config = validate_job_config(data).model_dump(mode="json")
+        files += write_best(sweep_uri, best, config)
+    try:
+        write_bytes(join_uri(sweep_uri, PARAMS_PLOT), plot_params(summaries, space.domains, cfg.metric))
+        write_bytes(join_uri(sweep_uri, CURVES_PLOT), plot_curves(summaries, cfg.metric))
+        files += [join_uri(sweep_uri, PARAMS_PLOT), join_uri(sweep_uri, CURVES_PLOT)]
+    except Exception as e:  # pictures are a nicety, never the reason a sweep fails
+        log.warning("could not draw the sweep's plots: %s", e)
+    return SweepOutcome(sweep_uri, summaries, rows, best, files, resumed)
