@@ -1,11 +1,12 @@
 """Multi-scale deformable attention: CUDA and CPU kernels built on first use, a PyTorch reference, one op.
 
 Public interface (versioned by ``__version__``): ``ms_deform_attn``, ``MSDeformAttn``,
-``ms_deform_attn_reference``, ``set_backend``/``get_backend``, ``cuda_kernel_available``,
-``cpu_kernel_available``.
+``ms_deform_attn_fused``, ``ms_deform_attn_reference``, ``set_backend``/``get_backend``,
+``cuda_kernel_available``, ``cpu_kernel_available``.
 """
 
 from ops.functional import get_backend, ms_deform_attn, set_backend
+from ops.fused import ms_deform_attn_fused
 from ops.modules import MSDeformAttn
 from ops.reference import ms_deform_attn_reference
 
@@ -33,6 +34,7 @@ __all__ = [
     "cuda_kernel_available",
     "get_backend",
     "ms_deform_attn",
+    "ms_deform_attn_fused",
     "ms_deform_attn_reference",
     "set_backend",
 ]

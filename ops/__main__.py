@@ -6,7 +6,7 @@ import time
 
 
 def main(argv: list[str]) -> int:
-    from ops import _cache, _cuda, cuda_kernel_available, get_backend
+    from ops import _cache, _cuda, _fused_cuda, cuda_kernel_available, get_backend
 
     command, args = (argv[0], argv[1:]) if argv else ("info", [])
     if command == "build":
@@ -22,8 +22,8 @@ def main(argv: list[str]) -> int:
             args = [_cuda.arch_for_capability(torch.cuda.get_device_capability())]
         for arch in args:
             start = time.perf_counter()
-            path = _cuda.build(arch)
-            print(f"{_cuda.normalize_arch(arch)}: {path} ({time.perf_counter() - start:.1f} s)")
+            paths = [_cuda.build(arch), _fused_cuda.build(arch)]
+            print(f"{_cuda.normalize_arch(arch)}: {', '.join(map(str, paths))} ({time.perf_counter() - start:.1f} s)")
         return 0
     if command == "info":
         try:
@@ -37,6 +37,12 @@ def main(argv: list[str]) -> int:
         print(f"compiler: {nvrtc}")
         print(f"cache: {_cache.cache_root()}")
         print("CUDA kernel: available" if ok else f"CUDA kernel: unavailable ({reason}); the PyTorch reference runs")
+        ok, reason = _fused_cuda.is_available()
+        print(
+            "fused kernel: available"
+            if ok
+            else f"fused kernel: unavailable ({reason}); softmax and locations run in PyTorch"
+        )
         return 0
     print("usage: python -m ops {info|build [ARCH ...]}", file=sys.stderr)
     return 2

@@ -540,6 +540,9 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("No CUDA device: this benchmark needs a GPU (torch.cuda.is_available() is False).", file=sys.stderr)
         return 2
+    # The fused op's checks and rows (ops/benchmark_fused.py imports this module's helpers).
+    from ops.benchmark_fused import evaluate_fused_targets, run_fused_benchmark, run_fused_checks
+
     ok, reason = _cuda.is_available()
     if not ok:
         print(f"The CUDA kernel is unavailable on this machine: {reason}", file=sys.stderr)
@@ -553,9 +556,11 @@ def main(argv: list[str] | None = None) -> int:
     report = Report()
     try:
         run_checks(report, device)
+        run_fused_checks(report, device)
         bandwidth = copy_bandwidth(device)
         print(f"device-to-device copy bandwidth: {bandwidth / 1e9:.0f} GB/s")
         run_benchmark(report, device, bandwidth)
+        run_fused_benchmark(report, device, bandwidth)
     finally:
         ops.set_backend(previous_backend)
     print()
@@ -567,6 +572,7 @@ def main(argv: list[str] | None = None) -> int:
         "sampling locations = reference point + ~2 px Gaussian offsets, N=2, M=8, D=32, L=4, P=4"
     )
     evaluate_targets(report)
+    evaluate_fused_targets(report)
     if json_path:
         with open(json_path, "w") as f:
             json.dump(

@@ -11,7 +11,7 @@ import math
 import torch
 from torch import nn
 
-from ops.functional import ms_deform_attn
+from ops.fused import ms_deform_attn_composed, ms_deform_attn_fused
 
 
 class MSDeformAttn(nn.Module):
@@ -24,6 +24,10 @@ class MSDeformAttn(nn.Module):
         n_heads: number of attention heads M.
         n_points: sampling points P per head and level.
     """
+
+    # False: softmax and locations in PyTorch, then the unfused op (the layer before the fused
+    # kernel); benchmarks flip it to time a whole model both ways. The outputs agree either way.
+    fused: bool = True
 
     def __init__(self, d_model: int = 256, n_levels: int = 4, n_heads: int = 8, n_points: int = 4):
         super().__init__()
@@ -112,17 +116,12 @@ class MSDeformAttn(nn.Module):
             value = value.masked_fill(input_padding_mask[..., None], 0.0)
         value = value.view(N, S, M, C // M)  # (N, S, C) -> (N, S, M, D)
 
-        # Locations stay in float32 even under autocast: a bf16 location is off by up to a pixel
-        # on a 150-wide map.
+        # Offsets, logits and locations stay in float32 even under autocast: a bf16 location is off
+        # by up to a pixel on a 150-wide map. The softmax over L*P and `reference + offset / (W, H)`
+        # (or the box form) happen inside the fused op: on CUDA in the kernel, which so never writes
+        # the (N, Lq, M, L, P, 2) locations and (N, Lq, M, L, P) weights out to memory.
         offsets = self.sampling_offsets(query).float().view(N, Lq, M, L, P, 2)
-        attn = self.attention_weights(query).float().view(N, Lq, M, L * P).softmax(-1)
-        attn = attn.view(N, Lq, M, L, P)  # (N, Lq, M, L*P) -> (N, Lq, M, L, P)
-        ref = reference_points.float()
-        if ref.shape[-1] == 2:
-            # offsets are in pixels of each level: divide by (W, H) to normalize
-            normalizer = torch.stack([input_spatial_shapes[..., 1], input_spatial_shapes[..., 0]], -1).to(offsets.dtype)
-            locations = ref[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
-        else:
-            locations = ref[:, :, None, :, None, :2] + offsets / P * ref[:, :, None, :, None, 2:] * 0.5
-        out = ms_deform_attn(value, input_spatial_shapes, input_level_start_index, locations, attn)
+        logits = self.attention_weights(query).float().view(N, Lq, M, L, P)
+        attend = ms_deform_attn_fused if self.fused else ms_deform_attn_composed
+        out = attend(value, input_spatial_shapes, input_level_start_index, reference_points.float(), offsets, logits)
         return self.output_proj(out.to(value.dtype))

@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from ops import _cache, _cuda
+from ops import _cache, _cuda, _fused_cuda
 
 _nvrtc = pytest.importorskip("ops._nvrtc", reason="the cuda extra is not installed: pip install 'msda-ops[cuda]'")
 
@@ -30,6 +30,7 @@ def built(tmp_path_factory):
         for arch in ARCHS:
             start = time.perf_counter()
             results[arch] = (_cuda.build(arch), time.perf_counter() - start)
+            _fused_cuda.build(arch)  # `python -m ops build` builds both sources
     return cache, results
 
 
@@ -49,6 +50,16 @@ def test_every_kernel_compiles(built, arch):
     assert all(symbol.startswith("_ZN4msda") for symbol in meta["symbols"].values())
     assert "warning" not in meta["log"].lower(), meta["log"]
     print(f"NVRTC {arch}: {seconds:.1f} s, {len(code) / 1e3:.0f} kB")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_fused_kernel_compiles(built, arch, monkeypatch):
+    monkeypatch.setenv("MSDA_CACHE_DIR", str(built[0]))
+    monkeypatch.setattr(_nvrtc, "compile_source", lambda *a: pytest.fail("compiled again"))
+    meta, code = _nvrtc.read(_fused_cuda.build(arch))  # built by the fixture: found in the cache
+    assert meta["kind"] == "cubin" and code[:4] == b"\x7fELF", arch
+    assert sorted(meta["symbols"]) == sorted(_fused_cuda.KERNEL_NAMES), f"{arch}: {sorted(meta['symbols'])}"
+    assert "warning" not in meta["log"].lower(), meta["log"]
 
 
 def test_build_is_cached(built, monkeypatch):
