@@ -371,6 +371,13 @@ def ms_deform_attn_fused(
     _validate_fused(value, spatial_shapes, reference_points, offsets, attention_logits)
     # Value, level table and the shapes that match the unfused op's arguments one to one.
     _validate(value, spatial_shapes, level_start_index, offsets, attention_logits)
+    if not torch.compiler.is_compiling() and not (value.is_cuda and _use_fused_kernel(value.device)):
+        # No fused kernel here (the CPU, or a GPU without it): the composition under plain autograd,
+        # so the unfused op takes its own best path (its CPU kernel, or the reference, whose backward
+        # then reuses the forward's samples instead of recomputing them inside an opaque op).
+        return ms_deform_attn_composed(
+            value, spatial_shapes, level_start_index, reference_points, offsets, attention_logits
+        )
     coord_dtype = torch.float64 if value.dtype == torch.float64 else torch.float32
     return _fused_forward_op(
         value.contiguous(),
