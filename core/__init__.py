@@ -8,6 +8,7 @@ Typical use::
     loss = criterion.total_loss(criterion(outputs, targets))
 
     model, criterion, postprocessor, ckpt = load_checkpoint("r50_deformable_detr-checkpoint.pth")
+    detections = Predictor.from_checkpoint("r50_deformable_detr-checkpoint.pth")(image)  # boxes, scores, names
 """
 
 from core.build import build_criterion, build_detector, build_model
@@ -25,17 +26,20 @@ from core.checkpoint import (
 )
 from core.config import DetrConfig, LossConfig, MatcherConfig, ModelConfig
 from core.detector import MLP, DeformableDETR
+from core.predictor import Detections, Predictor
 
 __all__ = [
     "CHECKPOINT_FORMAT",
     "MLP",
     "Checkpoint",
     "DeformableDETR",
+    "Detections",
     "DetrConfig",
     "LoadedModel",
     "LossConfig",
     "MatcherConfig",
     "ModelConfig",
+    "Predictor",
     "build_criterion",
     "build_detector",
     "build_model",
