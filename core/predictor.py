@@ -128,6 +128,13 @@ def checkpoint_input_size(ckpt: Checkpoint) -> InputSize:
     )
 
 
+def prepare_image(rgb: np.ndarray, input_size: InputSize) -> PreparedImage:
+    """An (H, W, 3) uint8 RGB image resized for the model; ``Predictor.prepare`` after the conversion."""
+    h, w = rgb.shape[:2]
+    oh, ow = size_for_short_side(h, w, input_size.short_side, input_size.max_size)
+    return PreparedImage(resize_rgb(rgb, oh, ow), h, w)
+
+
 class Predictor:
     """Runs a Deformable DETR on images and returns detections in pixels with class names.
 
@@ -216,10 +223,7 @@ class Predictor:
 
     def prepare(self, image: Any) -> PreparedImage:
         """Converts and resizes one image (array, PIL image or bytes); CPU work a data pipeline can run apart."""
-        rgb = to_rgb_array(image)
-        h, w = rgb.shape[:2]
-        oh, ow = size_for_short_side(h, w, self.input_size.short_side, self.input_size.max_size)
-        return PreparedImage(resize_rgb(rgb, oh, ow), h, w)
+        return prepare_image(to_rgb_array(image), self.input_size)
 
     def __call__(self, images: Any) -> Detections | list[Detections]:
         """Detections of one image, or a list of them for a list (or tuple) of images."""

@@ -108,6 +108,8 @@ def pad_and_normalize_batch(
     mean = torch.tensor(pixel_mean, dtype=torch.float32, device=device).view(3, 1, 1)
     std = torch.tensor(pixel_std, dtype=torch.float32, device=device).view(3, 1, 1)
     for i, (im, (h, w)) in enumerate(zip(images, sizes)):
+        if isinstance(im, np.ndarray) and not im.flags.writeable:  # e.g. np.frombuffer over Arrow memory
+            im = im.copy()
         x = torch.as_tensor(im).to(device, non_blocking=True).permute(2, 0, 1)  # (h, w, 3) -> (3, h, w)
         out[i, :, :h, :w] = (x.float() / 255.0 - mean) / std
         mask[i, :h, :w] = False
