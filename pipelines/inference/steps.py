@@ -63,8 +63,12 @@ RESULT_SCHEMA = pa.schema(
 )
 
 
-def classify_error(err: BaseException) -> str:
-    """The kind of a read or decode failure, for the summary."""
+# Signatures of formats Pillow decodes: a file that starts like one but does not decode is corrupt, not unsupported.
+_IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"BM", b"II*\x00", b"MM\x00*", b"RIFF")
+
+
+def classify_error(err: BaseException, data: bytes | None = None) -> str:
+    """The kind of a read or decode failure, for the summary; ``data`` are the file's bytes, if read."""
     if isinstance(err, FileNotFoundError):
         return MISSING
     if isinstance(err, ImageDecodeError):
@@ -74,7 +78,7 @@ def classify_error(err: BaseException) -> str:
         if isinstance(cause, Image.DecompressionBombError):
             return TOO_LARGE
         if isinstance(cause, UnidentifiedImageError):
-            return UNSUPPORTED
+            return CORRUPT if data is not None and bytes(data[:4]).startswith(_IMAGE_MAGIC) else UNSUPPORTED
         if "truncated" in msg.lower() or "Premature end" in msg:
             return TRUNCATED
         return CORRUPT
@@ -112,7 +116,7 @@ class DecodeImages:
                 rh, rw = prepared.pixels.shape[:2]
                 h, w, pixels = prepared.height, prepared.width, prepared.pixels.tobytes()
             except Exception as e:  # noqa: BLE001 - whatever one file does, it fails its own row only
-                error, kind = _one_line(e, uri), classify_error(e)
+                error, kind = _one_line(e, uri), classify_error(e, None if isinstance(data, BaseException) else data)
             for name, value in zip(DECODED_SCHEMA.names, (uri, part, pixels, rh, rw, h, w, error, kind)):
                 cols[name].append(value)
         return pa.table(cols, schema=DECODED_SCHEMA)
