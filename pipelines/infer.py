@@ -54,7 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from pipelines.inference.job import InferenceConfig, connect, run_inference
+    from pipelines.inference.job import InferenceConfig, run_inference
     from pipelines.inference.outputs import OutputError
     from pipelines.inference.sources import InputError
 
@@ -65,17 +65,11 @@ def main(argv: list[str] | None = None) -> int:
         err = e.errors()[0]
         print(f"infer: --{str(err['loc'][0]).replace('_', '-')}: {err['msg']}", file=sys.stderr)
         return 2
-    started = connect(cfg.address)
     try:
         summary = run_inference(cfg)
-    except (InputError, OutputError, FileNotFoundError, ValueError) as e:
+    except (InputError, OutputError, ValueError) as e:
         print(f"infer: {e}", file=sys.stderr)
         return 2
-    finally:
-        if started:
-            import ray
-
-            ray.shutdown()
     failed = ", ".join(f"{k} {n}" for k, n in summary["failed_this_run"].items()) or "none"
     print(
         f"infer: done {summary['images_done']}/{summary['images_total']} images "

@@ -8,7 +8,6 @@ the output stops. See ``outputs`` for the folder's layout and guarantees.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import shutil
 import tempfile
@@ -116,6 +115,8 @@ def load_checkpoint_for_inference(uri: str) -> Checkpoint:
     tmp = tempfile.mkdtemp(prefix="ddetr-infer-ckpt-")
     try:
         ckpt = read_checkpoint(fetch_checkpoint_file(uri, tmp))
+    except (OSError, ValueError) as e:  # FileNotFoundError included
+        raise ValueError(f"--checkpoint {uri.partition('?')[0]!r} cannot be loaded: {e}") from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return Checkpoint(config=ckpt.config, model=ckpt.model, meta=ckpt.meta, source_format=ckpt.source_format)
@@ -129,8 +130,12 @@ class Progress:
         self.start = self.last = time.monotonic()
         self.images = self.detections = self.parts = 0
         self.errors: Counter[str] = Counter()
+        self.first_at: float | None = None  # when the first rows arrived, and how many
+        self.first_rows = 0
 
     def add(self, table: pa.Table) -> None:
+        if self.first_at is None:
+            self.first_at, self.first_rows = time.monotonic(), table.num_rows
         self.images += table.num_rows
         self.detections += sum(len(s) for s in table.column("scores").to_pylist())
         self.errors.update(k for k in table.column("error_kind").to_pylist() if k is not None)
@@ -148,7 +153,11 @@ class Progress:
         )
 
     def summary(self, output: str) -> dict[str, Any]:
-        wall = time.monotonic() - self.start
+        now = time.monotonic()
+        wall = now - self.start
+        # From the first result on: the rate a long job runs at, without the start-up (plan, actors, model).
+        later = self.images - self.first_rows
+        steady = later / (now - self.first_at) if self.first_at is not None and later and now > self.first_at else 0.0
         return {
             "output": output,
             "images_total": self.total,
@@ -160,21 +169,26 @@ class Progress:
             "parts_written": self.parts,
             "wall_s": round(wall, 3),
             "images_per_s": round(self.images / wall, 3) if self.images else 0.0,
+            "steady_images_per_s": round(steady, 3),
         }
 
 
 def run_inference(cfg: InferenceConfig, images: ImageList | None = None) -> dict[str, Any]:
-    """Runs the job (Ray must be connected); returns the summary.
+    """Runs the job; returns the summary. Joins or starts Ray (``connect``) only when there is work.
 
     Args:
         cfg: the validated options.
         images: the listed input (listed from ``cfg.input`` when None).
+
+    Raises:
+        InputError, OutputError, ValueError: bad input, output or checkpoint, named in the message,
+            before anything is written.
     """
+    images = images or list_images(cfg.input, cfg.glob)
+    ckpt = load_checkpoint_for_inference(cfg.checkpoint)
     out = OutputDir(cfg.output)
     out.prepare()
-    ckpt = load_checkpoint_for_inference(cfg.checkpoint)
     out.check_job(cfg.settings(cfg.checkpoint.partition("?")[0]))
-    images = images or list_images(cfg.input, cfg.glob)
     done = out.done_uris()
     todo = [u for u in images.uris if u not in done]
     progress = Progress(len(images.uris), len(images.uris) - len(todo), cfg.progress_every_s)
@@ -186,7 +200,12 @@ def run_inference(cfg: InferenceConfig, images: ImageList | None = None) -> dict
     if images.duplicates:
         print(f"infer: {images.duplicates} manifest lines repeat an image listed before; each image gets one row")
     if todo:
-        _run_pipeline(cfg, ckpt, images, todo, out, progress)
+        started = connect(cfg.address)
+        try:
+            _run_pipeline(cfg, ckpt, images, todo, out, progress)
+        finally:
+            if started:
+                ray.shutdown()
     write_manifest(out)
     if cfg.coco_json:
         from pipelines.inference.extras import write_coco_results
@@ -237,8 +256,11 @@ def _run_pipeline(
         threads = max(1, int(cfg.cpus_per_actor), share)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
-    items = [{"uri": u, "part": parts[u]} for u in todo]
-    ds = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / cfg.decode_batch)))
+    # One input block per part: Arrow columns rather than a Python dict per image keep a driver listing
+    # millions of images small, and parts come out roughly in order, so few are in flight at a kill.
+    table = pa.table({"uri": todo, "part": [parts[u] for u in todo]})
+    blocks = [table.slice(i, cfg.images_per_part) for i in range(0, len(todo), cfg.images_per_part)]
+    ds = ray.data.from_arrow(blocks)
     ds = ds.map_batches(
         DecodeImages(input_size, images.storage_options, cfg.read_threads),
         batch_size=cfg.decode_batch,
