@@ -7,6 +7,7 @@ the output stops. See ``outputs`` for the folder's layout and guarantees.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -305,15 +306,19 @@ def _run_pipeline(
 
 def write_manifest(out: OutputDir) -> dict[str, Any]:
     """The manifest of every part present (rows, detections, failures by kind); rewritten only if it changed."""
+    old = out.read(MANIFEST_FILE)
+    # A part never changes once written, so the previous manifest's entries stand; only new parts are read.
+    known = {p["file"]: p for p in json.loads(old)["parts"]} if old else {}
     parts, errors = [], Counter()
     for name in out.part_files():
-        t = out.read_part(name, ["uri", "scores", "error_kind"])
-        kinds = Counter(k for k in t.column("error_kind").to_pylist() if k is not None)
-        errors.update(kinds)
-        detections = sum(len(s) for s in t.column("scores").to_pylist())
-        parts.append(
-            {"file": name, "rows": t.num_rows, "detections": detections, "failed": dict(sorted(kinds.items()))}
-        )
+        entry = known.get(name)
+        if entry is None:
+            t = out.read_part(name, ["uri", "scores", "error_kind"])
+            kinds = Counter(k for k in t.column("error_kind").to_pylist() if k is not None)
+            detections = sum(len(s) for s in t.column("scores").to_pylist())
+            entry = {"file": name, "rows": t.num_rows, "detections": detections, "failed": dict(sorted(kinds.items()))}
+        errors.update(entry["failed"])
+        parts.append(entry)
     manifest = {
         "format": "ray-deformable-detr/inference-v1",
         "images": sum(p["rows"] for p in parts),

@@ -22,6 +22,7 @@ import json
 import os
 import tempfile
 from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pyarrow as pa
@@ -110,8 +111,12 @@ class OutputDir:
             OutputError: an image has rows in two parts (a folder written by two jobs at once).
         """
         done: dict[str, str] = {}
-        for name in self.part_files():
-            for uri in self.read_part(name, ["uri"]).column("uri").to_pylist():
+        names = self.part_files()
+        # Object stores answer many reads at once; thousands of parts would take minutes one by one.
+        with ThreadPoolExecutor(max_workers=16 if self.remote else 1) as pool:
+            columns = list(pool.map(lambda n: self.read_part(n, ["uri"]).column("uri").to_pylist(), names))
+        for name, uris in zip(names, columns):
+            for uri in uris:
                 if uri in done:
                     raise OutputError(
                         f"{uri} has rows in both {self.uri_of(done[uri])} and {self.uri_of(name)}: "
@@ -185,7 +190,9 @@ class OutputDir:
             return
         saved = json.loads(old)
         differ = [f"{k}: output {saved.get(k)!r}, now {v!r}" for k, v in settings.items() if saved.get(k) != v]
-        if differ:
+        if differ and not self.part_files():  # a first run stopped before any row: nothing to disagree with
+            self.write(JOB_FILE, _json_bytes(settings))
+        elif differ:
             raise OutputError(
                 f"{self.base} holds rows made with other settings ({'; '.join(differ)}); "
                 "use a new --output, or the same settings to resume"

@@ -73,3 +73,13 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"infer: --checkpoint '{tmp_path / 'c.pt'}' cannot be loaded") and "\n" not in err
     assert not (tmp_path / "o").exists(), "a failed start must not write into the output"
+
+
+def test_settings_are_fixed_once_rows_exist(tmp_path):
+    out = OutputDir(str(tmp_path))
+    out.check_job({"score_threshold": 0.3})
+    out.check_job({"score_threshold": 0.5})  # no row yet: a first run stopped early binds nothing
+    out.write_part(_rows("/i/a.jpg"))
+    out.check_job({"score_threshold": 0.5})
+    with pytest.raises(OutputError, match=r"other settings \(score_threshold: output 0.5, now 0.3\)"):
+        out.check_job({"score_threshold": 0.3})
