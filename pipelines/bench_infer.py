@@ -6,7 +6,9 @@ many CPUs: decode tasks overlapping one model actor (or ``--gpus-per-actor`` GPU
 alternate between the two so both see the same background load. The job's rate is given whole (its
 start-up included: Ray Data's plan, the actor building its model) and from its first result on (the
 steady state that a long job runs at); the loop's from its first image, its model built beforehand.
-With a GPU, the device's busy fraction over the job is sampled with nvidia-smi.
+Images per CPU-second (every process of the job counted: driver, Ray's daemons, decode tasks, actors)
+say how much CPU the job's machinery costs, whatever else a shared machine runs. With a GPU, the
+device's busy fraction over the job is sampled with nvidia-smi.
 
     python -m pipelines.bench_infer                          # CPU: ResNet-50 model, 480-px images
     python -m pipelines.bench_infer --gpus-per-actor 1 --image-size 800 --num-images 512 --bf16
@@ -67,17 +69,60 @@ class GpuBusy:
         return float(np.mean(self.samples)) / 100 if self.samples else None
 
 
+def _process_tree_cpu_seconds() -> dict[int, float]:
+    """utime + stime of this process and every descendant (Ray's daemons and workers), by pid (Linux)."""
+    parents, cpu = {}, {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                fields = Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            parents[int(d)] = int(fields[1])
+            cpu[int(d)] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tree, frontier = {os.getpid()}, [os.getpid()]
+    while frontier:
+        p = frontier.pop()
+        kids = [c for c, pp in parents.items() if pp == p and c not in tree]
+        tree.update(kids)
+        frontier.extend(kids)
+    return {p: cpu[p] for p in tree if p in cpu}
+
+
+class CpuMeter:
+    """CPU seconds used by this process tree while running; sampled every 0.2 s, so that processes which
+    exit before the end (Ray Data's actors) still count up to their last sample."""
+
+    def __enter__(self) -> CpuMeter:
+        self.before = _process_tree_cpu_seconds()
+        self.last = dict(self.before)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.2):
+            self.last.update(_process_tree_cpu_seconds())
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.last.update(_process_tree_cpu_seconds())
+        self.seconds = sum(t - self.before.get(p, 0.0) for p, t in self.last.items())
+
+
 def plain_loop(files: list[str], predictor: Predictor, batch_size: int) -> dict[str, float]:
     """Read + decode + resize + model, one batch after the other, in this process."""
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     detections = 0
     for i in range(0, len(files), batch_size):
         prepared = [
             prepare_image(decode_image(read_file(f), name=f), predictor.input_size) for f in files[i : i + batch_size]
         ]
         detections += sum(len(d.scores) for d in predictor.predict_prepared(prepared))
-    wall = time.perf_counter() - start
-    return {"images_per_s": len(files) / wall, "wall_s": wall, "detections": detections}
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    return {"images_per_s": len(files) / wall, "images_per_cpu_s": len(files) / cpu, "detections": detections}
 
 
 def job_round(args: argparse.Namespace, checkpoint: str, images: str, out: str) -> dict[str, Any]:
@@ -99,9 +144,10 @@ def job_round(args: argparse.Namespace, checkpoint: str, images: str, out: str) 
         decode_batch=args.decode_batch,
         progress_every_s=1e9,
     )
-    with GpuBusy() as gpu:
+    with GpuBusy() as gpu, CpuMeter() as cpu:
         summary = run_inference(cfg)
     summary["gpu_busy_fraction"] = gpu.busy_fraction()
+    summary["images_per_cpu_s"] = summary["images_this_run"] / cpu.seconds
     return summary
 
 
@@ -159,7 +205,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 loops.append(plain_loop(files, predictor, args.batch_size))
                 print(
                     f"round {r}: job {jobs[-1]['images_per_s']:.2f} images/s whole, "
-                    f"{jobs[-1]['steady_images_per_s']:.2f} from its first result; loop {loops[-1]['images_per_s']:.2f}",
+                    f"{jobs[-1]['steady_images_per_s']:.2f} from its first result, "
+                    f"{jobs[-1]['images_per_cpu_s']:.3f} per CPU-second; loop {loops[-1]['images_per_s']:.2f} "
+                    f"images/s, {loops[-1]['images_per_cpu_s']:.3f} per CPU-second",
                     flush=True,
                 )
         finally:
@@ -178,8 +226,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "loop_images_per_s": med(loops, "images_per_s"),
         "job_images_per_s": med(jobs, "images_per_s"),
         "job_steady_images_per_s": med(jobs, "steady_images_per_s"),
+        "loop_images_per_cpu_s": med(loops, "images_per_cpu_s"),
+        "job_images_per_cpu_s": med(jobs, "images_per_cpu_s"),
         "gpu_busy_fraction": jobs[-1]["gpu_busy_fraction"],
     }
+    figures["ratio_per_cpu_s"] = figures["job_images_per_cpu_s"] / figures["loop_images_per_cpu_s"]
     figures["ratio_whole"] = figures["job_images_per_s"] / figures["loop_images_per_s"]
     figures["ratio_steady"] = figures["job_steady_images_per_s"] / figures["loop_images_per_s"]
     figures["same_detections"] = all(j["detections_this_run"] == loops[0]["detections"] for j in jobs)
@@ -187,7 +238,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"batch inference, {args.num_images} images {args.size} -> {args.image_size}px, {args.backbone}, {device}, "
         f"{args.cores} cores: loop {figures['loop_images_per_s']:.2f} images/s; job "
         f"{figures['job_images_per_s']:.2f} whole ({figures['ratio_whole']:.2f}x), "
-        f"{figures['job_steady_images_per_s']:.2f} from its first result ({figures['ratio_steady']:.2f}x)"
+        f"{figures['job_steady_images_per_s']:.2f} from its first result ({figures['ratio_steady']:.2f}x); "
+        f"images per CPU-second: job/loop {figures['ratio_per_cpu_s']:.2f}x"
         + (f"; GPU busy {figures['gpu_busy_fraction']:.0%}" if figures["gpu_busy_fraction"] is not None else "")
     )
     if args.json:
