@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from core.backbone import build_backbone
 from core.config import DetrConfig
 from core.criterion import SetCriterion, build_weight_dict
@@ -78,20 +80,25 @@ def build_criterion(cfg: DetrConfig) -> SetCriterion:
     )
 
 
+NUM_DETECTIONS = 100  # detections kept per image: COCO's maxDets, as the authors do
+
+
 def build_model(
-    cfg: DetrConfig, load_backbone_weights: bool = True
+    cfg: DetrConfig, load_backbone_weights: bool = True, label_map: Sequence[int] | None = None
 ) -> tuple[DeformableDETR, SetCriterion, PostProcess]:
     """Model, criterion and post-processor, as the authors' ``build`` returns them.
 
     Args:
         cfg: validated config (``DetrConfig.model_validate`` a dict to get one).
         load_backbone_weights: see build_detector.
+        label_map: head label -> dataset category id for the post-processor (see PostProcess); None
+            keeps the labels.
 
     Returns:
         (model, criterion, postprocessor): DeformableDETR on the CPU in train mode, SetCriterion
         (call ``criterion.total_loss`` on its output for the weighted sum), and PostProcess keeping
-        the top 100 detections per image.
+        the top NUM_DETECTIONS detections per image.
     """
     if not isinstance(cfg, DetrConfig):
         raise TypeError(f"cfg must be a DetrConfig, got {type(cfg).__name__}")
-    return build_detector(cfg, load_backbone_weights), build_criterion(cfg), PostProcess(num_select=100)
+    return build_detector(cfg, load_backbone_weights), build_criterion(cfg), PostProcess(NUM_DETECTIONS, label_map)

@@ -8,7 +8,7 @@
 It runs ``engine.train_one_epoch`` (autocast, loss, backward, clipping, AdamW with the paper's groups)
 on random images of a COCO-like size (800 x 1066 by default: short side 800, COCO's mean 4:3 aspect)
 with 7 boxes each, COCO's mean. Data loading is left out: this is the model's share of a step; Ray
-Data feeds the real run (``pipelines/bench_data.py`` times that side). Target on an H100 with
+Data feeds the real run (``python -m pipelines.data.bench`` times that side). Target on an H100 with
 bfloat16: >= 20 images/s (the paper's setup gave about 5 images/s per V100).
 """
 
@@ -33,7 +33,7 @@ import torch
 from core.build import build_model
 from pipelines.config import PRESETS, ConfigError, load_job_config
 from pipelines.engine import build_optimizer, freeze_zero_lr_params, resolve_amp_dtype, train_one_epoch
-from pipelines.train_worker import peak_memory_mb
+from pipelines.raytrain.metrics import peak_memory_mb
 
 
 def synthetic_batches(

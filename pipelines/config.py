@@ -9,7 +9,9 @@ A run's config is built once at the entry point, in this order (later wins):
 3. ``--set section.field=value`` overrides; the value is read as JSON when it parses
    (``2e-4``, ``true``, ``[1, 2]``, ``null``) and as a plain string otherwise.
 
-JSON and TOML because both parse with the standard library (no PyYAML dependency).
+JSON and TOML because both parse with the standard library (no PyYAML dependency). The configs of a
+resumed run (``resume_job_config``) and of an evaluation (``eval_job_config``) are built here too, with
+the same single override path (``apply_overrides``).
 """
 
 from __future__ import annotations
@@ -17,13 +19,21 @@ from __future__ import annotations
 import copy
 import json
 import os
-from typing import Any, Literal
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Literal
 
 import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from core.config import DetrConfig, LossConfig, MatcherConfig, ModelConfig
-from pipelines.data_config import DataConfig
+from pipelines.data.config import DataConfig
+from pipelines.presets import PRESETS, R50_IMAGENET  # noqa: F401  (part of this module's interface)
+from pipelines.storage import join_uri, read_bytes, split_uri
+
+if TYPE_CHECKING:
+    from core.checkpoint import Checkpoint
+
+CONFIG_FILE = "config.json"  # the resolved JobConfig, in every run directory
 
 
 class ConfigError(ValueError):
@@ -45,7 +55,7 @@ class FaultInjection(BaseModel):
 
 
 class DemoDataConfig(BaseModel):
-    """The generated shapes dataset (pipelines/synthetic.py) a preset creates at data.root when absent."""
+    """The generated shapes dataset (pipelines/data/synthetic.py) a preset creates at data.root when absent."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -155,134 +165,7 @@ class JobConfig(BaseModel):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Presets. Each is a partial config dict applied over the pydantic defaults (the paper's R50 model).
-
-# The paper's recipe: total batch 32 (8 GPUs x 4 images), 50 epochs, lr drop at 40, bf16.
-_COCO_RECIPE: dict[str, Any] = {
-    "data": {"root": "data/coco", "batch_size_per_worker": 4},
-    "train": {
-        "epochs": 50,
-        "lr_drop": 40,
-        "lr_schedule": "step",
-        "num_workers": 8,
-        "use_gpu": True,
-        "gpus_per_worker": 1,
-        "cpus_per_worker": 8,
-        "amp": "auto",
-        "eval_every": 1,
-        "keep_checkpoints": 3,
-        "max_failures": 3,
-        "log_every_s": 30,
-        "metrics_every_steps": 20,
-    },
-    "model": {"backbone": "resnet50", "num_classes": 91},
-}
-
-# Small shapes, light model, small images: trains from scratch on 2 CPU cores (see README).
-_DEMO_DATA = {
-    "root": "data/demo",
-    "train_images": "train",
-    "val_images": "val",
-    "train_ann": "instances_train.json",
-    "val_ann": "instances_val.json",
-    "category_ids": "contiguous",
-    "train_short_sides": [160],
-    "max_size": 160,
-    "val_short_side": 160,
-    "crop_prob": 0.0,
-    "hflip_prob": 0.5,
-    "batch_size_per_worker": 4,
-    "rows_per_task": 32,
-    "read_threads": 4,
-    "num_decode_workers": 1,
-    "prefetch_batches": 2,
-}
-
-PRESETS: dict[str, dict[str, Any]] = {
-    "demo": {
-        "demo_data": {"num_train": 1000, "num_val": 100, "num_classes": 4, "min_side": 160, "max_side": 224},
-        "model": {
-            "backbone": "resnet18",
-            "num_feature_levels": 3,
-            "hidden_dim": 128,
-            "nheads": 8,
-            "enc_layers": 2,
-            "dec_layers": 2,
-            "dim_feedforward": 512,
-            "dropout": 0.0,
-            "num_queries": 30,
-            "dec_n_points": 4,
-            "enc_n_points": 4,
-            "with_box_refine": True,
-            "num_classes": 4,
-        },
-        "data": _DEMO_DATA,
-        "train": {
-            "epochs": 12,
-            "lr": 5e-4,
-            "lr_backbone": 2e-4,
-            "lr_schedule": "warmup_cosine",
-            "warmup_epochs": 0.5,
-            "min_lr_ratio": 0.05,
-            "clip_max_norm": 0.1,
-            "num_workers": 2,
-            "cpus_per_worker": 1,
-            "eval_every": 2,
-            "keep_checkpoints": 2,
-            "log_every_s": 10,
-        },
-    },
-    # The CI-sized run of the tests and of `ray job submit` smoke checks: seconds per epoch.
-    "tiny": {
-        "demo_data": {"num_train": 8, "num_val": 4, "num_classes": 3, "min_side": 64, "max_side": 96, "max_objects": 3},
-        "model": {
-            "backbone": "resnet18",
-            "num_feature_levels": 3,
-            "hidden_dim": 32,
-            "nheads": 4,
-            "enc_layers": 1,
-            "dec_layers": 1,
-            "dim_feedforward": 64,
-            "dropout": 0.0,
-            "num_queries": 10,
-            "dec_n_points": 2,
-            "enc_n_points": 2,
-            "num_classes": 3,
-        },
-        "data": {
-            **_DEMO_DATA,
-            "root": "data/tiny",
-            "train_short_sides": [96],
-            "max_size": 96,
-            "val_short_side": 96,
-            "batch_size_per_worker": 2,
-        },
-        "train": {
-            "epochs": 2,
-            "lr": 1e-3,
-            "lr_backbone": 1e-4,
-            "lr_schedule": "step",
-            "num_workers": 2,
-            "cpus_per_worker": 1,
-            "eval_every": 1,
-            "keep_checkpoints": 2,
-            "log_every_s": 2,
-            "num_vis_images": 2,
-        },
-    },
-    "r50": _COCO_RECIPE,
-    "r50_box_refine": {**_COCO_RECIPE, "model": {**_COCO_RECIPE["model"], "with_box_refine": True}},
-    "r50_two_stage": {
-        **_COCO_RECIPE,
-        "model": {**_COCO_RECIPE["model"], "with_box_refine": True, "two_stage": True},
-    },
-}
-
-# ImageNet weights of the backbone for the paper presets (torchvision's; fetched once into torch.hub's cache).
-R50_IMAGENET = "https://download.pytorch.org/models/resnet50-0676ba61.pth"
-for _name in ("r50", "r50_box_refine", "r50_two_stage"):
-    PRESETS[_name] = copy.deepcopy(PRESETS[_name])
-    PRESETS[_name]["model"]["backbone_weights"] = R50_IMAGENET
+# Building a config: preset, file, overrides.
 
 
 def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
@@ -312,19 +195,41 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return path, value
 
 
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """``data`` (a partial config dict) with ``--set key=value`` items applied in order; a new dict.
+
+    The one place overrides are applied, by every entry point (train, resume, evaluate, prepare).
+
+    Raises:
+        ConfigError: bad syntax, or a key that walks into a value (``train.lr.x=1``).
+    """
+    out = copy.deepcopy(data)
+    for item in overrides:
+        path, value = parse_override(item)
+        node = out
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {item!r}: {part!r} is a value, not a section")
+            node = child
+        node[path[-1]] = value
+    return out
+
+
 def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
-    """A partial config dict from a ``.json`` or ``.toml`` file."""
+    """A partial config dict from a ``.json`` or ``.toml`` file (local, s3:// or gs://)."""
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise ConfigError(f"config file not found: {path}")
     try:
-        if path.endswith(".toml"):
-            with open(path, "rb") as f:
-                data = tomllib.load(f)
-        else:
-            with open(path) as f:
-                data = json.load(f)
-    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as e:
+        raw = read_bytes(path)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"config file {path} cannot be read: {e}") from e
+    try:
+        data = tomllib.loads(raw.decode()) if path.endswith(".toml") else json.loads(raw)
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"config file {path} does not parse: {e}") from e
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold an object with sections, got {type(data).__name__}")
@@ -353,7 +258,7 @@ def validate_job_config(data: dict[str, Any]) -> JobConfig:
 
 def load_job_config(
     config_file: str | os.PathLike | None = None,
-    overrides: list[str] | tuple[str, ...] = (),
+    overrides: Sequence[str] = (),
     preset: str | None = None,
 ) -> JobConfig:
     """Builds and validates a run config: preset, then file, then ``--set`` overrides.
@@ -376,13 +281,70 @@ def load_job_config(
         raise ConfigError(f"unknown preset {preset!r}, expected one of {sorted(PRESETS)}")
     data = deep_merge(PRESETS[preset], file_data)
     data["preset"] = preset
-    for item in overrides:
-        path, value = parse_override(item)
-        node = data
-        for part in path[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"--set {item!r}: {part!r} is a value, not a section")
-            node = child
-        node[path[-1]] = value
-    return validate_job_config(data)
+    return validate_job_config(apply_overrides(data, overrides))
+
+
+def resume_job_config(run: str, overrides: Sequence[str] = ()) -> JobConfig:
+    """The config of a stopped run, read from its run directory (local or bucket), with overrides on top.
+
+    The run's ``config.json`` is a complete resolved config: no preset goes under it. Its storage path
+    and name are set from ``run`` itself, so a moved run directory still resumes where it lies.
+
+    Raises:
+        ConfigError: no readable config.json at ``run``, or invalid fields.
+    """
+    storage, name = split_uri(run)
+    try:
+        data = json.loads(read_bytes(join_uri(run, CONFIG_FILE)))
+    except FileNotFoundError:
+        raise ConfigError(f"--resume {run}: no {CONFIG_FILE} there (is it a run directory?)") from None
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--resume {run}: cannot read {CONFIG_FILE}: {e}") from e
+    data.setdefault("train", {}).update(storage_path=storage or ".", name=name)
+    return validate_job_config(apply_overrides(data, overrides))
+
+
+def eval_job_config(
+    ckpt: Checkpoint,
+    *,
+    data_root: str | None = None,
+    ann: str | None = None,
+    images: str | None = None,
+    num_workers: int = 2,
+    use_gpu: bool = False,
+    batch_size: int | None = None,
+    num_vis: int = 4,
+    overrides: Sequence[str] = (),
+) -> JobConfig:
+    """The config of an evaluation: the checkpoint's model, its data settings (ours) and the command line.
+
+    Args:
+        ckpt: the loaded checkpoint (``core.checkpoint.read_checkpoint``), ours or the authors'.
+        data_root, ann, images: ``data.root``, ``data.val_ann``, ``data.val_images``; any of them set
+            means raw files, so a checkpoint's ``data.parquet_dir`` is dropped.
+        num_workers, use_gpu, batch_size, num_vis: the evaluation's workers, images per worker batch
+            (default ``data.batch_size_per_worker``) and validation images drawn.
+        overrides: ``--set`` items, applied last.
+    """
+    job: dict[str, Any] = {}
+    if ckpt.meta.get("job_config"):
+        saved = json.loads(ckpt.meta["job_config"])
+        job["data"] = saved.get("data", {})
+        job["train"] = {"amp": saved.get("train", {}).get("amp", "auto")}
+    else:
+        # The authors' checkpoints: raw COCO category ids, the paper's evaluation size.
+        job["data"] = {"category_ids": "raw"}
+    detr = ckpt.config.model_dump(mode="json")
+    job.update(model=detr["model"], matcher=detr["matcher"], loss=detr["loss"])
+    data = job["data"]
+    for key, value in (("root", data_root), ("val_ann", ann), ("val_images", images)):
+        if value is not None:
+            data[key] = value
+    if data_root or ann or images:
+        data["parquet_dir"] = None
+    train = {"num_workers": num_workers, "use_gpu": use_gpu, "eval_every": 1, "num_vis_images": num_vis}
+    train["name"] = "evaluate"
+    if batch_size:
+        train["eval_batch_size"] = batch_size
+    job = deep_merge(job, {"train": train})
+    return validate_job_config(apply_overrides(job, overrides))

@@ -1,6 +1,6 @@
 """Training and evaluation loops as plain functions: optimizer, lr schedules, one epoch, inference to COCO records.
 
-Nothing here imports Ray: the Ray Train worker (pipelines/train.py) calls these with its dataset
+Nothing here imports Ray: the Ray Train worker (pipelines/raytrain/worker.py) calls these with its dataset
 shard, and the tests call them with lists of batches.
 
 A batch is ``{"images": (N, 3, H, W) float, "mask": (N, H, W) bool (True = padding), "targets": N dicts

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.batching import collate_table, drop_crowd, pad_and_normalize, samples_to_table, to_model_batch
-from pipelines.transforms import normalize_image
+from pipelines.data.batching import collate_table, drop_crowd, pad_and_normalize, samples_to_table, to_model_batch
+from pipelines.data.transforms import normalize_image
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 

@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipelines.coco import BadInputError, CategoryMap, load_coco, parse_instances
-from pipelines.data_config import DataConfig
+from pipelines.data.categories import CategoryMap
+from pipelines.data.coco import BadInputError, load_coco, parse_instances
+from pipelines.data.config import DataConfig
 
 
 def _load(paths):

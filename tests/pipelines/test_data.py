@@ -11,17 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.batching import DetectionCollate, to_model_batch
-from pipelines.coco import BadInputError, CategoryMap
-from pipelines.data import (
-    EpochClock,
-    build_dataset,
-    build_raw_dataset,
-    ingest_options,
-    iter_batches,
-    prepare_parquet,
-)
-from pipelines.transforms import Affine, boxes_cxcywh_normalized_to_xyxy
+from pipelines.data.batching import DetectionCollate, iter_batches, to_model_batch
+from pipelines.data.categories import CategoryMap
+from pipelines.data.coco import BadInputError
+from pipelines.data.datasets import EpochClock, build_dataset, build_raw_dataset, ingest_options
+from pipelines.data.parquet import prepare_parquet
+from pipelines.data.transforms import Affine, boxes_cxcywh_normalized_to_xyxy
 
 pytestmark = pytest.mark.ray
 

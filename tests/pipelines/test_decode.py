@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines.decode import ImageDecodeError, decode_image, fast_decoder_available
+from pipelines.data.decode import ImageDecodeError, decode_image, fast_decoder_available
 
 
 def _smooth(h=48, w=64, seed=0) -> np.ndarray:

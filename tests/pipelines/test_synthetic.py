@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image
 from pycocotools.coco import COCO
 
-from pipelines.synthetic import SHAPES, generate_coco, main
+from pipelines.data.synthetic import SHAPES, generate_coco, main
 
 
 def _files(root: Path) -> dict[str, bytes]:

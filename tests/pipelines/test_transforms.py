@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines.transforms import (
+from pipelines.data.transforms import (
     Affine,
     boxes_cxcywh_normalized_to_xyxy,
     boxes_xyxy_to_cxcywh_normalized,

@@ -13,7 +13,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> dict[str, str]:
     """16 train / 5 val (uneven over 2 workers) generated images of 3 shape classes, 64-96 px."""
-    from pipelines.synthetic import generate_coco
+    from pipelines.data.synthetic import generate_coco
 
     root = tmp_path_factory.mktemp("tiny_data") / "shapes"
     generate_coco(root, 16, 5, image_size=((64, 96), (64, 96)), num_classes=3, max_objects=3, seed=0, threads=2)

@@ -8,10 +8,12 @@ import shutil
 import pytest
 
 from pipelines.config import load_job_config
-from pipelines.data import iter_batches
-from pipelines.preflight import preflight
-from pipelines.run_outputs import DATA_REPORT_FILE, RunDir, data_report, format_data_report
-from pipelines.train import prepare_data, write_data_report
+from pipelines.data.batching import iter_batches
+from pipelines.data.report import data_report, format_data_report
+from pipelines.raytrain.datasets import prepare_data
+from pipelines.raytrain.preflight import preflight
+from pipelines.raytrain.run_dir import DATA_REPORT_FILE, RunDir
+from pipelines.raytrain.training import write_data_report
 
 pytestmark = pytest.mark.ray
 

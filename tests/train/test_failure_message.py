@@ -9,7 +9,7 @@ import ray.train
 
 import pipelines.evaluate as evaluate
 from pipelines.config import load_job_config
-from pipelines.train import describe_failure
+from pipelines.raytrain.errors import describe_failure
 
 
 def test_describe_failure_names_the_first_failed_worker():
@@ -24,7 +24,7 @@ def test_describe_failure_names_the_first_failed_worker():
 def test_evaluate_cli_reports_a_failed_fit(monkeypatch, capsys):
     ckpt = SimpleNamespace(source_format="ours", config=SimpleNamespace(variant=lambda: "deformable"))
     monkeypatch.setattr(evaluate, "load_for_eval", lambda uri: ckpt)
-    monkeypatch.setattr(evaluate, "eval_job_config", lambda c, a: load_job_config(preset="tiny"))
+    monkeypatch.setattr(evaluate, "config_from_args", lambda c, a: load_job_config(preset="tiny"))
 
     def fail(*args, **kwargs):
         raise ray.train.WorkerGroupError("worker 1 died", {1: MemoryError("out of memory on the node")})

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pipelines.config import load_job_config
-from pipelines.preflight import PreflightError, ensure_demo_data, load_finetune_weights, preflight
+from pipelines.raytrain.preflight import PreflightError, ensure_demo_data, load_finetune_weights, preflight
 
 
 @pytest.fixture
@@ -119,7 +119,7 @@ def test_latest_checkpoint_is_the_registered_one(tmp_path, job_with):
     """A checkpoint folder Ray never registered (an interrupted upload) is not taken as the latest."""
     import json
 
-    from pipelines.preflight import SNAPSHOT_FILE, latest_checkpoint_epoch
+    from pipelines.raytrain.preflight import SNAPSHOT_FILE, latest_checkpoint_epoch
 
     job = preflight(job_with())
     run = tmp_path / "runs" / "t"
@@ -130,3 +130,49 @@ def test_latest_checkpoint_is_the_registered_one(tmp_path, job_with):
     snapshot = {"latest_checkpoint_result": {"checkpoint_dir_name": "checkpoint_epoch0000", "metrics": {"epoch": 0}}}
     (run / SNAPSHOT_FILE).write_text(json.dumps(snapshot))
     assert latest_checkpoint_epoch(job) == 0
+
+
+def test_backbone_weights_are_checked_on_the_driver(tmp_path, tiny_data, capsys):
+    """Unreachable ImageNet weights fail before Ray starts, with a line naming the field and the way out."""
+    import uuid
+
+    import ray
+
+    from pipelines.train import main
+
+    name = f"resnet18-unreachable-{uuid.uuid4().hex[:8]}.pth"  # never in torch.hub's cache
+    common = [
+        "--preset",
+        "tiny",
+        "--set",
+        f"data.root={tiny_data['root']}",
+        "--set",
+        "demo_data=null",
+        "--set",
+        f"train.storage_path={tmp_path / 'runs'}",
+    ]
+    # Nothing listens on port 9: "connection refused" at once, as on a machine without network.
+    assert main([*common, "--set", f"model.backbone_weights=http://127.0.0.1:9/{name}"]) == 2
+    err = capsys.readouterr().err
+    assert f"model.backbone_weights='http://127.0.0.1:9/{name}' cannot be downloaded" in err
+    assert f"--set model.backbone_weights=/path/to/{name}" in err
+    assert main([*common, "--set", f"model.backbone_weights={tmp_path / 'r18.pth'}"]) == 2
+    err = capsys.readouterr().err
+    assert f"model.backbone_weights='{tmp_path / 'r18.pth'}': file not found" in err
+    assert not ray.is_initialized()
+
+
+def test_generated_data_presets_leave_a_users_folder_alone(tmp_path, capsys):
+    """The demo preset pointed at COCO-layout data: nothing generated there; the error names the right preset."""
+    from pipelines.train import main
+
+    coco = tmp_path / "coco"
+    (coco / "annotations").mkdir(parents=True)
+    (coco / "annotations" / "instances_train2017.json").write_text("{}")
+    before = sorted(p.relative_to(coco) for p in coco.rglob("*"))
+    code = main(["--preset", "demo", "--set", f"data.root={coco}", "--set", f"train.storage_path={tmp_path / 'r'}"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "data.train_ann: file not found" in err and "--preset cpu_coco" in err
+    assert "generating" not in err and "remove" not in err
+    assert sorted(p.relative_to(coco) for p in coco.rglob("*")) == before

@@ -6,16 +6,9 @@ import numpy as np
 import pyarrow.fs as pafs
 import pytest
 
-from pipelines.run_outputs import (
-    RunDir,
-    draw_detections,
-    join_uri,
-    latest_history,
-    plot_curves,
-    read_metrics,
-    split_run_uri,
-    storage_filesystem,
-)
+from pipelines.raytrain.plots import draw_detections, plot_curves
+from pipelines.raytrain.run_dir import RunDir, latest_history, read_metrics
+from pipelines.storage import filesystem_for, join_uri, split_uri
 
 
 def test_latest_history_keeps_the_replayed_attempt():
@@ -34,11 +27,11 @@ def test_bucket_uris_keep_their_options_at_the_end():
     assert (
         join_uri(run, "config.json") == "s3://bucket/runs/demo/config.json?endpoint_override=127.0.0.1:9000&scheme=http"
     )
-    assert split_run_uri(run) == ("s3://bucket/runs?endpoint_override=127.0.0.1:9000&scheme=http", "demo")
+    assert split_uri(run) == ("s3://bucket/runs?endpoint_override=127.0.0.1:9000&scheme=http", "demo")
     assert RunDir(storage, "demo", staging_root="/tmp/x").uri == run
-    fs, path = storage_filesystem(join_uri(run, "config.json"))
+    fs, path = filesystem_for(join_uri(run, "config.json"))
     assert isinstance(fs, pafs.S3FileSystem) and path == "bucket/runs/demo/config.json"
-    assert join_uri("/data/runs/", "demo") == "/data/runs/demo" and split_run_uri("/data/runs/demo") == (
+    assert join_uri("/data/runs/", "demo") == "/data/runs/demo" and split_uri("/data/runs/demo") == (
         "/data/runs",
         "demo",
     )
@@ -78,3 +71,25 @@ def test_curves_and_drawn_images(tmp_path):
     img = np.asarray(Image.open(path))
     assert img.shape[:2] == (120, 160)
     assert (img[..., 1] > 180).any() and (img[..., 0] > 200).any()  # green and red boxes drawn
+
+
+def test_one_evaluation_and_no_prediction_are_said(tmp_path):
+    pytest.importorskip("matplotlib")
+    from PIL import Image
+
+    one = [{"kind": "eval", "epoch": 0, "AP": 0.2, "AP50": 0.4, "AP75": 0.1, "APs": -1.0, "APm": 0.2, "APl": 0.3}]
+    (ap,) = plot_curves(one, tmp_path)
+    assert ap.name == "ap.png" and ap.stat().st_size > 1000
+    item = {
+        "image_id": 3,
+        "image": np.full((60, 80, 3), 128, np.uint8),
+        "true_boxes": np.array([[10, 10, 40, 30]]),
+        "true_labels": np.array([1]),
+        "pred_boxes": np.zeros((0, 4)),
+        "pred_scores": np.zeros(0),
+        "pred_labels": np.zeros(0, np.int64),
+        "score_threshold": 0.3,
+    }
+    img = np.asarray(Image.open(draw_detections(item, tmp_path / "none.png", min_side=120)))
+    banner = img[:16, :200]
+    assert (banner == 255).all(axis=-1).any() and ((banner[..., 0] > 200) & (banner[..., 1] < 80)).any()

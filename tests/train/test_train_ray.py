@@ -11,9 +11,10 @@ import torch
 
 from core.checkpoint import FORMAT, read_checkpoint
 from pipelines.config import load_job_config
-from pipelines.run_outputs import latest_history
-from pipelines.train import config_from_args, run_training
-from pipelines.train_worker import CHECKPOINT_FILE
+from pipelines.raytrain.run_dir import latest_history
+from pipelines.raytrain.state import CHECKPOINT_FILE
+from pipelines.raytrain.training import run_training
+from pipelines.train import config_from_args
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -85,13 +86,15 @@ def test_two_workers_two_epochs(two_epoch_run):
 
 
 def test_evaluate_reproduces_the_training_ap(two_epoch_run):
-    from pipelines.evaluate import eval_job_config, load_for_eval, parse_args, run_evaluation
+    from pipelines.evaluate import config_from_args as eval_config_from_args
+    from pipelines.evaluate import parse_args
+    from pipelines.raytrain.evaluation import load_for_eval, run_evaluation
 
     ckpt_dir = two_epoch_run.result.checkpoint.path
     out = two_epoch_run.run_dir.path / "eval_out"
     args = parse_args(["--checkpoint", ckpt_dir, "--num-workers", "2", "--out", str(out)])
     ckpt = load_for_eval(args.checkpoint)
-    stats = run_evaluation(eval_job_config(ckpt, args), ckpt, out_dir=args.out)
+    stats = run_evaluation(eval_config_from_args(ckpt, args), ckpt, out_dir=args.out)
     assert stats["num_eval_images"] == 5
     for k, v in two_epoch_run.final_ap.items():
         assert stats[k] == pytest.approx(v, abs=1e-6), k
@@ -160,7 +163,9 @@ def test_killed_worker_is_replaced_and_the_run_finishes(ray_local, tmp_path, tin
 def test_evaluate_an_authors_checkpoint(ray_local, tmp_path, tiny_data):
     """The authors' .pth format (raw COCO category ids, 91 classes) is scored on a COCO-format split."""
     from core.build import build_model
-    from pipelines.evaluate import eval_job_config, load_for_eval, parse_args, run_evaluation
+    from pipelines.evaluate import config_from_args as eval_config_from_args
+    from pipelines.evaluate import parse_args
+    from pipelines.raytrain.evaluation import load_for_eval, run_evaluation
 
     job = load_job_config(preset="tiny", overrides=["model.num_classes=91"])
     model, _, _ = build_model(job.detr_config())
@@ -186,7 +191,7 @@ def test_evaluate_an_authors_checkpoint(ray_local, tmp_path, tiny_data):
     )
     ckpt = load_for_eval(args.checkpoint)
     assert ckpt.source_format == "authors"
-    eval_job = eval_job_config(ckpt, args)
+    eval_job = eval_config_from_args(ckpt, args)
     assert eval_job.data.category_ids == "raw" and eval_job.model.num_classes == 91
     stats = run_evaluation(eval_job, ckpt)
     assert stats["num_eval_images"] == 5

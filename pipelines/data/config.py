@@ -6,23 +6,21 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from pipelines.storage import is_absolute, join_uri
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 Split = Literal["train", "val"]
 
 
-def _is_absolute(path: str) -> bool:
-    return "://" in path or path.startswith("/")
-
-
-def join_uri(base: str, rel: str) -> str:
-    """`rel` under `base` unless `rel` is already absolute (`/x`, `s3://b/x`, `gs://b/x`)."""
-    if _is_absolute(rel) or not base:
+def under_root(root: str, rel: str) -> str:
+    """`rel` under `root` unless `rel` is already absolute (`/x`, `s3://b/x`, `gs://b/x`)."""
+    if is_absolute(rel) or not root:
         return rel
     if not rel:
-        return base
-    return base.rstrip("/") + "/" + rel.lstrip("/")
+        return root
+    return join_uri(root, rel)
 
 
 class DataConfig(BaseModel):
@@ -151,10 +149,10 @@ class DataConfig(BaseModel):
         return self
 
     def images_uri(self, split: Split) -> str:
-        return join_uri(self.root, self.train_images if split == "train" else self.val_images)
+        return under_root(self.root, self.train_images if split == "train" else self.val_images)
 
     def ann_uri(self, split: Split) -> str:
-        return join_uri(self.root, self.train_ann if split == "train" else self.val_ann)
+        return under_root(self.root, self.train_ann if split == "train" else self.val_ann)
 
     def parquet_uri(self) -> str | None:
-        return None if self.parquet_dir is None else join_uri(self.root, self.parquet_dir)
+        return None if self.parquet_dir is None else under_root(self.root, self.parquet_dir)

@@ -1,4 +1,4 @@
-"""COCO instances JSON to validated Arrow rows, and file access on local disk, S3 and GCS via pyarrow.fs.
+"""COCO instances JSON to validated Arrow rows: parsing, checks, and the summary of bad input skipped.
 
 Legend: K annotations of one image. A row's boxes are COCO pixel `xywh`, flat (K*4,) float32, clipped
 to the image; `category_id` keeps COCO's raw ids (the label mapping is applied at decode time, so
@@ -9,17 +9,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import threading
-import time
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.fs as pafs
+
+from pipelines.storage import list_file_sizes, read_bytes, read_many
 
 META_SCHEMA = pa.schema(
     [
@@ -45,114 +42,16 @@ class BadInputError(ValueError):
     """Input that breaks the COCO contract; the message names the file, image or annotation id."""
 
 
-# --------------------------------------------------------------------------- files
-
-
-_FS_CACHE: dict[tuple, pafs.FileSystem] = {}
-_FS_LOCK = threading.Lock()
-
-
-def filesystem_for(uri: str, storage_options: Mapping[str, Any] | None = None) -> tuple[pafs.FileSystem, str]:
-    """The pyarrow filesystem for `uri` and the path inside it (`bucket/key` for object stores).
-
-    Filesystems are built explicitly rather than with `FileSystem.from_uri`, which makes a network
-    call to find an S3 bucket's region. They are cached per process and options.
-    """
-    opts = dict(storage_options or {})
-    if uri.startswith("s3://"):
-        scheme, path = "s3", uri[len("s3://") :]
-    elif uri.startswith("gs://") or uri.startswith("gcs://"):
-        scheme, path = "gs", uri.split("://", 1)[1]
-    elif uri.startswith("file://"):
-        scheme, path = "local", uri[len("file://") :]
-    elif "://" in uri:
-        raise ValueError(f"unsupported URI scheme in {uri!r}: expected a local path, s3:// or gs://")
-    else:
-        scheme, path = "local", uri
-    key = (scheme, tuple(sorted(opts.items())))
-    with _FS_LOCK:
-        fs = _FS_CACHE.get(key)
-        if fs is None:
-            if scheme == "s3":
-                fs = pafs.S3FileSystem(**opts)
-            elif scheme == "gs":
-                fs = pafs.GcsFileSystem(**opts)
-            else:
-                fs = pafs.LocalFileSystem()
-            _FS_CACHE[key] = fs
-    if scheme == "local":
-        path = os.path.abspath(path)
-    return fs, path.rstrip("/") if len(path) > 1 else path
-
-
-def read_file(uri: str, storage_options: Mapping[str, Any] | None = None, *, retries: int = 3) -> bytes:
-    """All bytes of one file. Transient object-store errors are retried; a missing file is not."""
-    fs, path = filesystem_for(uri, storage_options)
-    for attempt in range(retries):
-        try:
-            with fs.open_input_stream(path) as f:  # a stream: one GET, no HEAD first
-                return f.read()
-        except FileNotFoundError:
-            raise
-        except OSError as e:
-            msg = str(e).lower()
-            if "not found" in msg or "no such file" in msg or "does not exist" in msg:
-                raise FileNotFoundError(f"{uri}: {e}") from e
-            if attempt == retries - 1:
-                raise OSError(f"cannot read {uri} after {retries} attempts: {e}") from e
-            time.sleep(0.2 * 2**attempt)
-    raise AssertionError("unreachable")
-
-
-def write_file(uri: str, data: bytes, storage_options: Mapping[str, Any] | None = None) -> None:
-    fs, path = filesystem_for(uri, storage_options)
-    parent = path.rsplit("/", 1)[0]
-    if parent:
-        fs.create_dir(parent, recursive=True)
-    with fs.open_output_stream(path) as f:
-        f.write(data)
-
-
 def load_json(uri: str, storage_options: Mapping[str, Any] | None = None) -> Any:
     """Parse a JSON file; malformed or missing files raise errors that name the file."""
     try:
-        data = read_file(uri, storage_options)
+        data = read_bytes(uri, storage_options)
     except FileNotFoundError as e:
         raise BadInputError(f"annotation file not found: {uri}") from e
     try:
         return json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BadInputError(f"malformed JSON in {uri}: {e}") from e
-
-
-def list_file_sizes(dir_uri: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, int]:
-    """Size of every file under a folder or bucket prefix, keyed by path relative to it (one listing)."""
-    fs, base = filesystem_for(dir_uri, storage_options)
-    info = fs.get_file_info(base)
-    if info.type == pafs.FileType.NotFound and "://" not in dir_uri:
-        raise BadInputError(f"image folder not found: {dir_uri}")
-    sizes: dict[str, int] = {}
-    for fi in fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True)):
-        if fi.type == pafs.FileType.File:
-            sizes[fi.path[len(base) :].lstrip("/")] = fi.size
-    return sizes
-
-
-def read_files(
-    uris: Sequence[str], storage_options: Mapping[str, Any] | None = None, threads: int = 16
-) -> list[bytes | BaseException]:
-    """Read many files concurrently (object stores need concurrency, not cores); errors are returned."""
-
-    def one(u: str) -> bytes | BaseException:
-        try:
-            return read_file(u, storage_options)
-        except OSError as e:  # FileNotFoundError included
-            return e
-
-    if len(uris) <= 1 or threads <= 1:
-        return [one(u) for u in uris]
-    with ThreadPoolExecutor(max_workers=min(threads, len(uris))) as pool:
-        return list(pool.map(one, uris))
 
 
 # --------------------------------------------------------------------------- bad input
@@ -205,73 +104,6 @@ class BadInputSummary:
         parts = [f"{n} {k} (e.g. {', '.join(self.examples.get(k, []))})" for k, n in sorted(self.counts.items())]
         parts += [f"{n} {k}" for k, n in sorted(self.fixed.items())]
         return "; ".join(parts)
-
-
-# --------------------------------------------------------------------------- categories
-
-
-@dataclass(frozen=True)
-class CategoryMap:
-    """COCO category ids <-> head labels. raw: label = id, num_classes = max id + 1 (91 for COCO);
-    contiguous: label = rank of the id, num_classes = number of categories."""
-
-    category_ids: tuple[int, ...]  # sorted
-    names: tuple[str, ...]
-    mode: Literal["raw", "contiguous"] = "raw"
-
-    @classmethod
-    def from_categories(
-        cls, categories: Sequence[Mapping[str, Any]], mode: Literal["raw", "contiguous"]
-    ) -> CategoryMap:
-        pairs = sorted((int(c["id"]), str(c["name"])) for c in categories)
-        return cls(tuple(i for i, _ in pairs), tuple(n for _, n in pairs), mode)
-
-    @property
-    def num_classes(self) -> int:
-        if not self.category_ids:
-            return 0
-        return self.category_ids[-1] + 1 if self.mode == "raw" else len(self.category_ids)
-
-    def label_to_category_id(self) -> list[int]:
-        """Index = label, value = COCO id (identity in raw mode, -1 where no category)."""
-        if self.mode == "contiguous":
-            return list(self.category_ids)
-        table = [-1] * self.num_classes
-        for i in self.category_ids:
-            table[i] = i
-        return table
-
-    def labels(self, category_ids: np.ndarray) -> np.ndarray:
-        """(K,) COCO ids -> (K,) int64 labels."""
-        ids = np.asarray(category_ids, dtype=np.int64)
-        if self.mode == "raw":
-            return ids.copy()
-        lut = np.full(self.category_ids[-1] + 1 if self.category_ids else 1, -1, dtype=np.int64)
-        lut[list(self.category_ids)] = np.arange(len(self.category_ids))
-        out = lut[np.clip(ids, 0, len(lut) - 1)]
-        if ids.size and ((ids >= len(lut)) | (out < 0)).any():
-            raise ValueError(
-                f"category ids {sorted(set(ids[(ids >= len(lut)) | (out < 0)].tolist()))} "
-                f"are not in {list(self.category_ids)}"
-            )
-        return out
-
-    def category_ids_of(self, labels: np.ndarray) -> np.ndarray:
-        """(K,) labels -> (K,) COCO ids, for pycocotools."""
-        return np.asarray(self.label_to_category_id(), dtype=np.int64)[np.asarray(labels, dtype=np.int64)]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "mode": self.mode,
-            "category_ids": list(self.category_ids),
-            "names": list(self.names),
-            "num_classes": self.num_classes,
-            "label_to_category_id": self.label_to_category_id(),
-        }
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> CategoryMap:
-        return cls(tuple(d["category_ids"]), tuple(d["names"]), d["mode"])
 
 
 # --------------------------------------------------------------------------- parsing
@@ -437,6 +269,8 @@ def _meta_table(images: list[tuple[int, str, int, int]], rows: list[tuple]) -> p
 def check_image_files(index: CocoIndex, images_uri: str, storage_options: Mapping[str, Any] | None = None) -> CocoIndex:
     """Drop (and count) images whose file is missing or empty, from one listing of the folder."""
     sizes = list_file_sizes(images_uri, storage_options)
+    if sizes is None:
+        raise BadInputError(f"image folder not found: {images_uri}")
     names = index.table.column("file_name").to_pylist()
     if names and not sizes:
         # Every file missing is a wrong path in the config, not bad input to skip.
@@ -501,7 +335,7 @@ def attach_image_bytes(
     names = meta.column("file_name").to_pylist()
     ids = meta.column("image_id").to_pylist()
     base = images_uri.rstrip("/")
-    datas = read_files([f"{base}/{n}" for n in names], storage_options, threads)
+    datas = read_many([f"{base}/{n}" for n in names], storage_options, threads)
     bad: list[tuple[str, str]] = []
     keep = np.ones(len(names), dtype=bool)
     for i, (d, name, iid) in enumerate(zip(datas, names, ids)):

@@ -10,7 +10,7 @@ Data execution pays and persistent DataLoader workers mostly don't; while both s
 batches drain it reads high). Longer epochs (`--num-images`) bring both towards the steady state.
 Ray Data runs with the training defaults (read and decode fused into one task per unit);
 `ray.init(num_cpus=workers)` is what caps it at `workers` cores.
-Run: `python -m pipelines.bench_data` (Linux: CPU time is read from /proc).
+Run: `python -m pipelines.data.bench` (Linux: CPU time is read from /proc).
 """
 
 from __future__ import annotations
@@ -27,11 +27,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipelines.batching import collate_table, samples_to_table, to_model_batch
-from pipelines.coco import CategoryMap, read_file
-from pipelines.data import build_dataset, iter_batches, load_index, make_sample
-from pipelines.data_config import DataConfig
-from pipelines.synthetic import generate_coco
+from pipelines.data.batching import collate_table, iter_batches, samples_to_table, to_model_batch
+from pipelines.data.categories import CategoryMap
+from pipelines.data.config import DataConfig
+from pipelines.data.datasets import build_dataset, load_index
+from pipelines.data.sample import make_sample
+from pipelines.data.synthetic import generate_coco
+from pipelines.storage import read_bytes
 
 _TICK = os.sysconf("SC_CLK_TCK")
 
@@ -107,7 +109,7 @@ class _TorchDataset(torch.utils.data.Dataset):
     def __getitem__(self, item: tuple[int, int]) -> dict[str, Any]:
         epoch, i = item
         row = self.rows[i]
-        data = read_file(f"{self.images_uri}/{row['file_name']}")
+        data = read_bytes(f"{self.images_uri}/{row['file_name']}")
         return make_sample(
             data, row, categories=self.categories, cfg=self.cfg, augment=True, keep_crowd=False, epoch=epoch
         )

@@ -11,15 +11,21 @@ transfer, on the device.
 
 from __future__ import annotations
 
+import logging
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import ray
 import torch
 from ray.data.collate_fn import ArrowBatchCollateFn
+
+from pipelines.data.config import IMAGENET_MEAN, IMAGENET_STD
+
+logger = logging.getLogger(__name__)
 
 # One augmented image per row, as the Ray Data decode step writes it and the collate reads it.
 SAMPLE_SCHEMA = pa.schema(
@@ -42,7 +48,7 @@ SAMPLE_SCHEMA = pa.schema(
 
 
 def samples_to_table(samples: Sequence[dict[str, Any]]) -> pa.Table:
-    """Per-image sample dicts (see `pipelines.data.make_sample`) -> a SAMPLE_SCHEMA table."""
+    """Per-image sample dicts (see `pipelines.data.sample.make_sample`) -> a SAMPLE_SCHEMA table."""
 
     def col(name, fn=lambda v: v):
         return [fn(s[name]) for s in samples]
@@ -252,3 +258,82 @@ def drop_crowd(targets: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
         keep = ~t["iscrowd"]
         out.append({**t, **{k: t[k][keep] for k in ("boxes", "labels", "iscrowd", "ann_id")}})
     return out
+
+
+# --------------------------------------------------------------------------- worker side
+
+
+def _device(device: torch.device | str | None) -> torch.device:
+    if device is None or device == "auto":
+        if torch.cuda.is_available():
+            import ray.train.torch
+
+            return ray.train.torch.get_device()
+        return torch.device("cpu")
+    return torch.device(device)
+
+
+def _world_rank() -> int:
+    try:
+        return ray.train.get_context().get_world_rank()
+    except Exception:  # not inside a Ray Train worker
+        return 0
+
+
+def iter_batches(
+    shard: ray.data.DataIterator | ray.data.Dataset,
+    batch_size: int,
+    seed: int = 0,
+    epoch: int = 0,
+    *,
+    pixel_mean: Sequence[float] = IMAGENET_MEAN,
+    pixel_std: Sequence[float] = IMAGENET_STD,
+    device: torch.device | str | None = "auto",
+    drop_last: bool = False,
+    prefetch_batches: int = 2,
+    shuffle_buffer_size: int = 0,
+    drawn_epochs: set[int] | None = None,
+) -> Iterator[dict[str, Any]]:
+    """Model batches from a worker's shard (`ray.train.get_dataset_shard("train")`) or a dataset.
+
+    Args:
+        shard: the worker's DataIterator, or a Dataset.
+        batch_size: images per batch on this worker.
+        seed, epoch: seed the optional worker-local shuffle (with the worker's rank), and check that the
+            dataset was executed as `epoch` (a warning names both if not).
+        device: "auto" is the Ray Train worker's device, else CPU. Images are normalized there.
+        shuffle_buffer_size: rows in a worker-local shuffle buffer; 0 keeps the dataset's order.
+        drawn_epochs: if given, the epochs the augmentation was drawn for are added to it.
+
+    Yields:
+        {"images": (N, 3, H, W) float32, "mask": (N, H, W) bool (True = padding), "targets": N dicts},
+        see `batching.to_model_batch`.
+    """
+    dev = _device(device)
+    local_seed = None
+    if shuffle_buffer_size:
+        local_seed = int(np.random.default_rng([seed, epoch, _world_rank()]).integers(2**31))
+    batches = shard.iter_torch_batches(
+        batch_size=batch_size,
+        collate_fn=DetectionCollate(),
+        device="cpu",
+        drop_last=drop_last,
+        prefetch_batches=prefetch_batches,
+        local_shuffle_buffer_size=shuffle_buffer_size or None,
+        local_shuffle_seed=local_seed,
+        pin_memory=dev.type == "cuda",
+    )
+    warned = False
+    for batch in batches:
+        drawn = {e for e in batch["epoch"].tolist() if e >= 0}
+        if drawn_epochs is not None:
+            drawn_epochs.update(drawn)
+        if drawn and drawn != {epoch} and not warned:
+            logger.warning(
+                "augmentation was drawn for epoch(s) %s but the loop is at epoch %d: build the "
+                "dataset with start_epoch=<first epoch> and iterate it exactly once per epoch",
+                sorted(drawn),
+                epoch,
+            )
+            warned = True
+        yield to_model_batch(batch, pixel_mean=pixel_mean, pixel_std=pixel_std, device=dev)

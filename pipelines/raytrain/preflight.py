@@ -18,9 +18,8 @@ from typing import Any, TypeVar
 
 import pyarrow.fs as pafs
 
-from pipelines.coco import filesystem_for
 from pipelines.config import JobConfig
-from pipelines.run_outputs import is_remote, join_uri, storage_filesystem
+from pipelines.storage import absolute, file_type, filesystem_for, has_scheme, is_remote, join_uri, local_path
 
 log = logging.getLogger(__name__)
 
@@ -63,33 +62,38 @@ def default_run_name(job: JobConfig) -> str:
 def resolve(job: JobConfig) -> JobConfig:
     """The config with a run name and absolute local paths (workers may run in another directory)."""
     data = job.data.model_copy()
-    if "://" not in data.root:
-        data.root = os.path.abspath(os.path.expanduser(data.root))
+    data.root = absolute(data.root)
     train = job.train.model_copy()
     if train.name is None:
         train.name = default_run_name(job)
     if not is_remote(train.storage_path):
-        train.storage_path = os.path.abspath(os.path.expanduser(train.storage_path.removeprefix("file://")))
-    if train.finetune_from and "://" not in train.finetune_from:
-        train.finetune_from = os.path.abspath(os.path.expanduser(train.finetune_from))
-    return job.model_copy(update={"data": data, "train": train})
+        train.storage_path = local_path(train.storage_path)
+    if train.finetune_from:
+        train.finetune_from = absolute(train.finetune_from)
+    model = job.model.model_copy()
+    if model.backbone_weights:
+        model.backbone_weights = absolute(model.backbone_weights)
+    return job.model_copy(update={"data": data, "train": train, "model": model})
 
 
 def ensure_demo_data(job: JobConfig) -> bool:
-    """Generates the synthetic dataset of ``job.demo_data`` at ``data.root`` when its annotations are absent.
+    """Generates the synthetic dataset of ``job.demo_data`` at ``data.root`` when that folder is absent or empty.
+
+    A ``data.root`` that holds anything else, or a bucket, is someone's data: nothing is generated or
+    touched there, and ``check_data`` then says which preset reads that layout.
 
     Returns:
         True when it generated the data.
     """
     spec, data = job.demo_data, job.data
-    if spec is None:
+    if spec is None or has_scheme(data.root):
         return False
-    if "://" in data.root:
-        raise PreflightError(f"demo_data can only be generated on a local disk, got data.root={data.root!r}")
     wanted = [data.ann_uri("train"), data.ann_uri("val")]
     if all(os.path.isfile(p) for p in wanted):
         return False
-    from pipelines.synthetic import generate_coco
+    if os.path.isdir(data.root) and os.listdir(data.root):
+        return False
+    from pipelines.data.synthetic import generate_coco
 
     t0 = time.time()
     print(
@@ -115,19 +119,12 @@ def ensure_demo_data(job: JobConfig) -> bool:
         os.rmdir(data.root)
     try:
         os.rename(tmp, data.root)
-    except OSError:
+    except OSError:  # another process generated it first, or put something there meanwhile
         shutil.rmtree(tmp, ignore_errors=True)
         if not all(os.path.isfile(p) for p in wanted):
-            raise PreflightError(
-                f"data.root={data.root!r} exists but lacks {wanted}: remove it or point data.root elsewhere"
-            ) from None
+            raise PreflightError(f"data.root={data.root!r} changed while the demo dataset was generated") from None
     print(f"  done in {time.time() - t0:.1f} s", flush=True)
     return True
-
-
-def _file_type(uri: str, storage_options: dict | None) -> pafs.FileType:
-    fs, path = filesystem_for(uri, storage_options)
-    return fs.get_file_info(path).type
 
 
 def check_data(job: JobConfig, splits: tuple[str, ...] | None = None) -> None:
@@ -141,7 +138,7 @@ def check_data(job: JobConfig, splits: tuple[str, ...] | None = None) -> None:
             checks.append(
                 (
                     f"data.parquet_dir ({split} manifest)",
-                    f"{data.parquet_uri().rstrip('/')}/{split}_manifest.json",
+                    join_uri(data.parquet_uri(), f"{split}_manifest.json"),
                     pafs.FileType.File,
                 )
             )
@@ -152,22 +149,31 @@ def check_data(job: JobConfig, splits: tuple[str, ...] | None = None) -> None:
     for field, uri, want in checks:
         try:
             got = with_timeout(
-                lambda uri=uri: _file_type(uri, data.storage_options), job.train.preflight_timeout_s, f"{field}={uri!r}"
+                lambda uri=uri: file_type(uri, data.storage_options), job.train.preflight_timeout_s, f"{field}={uri!r}"
             )
         except PreflightError:
             raise
         except Exception as e:  # credentials, DNS, permissions: name the setting, keep the cause
             raise PreflightError(f"{field}={uri!r} cannot be read: {type(e).__name__}: {e}") from e
-        if "://" in uri and want == pafs.FileType.Directory and got == pafs.FileType.NotFound:
+        if is_remote(uri) and want == pafs.FileType.Directory and got == pafs.FileType.NotFound:
             # Object stores have no folders; an empty prefix reads as not found. The image listing
             # in the dataset builder reports missing files one by one.
             continue
         if got != want:
             kind = "file" if want == pafs.FileType.File else "folder"
-            hint = (
-                " (set data.root, or run with the demo preset to generate a dataset)" if job.demo_data is None else ""
-            )
-            raise PreflightError(f"{field}: {kind} not found: {uri}{hint}")
+            raise PreflightError(f"{field}: {kind} not found: {uri}{_layout_hint(job)}")
+
+
+def _layout_hint(job: JobConfig) -> str:
+    if job.demo_data is None:
+        return " (set data.root, or run the demo preset to generate a dataset)"
+    # A generated-data preset pointed at someone's data: its layout (train/, instances_train.json) is
+    # not COCO's (train2017/, annotations/instances_train2017.json).
+    return (
+        f". The {job.preset or 'demo'} preset reads the generated layout (train/, val/, instances_train.json, "
+        "instances_val.json), generated only into an absent or empty data.root; for COCO-layout data use "
+        "--preset cpu_coco (CPU) or --preset r50 (GPUs), or set data.train_ann/data.train_images/... to your layout"
+    )
 
 
 def check_storage(job: JobConfig) -> None:
@@ -183,7 +189,7 @@ def check_storage(job: JobConfig) -> None:
         return
 
     def probe() -> None:
-        fs, path = storage_filesystem(uri)
+        fs, path = filesystem_for(uri)
         bucket = path.split("/", 1)[0]
         info = fs.get_file_info(bucket)
         if info.type == pafs.FileType.NotFound:
@@ -215,7 +221,7 @@ def load_finetune_weights(job: JobConfig) -> dict | None:
     if src is None:
         return None
     from core.checkpoint import load_checkpoint
-    from pipelines.train_worker import fetch_checkpoint_file
+    from pipelines.raytrain.state import fetch_checkpoint_file
 
     tmp = tempfile.mkdtemp(prefix="ddetr-finetune-")
     try:
@@ -233,6 +239,41 @@ def load_finetune_weights(job: JobConfig) -> dict | None:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return loaded.checkpoint.model
+
+
+def fetch_backbone_weights(job: JobConfig) -> None:
+    """Makes sure ``model.backbone_weights`` can be read, on the driver, before any worker starts.
+
+    A URL is downloaded into torch.hub's cache (where the workers on this node find it); a local file
+    must exist. Call it for a fresh start only: a resumed or fine-tuned run never reads these weights.
+
+    Raises:
+        PreflightError: naming model.backbone_weights and how to point it at a local file.
+    """
+    src = job.model.backbone_weights
+    if not src:
+        return
+    what = f"model.backbone_weights={src!r}"
+    if src.startswith(("http://", "https://")):
+        import torch
+
+        def fetch() -> None:
+            torch.hub.load_state_dict_from_url(src, map_location="cpu", progress=False, weights_only=True)
+
+        try:
+            with_timeout(fetch, max(job.train.preflight_timeout_s, 300.0), what)
+        except Exception as e:
+            name = os.path.basename(src.split("?", 1)[0])
+            raise PreflightError(
+                f"{what} cannot be downloaded ({type(e).__name__}: {e}). Without network here, fetch {src} "
+                f"elsewhere and set --set model.backbone_weights=/path/to/{name} (or =null to train the "
+                "backbone from scratch)"
+            ) from e
+        return
+    if has_scheme(src):
+        raise PreflightError(f"{what}: expected a local file or an http(s) URL")
+    if not os.path.isfile(src):
+        raise PreflightError(f"{what}: file not found (or =null to train the backbone from scratch)")
 
 
 def check_resources(job: JobConfig, cluster_resources: dict[str, float], strict: bool) -> None:
@@ -260,7 +301,7 @@ def latest_checkpoint_epoch(job: JobConfig) -> int | None:
     """The epoch of the run's latest registered checkpoint (read from Ray Train's snapshot), or None."""
     uri = join_uri(job.train.storage_path, job.train.name, SNAPSHOT_FILE)
     try:
-        fs, path = storage_filesystem(uri)
+        fs, path = filesystem_for(uri)
 
         def read() -> bytes:
             with fs.open_input_stream(path) as f:

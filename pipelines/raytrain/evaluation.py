@@ -1,0 +1,95 @@
+"""An evaluation on the driver: a checkpoint's COCO AP on a split, computed by Ray Train workers."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+
+import ray
+
+from core.checkpoint import Checkpoint, read_checkpoint
+from core.coco_eval import AP_KEYS, format_ap_table
+from pipelines.config import JobConfig
+from pipelines.data.report import data_report, format_data_report
+from pipelines.raytrain.cluster import connect_ray
+from pipelines.raytrain.datasets import prepare_data
+from pipelines.raytrain.distributed_eval import eval_loop_per_worker
+from pipelines.raytrain.metrics import MetricsSink
+from pipelines.raytrain.plots import draw_detections
+from pipelines.raytrain.preflight import PreflightError, check_data, with_timeout
+from pipelines.raytrain.run_dir import AP_TABLE_FILE, DATA_REPORT_FILE, RunDir
+from pipelines.raytrain.state import fetch_checkpoint_file
+from pipelines.raytrain.trainer import build_trainer
+from pipelines.storage import absolute
+
+
+def load_for_eval(uri: str, timeout_s: float = 120.0) -> Checkpoint:
+    """Reads a checkpoint (file or run checkpoint folder; local, http(s), s3://, gs://) on the driver."""
+    tmp = tempfile.mkdtemp(prefix="ddetr-evalckpt-")
+    try:
+        path = with_timeout(lambda: fetch_checkpoint_file(uri, tmp), timeout_s, f"--checkpoint {uri!r}")
+        return read_checkpoint(path)
+    except (FileNotFoundError, OSError, ValueError) as e:
+        raise PreflightError(f"--checkpoint {uri!r} cannot be loaded: {e}") from e
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def run_evaluation(
+    job: JobConfig, ckpt: Checkpoint, *, out_dir: str | None = None, address: str | None = None
+) -> dict[str, float]:
+    """Evaluates ``ckpt`` on ``job.data``'s val split with ``job.train.num_workers`` Ray workers.
+
+    Prints the data report (bad input skipped with data.on_bad_input=skip) at the end and writes
+    it to ``out_dir``/data_report.json with the AP table.
+
+    Returns:
+        {"AP", "AP50", "AP75", "APs", "APm", "APl", "num_eval_images", "eval_time_s"}.
+
+    Raises:
+        PreflightError: the val split cannot be read, or the checkpoint's head is too small for it.
+        ray.train.TrainingFailedError: a worker or Ray Train's controller failed.
+    """
+    job = job.model_copy(update={"data": job.data.model_copy(update={"root": absolute(job.data.root)})})
+    check_data(job, splits=("val",))
+    connect_ray(job, address)
+    data = prepare_data(job, splits=("val",))
+    sink = MetricsSink.remote()
+    # Ray Train's run state only: the outputs go to out_dir.
+    storage = tempfile.mkdtemp(prefix="ddetr-eval-")
+    report = None
+    try:
+        # Through the object store: workers on any node get the weights without shared storage.
+        trainer = build_trainer(
+            job,
+            data,
+            loop=eval_loop_per_worker,
+            sink=sink,
+            weights=ray.put(ckpt.model),
+            name=f"evaluate-{time.strftime('%Y%m%d-%H%M%S')}",
+            storage_path=storage,
+        )
+        result = trainer.fit()  # Train V2 raises TrainingFailedError itself
+        if result.error is not None:
+            raise result.error
+        evals = [r for r in ray.get(sink.drain.remote()) if r.get("kind") == "eval"]
+        if not evals:
+            raise RuntimeError("the evaluation workers finished without reporting an AP")
+        stats = {k: v for k, v in evals[-1].items() if k not in ("kind", "time")}
+        report = data_report(data.infos)  # with the images skipped while decoding
+        if out_dir is not None:
+            run = RunDir(os.path.dirname(os.path.abspath(out_dir)) or ".", os.path.basename(os.path.abspath(out_dir)))
+            run.mkdir()
+            run.write_text(AP_TABLE_FILE, format_ap_table(stats) + "\n")
+            run.write_json("metrics.json", {k: stats[k] for k in (*AP_KEYS, "num_eval_images") if k in stats})
+            run.write_json(DATA_REPORT_FILE, report)
+            for i, item in enumerate(ray.get(sink.vis.remote())):
+                draw_detections(item, run.file(f"val_images/{i:02d}_image{item['image_id']}.png"))
+    finally:
+        # Printed after a failure too: skipped input may explain it.
+        print(format_data_report(report or data_report(data.infos), job.data.on_bad_input), flush=True)
+        ray.kill(sink)
+        shutil.rmtree(storage, ignore_errors=True)
+    return stats

@@ -1,0 +1,233 @@
+"""The metrics channel, in three stages named for what they are.
+
+1. ``StepReporter`` (rank 0 of the workers): turns each optimizer step's record into ``metrics.jsonl``
+   lines (averaged over ``train.metrics_every_steps``) and progress records, and sends them in small
+   batches, every ``train.log_every_s``, to
+2. ``MetricsSink`` (a zero-CPU actor): buffers them until the driver drains them, so the workers never
+   wait on the driver's disk or console; and
+3. ``MetricsPump`` (a thread on the driver): drains the sink every second, appends to ``metrics.jsonl``
+   in the run directory and prints ``format_record``'s line for each record.
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+import sys
+import threading
+import time
+from typing import Any, TextIO
+
+import ray
+import torch
+
+from core.coco_eval import format_ap_table
+from pipelines.config import TrainConfig
+from pipelines.raytrain.run_dir import RunDir
+from pipelines.raytrain.worker_context import WorkerContext
+
+log = logging.getLogger(__name__)
+
+ETA_MIN_STEPS = 5  # optimizer steps timed before the progress line gives an ETA
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of this process: CUDA allocator peak on GPUs, max resident set size on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+class StepReporter:
+    """Stage 1, on rank 0: step records averaged into metrics lines and sent to the sink every log_every_s."""
+
+    def __init__(self, sink, train: TrainConfig, ctx: WorkerContext, steps_per_epoch: int) -> None:
+        self.sink = sink  # None on the other ranks: every call is then a no-op
+        self.train = train
+        self.world_size = ctx.world_size
+        self.steps_per_epoch = steps_per_epoch
+        self.device = ctx.device
+        self.buffer: list[dict[str, Any]] = []
+        self.pending: list[dict[str, Any]] = []  # step records not yet averaged into one line
+        self.pending_at = (0, 0)  # (epoch, global_step) of the last pending record
+        self.last_flush = time.monotonic()
+        self.window_images = 0
+        self.window_time = 0.0
+        self.ema_step_s: float | None = None
+        self.steps_seen = 0
+
+    def send(self, records: list[dict[str, Any]]) -> None:
+        if self.sink is not None:
+            self.sink.log.remote(records)
+
+    def event(self, event: str, epoch: int, global_step: int) -> None:
+        """The run (re)started: "start" or "resume" at ``epoch``."""
+        record = {"kind": "event", "time": time.time(), "event": event, "epoch": epoch, "global_step": global_step}
+        self.send([{**record, "world_size": self.world_size, "device": str(self.device)}])
+
+    def on_step(self, record: dict[str, Any], epoch: int, global_step: int) -> None:
+        """One optimizer step's record from ``train_one_epoch``, at ``global_step`` of the run."""
+        if self.sink is None:
+            return
+        step_s = record["step_time_s"]
+        self.steps_seen += 1
+        self.ema_step_s = step_s if self.ema_step_s is None else 0.9 * self.ema_step_s + 0.1 * step_s
+        self.window_images += record["step_images"] * self.world_size
+        self.window_time += step_s
+        self.pending.append(record)
+        self.pending_at = (epoch, global_step)
+        last_of_epoch = record["step"] == self.steps_per_epoch
+        if len(self.pending) >= self.train.metrics_every_steps or last_of_epoch:
+            self.buffer.append(self._line(self.pending, epoch, global_step))
+            self.pending = []
+        now = time.monotonic()
+        if now - self.last_flush >= self.train.log_every_s or last_of_epoch:
+            remaining = (self.train.epochs - epoch) * self.steps_per_epoch - record["step"]
+            progress = {
+                "kind": "progress",
+                "time": time.time(),
+                "epoch": epoch,
+                "epochs": self.train.epochs,
+                "step": record["step"],
+                "steps_per_epoch": self.steps_per_epoch,
+                "global_step": global_step,
+                "loss": record["loss"],
+                "lr": record["lr"],
+                "images_per_s": self.window_images / max(self.window_time, 1e-9),
+                # The first steps include warm-up (allocations, data start): no ETA from them alone.
+                "eta_s": remaining * self.ema_step_s if self.steps_seen >= ETA_MIN_STEPS else None,
+            }
+            self.send(self.buffer + [progress])
+            self.buffer = []
+            self.last_flush = now
+            self.window_images, self.window_time = 0, 0.0
+
+    def send_eval(self, ap: dict[str, float], epoch: int, global_step: int, vis: list[dict[str, Any]]) -> None:
+        """The validation AP of ``epoch`` and the images drawn for it."""
+        self.send([{"kind": "eval", "time": time.time(), "epoch": epoch, "global_step": global_step, **ap}])
+        if vis and self.sink is not None:
+            self.sink.log_vis.remote(vis)
+
+    def send_epoch(self, metrics: dict[str, Any], drawn_epochs: set[int]) -> None:
+        """The epoch's report; data_epochs: the epochs rank 0's augmentation was drawn for (its own, or a bug)."""
+        self.send([{"kind": "epoch", "time": time.time(), **metrics, "data_epochs": sorted(drawn_epochs)}])
+
+    def _line(self, records: list[dict[str, Any]], epoch: int, global_step: int) -> dict[str, Any]:
+        """One metrics line for the last len(records) steps: numbers averaged, lr and counters as of the last."""
+        last = records[-1]
+        line = {"kind": "step", "time": time.time(), "epoch": epoch, "global_step": global_step, **last}
+        if len(records) > 1:
+            for key in last:
+                if key.startswith("loss") or key in ("class_error", "cardinality_error", "grad_norm"):
+                    values = [r[key] for r in records if r.get(key) is not None]
+                    line[key] = sum(values) / len(values) if values else None
+            line["steps_averaged"] = len(records)
+        seconds = sum(r["step_time_s"] for r in records)
+        line["step_images"] = sum(r["step_images"] for r in records)
+        line["step_time_s"] = seconds / len(records)
+        line["images_per_s"] = line["step_images"] * self.world_size / max(seconds, 1e-9)
+        line["max_mem_mb"] = peak_memory_mb(self.device)
+        return line
+
+    def flush(self) -> None:
+        if self.pending:  # an epoch that ended short of steps_per_epoch
+            self.buffer.append(self._line(self.pending, *self.pending_at))
+            self.pending = []
+        if self.buffer:
+            self.send(self.buffer)
+            self.buffer = []
+
+
+@ray.remote(num_cpus=0)
+class MetricsSink:
+    """Stage 2, an actor: buffers the records the workers send until the driver drains them."""
+
+    def __init__(self) -> None:
+        self._records: list[dict[str, Any]] = []
+        self._vis: list[dict[str, Any]] = []
+
+    def log(self, records: list[dict[str, Any]]) -> None:
+        self._records.extend(records)
+
+    def log_vis(self, vis: list[dict[str, Any]]) -> None:
+        self._vis = list(vis)
+
+    def drain(self) -> list[dict[str, Any]]:
+        out, self._records = self._records, []
+        return out
+
+    def vis(self) -> list[dict[str, Any]]:
+        return self._vis
+
+
+class MetricsPump:
+    """Stage 3, on the driver: drains the sink every second on a thread into metrics.jsonl and the console."""
+
+    def __init__(self, sink, run_dir: RunDir, out: TextIO | None = sys.stdout) -> None:
+        self.sink, self.run_dir, self.out = sink, run_dir, out
+        self.stop = threading.Event()
+        self.last_eval: dict[str, Any] | None = None
+        self.thread = threading.Thread(target=self._loop, daemon=True, name="metrics-pump")
+
+    def __enter__(self) -> MetricsPump:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join(timeout=30)
+        self.drain()
+
+    def _loop(self) -> None:
+        while not self.stop.wait(1.0):
+            try:
+                self.drain()
+            except Exception as e:  # never let logging kill the run
+                log.warning("metrics pump: %s", e)
+
+    def drain(self) -> None:
+        records = ray.get(self.sink.drain.remote())
+        self.run_dir.append_metrics([r for r in records if r.get("kind") != "progress"])
+        if any(r.get("kind") == "epoch" for r in records):
+            self.run_dir.sync()  # a bucket run's metrics reach the bucket every epoch, not only at the end
+        for r in records:
+            line = self.format(r)
+            if line and self.out is not None:  # out=None: quiet (a Tune trial's run)
+                print(line, file=self.out, flush=True)
+
+    def format(self, r: dict[str, Any]) -> str | None:
+        if r.get("kind") == "eval":
+            self.last_eval = r
+        return format_record(r)
+
+
+def format_record(r: dict[str, Any]) -> str | None:
+    """The console line of one record, or None for records that only go to metrics.jsonl (steps)."""
+    kind = r.get("kind")
+    if kind == "progress":
+        return format_progress(r)
+    if kind == "epoch":
+        return (
+            f"epoch {r['epoch'] + 1} done: loss {r['loss']:.4f}  {r['images_per_s']:.1f} img/s  "
+            f"{r['epoch_time_s']:.0f} s  peak mem {r['max_mem_mb']:.0f} MiB"
+        )
+    if kind == "eval":
+        return (
+            f"eval after epoch {r['epoch'] + 1} ({r['num_eval_images']} images, {r['eval_time_s']:.0f} s):\n"
+            + format_ap_table(r)
+        )
+    if kind == "event":
+        if r["event"] == "resume":
+            return f"resuming from the checkpoint of epoch {r['epoch']} (global step {r['global_step']})"
+        return f"training on {r['world_size']} workers ({r['device']})"
+    return None
+
+
+def format_progress(r: dict[str, Any]) -> str:
+    """One progress line: epoch, step/total, loss, images/s, and the ETA once enough steps were timed."""
+    eta = r.get("eta_s")
+    eta_txt = "" if eta is None else "  ETA " + time.strftime("%H:%M:%S", time.gmtime(max(0.0, eta)))
+    return (
+        f"epoch {r['epoch'] + 1}/{r['epochs']}  step {r['step']}/{r['steps_per_epoch']}  "
+        f"loss {r['loss']:.4f}  lr {r['lr']:.2e}  {r['images_per_s']:.1f} img/s{eta_txt}"
+    )

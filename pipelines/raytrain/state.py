@@ -1,0 +1,126 @@
+"""The training state that goes into a checkpoint, and writes and restores itself.
+
+One file per checkpoint, ``checkpoint.pt``, in core's format (``core.read_checkpoint`` and
+``pipelines/evaluate.py`` read it): the model weights and DetrConfig, plus the optimizer, scheduler,
+scaler, the last finished epoch, the optimizer steps so far, the data epoch the next epoch draws, the
+per-epoch history, and the whole JobConfig as JSON in ``meta``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray.train
+import torch
+from torch import nn
+
+from core.checkpoint import load_model_weights, read_checkpoint, save_checkpoint
+from pipelines.config import JobConfig
+from pipelines.storage import fetch_file, file_type, is_remote, join_uri
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+def fetch_checkpoint_file(uri: str, dest_dir: str) -> str:
+    """A local file for a checkpoint given as a file or a run's checkpoint folder: path, http(s), s3://, gs://."""
+    import pyarrow.fs as pafs
+
+    if is_remote(uri):
+        if file_type(uri) == pafs.FileType.Directory:
+            uri = join_uri(uri, CHECKPOINT_FILE)
+    elif os.path.isdir(uri):
+        return os.path.join(uri, CHECKPOINT_FILE)
+    return fetch_file(uri, dest_dir)
+
+
+@dataclass
+class TrainState:
+    """Everything a resumed worker needs to continue exactly where a checkpoint left off.
+
+    Attributes:
+        model: the detector (a DDP wrapper is unwrapped on save).
+        optimizer, scheduler: AdamW and the per-step LambdaLR.
+        scaler: the float16 GradScaler, or None.
+        epoch: the last finished epoch (-1 before the first).
+        global_step: optimizer steps done across epochs.
+        data_epoch: the epoch the next epoch's data order and augmentation are drawn for.
+        history: one metrics dict per finished epoch (what each ``ray.train.report`` carried).
+    """
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler | None = None
+    epoch: int = -1
+    global_step: int = 0
+    data_epoch: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def start_epoch(self) -> int:
+        return self.epoch + 1
+
+    def restore(self, path: str) -> None:
+        """Loads a checkpoint file written by ``save`` into this state, in place."""
+        ckpt = read_checkpoint(path)
+        load_model_weights(self.model, ckpt.model)
+        s = ckpt.extra
+        self.optimizer.load_state_dict(s["optimizer"])
+        self.scheduler.load_state_dict(s["scheduler"])
+        if self.scaler is not None and s.get("scaler"):
+            self.scaler.load_state_dict(s["scaler"])
+        self.epoch = int(s["epoch"])
+        self.global_step = int(s["global_step"])
+        # Checkpoints from before data_epoch was saved drew each epoch's data for the epoch itself.
+        self.data_epoch = int(s.get("data_epoch", self.epoch + 1))
+        self.history = list(s.get("history", []))
+
+    def save(self, path: str, job: JobConfig, dataset_facts: dict[str, Any]) -> None:
+        """Writes the state to ``path`` (core's checkpoint format with the training entries added)."""
+        save_checkpoint(
+            path,
+            self.model,
+            job.detr_config(),
+            meta={"job_config": job.model_dump_json(), "dataset": dataset_facts, "epoch": self.epoch},
+            optimizer=self.optimizer.state_dict(),
+            scheduler=self.scheduler.state_dict(),
+            scaler=self.scaler.state_dict() if self.scaler is not None else {},
+            epoch=self.epoch,
+            global_step=self.global_step,
+            data_epoch=self.data_epoch,
+            history=self.history,
+        )
+
+    def restore_from_ray(self, checkpoint: ray.train.Checkpoint) -> None:
+        """Restores from the latest checkpoint Ray Train hands a (re)started worker."""
+        with checkpoint.as_directory() as d:
+            self.restore(os.path.join(d, CHECKPOINT_FILE))
+
+    def report(self, metrics: dict[str, Any], job: JobConfig, dataset_facts: dict[str, Any], rank: int) -> None:
+        """Every rank reports the epoch (a barrier); rank 0 attaches the checkpoint, written whole first."""
+        if rank != 0:
+            ray.train.report(metrics)
+            return
+        d = tempfile.mkdtemp(prefix=f"ddetr-epoch{self.epoch}-")
+        try:
+            self.save(os.path.join(d, CHECKPOINT_FILE), job, dataset_facts)
+            ray.train.report(
+                metrics,
+                checkpoint=ray.train.Checkpoint.from_directory(d),
+                checkpoint_dir_name=f"checkpoint_epoch{self.epoch:04d}",
+            )
+            # report() returns once the files are uploaded, but the controller registers the checkpoint
+            # a little later; a worker dying in between would restart the run from the one before.
+            # Waiting here (the other ranks wait for rank 0 at their next gradient all-reduce) closes that gap.
+            ray.train.get_all_reported_checkpoints(
+                consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED, timeout_s=600
+            )
+        finally:
+            shutil.rmtree(d, ignore_errors=True)

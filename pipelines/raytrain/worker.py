@@ -1,0 +1,178 @@
+"""What each Ray Train worker runs: build through core, resume or fine-tune, train epochs, evaluate, report.
+
+Every rank reports once per epoch (``ray.train.report`` is a barrier); rank 0 attaches the checkpoint
+that ``TrainState`` writes. The metrics each report carries (and Tune's schedulers read):
+``epoch`` (0-based index of the finished epoch), ``epochs_done`` (epoch + 1), ``global_step``, ``loss``
+and every criterion term, ``lr``, ``images_per_s``, ``max_mem_mb``, ``epoch_time_s``, the validation
+``AP``, ``AP50``, ``AP75``, ``APs``, ``APm``, ``APl`` on evaluated epochs, and ``checkpoint_score``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+import ray
+import ray.train
+import ray.train.torch
+import torch
+
+from core.build import NUM_DETECTIONS, build_criterion, build_model
+from core.checkpoint import load_model_weights
+from core.coco_eval import AP_KEYS
+from core.postprocess import PostProcess
+from pipelines.config import JobConfig
+from pipelines.engine import (
+    build_lr_scheduler,
+    build_optimizer,
+    freeze_zero_lr_params,
+    realign_lr_scheduler,
+    train_one_epoch,
+)
+from pipelines.raytrain.distributed_eval import distributed_evaluate, load_val_ground_truth
+from pipelines.raytrain.metrics import StepReporter, peak_memory_mb
+from pipelines.raytrain.state import TrainState
+from pipelines.raytrain.worker_config import WorkerConfig
+from pipelines.raytrain.worker_context import (
+    WorkerContext,
+    mean_across_workers,
+    seed_everything,
+    shard_batches,
+)
+
+log = logging.getLogger(__name__)
+
+SCORE_KEY = "checkpoint_score"  # AP, or -loss in runs without evaluation: what keep_checkpoints ranks by
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """The Ray Train worker function (``config``: ``WorkerConfig.to_loop_config()``)."""
+    cfg = WorkerConfig.from_loop_config(config)
+    job, ctx = cfg.job, WorkerContext.current(cfg.job)
+    seed_everything(job.train.seed)  # the same initial weights on every rank (DDP broadcasts rank 0's anyway)
+
+    state = build_train_state(cfg, ctx)
+    reporter = StepReporter(cfg.sink if ctx.rank == 0 else None, job.train, ctx, cfg.steps_per_epoch)
+    reporter.event("resume" if state.epoch >= 0 else "start", state.start_epoch, state.global_step)
+    criterion = build_criterion(job.detr_config()).to(ctx.device)
+    postprocessor = PostProcess(NUM_DETECTIONS, cfg.dataset.label_to_category_id).to(ctx.device)
+    coco_gt = load_val_ground_truth(job) if ctx.rank == 0 and job.train.eval_every else None
+
+    for epoch in range(state.start_epoch, job.train.epochs):
+        seed_everything(job.train.seed + 1000 * epoch + ctx.rank)
+        state.data_epoch = epoch
+        if cfg.epoch_clock is not None:  # before asking for the epoch's data, on every rank
+            ray.get(cfg.epoch_clock.set.remote(epoch))
+        drawn_epochs: set[int] = set()
+        epoch_start = time.time()
+
+        def on_step(record: dict[str, Any], epoch: int = epoch, base_step: int = state.global_step) -> None:
+            reporter.on_step(record, epoch, base_step + record["step"])
+            maybe_inject_fault(job, ctx.rank, base_step + record["step"])
+
+        stats = train_one_epoch(
+            state.model,
+            criterion,
+            shard_batches("train", job, ctx.device, epoch, drawn_epochs=drawn_epochs),
+            state.optimizer,
+            state.scheduler,
+            device=ctx.device,
+            amp_dtype=ctx.amp_dtype,
+            scaler=state.scaler,
+            grad_accum_steps=job.train.grad_accum_steps,
+            clip_max_norm=job.train.clip_max_norm,
+            on_step=on_step,
+        )
+        state.global_step += stats["steps"]
+        reporter.flush()
+        metrics = epoch_metrics(stats, state, ctx, epoch, time.time() - epoch_start)
+
+        if evaluation_due(job, epoch):
+            eval_start = time.time()
+            val_batches = shard_batches("val", job, ctx.device, epoch)
+            ap, vis = distributed_evaluate(
+                state.model, postprocessor, val_batches, job=job, ctx=ctx, coco_gt=coco_gt, dataset=cfg.dataset
+            )
+            if ctx.rank == 0:
+                ap["eval_time_s"] = time.time() - eval_start
+                reporter.send_eval(ap, epoch, state.global_step, vis)
+                metrics.update({k: ap[k] for k in AP_KEYS})
+            metrics[SCORE_KEY] = ap["AP"] if ap is not None else float("nan")
+        else:
+            # Epochs without evaluation rank below any evaluated one (NaN sorts lowest); runs without
+            # any evaluation rank by the negated loss.
+            metrics[SCORE_KEY] = float("nan") if job.train.eval_every else -metrics["loss"]
+        metrics["epoch_time_s"] = time.time() - epoch_start
+        state.epoch, state.data_epoch = epoch, epoch + 1
+        state.history.append(metrics)
+        reporter.send_epoch(metrics, drawn_epochs)
+        state.report(metrics, job, cfg.dataset.model_dump(mode="json"), ctx.rank)
+
+
+def build_train_state(cfg: WorkerConfig, ctx: WorkerContext) -> TrainState:
+    """Model, optimizer, scheduler and scaler, restored from Ray's latest checkpoint or fine-tuned."""
+    job = cfg.job
+    resume = ray.train.get_checkpoint()
+    # ImageNet backbone weights only matter for a fresh start (fetched on the driver by preflight).
+    fresh = resume is None and cfg.weights is None
+    model, _, _ = build_model(job.detr_config(), load_backbone_weights=fresh)
+    if resume is None and cfg.weights is not None:
+        load_model_weights(model, ray.get(cfg.weights))
+        log.info("rank %d fine-tunes from %s", ctx.rank, job.train.finetune_from)
+    freeze_zero_lr_params(model, job.train)  # before DDP, which hooks every parameter that wants a gradient
+    # FrozenBatchNorm buffers never change: synced once at wrap time, not before every forward.
+    model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"forward_sync_buffers": False})
+    optimizer = build_optimizer(model, job.train)
+    state = TrainState(
+        model=model,
+        optimizer=optimizer,
+        scheduler=build_lr_scheduler(optimizer, job.train, cfg.steps_per_epoch),
+        scaler=torch.amp.GradScaler(ctx.device.type) if ctx.amp_dtype == torch.float16 else None,
+    )
+    if resume is not None:
+        state.restore_from_ray(resume)
+        log.info("rank %d resumes after epoch %d", ctx.rank, state.epoch)
+        if realign_lr_scheduler(state.scheduler, state.start_epoch * cfg.steps_per_epoch) and ctx.rank == 0:
+            log.warning(
+                "steps per epoch changed since the checkpoint (now %d): lr schedule realigned to epoch %d",
+                cfg.steps_per_epoch,
+                state.start_epoch,
+            )
+    return state
+
+
+def evaluation_due(job: JobConfig, epoch: int) -> bool:
+    """Every ``train.eval_every`` epochs and after the last one (never when eval_every is 0)."""
+    every, epochs = job.train.eval_every, job.train.epochs
+    return bool(every) and ((epoch + 1) % every == 0 or epoch + 1 == epochs)
+
+
+def epoch_metrics(
+    stats: dict[str, float], state: TrainState, ctx: WorkerContext, epoch: int, train_time: float
+) -> dict[str, Any]:
+    """The epoch's report: loss terms averaged across workers, counters, throughput, memory."""
+    images = stats["images"]
+    metrics = mean_across_workers(stats, ctx.device)
+    metrics.pop("images", None)
+    metrics.update(
+        epoch=epoch,
+        epochs_done=epoch + 1,
+        global_step=state.global_step,
+        images_per_s=images * ctx.world_size / max(train_time, 1e-9),
+        lr=state.optimizer.param_groups[0]["lr"],
+        max_mem_mb=peak_memory_mb(ctx.device),
+    )
+    return metrics
+
+
+def maybe_inject_fault(job: JobConfig, rank: int, global_step: int) -> None:
+    """Tests only (``train.fault_injection``): the chosen rank exits once, at the chosen optimizer step."""
+    fi = job.train.fault_injection
+    if fi is None or rank != fi.rank or global_step != fi.global_step or os.path.exists(fi.marker):
+        return
+    with open(fi.marker, "w") as f:
+        f.write(f"worker rank {rank} killed at global step {global_step}\n")
+    log.warning("fault injection: rank %d exits at global step %d", rank, global_step)
+    os._exit(1)

@@ -1,0 +1,222 @@
+"""Storage: local paths, ``s3://`` and ``gs://`` URIs through one set of pyarrow filesystem helpers.
+
+A bucket URI may carry filesystem options as a query, ``s3://bucket/prefix?endpoint_override=host:9000&
+scheme=http`` (MinIO, moto, fake GCS servers); joining keeps the query at the end. Credentials come from
+the environment (AWS_ACCESS_KEY_ID, GOOGLE_APPLICATION_CREDENTIALS, ...), never from a URI or a config,
+because configs are saved in run directories and checkpoints.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+from urllib.parse import parse_qsl
+
+import pyarrow.fs as pafs
+
+REMOTE_SCHEMES = ("s3://", "gs://", "gcs://")
+
+_FS_CACHE: dict[tuple, pafs.FileSystem] = {}
+_FS_LOCK = threading.Lock()
+
+
+def is_remote(uri: str | os.PathLike) -> bool:
+    """True for an object-store URI (``s3://``, ``gs://``, ``gcs://``)."""
+    return str(uri).startswith(REMOTE_SCHEMES)
+
+
+def has_scheme(uri: str | os.PathLike) -> bool:
+    """True for any ``scheme://`` URI (object stores, ``http(s)://``, ``file://``), False for a plain path."""
+    return "://" in str(uri)
+
+
+def is_absolute(uri: str | os.PathLike) -> bool:
+    """A URI with a scheme or an absolute local path: what a relative part must not be joined onto."""
+    return has_scheme(uri) or os.path.isabs(str(uri))
+
+
+def local_path(uri: str | os.PathLike) -> str:
+    """The absolute local path of a plain path or ``file://`` URI (``~`` expanded).
+
+    Raises:
+        ValueError: ``uri`` names an object store or another scheme.
+    """
+    uri = str(uri)
+    if uri.startswith("file://"):
+        uri = uri[len("file://") :]
+    elif has_scheme(uri):
+        raise ValueError(f"expected a local path, got {uri!r}")
+    return os.path.abspath(os.path.expanduser(uri))
+
+
+def absolute(uri: str | os.PathLike) -> str:
+    """A local path made absolute (workers may run in another directory); URIs unchanged."""
+    return str(uri) if has_scheme(uri) and not str(uri).startswith("file://") else local_path(uri)
+
+
+def filesystem_for(
+    uri: str | os.PathLike, storage_options: Mapping[str, Any] | None = None
+) -> tuple[pafs.FileSystem, str]:
+    """The pyarrow filesystem for ``uri`` and the path inside it (``bucket/key`` for object stores).
+
+    Options come from ``storage_options`` and, for bucket URIs, from the URI's ``?key=value`` query
+    (which wins). Filesystems are built explicitly rather than with ``FileSystem.from_uri``, which
+    makes a network call to find an S3 bucket's region, and cached per process and options.
+
+    Raises:
+        ValueError: an unsupported scheme (http, ftp, ...).
+    """
+    uri = str(uri)
+    opts = dict(storage_options or {})
+    if is_remote(uri):
+        base, _, query = uri.partition("?")
+        opts.update(parse_qsl(query))
+        scheme = "s3" if base.startswith("s3://") else "gs"
+        path = base.split("://", 1)[1]
+    elif has_scheme(uri) and not uri.startswith("file://"):
+        raise ValueError(f"unsupported URI scheme in {uri!r}: expected a local path, s3:// or gs://")
+    else:
+        scheme, path, opts = "local", local_path(uri), {}
+    key = (scheme, tuple(sorted(opts.items())))
+    with _FS_LOCK:
+        fs = _FS_CACHE.get(key)
+        if fs is None:
+            if scheme == "s3":
+                fs = pafs.S3FileSystem(**opts)
+            elif scheme == "gs":
+                fs = pafs.GcsFileSystem(**opts)
+            else:
+                fs = pafs.LocalFileSystem()
+            _FS_CACHE[key] = fs
+    return fs, path.rstrip("/") if len(path) > 1 else path
+
+
+def join_uri(base: str, *parts: str) -> str:
+    """``base/part/...`` for a local path or bucket URI, keeping a bucket URI's ``?options`` at the end."""
+    path, sep, query = base.partition("?")
+    joined = "/".join([path.rstrip("/"), *(p.strip("/") for p in parts if p)])
+    return joined + sep + query
+
+
+def split_uri(uri: str) -> tuple[str, str]:
+    """(parent, last part) of a path or URI: the inverse of ``join_uri(parent, name)``."""
+    path, sep, query = uri.partition("?")
+    parent, _, name = path.rstrip("/").rpartition("/")
+    return parent + sep + query, name
+
+
+def _not_found(e: OSError) -> bool:
+    msg = str(e).lower()
+    return isinstance(e, FileNotFoundError) or "not found" in msg or "no such file" in msg or "does not exist" in msg
+
+
+def read_bytes(uri: str, storage_options: Mapping[str, Any] | None = None, *, retries: int = 3) -> bytes:
+    """All bytes of one file. Transient object-store errors are retried; a missing file is not.
+
+    Raises:
+        FileNotFoundError: no such file (the message names ``uri``).
+        OSError: still failing after ``retries`` attempts.
+    """
+    fs, path = filesystem_for(uri, storage_options)
+    for attempt in range(retries):
+        try:
+            with fs.open_input_stream(path) as f:  # a stream: one GET, no HEAD first
+                return f.read()
+        except OSError as e:
+            if _not_found(e):
+                raise FileNotFoundError(f"{uri}: no such file") from e
+            if attempt == retries - 1:
+                raise OSError(f"cannot read {uri} after {retries} attempts: {e}") from e
+            time.sleep(0.2 * 2**attempt)
+    raise AssertionError("unreachable")
+
+
+def read_many(
+    uris: Sequence[str], storage_options: Mapping[str, Any] | None = None, threads: int = 16
+) -> list[bytes | BaseException]:
+    """Reads many files concurrently (object stores need concurrency, not cores); errors are returned."""
+
+    def one(u: str) -> bytes | BaseException:
+        try:
+            return read_bytes(u, storage_options)
+        except OSError as e:  # FileNotFoundError included
+            return e
+
+    if len(uris) <= 1 or threads <= 1:
+        return [one(u) for u in uris]
+    with ThreadPoolExecutor(max_workers=min(threads, len(uris))) as pool:
+        return list(pool.map(one, uris))
+
+
+def write_bytes(uri: str, data: bytes, storage_options: Mapping[str, Any] | None = None) -> None:
+    """Writes one file whole or not at all.
+
+    On local disk: a temporary file in the same folder, then an atomic rename. An object-store PUT is
+    atomic already (a reader sees the old object or the new one, never a part).
+    """
+    fs, path = filesystem_for(uri, storage_options)
+    if not is_remote(uri):
+        parent = os.path.dirname(path)
+        os.makedirs(parent, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
+        return
+    with fs.open_output_stream(path) as f:
+        f.write(data)
+
+
+def file_type(uri: str, storage_options: Mapping[str, Any] | None = None) -> pafs.FileType:
+    """File, Directory or NotFound (an empty bucket prefix reads as NotFound: object stores have no folders)."""
+    fs, path = filesystem_for(uri, storage_options)
+    return fs.get_file_info(path).type
+
+
+def list_file_sizes(dir_uri: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, int] | None:
+    """Size of every file under a folder or bucket prefix, keyed by path relative to it (one listing).
+
+    Returns:
+        None when a local folder does not exist (a bucket prefix without objects lists as empty).
+    """
+    fs, base = filesystem_for(dir_uri, storage_options)
+    if not is_remote(dir_uri) and fs.get_file_info(base).type == pafs.FileType.NotFound:
+        return None
+    sizes: dict[str, int] = {}
+    for fi in fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True)):
+        if fi.type == pafs.FileType.File:
+            sizes[fi.path[len(base) :].lstrip("/")] = fi.size
+    return sizes
+
+
+def fetch_file(uri: str, dest_dir: str, storage_options: Mapping[str, Any] | None = None) -> str:
+    """A local path holding the file ``uri`` names.
+
+    Bucket objects are copied into ``dest_dir``; local paths come back as they are (absolute);
+    ``http(s)://`` URLs come back unchanged, for readers that download them (``torch.hub``).
+    """
+    if is_remote(uri):
+        fs, path = filesystem_for(uri, storage_options)
+        local = os.path.join(dest_dir, os.path.basename(path))
+        try:
+            with fs.open_input_stream(path) as src, open(local, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+        except OSError as e:
+            if _not_found(e):
+                raise FileNotFoundError(f"{uri}: no such file") from e
+            raise
+        return local
+    if uri.startswith(("http://", "https://")):
+        return uri
+    return local_path(uri)
