@@ -32,9 +32,9 @@ import torch
 
 from core import DetrConfig, ModelConfig, build_model, save_checkpoint
 from core.predictor import InputSize, Predictor, prepare_image
-from pipelines.coco import read_file
-from pipelines.decode import decode_image
-from pipelines.synthetic import generate_coco
+from pipelines.data.decode import decode_image
+from pipelines.data.synthetic import generate_coco
+from pipelines.storage import read_bytes
 
 
 class GpuBusy:
@@ -118,7 +118,7 @@ def plain_loop(files: list[str], predictor: Predictor, batch_size: int) -> dict[
     detections = 0
     for i in range(0, len(files), batch_size):
         prepared = [
-            prepare_image(decode_image(read_file(f), name=f), predictor.input_size) for f in files[i : i + batch_size]
+            prepare_image(decode_image(read_bytes(f), name=f), predictor.input_size) for f in files[i : i + batch_size]
         ]
         detections += sum(len(d.scores) for d in predictor.predict_prepared(prepared))
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             device=device,
             amp_dtype=torch.bfloat16 if args.bf16 else None,
         )
-        predictor.predict_prepared([predictor.prepare(decode_image(read_file(files[0])))])  # warm-up
+        predictor.predict_prepared([predictor.prepare(decode_image(read_bytes(files[0])))])  # warm-up
 
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         ray.init(

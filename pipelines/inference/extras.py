@@ -10,10 +10,11 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.coco import load_json, read_file
-from pipelines.decode import decode_image
+from pipelines.data.coco import load_json
+from pipelines.data.decode import decode_image
 from pipelines.inference.outputs import COCO_FILE, DRAWN_DIR, OutputDir
 from pipelines.inference.sources import split_options
+from pipelines.storage import read_bytes
 
 
 def image_ids_from_annotations(ann_uri: str) -> dict[str, int]:
@@ -77,7 +78,7 @@ def write_coco_results(out: OutputDir, coco_ann: str | None, storage_options: di
 
 def draw_images(out: OutputDir, count: int, threshold: float, storage_options: dict[str, Any]) -> list[str]:
     """Draws the detections scoring at least ``threshold`` on the first ``count`` good images (by URI)."""
-    from pipelines.run_outputs import draw_detections
+    from pipelines.raytrain.plots import draw_detections
 
     rows = [r for r in out.read_results().to_pylist() if r["error"] is None][:count]
     written = []
@@ -89,7 +90,7 @@ def draw_images(out: OutputDir, count: int, threshold: float, storage_options: d
                 continue  # drawn by an earlier run from the same rows
             keep = [i for i, s in enumerate(r["scores"]) if s >= threshold]
             item = {
-                "image": decode_image(read_file(r["uri"], storage_options), name=r["uri"]),
+                "image": decode_image(read_bytes(r["uri"], storage_options), name=r["uri"]),
                 "true_boxes": np.zeros((0, 4), np.float32),
                 "true_labels": np.zeros((0,), np.int64),
                 "pred_boxes": np.asarray([r["boxes"][i] for i in keep], np.float32).reshape(-1, 4),

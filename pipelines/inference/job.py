@@ -111,7 +111,7 @@ def connect(address: str | None) -> bool:
 
 def load_checkpoint_for_inference(uri: str) -> Checkpoint:
     """The checkpoint's config, weights and metadata (no optimizer state), read on the driver."""
-    from pipelines.train_worker import fetch_checkpoint_file
+    from pipelines.raytrain.state import fetch_checkpoint_file
 
     tmp = tempfile.mkdtemp(prefix="ddetr-infer-ckpt-")
     try:

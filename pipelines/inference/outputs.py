@@ -20,7 +20,6 @@ import hashlib
 import io
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -31,14 +30,13 @@ import pyarrow.parquet as pq
 
 from pipelines.inference.sources import split_options
 from pipelines.inference.steps import RESULT_SCHEMA
-from pipelines.run_outputs import is_remote, storage_filesystem
+from pipelines.storage import filesystem_for, is_remote, join_uri, write_bytes
 
 PART_PREFIX, PART_SUFFIX = "part-", ".parquet"
 JOB_FILE = "_job.json"
 MANIFEST_FILE = "_manifest.json"
 COCO_FILE = "detections_coco.json"
 DRAWN_DIR = "drawn"
-_TMP_PREFIX = ".tmp-"
 
 
 class OutputError(ValueError):
@@ -60,7 +58,8 @@ class OutputDir:
 
     def __init__(self, uri: str) -> None:
         self.base, self.options = split_options(uri)
-        self.fs, self.path = storage_filesystem(uri)
+        self.uri = uri
+        self.fs, self.path = filesystem_for(uri)
         self.remote = is_remote(self.base)
 
     def uri_of(self, rel: str) -> str:
@@ -71,9 +70,10 @@ class OutputDir:
         if self.remote:
             return
         os.makedirs(self.path, exist_ok=True)
-        for name in os.listdir(self.path):
-            if name.startswith(_TMP_PREFIX):
-                os.unlink(os.path.join(self.path, name))
+        for folder in (self.path, os.path.join(self.path, DRAWN_DIR)):
+            for name in os.listdir(folder) if os.path.isdir(folder) else ():
+                if name.startswith(".") and name.endswith(".tmp"):  # storage.write_bytes' temporary files
+                    os.unlink(os.path.join(folder, name))
 
     # ------------------------------------------------------------------ reading
 
@@ -143,28 +143,7 @@ class OutputDir:
         """
         if unless_equal and self.read(rel) == data:
             return False
-        target = f"{self.path}/{rel}"
-        if self.remote:
-            parent = target.rsplit("/", 1)[0]
-            self.fs.create_dir(parent, recursive=True)
-            # One upload: the object appears only when it completes (a multipart upload too).
-            with self.fs.open_output_stream(target) as f:
-                f.write(data)
-            return True
-        folder = os.path.dirname(target)
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path, prefix=_TMP_PREFIX)
-        try:
-            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs are as readable as any new file
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        write_bytes(join_uri(self.uri, rel), data)
         return True
 
     def write_part(self, table: pa.Table) -> str:
@@ -200,12 +179,6 @@ class OutputDir:
 
     def write_json(self, rel: str, obj: Any) -> bool:
         return self.write(rel, _json_bytes(obj), unless_equal=True)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _json_bytes(obj: Any) -> bytes:

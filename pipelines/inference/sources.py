@@ -18,7 +18,7 @@ from urllib.parse import parse_qsl
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipelines.run_outputs import is_remote, storage_filesystem
+from pipelines.storage import filesystem_for, is_remote
 
 MANIFEST_SUFFIXES = (".txt", ".parquet")
 
@@ -63,7 +63,7 @@ def list_images(input_uri: str, glob: str | None = None) -> ImageList:
         InputError: the input does not exist, lists no image, or a manifest is unreadable.
     """
     base, options = split_options(input_uri)
-    fs, path = storage_filesystem(input_uri)
+    fs, path = filesystem_for(input_uri)
     try:
         info = fs.get_file_info(path)
     except OSError as e:

@@ -16,8 +16,8 @@ import pyarrow as pa
 from PIL import Image, UnidentifiedImageError
 
 from core.predictor import Detections, InputSize, Predictor, PreparedImage, prepare_image
-from pipelines.coco import read_files
-from pipelines.decode import ImageDecodeError, decode_image
+from pipelines.data.decode import ImageDecodeError, decode_image
+from pipelines.storage import read_many
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ class DecodeImages:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         uris = batch.column("uri").to_pylist()
-        datas = read_files(uris, self.storage_options, self.read_threads)
+        datas = read_many(uris, self.storage_options, self.read_threads)
         cols: dict[str, list] = {name: [] for name in DECODED_SCHEMA.names}
         for uri, part, data in zip(uris, batch.column("part").to_pylist(), datas):
             pixels = rh = rw = h = w = error = kind = None

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from core import DetrConfig, ModelConfig, build_model, save_checkpoint
-from pipelines.synthetic import generate_coco
+from pipelines.data.synthetic import generate_coco
 
 CATEGORIES = {1: "rectangle", 3: "ellipse", 7: "triangle", 8: "diamond"}
 # The bad files of the image folder and the error kind each must get.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -40,6 +42,12 @@ def test_manifests_txt_and_parquet(tmp_path):
         list_images(str(tmp_path / "empty.txt"))
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _rows(*uris):
     n = len(uris)
     cols = {"uri": list(uris), "width": [4] * n, "height": [3] * n, "boxes": [[[0, 0, 1, 1]]] * n}
@@ -53,7 +61,8 @@ def test_parts_are_whole_named_by_content_and_never_overlap(tmp_path):
     name = out.write_part(_rows("/i/b.jpg", "/i/a.jpg"))
     assert name == part_name(["/i/a.jpg", "/i/b.jpg"]) and out.part_files() == [name]
     assert pq.read_table(tmp_path / "out" / name).column("uri").to_pylist() == ["/i/a.jpg", "/i/b.jpg"]
-    (tmp_path / "out" / ".tmp-leftover").write_bytes(b"half a file")  # as a killed write leaves it
+    assert (tmp_path / "out" / name).stat().st_mode & 0o777 == 0o666 & ~_umask()  # not mkstemp's 0600
+    (tmp_path / "out" / f".{name}.a1b2c3.tmp").write_bytes(b"half a file")  # as a killed write leaves it
     out.prepare()
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [name]
     out.write_part(_rows("/i/a.jpg"))  # the same image in a second part: a broken folder

@@ -14,7 +14,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from core.predictor import Predictor
-from pipelines.decode import decode_image
+from pipelines.data.decode import decode_image
 from pipelines.inference.extras import coco_results
 from pipelines.inference.job import InferenceConfig, run_inference
 from pipelines.inference.outputs import COCO_FILE, JOB_FILE, MANIFEST_FILE, OutputError

@@ -12,8 +12,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from pipelines.data.synthetic import generate_coco
 from pipelines.inference.job import InferenceConfig, run_inference
-from pipelines.synthetic import generate_coco
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

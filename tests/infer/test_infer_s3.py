@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from core.predictor import Predictor
-from pipelines.decode import decode_image
+from pipelines.data.decode import decode_image
 from pipelines.inference.job import InferenceConfig, run_inference
 from pipelines.inference.outputs import JOB_FILE, MANIFEST_FILE
 
