@@ -213,7 +213,8 @@ def fetch_file(uri: str, dest_dir: str, storage_options: Mapping[str, Any] | Non
         local = os.path.join(dest_dir, os.path.basename(path))
         try:
             with fs.open_input_stream(path) as src, open(local, "wb") as dst:
-                shutil.copyfileobj(src, dst)
+                # Big reads: an object-store stream may answer each read with its own ranged GET.
+                shutil.copyfileobj(src, dst, length=16 * 1024**2)
         except OSError as e:
             if _not_found(e):
                 raise FileNotFoundError(f"{uri}: no such file") from e
