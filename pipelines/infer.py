@@ -47,6 +47,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--images-per-part", type=int, default=1000, help="images per output file (unit of resumption)")
     p.add_argument("--decode-batch", type=int, default=16, help="images per decode task")
     p.add_argument("--decode-cpus", type=float, default=1.0, help="CPUs one decode task reserves")
+    p.add_argument("--read-threads", type=int, default=16, help="concurrent reads in one decode task")
+    p.add_argument("--progress-every-s", type=float, default=10.0, help="seconds between progress lines")
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     p.add_argument("--summary-json", default=None, help="also write the run's summary to this local file")
     return p.parse_args(argv)

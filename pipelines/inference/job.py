@@ -26,13 +26,12 @@ from core.predictor import checkpoint_class_info, checkpoint_input_size
 from pipelines.inference.outputs import COCO_FILE, MANIFEST_FILE, OutputDir, part_name
 from pipelines.inference.sources import ImageList, list_images
 from pipelines.inference.steps import DecodeImages, PredictImages
+from pipelines.raytrain.cluster import REPO_ROOT, WORKING_DIR_EXCLUDES, in_ray_job
 
 log = logging.getLogger(__name__)
 
 DECODE_MEMORY_BASE = 512 * 1024**2  # a worker process with numpy, torch and pyarrow loaded
 DECODE_MEMORY_PER_IMAGE = 48 * 1024**2
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-_WORKING_DIR_EXCLUDES = [".venv/", ".git/", "runs/", "data/", "**/__pycache__/", "*.egg-info/", ".pytest_cache/"]
 
 
 class InferenceConfig(BaseModel):
@@ -92,6 +91,9 @@ class InferenceConfig(BaseModel):
 def connect(address: str | None) -> bool:
     """Joins a cluster (``address``, or RAY_ADDRESS as set by ``ray job submit``) or starts a local one.
 
+    As ``raytrain.cluster.connect_ray`` does, but a local Ray gets the machine's CPUs as they are (that
+    one sizes it for a training JobConfig's workers), since CPU actors take their torch threads from it.
+
     Returns:
         True when this call started a local Ray instance.
     """
@@ -100,12 +102,17 @@ def connect(address: str | None) -> bool:
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         # A submitted job already ships its working dir; a plain driver ships the repository.
-        submitted = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
-        runtime_env = None if submitted else {"working_dir": REPO_ROOT, "excludes": _WORKING_DIR_EXCLUDES}
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        runtime_env = None if in_ray_job() else {"working_dir": REPO_ROOT, "excludes": WORKING_DIR_EXCLUDES}
+        # The console is the job's progress and summary; workers' output stays in Ray's log files.
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=False, logging_level=logging.WARNING)
         return False
     pythonpath = os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH")) if p)
-    ray.init(address="local", runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, log_to_driver=True)
+    ray.init(
+        address="local",
+        runtime_env={"env_vars": {"PYTHONPATH": pythonpath}},
+        log_to_driver=False,
+        logging_level=logging.WARNING,
+    )
     return True
 
 
@@ -256,7 +263,8 @@ def _run_pipeline(
         share = int(ray.cluster_resources().get("CPU", 1) // cfg.actors) if not cfg.gpus_per_actor else 0
         threads = max(1, int(cfg.cpus_per_actor), share)
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
+    ctx.enable_progress_bars = False  # the job prints its own progress lines
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # Ray Data's plan and timing lines: in its log files
     # One input block per part: Arrow columns rather than a Python dict per image keep a driver listing
     # millions of images small, and parts come out roughly in order, so few are in flight at a kill.
     table = pa.table({"uri": todo, "part": [parts[u] for u in todo]})
@@ -276,7 +284,7 @@ def _run_pipeline(
     ds = ds.map_batches(
         PredictImages,
         fn_constructor_kwargs={
-            "checkpoint": ray.put(ckpt),
+            "checkpoint": ray.put(ckpt),  # put once: every actor reads the same copy
             "predictor_kwargs": predictor_kwargs,
             "torch_threads": None if cfg.gpus_per_actor else threads,
         },

@@ -131,7 +131,7 @@ class PredictImages:
     """The model step: one Predictor per actor, built once from the checkpoint in the object store.
 
     Args:
-        checkpoint: a core Checkpoint (or an ObjectRef of one).
+        checkpoint: a core Checkpoint, or an ObjectRef of one.
         predictor_kwargs: Predictor arguments (score_threshold, top_k, batch_size, amp_dtype, ...).
         torch_threads: intra-op threads on the CPU; None keeps torch's default.
     """
