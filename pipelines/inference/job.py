@@ -303,9 +303,10 @@ def _run_pipeline(
             pending[name].append(rows)
             counts[name] += rows.num_rows
             if counts[name] == expected[name]:
-                written = out.write_part(pa.concat_tables(pending.pop(name)))
-                if written != name:  # the rows are not the images the part was made for: a bug, never mixed
-                    raise RuntimeError(f"part {name} received other images' rows (they hash to {written})")
+                table = pa.concat_tables(pending.pop(name))
+                if part_name(table.column("uri").to_pylist()) != name:  # a bug; never written under a wrong name
+                    raise RuntimeError(f"part {name} received rows of other images")
+                out.write_part(table)
                 progress.parts += 1
     missing = {n: expected[n] - counts[n] for n in expected if counts[n] != expected[n]}
     if missing:
