@@ -138,12 +138,8 @@ class Progress:
         self.start = self.last = time.monotonic()
         self.images = self.detections = self.parts = 0
         self.errors: Counter[str] = Counter()
-        self.first_at: float | None = None  # when the first rows arrived, and how many
-        self.first_rows = 0
 
     def add(self, table: pa.Table) -> None:
-        if self.first_at is None:
-            self.first_at, self.first_rows = time.monotonic(), table.num_rows
         self.images += table.num_rows
         self.detections += sum(len(s) for s in table.column("scores").to_pylist())
         self.errors.update(k for k in table.column("error_kind").to_pylist() if k is not None)
@@ -161,11 +157,7 @@ class Progress:
         )
 
     def summary(self, output: str) -> dict[str, Any]:
-        now = time.monotonic()
-        wall = now - self.start
-        # From the first result on: the rate a long job runs at, without the start-up (plan, actors, model).
-        later = self.images - self.first_rows
-        steady = later / (now - self.first_at) if self.first_at is not None and later and now > self.first_at else 0.0
+        wall = time.monotonic() - self.start
         return {
             "output": output,
             "images_total": self.total,
@@ -177,7 +169,6 @@ class Progress:
             "parts_written": self.parts,
             "wall_s": round(wall, 3),
             "images_per_s": round(self.images / wall, 3) if self.images else 0.0,
-            "steady_images_per_s": round(steady, 3),
         }
 
 
