@@ -8,6 +8,7 @@ Typical use::
     loss = criterion.total_loss(criterion(outputs, targets))
 
     model, criterion, postprocessor, ckpt = load_checkpoint("r50_deformable_detr-checkpoint.pth")
+    detections = Predictor.from_checkpoint("r50_deformable_detr-checkpoint.pth")(image)  # boxes, scores, names
 
 One shape legend across core/ (and ops/), each module restating the letters it uses:
 N batch (images), H x W an image, L feature levels, Hl x Wl level l's map, S = sum_l Hl*Wl positions over
@@ -33,17 +34,20 @@ from core.checkpoint import (
 )
 from core.config import DetrConfig, LossConfig, MatcherConfig, ModelConfig
 from core.detector import MLP, DeformableDETR
+from core.predictor import Detections, Predictor
 
 __all__ = [
     "CHECKPOINT_FORMAT",
     "MLP",
     "Checkpoint",
     "DeformableDETR",
+    "Detections",
     "DetrConfig",
     "LoadedModel",
     "LossConfig",
     "MatcherConfig",
     "ModelConfig",
+    "Predictor",
     "build_criterion",
     "build_detector",
     "build_model",

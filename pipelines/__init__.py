@@ -1,6 +1,6 @@
-"""Deformable DETR on Ray: entry scripts (train.py, evaluate.py, bench_train.py) over a shared library.
+"""Deformable DETR on Ray: entry scripts (train.py, evaluate.py, infer.py, bench_train.py, bench_infer.py) over a shared library.
 
 The library: ``config`` (the run config and presets), ``storage`` (local, s3://, gs://), ``engine`` (the
-training and evaluation loops as plain functions), ``data/`` (the data layer) and ``raytrain/`` (the Ray
-Train plumbing). No module imports an entry script.
+training and evaluation loops as plain functions), ``data/`` (the data layer), ``raytrain/`` (the Ray
+Train plumbing) and ``inference/`` (batch inference on Ray Data). No module imports an entry script.
 """

@@ -9,8 +9,8 @@ because configs are saved in run directories and checkpoints.
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
-import tempfile
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -164,7 +164,9 @@ def write_bytes(uri: str, data: bytes, storage_options: Mapping[str, Any] | None
     if not is_remote(uri):
         parent = os.path.dirname(path)
         os.makedirs(parent, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=parent)
+        tmp = os.path.join(parent, f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")
+        # os.open with 0o666 lets the umask decide, as for any new file (mkstemp would make it 0600).
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
@@ -211,7 +213,8 @@ def fetch_file(uri: str, dest_dir: str, storage_options: Mapping[str, Any] | Non
         local = os.path.join(dest_dir, os.path.basename(path))
         try:
             with fs.open_input_stream(path) as src, open(local, "wb") as dst:
-                shutil.copyfileobj(src, dst)
+                # Big reads: an object-store stream may answer each read with its own ranged GET.
+                shutil.copyfileobj(src, dst, length=16 * 1024**2)
         except OSError as e:
             if _not_found(e):
                 raise FileNotFoundError(f"{uri}: no such file") from e

@@ -1,0 +1,1 @@
+"""Batch inference with Ray Data: image listing, decode and model steps, whole output files, the job driver."""

@@ -1,0 +1,333 @@
+"""Batch inference on Ray Data: list the images, skip those with a row, decode in CPU tasks, detect on an actor pool.
+
+The driver receives the (small) result rows as they stream out and writes each part as soon as all of
+its images have a row, so a killed job loses at most the parts in flight, and its rerun starts where
+the output stops. See ``outputs`` for the folder's layout and guarantees.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections import Counter, defaultdict
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from core.checkpoint import Checkpoint, read_checkpoint
+from core.predictor import checkpoint_class_info, checkpoint_input_size
+from pipelines.inference.outputs import COCO_FILE, MANIFEST_FILE, OutputDir, part_name
+from pipelines.inference.sources import ImageList, list_images
+from pipelines.inference.steps import DecodeImages, PredictImages
+from pipelines.raytrain.cluster import REPO_ROOT, WORKING_DIR_EXCLUDES, in_ray_job
+
+log = logging.getLogger(__name__)
+
+DECODE_MEMORY_BASE = 512 * 1024**2  # a worker process with numpy, torch and pyarrow loaded
+DECODE_MEMORY_PER_IMAGE = 48 * 1024**2
+
+
+class InferenceConfig(BaseModel):
+    """Everything a batch-inference job needs; the command line's options, validated once."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    checkpoint: str = Field(description="checkpoint file or run checkpoint folder: local, http(s), s3://, gs://")
+    input: str = Field(description="image folder, bucket prefix, or a .txt/.parquet manifest of image URIs")
+    output: str = Field(description="output folder or bucket prefix")
+    score_threshold: float = Field(0.05, ge=0.0, lt=1.0)
+    top_k: int = Field(100, ge=1, description="most detections kept per image")
+    image_size: int | None = Field(None, ge=1, description="short side; None: the checkpoint's (800 for the paper)")
+    max_size: int | None = Field(
+        None, ge=1, description="long side cap; None: the checkpoint's, scaled with image_size"
+    )
+    batch_size: int = Field(8, ge=1, description="images per model call")
+    actors: int = Field(1, ge=1)
+    gpus_per_actor: float = Field(0.0, ge=0.0)
+    cpus_per_actor: float = Field(1.0, gt=0.0)
+    torch_threads: int | None = Field(None, ge=1, description="CPU actors' intra-op threads; None: the node's share")
+    bf16: bool = False
+    pad_mixed_sizes: bool = Field(False, description="batch images of different sizes together, padded (faster)")
+    glob: str | None = None
+    coco_json: bool = False
+    coco_ann: str | None = Field(None, description="COCO instances JSON mapping file names to image ids")
+    draw: int = Field(0, ge=0, description="draw the boxes on the first N images")
+    draw_threshold: float = Field(0.5, ge=0.0, le=1.0)
+    images_per_part: int = Field(1000, ge=1, description="images per output Parquet file (the unit of resumption)")
+    decode_batch: int = Field(16, ge=1, description="images per decode task")
+    decode_cpus: float = Field(1.0, gt=0.0, description="CPUs reserved by one decode task")
+    read_threads: int = Field(16, ge=1)
+    progress_every_s: float = Field(10.0, gt=0.0)
+    address: str | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> InferenceConfig:
+        if self.gpus_per_actor > 1 and self.gpus_per_actor != int(self.gpus_per_actor):
+            raise ValueError(f"gpus_per_actor above 1 must be whole, got {self.gpus_per_actor}")
+        if self.coco_ann and not self.coco_json:
+            raise ValueError("coco_ann is only used with coco_json")
+        return self
+
+    def settings(self, checkpoint_source: str) -> dict[str, Any]:
+        """What the rows depend on; a rerun into the same output must agree (see OutputDir.check_job)."""
+        return {
+            "checkpoint": checkpoint_source,
+            "score_threshold": self.score_threshold,
+            "top_k": self.top_k,
+            "image_size": self.image_size,
+            "max_size": self.max_size,
+            "bf16": self.bf16,
+            "pad_mixed_sizes": self.pad_mixed_sizes,
+        }
+
+
+def connect(address: str | None) -> bool:
+    """Joins a cluster (``address``, or RAY_ADDRESS as set by ``ray job submit``) or starts a local one.
+
+    As ``raytrain.cluster.connect_ray`` does, but a local Ray gets the machine's CPUs as they are (that
+    one sizes it for a training JobConfig's workers), since CPU actors take their torch threads from it.
+
+    Returns:
+        True when this call started a local Ray instance.
+    """
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        # A submitted job already ships its working dir; a plain driver ships the repository.
+        runtime_env = None if in_ray_job() else {"working_dir": REPO_ROOT, "excludes": WORKING_DIR_EXCLUDES}
+        # The console is the job's progress and summary; workers' output stays in Ray's log files.
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=False, logging_level=logging.WARNING)
+        return False
+    pythonpath = os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH")) if p)
+    ray.init(
+        address="local",
+        runtime_env={"env_vars": {"PYTHONPATH": pythonpath}},
+        log_to_driver=False,
+        logging_level=logging.WARNING,
+    )
+    return True
+
+
+def load_checkpoint_for_inference(uri: str) -> Checkpoint:
+    """The checkpoint's config, weights and metadata (no optimizer state), read on the driver."""
+    from pipelines.raytrain.state import fetch_checkpoint_file
+
+    tmp = tempfile.mkdtemp(prefix="ddetr-infer-ckpt-")
+    try:
+        ckpt = read_checkpoint(fetch_checkpoint_file(uri, tmp))
+    except (OSError, ValueError) as e:  # FileNotFoundError included
+        raise ValueError(f"--checkpoint {uri.partition('?')[0]!r} cannot be loaded: {e}") from e
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return Checkpoint(config=ckpt.config, model=ckpt.model, meta=ckpt.meta, source_format=ckpt.source_format)
+
+
+class Progress:
+    """Counts rows as they arrive; prints a line every ``every_s`` seconds and builds the summary."""
+
+    def __init__(self, total: int, done_before: int, every_s: float) -> None:
+        self.total, self.done_before, self.every_s = total, done_before, every_s
+        self.start = self.last = time.monotonic()
+        self.images = self.detections = self.parts = 0
+        self.errors: Counter[str] = Counter()
+
+    def add(self, table: pa.Table) -> None:
+        self.images += table.num_rows
+        self.detections += sum(len(s) for s in table.column("scores").to_pylist())
+        self.errors.update(k for k in table.column("error_kind").to_pylist() if k is not None)
+        now = time.monotonic()
+        if now - self.last >= self.every_s:
+            self.last = now
+            print(f"infer: {self.line()}", flush=True)
+
+    def line(self) -> str:
+        rate = self.images / max(time.monotonic() - self.start, 1e-9)
+        done = self.done_before + self.images
+        return (
+            f"{done}/{self.total} images ({self.images} this run, {rate:.2f} images/s), "
+            f"{self.detections} detections, {sum(self.errors.values())} failed, {self.parts} parts written"
+        )
+
+    def summary(self, output: str) -> dict[str, Any]:
+        wall = time.monotonic() - self.start
+        return {
+            "output": output,
+            "images_total": self.total,
+            "images_done_before": self.done_before,
+            "images_this_run": self.images,
+            "images_done": self.done_before + self.images,
+            "detections_this_run": self.detections,
+            "failed_this_run": dict(sorted(self.errors.items())),
+            "parts_written": self.parts,
+            "wall_s": round(wall, 3),
+            "images_per_s": round(self.images / wall, 3) if self.images else 0.0,
+        }
+
+
+def run_inference(cfg: InferenceConfig, images: ImageList | None = None) -> dict[str, Any]:
+    """Runs the job; returns the summary. Joins or starts Ray (``connect``) only when there is work.
+
+    Args:
+        cfg: the validated options.
+        images: the listed input (listed from ``cfg.input`` when None).
+
+    Raises:
+        InputError, OutputError, ValueError: bad input, output or checkpoint, named in the message,
+            before anything is written.
+    """
+    images = images or list_images(cfg.input, cfg.glob)
+    ckpt = load_checkpoint_for_inference(cfg.checkpoint)
+    out = OutputDir(cfg.output)
+    out.prepare()
+    out.check_job(cfg.settings(cfg.checkpoint.partition("?")[0]))
+    done = out.done_uris()
+    todo = [u for u in images.uris if u not in done]
+    progress = Progress(len(images.uris), len(images.uris) - len(todo), cfg.progress_every_s)
+    print(
+        f"infer: {len(images.uris)} images in {cfg.input.partition('?')[0]}, {len(images.uris) - len(todo)} "
+        f"with a row already, {len(todo)} to do; {cfg.actors} actor(s), checkpoint {ckpt.source_format}",
+        flush=True,
+    )
+    if images.duplicates:
+        print(f"infer: {images.duplicates} manifest lines repeat an image listed before; each image gets one row")
+    if todo:
+        started = connect(cfg.address)
+        try:
+            _run_pipeline(cfg, ckpt, images, todo, out, progress)
+        finally:
+            if started:
+                ray.shutdown()
+    write_manifest(out)
+    if cfg.coco_json:
+        from pipelines.inference.extras import write_coco_results
+
+        write_coco_results(out, cfg.coco_ann, images.storage_options)
+    if cfg.draw:
+        from pipelines.inference.extras import draw_images
+
+        draw_images(out, cfg.draw, cfg.draw_threshold, images.storage_options)
+    return progress.summary(out.base)
+
+
+def _run_pipeline(
+    cfg: InferenceConfig, ckpt: Checkpoint, images: ImageList, todo: list[str], out: OutputDir, progress: Progress
+) -> None:
+    parts = {}
+    expected: dict[str, int] = {}
+    for start in range(0, len(todo), cfg.images_per_part):
+        chunk = todo[start : start + cfg.images_per_part]
+        name = part_name(chunk)
+        expected[name] = len(chunk)
+        parts.update(dict.fromkeys(chunk, name))
+    input_size = checkpoint_input_size(ckpt)
+    if cfg.image_size is not None:
+        # An explicit short side scales the long-side cap with it, keeping the checkpoint's ratio (1333/800).
+        input_size.max_size = cfg.max_size or round(input_size.max_size * cfg.image_size / input_size.short_side)
+        input_size.short_side = cfg.image_size
+    elif cfg.max_size is not None:
+        input_size.max_size = cfg.max_size
+    checkpoint_class_info(ckpt)  # metadata errors surface here, on the driver, not in every actor
+
+    import torch
+
+    predictor_kwargs = {
+        "score_threshold": cfg.score_threshold,
+        "top_k": cfg.top_k,
+        "batch_size": cfg.batch_size,
+        "amp_dtype": torch.bfloat16 if cfg.bf16 else None,
+        "pad_mixed_sizes": cfg.pad_mixed_sizes,
+        "short_side": input_size.short_side,
+        "max_size": input_size.max_size,
+    }
+    threads = cfg.torch_threads
+    if threads is None:
+        # A CPU actor takes its share of the cluster's cores for torch (decode tasks are brief next to the
+        # model); a GPU actor needs only its reserved CPUs.
+        share = int(ray.cluster_resources().get("CPU", 1) // cfg.actors) if not cfg.gpus_per_actor else 0
+        threads = max(1, int(cfg.cpus_per_actor), share)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # the job prints its own progress lines
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # Ray Data's plan and timing lines: in its log files
+    # One input block per part: Arrow columns rather than a Python dict per image keep a driver listing
+    # millions of images small, and parts come out roughly in order, so few are in flight at a kill.
+    table = pa.table({"uri": todo, "part": [parts[u] for u in todo]})
+    blocks = [table.slice(i, cfg.images_per_part) for i in range(0, len(todo), cfg.images_per_part)]
+    ds = ray.data.from_arrow(blocks)
+    ds = ds.map_batches(
+        DecodeImages(input_size, images.storage_options, cfg.read_threads),
+        batch_size=cfg.decode_batch,
+        batch_format="pyarrow",
+        num_cpus=cfg.decode_cpus,
+        # A decode task holds its images at full size before resizing (a 12-megapixel photo is 36 MB).
+        # Reserving that memory also keeps Ray Data from fusing decoding into the model actors (it fuses
+        # a task step into the next actor step when their resources agree), which would serialize
+        # decoding and the model instead of overlapping them.
+        memory=DECODE_MEMORY_BASE + cfg.decode_batch * DECODE_MEMORY_PER_IMAGE,
+    )
+    ds = ds.map_batches(
+        PredictImages,
+        fn_constructor_kwargs={
+            "checkpoint": ray.put(ckpt),  # put once: every actor reads the same copy
+            "predictor_kwargs": predictor_kwargs,
+            "torch_threads": None if cfg.gpus_per_actor else threads,
+        },
+        compute=ray.data.ActorPoolStrategy(size=cfg.actors),
+        batch_size=cfg.batch_size,
+        batch_format="pyarrow",
+        num_cpus=cfg.cpus_per_actor,
+        num_gpus=cfg.gpus_per_actor or None,
+    )
+    pending: dict[str, list[pa.Table]] = defaultdict(list)
+    counts: Counter[str] = Counter()
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        progress.add(batch)
+        for name in set(batch.column("part").to_pylist()):
+            rows = batch.filter(pc.equal(batch.column("part"), name))
+            pending[name].append(rows)
+            counts[name] += rows.num_rows
+            if counts[name] == expected[name]:
+                table = pa.concat_tables(pending.pop(name))
+                if part_name(table.column("uri").to_pylist()) != name:  # a bug; never written under a wrong name
+                    raise RuntimeError(f"part {name} received rows of other images")
+                out.write_part(table)
+                progress.parts += 1
+    missing = {n: expected[n] - counts[n] for n in expected if counts[n] != expected[n]}
+    if missing:
+        raise RuntimeError(f"the pipeline returned too few rows for parts {missing}; rerun to finish them")
+
+
+def write_manifest(out: OutputDir) -> dict[str, Any]:
+    """The manifest of every part present (rows, detections, failures by kind); rewritten only if it changed."""
+    old = out.read(MANIFEST_FILE)
+    # A part never changes once written, so the previous manifest's entries stand; only new parts are read.
+    known = {p["file"]: p for p in json.loads(old)["parts"]} if old else {}
+    parts, errors = [], Counter()
+    for name in out.part_files():
+        entry = known.get(name)
+        if entry is None:
+            t = out.read_part(name, ["uri", "scores", "error_kind"])
+            kinds = Counter(k for k in t.column("error_kind").to_pylist() if k is not None)
+            detections = sum(len(s) for s in t.column("scores").to_pylist())
+            entry = {"file": name, "rows": t.num_rows, "detections": detections, "failed": dict(sorted(kinds.items()))}
+        errors.update(entry["failed"])
+        parts.append(entry)
+    manifest = {
+        "format": "ray-deformable-detr/inference-v1",
+        "images": sum(p["rows"] for p in parts),
+        "detections": sum(p["detections"] for p in parts),
+        "failed": dict(sorted(errors.items())),
+        "parts": parts,
+    }
+    out.write_json(MANIFEST_FILE, manifest)
+    return manifest
+
+
+__all__ = ["COCO_FILE", "InferenceConfig", "connect", "run_inference", "write_manifest"]

@@ -1,0 +1,135 @@
+"""The images of an inference job: every file under a folder or bucket prefix, or the URIs of a manifest.
+
+A manifest is a ``.txt`` file (one URI or path a line; blank lines and ``#`` comments skipped; relative
+paths resolve against the manifest's folder) or a ``.parquet`` file with a ``uri`` (or ``path``) column.
+URIs may carry pyarrow filesystem options as a query (``s3://b/p?endpoint_override=host:9000&scheme=http``);
+they are split off here, so output rows name images by their plain URI.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import io
+import os
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qsl
+
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from pipelines.storage import filesystem_for, is_remote
+
+MANIFEST_SUFFIXES = (".txt", ".parquet")
+
+
+class InputError(ValueError):
+    """An input that names no images, or a manifest that cannot be read; the message names it."""
+
+
+@dataclass
+class ImageList:
+    """Sorted, unique image URIs (local paths absolute) and the filesystem options they are read with."""
+
+    uris: list[str]
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    duplicates: int = 0  # manifest lines naming an image already listed (each image gets one row)
+
+
+def split_options(uri: str) -> tuple[str, dict[str, Any]]:
+    """(plain URI, filesystem options from its ``?query``)."""
+    base, _, query = uri.partition("?")
+    return base, dict(parse_qsl(query))
+
+
+def plain_uri(scheme_path: str, remote_scheme: str | None) -> str:
+    """A pyarrow path (``bucket/key`` or ``/abs/path``) back to a URI of the input's scheme."""
+    return f"{remote_scheme}://{scheme_path}" if remote_scheme else scheme_path
+
+
+def _scheme(uri: str) -> str | None:
+    return uri.split("://", 1)[0] if is_remote(uri) else None
+
+
+def list_images(input_uri: str, glob: str | None = None) -> ImageList:
+    """The images of ``input_uri``: a folder, a bucket prefix, or a manifest.
+
+    Args:
+        input_uri: local folder, ``s3://``/``gs://`` prefix, or a ``.txt``/``.parquet`` manifest.
+        glob: keep only files whose path relative to the folder (manifest: whose URI) matches, e.g.
+            ``*.jpg``; ``*`` also matches ``/``. None keeps every file: non-images become error rows.
+
+    Raises:
+        InputError: the input does not exist, lists no image, or a manifest is unreadable.
+    """
+    base, options = split_options(input_uri)
+    fs, path = filesystem_for(input_uri)
+    try:
+        info = fs.get_file_info(path)
+    except OSError as e:
+        raise InputError(f"--input {base!r} cannot be listed: {e}") from e
+    if info.type == pafs.FileType.File and base.endswith(MANIFEST_SUFFIXES):
+        uris, duplicates = _read_manifest(fs, path, base, glob)
+        return ImageList(uris, options, duplicates)
+    if info.type == pafs.FileType.File:
+        raise InputError(
+            f"--input {base!r} is a file but not a manifest: expected a folder, a prefix, .txt or .parquet"
+        )
+    if info.type == pafs.FileType.NotFound and not is_remote(base):
+        raise InputError(f"--input {base!r} does not exist")
+    scheme = _scheme(base)
+    try:
+        selector = pafs.FileSelector(path, recursive=True, allow_not_found=True)
+        files = [fi.path for fi in fs.get_file_info(selector) if fi.type == pafs.FileType.File]
+    except OSError as e:
+        raise InputError(f"--input {base!r} cannot be listed: {e}") from e
+    uris = []
+    for p in files:
+        rel = p[len(path) :].lstrip("/")
+        if any(part.startswith(".") for part in rel.split("/")):
+            continue  # hidden files and folders (.DS_Store, .ipynb_checkpoints) are not images anyone meant
+        if glob is None or fnmatch.fnmatch(rel, glob):
+            uris.append(plain_uri(p, scheme))
+    if not uris:
+        what = f"no file matching --glob {glob!r}" if glob else "no file"
+        raise InputError(f"--input {base!r} holds {what}")
+    return ImageList(sorted(uris), options)
+
+
+def _read_manifest(fs: pafs.FileSystem, path: str, base: str, glob: str | None) -> tuple[list[str], int]:
+    try:
+        with fs.open_input_stream(path) as f:
+            data = f.read()
+    except OSError as e:
+        raise InputError(f"manifest {base!r} cannot be read: {e}") from e
+    if base.endswith(".parquet"):
+        try:
+            table = pq.read_table(io.BytesIO(data))
+        except Exception as e:  # pyarrow raises ArrowInvalid and friends for a damaged file
+            raise InputError(f"manifest {base!r} is not a readable Parquet file: {e}") from e
+        column = next((c for c in ("uri", "path") if c in table.column_names), None)
+        if column is None:
+            raise InputError(f"manifest {base!r} needs a 'uri' or 'path' column, has {table.column_names}")
+        entries = [str(v) for v in table.column(column).to_pylist() if v]
+    else:
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise InputError(f"manifest {base!r} is not UTF-8 text: {e}") from e
+        entries = [ln.strip() for ln in text.splitlines()]
+        entries = [e for e in entries if e and not e.startswith("#")]
+    folder = base.rsplit("/", 1)[0] if "/" in base else "."
+    uris, seen, duplicates = [], set(), 0
+    for e in entries:
+        uri = e if ("://" in e or e.startswith("/")) else f"{folder}/{e}"
+        uri = os.path.abspath(uri) if "://" not in uri else uri
+        if glob is not None and not fnmatch.fnmatch(uri, glob):
+            continue
+        if uri in seen:
+            duplicates += 1
+            continue
+        seen.add(uri)
+        uris.append(uri)
+    if not uris:
+        raise InputError(f"manifest {base!r} lists no image" + (f" matching --glob {glob!r}" if glob else ""))
+    return sorted(uris), duplicates

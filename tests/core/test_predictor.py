@@ -1,0 +1,156 @@
+"""Predictor tests: our checkpoints and the authors', every input type, batches equal one-by-one calls."""
+
+import argparse
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from core import DetrConfig, ModelConfig, Predictor, build_model, save_checkpoint
+from core.coco_names import COCO_CATEGORY_NAMES
+from core.preprocess import pad_and_normalize_batch, size_for_short_side, to_rgb_array
+
+TINY = dict(
+    backbone="resnet18", hidden_dim=64, nheads=4, enc_layers=1, dec_layers=2, dim_feedforward=128, num_queries=10
+)
+
+
+def tiny_model(num_classes: int, seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = DetrConfig(model=ModelConfig(**TINY, num_classes=num_classes))
+    model, _, _ = build_model(cfg, load_backbone_weights=False)
+    with torch.no_grad():  # class biases near 0, so sigmoid scores spread around 0.5 rather than 0.01
+        for layer in model.class_embed:
+            layer.bias.fill_(0.0)
+    return model, cfg
+
+
+def images(seed: int = 0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, size=s, dtype=np.uint8) for s in ((60, 90, 3), (90, 60, 3), (60, 90, 3), (75, 75, 3))]
+
+
+@pytest.fixture(scope="module")
+def ours(tmp_path_factory):
+    """A checkpoint as pipelines/train.py writes it: contiguous labels, 6-way head over 4 categories."""
+    model, cfg = tiny_model(6)
+    path = tmp_path_factory.mktemp("ckpt") / "checkpoint.pt"
+    meta = {
+        "dataset": {
+            "mode": "contiguous",
+            "category_ids": [1, 3, 7, 8],
+            "category_names": {1: "rectangle", 3: "ellipse", 7: "triangle", 8: "diamond"},
+            "label_to_category_id": [1, 3, 7, 8, -1, -1],
+        },
+        "job_config": json.dumps({"data": {"val_short_side": 64, "max_size": 100}}),
+    }
+    save_checkpoint(path, model, cfg, meta=meta, epoch=3)
+    return path
+
+
+def test_our_checkpoint_gives_names_ids_and_pixel_boxes(ours):
+    pred = Predictor.from_checkpoint(ours.parent, score_threshold=0.0, top_k=25)  # a run's checkpoint folder
+    assert pred.input_size.short_side == 64 and pred.input_size.max_size == 100
+    for im in images():
+        det = pred(im)
+        h, w = im.shape[:2]
+        assert (det.height, det.width) == (h, w)
+        assert len(det.scores) == 25 and np.all(np.diff(det.scores) <= 0) and np.all(det.scores > 0)
+        assert set(det.labels.tolist()) <= {1, 3, 7, 8}  # never the head's two unmapped classes
+        names = {1: "rectangle", 3: "ellipse", 7: "triangle", 8: "diamond"}
+        assert det.names == [names[c] for c in det.labels.tolist()]
+        assert det.boxes.shape == (25, 4) and det.boxes.dtype == np.float32
+        assert np.all(det.boxes[:, 0::2] >= 0) and np.all(det.boxes[:, 0::2] <= w)
+        assert np.all(det.boxes[:, 1::2] >= 0) and np.all(det.boxes[:, 1::2] <= h)
+        assert np.all(det.boxes[:, 2:] >= det.boxes[:, :2])
+
+
+def test_threshold_and_top_k(ours):
+    im = images()[0]
+    all_ = Predictor.from_checkpoint(ours, score_threshold=0.0, top_k=40)(im)
+    few = Predictor.from_checkpoint(ours, score_threshold=0.0, top_k=5)(im)
+    cut = float(np.median(all_.scores))
+    above = Predictor.from_checkpoint(ours, score_threshold=cut, top_k=40)(im)
+    np.testing.assert_allclose(few.scores, all_.scores[:5], rtol=1e-6)
+    assert len(above.scores) == int((all_.scores > cut).sum()) and np.all(above.scores > cut)
+
+
+def test_batch_equals_one_by_one_and_keeps_order(ours):
+    ims = images(1)
+    pred = Predictor.from_checkpoint(ours, score_threshold=0.0, top_k=20, batch_size=3)
+    batched = pred(ims)
+    assert [(d.height, d.width) for d in batched] == [im.shape[:2] for im in ims]
+    for im, b in zip(ims, batched):
+        one = pred(im)
+        np.testing.assert_allclose(b.scores, one.scores, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(b.boxes, one.boxes, rtol=1e-4, atol=1e-3)
+        assert b.labels.tolist() == one.labels.tolist()
+
+
+def test_pad_mixed_sizes_batches_different_sizes_together(ours):
+    ims = images(2)
+    pred = Predictor.from_checkpoint(ours, score_threshold=0.0, top_k=20, batch_size=4, pad_mixed_sizes=True)
+    prepared = [pred.prepare(im) for im in ims]
+    assert pred._batches(prepared) == [[0, 1, 2, 3]]
+    strict = Predictor.from_checkpoint(ours, batch_size=4)
+    assert sorted(map(sorted, strict._batches(prepared))) == [[0, 2], [1], [3]]
+    assert [(d.height, d.width) for d in pred(ims)] == [im.shape[:2] for im in ims]
+
+
+def test_bytes_pil_and_array_inputs_agree(ours):
+    pred = Predictor.from_checkpoint(ours, score_threshold=0.0, top_k=10)
+    rgb = images(3)[0]
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, "PNG")
+    gray = rgb[..., 0]
+    a, b, c = pred(rgb), pred(buf.getvalue()), pred(Image.fromarray(rgb))
+    for d in (b, c):
+        np.testing.assert_array_equal(d.boxes, a.boxes)
+        np.testing.assert_array_equal(d.scores, a.scores)
+    np.testing.assert_array_equal(pred(gray).scores, pred(np.repeat(gray[..., None], 3, 2)).scores)
+    rgba = np.concatenate([rgb, np.full(rgb.shape[:2] + (1,), 7, np.uint8)], axis=2)
+    np.testing.assert_array_equal(pred(rgba).scores, a.scores)
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (np.zeros((4, 4, 3), np.float32), "must be uint8, got float32"),
+        (np.zeros((4, 4, 2), np.uint8), r"\(H, W, 3\).*got shape \(4, 4, 2\)"),
+        (b"", "empty"),
+        (b"not an image", "cannot decode image bytes"),
+    ],
+)
+def test_bad_images_name_the_problem(bad, message):
+    with pytest.raises(ValueError, match=message):
+        to_rgb_array(bad)
+
+
+def test_authors_checkpoint_gets_coco_names(tmp_path):
+    model, _ = tiny_model(91, seed=1)
+    args = argparse.Namespace(**TINY, lr=2e-4, dataset_file="coco", masks=False, position_embedding="sine")
+    path = tmp_path / "r18_tiny-checkpoint.pth"
+    torch.save({"model": model.state_dict(), "args": args, "epoch": 49}, path)
+    pred = Predictor.from_checkpoint(path, score_threshold=0.0, top_k=50)
+    assert (pred.input_size.short_side, pred.input_size.max_size) == (800, 1333)
+    det = pred(images()[3])
+    assert len(det.labels) == 50 and set(det.labels.tolist()) <= set(COCO_CATEGORY_NAMES)
+    assert det.names == [COCO_CATEGORY_NAMES[c] for c in det.labels.tolist()]
+
+
+def test_size_for_short_side_follows_detr():
+    assert size_for_short_side(480, 640, 800, 1333) == (800, 1066)
+    assert size_for_short_side(400, 1200, 800, 1333) == (444, 1332)  # long side capped, DETR's rounding
+    assert size_for_short_side(800, 600, 600, 1333) == (800, 600)  # already at size
+
+
+def test_padding_is_zero_and_masked():
+    a, b = np.full((2, 3, 3), 255, np.uint8), np.zeros((3, 2, 3), np.uint8)
+    x, mask = pad_and_normalize_batch([a, b], (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    assert x.shape == (2, 3, 3, 3) and mask.shape == (2, 3, 3)
+    assert torch.all(x[0, :, :2, :] == 1.0) and torch.all(x[0, :, 2:, :] == 0) and mask[0, 2:].all()
+    assert torch.all(x[1, :, :, :2] == -1.0) and torch.all(x[1, :, :, 2:] == 0) and mask[1, :, 2:].all()
+    assert not mask[0, :2].any() and not mask[1, :, :2].any()

@@ -1,0 +1,138 @@
+"""Fixtures of the batch-inference tests: a tiny checkpoint of ours, generated images with bad files, local Ray."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from core import DetrConfig, ModelConfig, build_model, save_checkpoint
+from pipelines.data.synthetic import generate_coco
+
+CATEGORIES = {1: "rectangle", 3: "ellipse", 7: "triangle", 8: "diamond"}
+# The bad files of the image folder and the error kind each must get.
+BAD_FILES = {"empty.jpg": "empty", "truncated.jpg": "truncated", "corrupt.jpg": "corrupt", "notes.txt": "unsupported"}
+
+
+@pytest.fixture(scope="session")
+def bad_files() -> dict[str, str]:
+    return dict(BAD_FILES)
+
+
+@pytest.fixture(scope="session")
+def categories() -> dict[int, str]:
+    return dict(CATEGORIES)
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory) -> Path:
+    """A checkpoint as pipelines/train.py writes one: contiguous labels over 4 categories, a 5-way head."""
+    torch.manual_seed(0)
+    cfg = DetrConfig(
+        model=ModelConfig(
+            backbone="resnet18",
+            hidden_dim=64,
+            nheads=4,
+            enc_layers=1,
+            dec_layers=2,
+            dim_feedforward=128,
+            num_queries=10,
+            num_classes=5,
+        )
+    )
+    model, _, _ = build_model(cfg, load_backbone_weights=False)
+    with torch.no_grad():  # scores spread around 0.5 instead of the 0.01 prior, so thresholds matter
+        for layer in model.class_embed:
+            layer.bias.fill_(0.0)
+    meta = {
+        "dataset": {
+            "mode": "contiguous",
+            "category_ids": list(CATEGORIES),
+            "category_names": dict(CATEGORIES),
+            "label_to_category_id": [*CATEGORIES, -1],
+        },
+        "job_config": json.dumps({"data": {"val_short_side": 64, "max_size": 100}}),
+    }
+    path = tmp_path_factory.mktemp("ckpt") / "checkpoint_epoch0001" / "checkpoint.pt"
+    save_checkpoint(path, model, cfg, meta=meta, epoch=1)
+    return path
+
+
+@pytest.fixture(scope="session")
+def coco(tmp_path_factory) -> dict[str, str]:
+    """10 generated val images of 80-120 px with their instances JSON."""
+    return generate_coco(tmp_path_factory.mktemp("coco"), 0, 10, image_size=((80, 120), (80, 120)), seed=3)
+
+
+@pytest.fixture(scope="session")
+def image_dir(coco, tmp_path_factory) -> Path:
+    """The val images plus one file of every bad kind (BAD_FILES)."""
+    d = tmp_path_factory.mktemp("images")
+    for p in sorted(Path(coco["root"], "val").iterdir()):
+        shutil.copy(p, d / p.name)
+    jpeg = (d / "000000000001.jpg").read_bytes()
+    (d / "empty.jpg").write_bytes(b"")
+    (d / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 2])
+    (d / "corrupt.jpg").write_bytes(jpeg[:600] + bytes(range(256)) * 4 + jpeg[1624:])  # JPEG magic, garbage header
+    (d / "notes.txt").write_text("not an image\n")
+    return d
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """One local Ray per test module (2 CPUs, a small object store), shut down after it."""
+    import ray
+
+    old = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "disabled"  # or a fresh ray.init() writes ~/.ray/auth_token
+    ray.init(num_cpus=2, object_store_memory=200 * 1024**2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+    if old is None:
+        os.environ.pop("RAY_AUTH_MODE", None)
+    else:
+        os.environ["RAY_AUTH_MODE"] = old
+
+
+@pytest.fixture(scope="module")
+def s3_options(tmp_path_factory):
+    """A moto S3 server on loopback (as tests/pipelines/test_s3.py); pyarrow S3FileSystem kwargs for it."""
+    pytest.importorskip("moto.server", reason="moto[server] provides the local S3 endpoint")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT
+    )
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail(f"moto server did not start on port {port}; see {log.name}")
+            time.sleep(0.2)
+    yield {
+        "endpoint_override": f"127.0.0.1:{port}",
+        "scheme": "http",
+        "access_key": "testing",
+        "secret_key": "testing",
+        "region": "us-east-1",
+    }
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()

@@ -1,0 +1,94 @@
+"""Inputs and outputs of batch inference without Ray: listing, manifests, whole writes, one-line errors."""
+
+from __future__ import annotations
+
+import os
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines.infer import main
+from pipelines.inference.outputs import OutputDir, OutputError, part_name
+from pipelines.inference.sources import InputError, list_images
+from pipelines.inference.steps import RESULT_SCHEMA
+
+
+def test_folder_listing_glob_and_hidden_files(tmp_path):
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / ".cache").mkdir()
+    for rel in ("x.jpg", "a/y.JPG", "a/b/z.jpg", "a/readme.txt", ".hidden.jpg", ".cache/w.jpg"):
+        (tmp_path / rel).write_bytes(b"1")
+    every = list_images(str(tmp_path)).uris
+    assert every == sorted(str(tmp_path / r) for r in ("x.jpg", "a/y.JPG", "a/b/z.jpg", "a/readme.txt"))
+    assert list_images(str(tmp_path), "*.jpg").uris == [str(tmp_path / "a/b/z.jpg"), str(tmp_path / "x.jpg")]
+    with pytest.raises(InputError, match=r"holds no file matching --glob '\*.png'"):
+        list_images(str(tmp_path), "*.png")
+    with pytest.raises(InputError, match="does not exist"):
+        list_images(str(tmp_path / "nope"))
+
+
+def test_manifests_txt_and_parquet(tmp_path):
+    (tmp_path / "m.txt").write_text("# two images, one twice\na.jpg\n/abs/b.jpg\n\na.jpg\ns3://bucket/c.jpg\n")
+    listed = list_images(str(tmp_path / "m.txt"))
+    assert listed.uris == ["/abs/b.jpg", str(tmp_path / "a.jpg"), "s3://bucket/c.jpg"] and listed.duplicates == 1
+    pq.write_table(pa.table({"path": ["a.jpg", "b.png", None]}), tmp_path / "m.parquet")
+    assert list_images(str(tmp_path / "m.parquet"), "*.png").uris == [str(tmp_path / "b.png")]
+    pq.write_table(pa.table({"name": ["a.jpg"]}), tmp_path / "bad.parquet")
+    with pytest.raises(InputError, match=r"needs a 'uri' or 'path' column, has \['name'\]"):
+        list_images(str(tmp_path / "bad.parquet"))
+    (tmp_path / "empty.txt").write_text("# nothing\n")
+    with pytest.raises(InputError, match="lists no image"):
+        list_images(str(tmp_path / "empty.txt"))
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _rows(*uris):
+    n = len(uris)
+    cols = {"uri": list(uris), "width": [4] * n, "height": [3] * n, "boxes": [[[0, 0, 1, 1]]] * n}
+    cols.update(scores=[[0.5]] * n, labels=[[1]] * n, names=[["a"]] * n, error=[None] * n, error_kind=[None] * n)
+    return pa.table(cols, schema=RESULT_SCHEMA)
+
+
+def test_parts_are_whole_named_by_content_and_never_overlap(tmp_path):
+    out = OutputDir(str(tmp_path / "out"))
+    out.prepare()
+    name = out.write_part(_rows("/i/b.jpg", "/i/a.jpg"))
+    assert name == part_name(["/i/a.jpg", "/i/b.jpg"]) and out.part_files() == [name]
+    assert pq.read_table(tmp_path / "out" / name).column("uri").to_pylist() == ["/i/a.jpg", "/i/b.jpg"]
+    assert (tmp_path / "out" / name).stat().st_mode & 0o777 == 0o666 & ~_umask()  # not mkstemp's 0600
+    (tmp_path / "out" / f".{name}.a1b2c3.tmp").write_bytes(b"half a file")  # as a killed write leaves it
+    out.prepare()
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [name]
+    out.write_part(_rows("/i/a.jpg"))  # the same image in a second part: a broken folder
+    with pytest.raises(OutputError, match=r"/i/a.jpg has rows in both .*two jobs at once"):
+        out.done_uris()
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    assert main(["--checkpoint", "c.pt", "--input", str(tmp_path), "--output", "o", "--top-k", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "infer: --top-k: Input should be greater than or equal to 1"
+    assert main(["--checkpoint", "c.pt", "--input", str(tmp_path / "none"), "--output", str(tmp_path / "o")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "x.jpg").write_bytes(b"1")
+    assert (
+        main(["--checkpoint", str(tmp_path / "c.pt"), "--input", str(tmp_path), "--output", str(tmp_path / "o")]) == 2
+    )
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"infer: --checkpoint '{tmp_path / 'c.pt'}' cannot be loaded") and "\n" not in err
+    assert not (tmp_path / "o").exists(), "a failed start must not write into the output"
+
+
+def test_settings_are_fixed_once_rows_exist(tmp_path):
+    out = OutputDir(str(tmp_path))
+    out.check_job({"score_threshold": 0.3})
+    out.check_job({"score_threshold": 0.5})  # no row yet: a first run stopped early binds nothing
+    out.write_part(_rows("/i/a.jpg"))
+    out.check_job({"score_threshold": 0.5})
+    with pytest.raises(OutputError, match=r"other settings \(score_threshold: output 0.5, now 0.3\)"):
+        out.check_job({"score_threshold": 0.3})
