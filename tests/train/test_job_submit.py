@@ -83,40 +83,44 @@ def test_ray_job_submit_succeeds(tmp_path, tiny_data, authors_checkpoint):
     temp_dir = tempfile.mkdtemp(prefix="rjs", dir="/tmp")
     env = dict(os.environ, RAY_AUTH_MODE="disabled", PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
     env.pop("RAY_ADDRESS", None)
-    # Every port of our own: other Ray instances may be running on this machine (CI shards, people).
-    ports = {
-        flag: _free_port()
-        for flag in (
-            "port",
-            "dashboard-port",
-            "dashboard-agent-listen-port",
-            "dashboard-agent-grpc-port",
-            "runtime-env-agent-port",
-            "metrics-export-port",
-            "ray-client-server-port",
-        )
-    }
+    flags = (
+        "port",
+        "dashboard-port",
+        "dashboard-agent-listen-port",
+        "dashboard-agent-grpc-port",
+        "runtime-env-agent-port",
+        "metrics-export-port",
+        "ray-client-server-port",
+    )
     ray_cli = str(BIN / "ray")
     try:
-        subprocess.run(
-            [
-                ray_cli,
-                "start",
-                "--head",
-                "--node-ip-address=127.0.0.1",
-                "--dashboard-host=127.0.0.1",
-                *[f"--{flag}={port}" for flag, port in ports.items()],
-                "--num-cpus=4",
-                "--object-store-memory=200000000",
-                f"--temp-dir={temp_dir}",
-                "--disable-usage-stats",
-            ],
-            env=env,
-            check=True,
-            capture_output=True,
-            text=True,
-            timeout=180,
-        )
+        # Every port of our own: other Ray instances may be running on this machine (CI shards, people).
+        # Ray's own components take random ports too and may take one of ours between picking and
+        # binding it: a failed start is cleaned up and tried again with fresh ports.
+        for _ in range(3):
+            ports = {flag: _free_port() for flag in flags}
+            start = subprocess.run(
+                [
+                    ray_cli,
+                    "start",
+                    "--head",
+                    "--node-ip-address=127.0.0.1",
+                    "--dashboard-host=127.0.0.1",
+                    *[f"--{flag}={port}" for flag, port in ports.items()],
+                    "--num-cpus=4",
+                    "--object-store-memory=200000000",
+                    f"--temp-dir={temp_dir}",
+                    "--disable-usage-stats",
+                ],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=180,
+            )
+            if start.returncode == 0:
+                break
+            _stop_cluster(temp_dir)
+        assert start.returncode == 0, f"ray start failed 3 times:\n{start.stdout[-2000:]}\n{start.stderr[-3000:]}"
         address = f"http://127.0.0.1:{ports['dashboard-port']}"
         client = JobSubmissionClient(address)
         submission_id = f"ddetr-test-{os.getpid()}"
