@@ -67,6 +67,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     criterion = build_criterion(job.detr_config()).to(ctx.device)
     postprocessor = PostProcess(NUM_DETECTIONS, cfg.dataset.label_to_category_id).to(ctx.device)
     coco_gt = load_val_ground_truth(job) if ctx.rank == 0 and job.train.eval_every else None
+    if state.start_epoch >= job.train.epochs and state.history:
+        # Restored after its last epoch (the driver died between the final checkpoint and the end of
+        # fit): report that epoch again, so the run's result, and a Tune trial's, carries it.
+        ray.train.report(state.history[-1])
+        return
 
     for epoch in range(state.start_epoch, job.train.epochs):
         seed_everything(job.train.seed + 1000 * epoch + ctx.rank)
