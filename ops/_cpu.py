@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from ops import _cache
+from ops._checks import check_inputs
 
 CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCE = CSRC / "ms_deform_attn_cpu.cpp"
@@ -37,6 +38,7 @@ CXX_FLAGS = ("-O3", "-shared", "-fPIC", "-std=c++17", "-pthread")
 # dtype code of the C interface for each value dtype the kernel stores natively; float16 values
 # are computed in float32 (see forward).
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 2, torch.float64: 3}
+_CPU = torch.device("cpu")
 _ERRORS = {1: "sizes the kernel cannot index, or an unknown dtype", 2: "out of memory for scratch buffers"}
 
 _lock = threading.Lock()
@@ -160,46 +162,6 @@ def _check(code: int, what: str) -> None:
         raise RuntimeError(f"{what} failed: {_ERRORS.get(code, f'error code {code}')}")
 
 
-def _check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights) -> None:
-    """The cheap checks that keep a wrong tensor from reaching the kernel as a raw pointer."""
-    coord_dtype = torch.float64 if value.dtype == torch.float64 else torch.float32
-    expected = {
-        "value": (value, value.dtype),
-        "spatial_shapes": (spatial_shapes, torch.int64),
-        "level_start_index": (level_start_index, torch.int64),
-        "sampling_locations": (sampling_locations, coord_dtype),
-        "attention_weights": (attention_weights, coord_dtype),
-    }
-    if value.dtype not in DTYPE_CODES:
-        raise TypeError(f"value must be float32, bfloat16 or float64 for the CPU kernel, got {value.dtype}")
-    for name, (t, dtype) in expected.items():
-        if t.dtype != dtype:
-            raise TypeError(f"{name} must be {dtype} for {value.dtype} values, got {t.dtype}")
-        if t.device.type != "cpu":
-            raise ValueError(f"{name} must be on the CPU, got {t.device}")
-        if not t.is_contiguous():
-            raise ValueError(f"{name} must be contiguous")
-    if value.dim() != 4:
-        raise ValueError(f"value must have shape (N, S, M, D), got {tuple(value.shape)}")
-    N, _, M, _ = value.shape
-    L = spatial_shapes.shape[0]
-    loc_shape = tuple(sampling_locations.shape)
-    if len(loc_shape) != 6 or (loc_shape[0], loc_shape[2], loc_shape[3], loc_shape[5]) != (N, M, L, 2):
-        raise ValueError(
-            f"sampling_locations must have shape (N, Lq, M, L, P, 2) = ({N}, Lq, {M}, {L}, P, 2), got {loc_shape}"
-        )
-    if tuple(spatial_shapes.shape) != (L, 2) or tuple(level_start_index.shape) != (L,):
-        raise ValueError(
-            f"spatial_shapes must be (L, 2) and level_start_index (L,), got {tuple(spatial_shapes.shape)} "
-            f"and {tuple(level_start_index.shape)}"
-        )
-    if attention_weights.shape != sampling_locations.shape[:-1]:
-        raise ValueError(
-            f"attention_weights must have shape {tuple(sampling_locations.shape[:-1])}, "
-            f"got {tuple(attention_weights.shape)}"
-        )
-
-
 def forward(
     value: torch.Tensor,
     spatial_shapes: torch.Tensor,
@@ -223,7 +185,9 @@ def forward(
     """
     if value.dtype == torch.float16:  # no native half arithmetic on most CPUs
         return forward(value.float(), spatial_shapes, level_start_index, sampling_locations, attention_weights).half()
-    _check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    check_inputs(
+        value, spatial_shapes, level_start_index, sampling_locations, attention_weights, tuple(DTYPE_CODES), _CPU
+    )
     N, S, M, D = value.shape
     _, Lq, _, L, P, _ = sampling_locations.shape
     output = torch.empty((N, Lq, M * D), dtype=value.dtype)  # fully written
@@ -272,7 +236,9 @@ def backward(
             grad_output.float(), value.float(), spatial_shapes, level_start_index, sampling_locations, attention_weights
         )
         return grads[0].half(), grads[1], grads[2]
-    _check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    check_inputs(
+        value, spatial_shapes, level_start_index, sampling_locations, attention_weights, tuple(DTYPE_CODES), _CPU
+    )
     N, S, M, D = value.shape
     _, Lq, _, L, P, _ = sampling_locations.shape
     grad_output = grad_output.to(value.dtype).contiguous()

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from ops._launch import KernelArgs, KernelModule, pointer
+from ops._checks import check_inputs
+from ops._launch import KernelModule, launch
 
 log = logging.getLogger(__name__)
 
@@ -124,56 +125,6 @@ def _aligned(t: torch.Tensor, name: str) -> torch.Tensor:
     return t.clone(memory_format=torch.contiguous_format)  # fresh allocations are aligned
 
 
-def _check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights) -> None:
-    """The cheap checks that keep a wrong tensor from reaching the kernel as a raw pointer."""
-    if value.dtype not in TYPE_NAMES:
-        raise TypeError(f"value must be float32, float16, bfloat16 or float64, got {value.dtype}")
-    coord_dtype = torch.float64 if value.dtype == torch.float64 else torch.float32
-    expected = {
-        "value": (value, value.dtype),
-        "spatial_shapes": (spatial_shapes, torch.int64),
-        "level_start_index": (level_start_index, torch.int64),
-        "sampling_locations": (sampling_locations, coord_dtype),
-        "attention_weights": (attention_weights, coord_dtype),
-    }
-    for name, (t, dtype) in expected.items():
-        if t.dtype != dtype:
-            raise TypeError(f"{name} must be {dtype} for {value.dtype} values, got {t.dtype}")
-        if t.device != value.device:
-            raise ValueError(f"{name} must be on value's device {value.device}, got {t.device}")
-        if not t.is_contiguous():
-            raise ValueError(f"{name} must be contiguous")
-    if value.dim() != 4:
-        raise ValueError(f"value must have shape (N, S, M, D), got {tuple(value.shape)}")
-    N, _, M, _ = value.shape
-    L = spatial_shapes.shape[0]
-    loc_shape = tuple(sampling_locations.shape)
-    if len(loc_shape) != 6 or (loc_shape[0], loc_shape[2], loc_shape[3], loc_shape[5]) != (N, M, L, 2):
-        raise ValueError(
-            f"sampling_locations must have shape (N, Lq, M, L, P, 2) = ({N}, Lq, {M}, {L}, P, 2), got {loc_shape}"
-        )
-    if tuple(spatial_shapes.shape) != (L, 2) or tuple(level_start_index.shape) != (L,):
-        raise ValueError(
-            f"spatial_shapes must be (L, 2) and level_start_index (L,), got {tuple(spatial_shapes.shape)} "
-            f"and {tuple(level_start_index.shape)}"
-        )
-    if attention_weights.shape != sampling_locations.shape[:-1]:
-        raise ValueError(
-            f"attention_weights must have shape {tuple(sampling_locations.shape[:-1])}, "
-            f"got {tuple(attention_weights.shape)}"
-        )
-
-
-def _launch(module: KernelModule, device: torch.device, name: str, dims: Dims, tensors: list) -> None:
-    grid, block, shared_bytes = launch_geometry(dims)
-    args = KernelArgs([*[pointer(t) for t in tensors], dims])
-    if device.type == "cuda":
-        with torch.cuda.device(device):
-            module.launch(name, grid, block, shared_bytes, args, torch.cuda.current_stream(device).cuda_stream)
-    else:  # the CPU emulation
-        module.launch(name, grid, block, shared_bytes, args)
-
-
 def forward(
     value: torch.Tensor,
     spatial_shapes: torch.Tensor,
@@ -196,7 +147,7 @@ def forward(
     Returns:
         (N, Lq, M*D) in value's dtype.
     """
-    _check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     N, S, M, D = value.shape
     _, Lq, _, L, P, _ = sampling_locations.shape
     cpt = chunk_channels(value.dtype)
@@ -209,13 +160,8 @@ def forward(
     if vectorized:
         value = _aligned(value, "value")
     name = kernel_name("forward", value.dtype, vectorized)
-    _launch(
-        module,
-        value.device,
-        name,
-        dims,
-        [value, spatial_shapes, level_start_index, sampling_locations, attention_weights, output],
-    )
+    tensors = [value, spatial_shapes, level_start_index, sampling_locations, attention_weights, output]
+    launch(module, value.device, name, launch_geometry(dims), tensors, dims)
     return output
 
 
@@ -241,7 +187,7 @@ def backward(
         grad_value (N, S, M, D) in value's dtype, grad_sampling_locations (N, Lq, M, L, P, 2) and
         grad_attention_weights (N, Lq, M, L, P) in the locations' dtype.
     """
-    _check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     N, S, M, D = value.shape
     _, Lq, _, L, P, _ = sampling_locations.shape
     if grad_output.dtype != value.dtype or grad_output.device != value.device:
@@ -269,7 +215,7 @@ def backward(
             value = _aligned(value, "value")
         name = kernel_name("backward", value.dtype, vectorized)
         tensors = [grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights]
-        _launch(module, value.device, name, dims, [*tensors, grad_value, grad_loc, grad_attn])
+        launch(module, value.device, name, launch_geometry(dims), [*tensors, grad_value, grad_loc, grad_attn], dims)
     if grad_value is None:
         return value.new_empty(0), grad_loc, grad_attn
     return grad_value.to(value.dtype), grad_loc, grad_attn
@@ -278,10 +224,6 @@ def backward(
 # ---------------------------------------------------------------------------------------------
 # Devices: one NVRTC build per architecture, one loaded module per device
 # ---------------------------------------------------------------------------------------------
-
-_lock = threading.Lock()
-_modules: dict[int, KernelModule] = {}  # CUDA device index -> loaded module
-_availability: dict[int | None, tuple[bool, str]] = {}
 
 
 def arch_for_capability(capability: tuple[int, int]) -> str:
@@ -314,58 +256,71 @@ def device_index(device: torch.device | str | int | None) -> int | None:
     return torch.cuda.current_device() if torch.cuda.is_available() else None
 
 
-def build(arch: str) -> Path:
-    """Compile the kernels for ``arch`` into the cache (no GPU needed); return the cache file."""
-    from ops import _nvrtc
+class GpuKernels:
+    """One CUDA source's kernels: compiled by NVRTC once per architecture, loaded once per device.
 
-    return _nvrtc.build(SOURCE, KERNEL_NAMES, normalize_arch(arch))
-
-
-def device_module(device: torch.device | str | int | None) -> KernelModule:
-    """The kernels loaded on ``device``, compiled and loaded on first use.
-
-    Raises:
-        RuntimeError: the kernel cannot run there (the message says why).
+    Args:
+        source: the ``.cu`` file.
+        names: the name expressions of every kernel it instantiates.
+        what: what the kernels are, for messages ("the MSDeformAttn CUDA kernel").
     """
-    index = device_index(device)
-    module = _modules.get(index)
-    if module is None:
-        ok, reason = is_available(index)
-        if not ok:
-            raise RuntimeError(f"the MSDeformAttn CUDA kernel is unavailable on cuda:{index}: {reason}")
-        module = _modules[index]
-    return module
 
+    def __init__(self, source: Path, names: tuple[str, ...], what: str) -> None:
+        self.source, self.names, self.what = source, names, what
+        self._lock = threading.Lock()
+        self.modules: dict[int, KernelModule] = {}  # CUDA device index -> loaded module
+        self.availability: dict[int | None, tuple[bool, str]] = {}
 
-def is_available(device: torch.device | str | int | None = None) -> tuple[bool, str]:
-    """(True, "") when the kernel can run on ``device`` (default: the current CUDA device), else
-    (False, why). Cached per device index. The first call for a device compiles (or finds in the
-    cache) and loads every kernel there, so no kernel loads later, e.g. inside a CUDA-graph capture.
-    """
-    index = device_index(device)
-    answer = _availability.get(index)
-    if answer is None:
-        with _lock:
-            answer = _availability.get(index)
-            if answer is None:
-                answer = _availability[index] = _probe(index)
-    return answer
-
-
-def _probe(index: int | None) -> tuple[bool, str]:
-    if index is None or not torch.cuda.is_available():
-        return False, "no CUDA device (torch.cuda.is_available() is False)"
-    try:
+    def build(self, arch: str) -> Path:
+        """Compile the kernels for ``arch`` into the cache (no GPU needed); return the cache file."""
         from ops import _nvrtc
-    except ImportError as exc:
-        return False, (
-            f"NVIDIA's runtime compiler is not installed ({exc}); install it with pip install 'msda-ops[cuda]' "
-            "(cuda-bindings, nvidia-cuda-nvrtc, nvidia-cuda-runtime)"
-        )
-    arch = "?"
-    try:
-        arch = arch_for_capability(torch.cuda.get_device_capability(index))
-        _modules[index] = _nvrtc.GpuModule(_nvrtc.build(SOURCE, KERNEL_NAMES, arch), index)
-    except Exception as exc:  # any compile or load failure means "use the reference path", loudly
-        return False, f"compiling or loading the kernels for {arch} on cuda:{index} failed: {exc}"
-    return True, ""
+
+        return _nvrtc.build(self.source, self.names, normalize_arch(arch))
+
+    def is_available(self, device: torch.device | str | int | None = None) -> tuple[bool, str]:
+        """(True, "") when the kernels can run on ``device`` (default: the current CUDA device), else
+        (False, why). Cached per device index. The first call for a device compiles (or finds in the
+        cache) and loads every kernel there, so no kernel loads later, e.g. inside a CUDA-graph capture.
+        """
+        index = device_index(device)
+        answer = self.availability.get(index)
+        if answer is None:
+            with self._lock:
+                answer = self.availability.get(index)
+                if answer is None:
+                    answer = self.availability[index] = self._probe(index)
+        return answer
+
+    def device_module(self, device: torch.device | str | int | None) -> KernelModule:
+        """The kernels loaded on ``device``, compiled and loaded on first use.
+
+        Raises:
+            RuntimeError: they cannot run there (the message says why).
+        """
+        index = device_index(device)
+        ok, reason = self.is_available(index)
+        if not ok:
+            raise RuntimeError(f"{self.what} is unavailable on cuda:{index}: {reason}")
+        return self.modules[index]
+
+    def _probe(self, index: int | None) -> tuple[bool, str]:
+        if index is None or not torch.cuda.is_available():
+            return False, "no CUDA device (torch.cuda.is_available() is False)"
+        try:
+            from ops import _nvrtc
+        except ImportError as exc:
+            return False, (
+                f"NVIDIA's runtime compiler is not installed ({exc}); install it with pip install 'msda-ops[cuda]' "
+                "(cuda-bindings, nvidia-cuda-nvrtc, nvidia-cuda-runtime)"
+            )
+        arch = "?"
+        try:
+            arch = arch_for_capability(torch.cuda.get_device_capability(index))
+            self.modules[index] = _nvrtc.GpuModule(_nvrtc.build(self.source, self.names, arch), index)
+        except Exception as exc:  # any compile or load failure means "use the fallback", loudly
+            return False, f"compiling or loading {self.what} for {arch} on cuda:{index} failed: {exc}"
+        return True, ""
+
+
+KERNELS = GpuKernels(SOURCE, KERNEL_NAMES, "the MSDeformAttn CUDA kernel")
+build, is_available, device_module = KERNELS.build, KERNELS.is_available, KERNELS.device_module

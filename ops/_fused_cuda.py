@@ -12,13 +12,13 @@ same source (``ops.emulation``) on CPU tensors, through this same code. Nothing 
 from __future__ import annotations
 
 import ctypes
-import threading
 from pathlib import Path
 
 import torch
 
-from ops._cuda import TYPE_NAMES, arch_for_capability, chunk_channels, device_index
-from ops._launch import KernelArgs, KernelModule, pointer
+from ops._checks import ALL_DTYPES, check_tensors, coord_dtype
+from ops._cuda import TYPE_NAMES, GpuKernels, chunk_channels
+from ops._launch import launch
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "ms_deform_attn_fused.cu"
 MAX_THREADS = 256  # kThreads in the source: the kernels' __launch_bounds__
@@ -151,24 +151,17 @@ def launch_geometry(direction: str, dtype: torch.dtype, dims: FusedDims) -> tupl
 
 def _check_inputs(value, spatial_shapes, level_start_index, reference_points, offsets, attention_logits) -> None:
     """The cheap checks that keep a wrong tensor from reaching the kernel as a raw pointer."""
-    coord = torch.float64 if value.dtype == torch.float64 else torch.float32
-    if value.dtype not in TYPE_NAMES:
-        raise TypeError(f"value must be float32, float16, bfloat16 or float64, got {value.dtype}")
-    named = {
-        "value": (value, value.dtype),
-        "spatial_shapes": (spatial_shapes, torch.int64),
-        "level_start_index": (level_start_index, torch.int64),
-        "reference_points": (reference_points, coord),
-        "offsets": (offsets, coord),
-        "attention_logits": (attention_logits, coord),
-    }
-    for name, (t, dtype) in named.items():
-        if t.dtype != dtype:
-            raise TypeError(f"{name} must be {dtype} for {value.dtype} values, got {t.dtype}")
-        if t.device != value.device:
-            raise ValueError(f"{name} must be on value's device {value.device}, got {t.device}")
-        if not t.is_contiguous():
-            raise ValueError(f"{name} must be contiguous")
+    coord = coord_dtype(value)
+    check_tensors(
+        value,
+        ALL_DTYPES,
+        value.device,
+        spatial_shapes=(spatial_shapes, torch.int64),
+        level_start_index=(level_start_index, torch.int64),
+        reference_points=(reference_points, coord),
+        offsets=(offsets, coord),
+        attention_logits=(attention_logits, coord),
+    )
     N, _, M, _ = value.shape
     L = spatial_shapes.shape[0]
     if offsets.dim() != 6 or (offsets.shape[0], offsets.shape[2], offsets.shape[3], offsets.shape[5]) != (N, M, L, 2):
@@ -186,16 +179,6 @@ def _check_inputs(value, spatial_shapes, level_start_index, reference_points, of
         or reference_points.shape[3] not in (2, 4)
     ):
         raise ValueError(f"reference_points must have shape ({N}, {Lq}, {L}, 2|4), got {tuple(reference_points.shape)}")
-
-
-def _launch(module: KernelModule, device: torch.device, name: str, direction: str, dtype, dims, tensors) -> None:
-    grid, block, shared = launch_geometry(direction, dtype, dims)
-    args = KernelArgs([*[pointer(t) for t in tensors], dims])
-    if device.type == "cuda":
-        with torch.cuda.device(device):
-            module.launch(name, grid, block, shared, args, torch.cuda.current_stream(device).cuda_stream)
-    else:  # the CPU emulation
-        module.launch(name, grid, block, shared, args)
 
 
 def _vectorized(dtype: torch.dtype, D: int, *tensors: torch.Tensor) -> bool:
@@ -229,7 +212,7 @@ def forward(value, spatial_shapes, level_start_index, reference_points, offsets,
         return output
     name = kernel_name("forward", value.dtype, _vectorized(value.dtype, D, value, output))
     tensors = [value, spatial_shapes, level_start_index, reference_points, offsets, attention_logits, output]
-    _launch(module, value.device, name, "forward", value.dtype, dims, tensors)
+    launch(module, value.device, name, launch_geometry("forward", value.dtype, dims), tensors, dims)
     return output
 
 
@@ -279,7 +262,7 @@ def backward(
         name = kernel_name("backward", value.dtype, vectorized)
         tensors = [grad_output, value, spatial_shapes, level_start_index, reference_points, offsets, attention_logits]
         tensors += [grad_value, grad_offsets, grad_logits, grad_locations]
-        _launch(module, value.device, name, "backward", value.dtype, dims, tensors)
+        launch(module, value.device, name, launch_geometry("backward", value.dtype, dims), tensors, dims)
     empty = value.new_empty(0)
     return (
         empty if grad_value is None else grad_value.to(value.dtype),
@@ -293,54 +276,6 @@ def backward(
 # Devices: one NVRTC build per architecture, one loaded module per device
 # ---------------------------------------------------------------------------------------------
 
-_lock = threading.Lock()
-_modules: dict[int, KernelModule] = {}
-_availability: dict[int | None, tuple[bool, str]] = {}
 
-
-def build(arch: str) -> Path:
-    """Compile the fused kernels for ``arch`` into the cache (no GPU needed); return the cache file."""
-    from ops import _nvrtc
-    from ops._cuda import normalize_arch
-
-    return _nvrtc.build(SOURCE, KERNEL_NAMES, normalize_arch(arch))
-
-
-def is_available(device=None) -> tuple[bool, str]:
-    """(True, "") when the fused kernel can run on ``device``, else (False, why); cached per device.
-    The first call compiles (or finds in the cache) and loads every fused kernel on the device."""
-    index = device_index(device)
-    answer = _availability.get(index)
-    if answer is None:
-        with _lock:
-            answer = _availability.get(index)
-            if answer is None:
-                answer = _availability[index] = _probe(index)
-    return answer
-
-
-def _probe(index: int | None) -> tuple[bool, str]:
-    if index is None or not torch.cuda.is_available():
-        return False, "no CUDA device (torch.cuda.is_available() is False)"
-    arch = "?"
-    try:
-        from ops import _nvrtc
-
-        arch = arch_for_capability(torch.cuda.get_device_capability(index))
-        _modules[index] = _nvrtc.GpuModule(_nvrtc.build(SOURCE, KERNEL_NAMES, arch), index)
-    except Exception as exc:  # any import, compile or load failure: the composition runs instead
-        return False, f"compiling or loading the fused kernels for {arch} on cuda:{index} failed: {exc}"
-    return True, ""
-
-
-def device_module(device) -> KernelModule:
-    """The fused kernels loaded on ``device``.
-
-    Raises:
-        RuntimeError: they cannot run there (the message says why).
-    """
-    index = device_index(device)
-    ok, reason = is_available(index)
-    if not ok:
-        raise RuntimeError(f"the fused MSDeformAttn kernel is unavailable on cuda:{index}: {reason}")
-    return _modules[index]
+KERNELS = GpuKernels(SOURCE, KERNEL_NAMES, "the fused MSDeformAttn kernel")
+build, is_available, device_module = KERNELS.build, KERNELS.is_available, KERNELS.device_module

@@ -67,3 +67,22 @@ class KernelModule(Protocol):
         args: KernelArgs,
         stream: int = 0,
     ) -> None: ...
+
+
+def launch(
+    module: KernelModule,
+    device: torch.device,
+    name: str,
+    geometry: tuple[tuple[int, int, int], tuple[int, int, int], int],
+    tensors: Sequence[torch.Tensor | None],
+    dims: ctypes.Structure,
+) -> None:
+    """Launch ``name`` with the tensors' pointers and then ``dims`` as its arguments: on the current
+    stream of ``device`` when it is a GPU, else (a CPU tensor's device) in the emulation."""
+    grid, block, shared_bytes = geometry
+    args = KernelArgs([*[pointer(t) for t in tensors], dims])
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            module.launch(name, grid, block, shared_bytes, args, torch.cuda.current_stream(device).cuda_stream)
+    else:
+        module.launch(name, grid, block, shared_bytes, args)

@@ -374,6 +374,44 @@ def floor_bytes(N: int, S: int, M: int, D: int, Lq: int, L: int, P: int, dtype: 
     return forward, forward + backward
 
 
+def timed_rows(
+    shape: str, dtype: torch.dtype, paths: dict[str, tuple], floor: tuple[int, int], bandwidth: float
+) -> list[dict]:
+    """Times every path and returns a row each: milliseconds, speed-ups over the first path (the
+    reference) and ratios to the memory-traffic floor.
+
+    Args:
+        paths: name -> (forward, a maker of the backward-only callable, forward+backward).
+        floor: bytes that forward and forward+backward must move at least (``floor_bytes``).
+        bandwidth: bytes/s of a device-to-device copy, measured in the same run.
+    """
+    floor_fwd_ms, floor_fb_ms = (1e3 * b / bandwidth for b in floor)
+    floor_bwd_ms = floor_fb_ms - floor_fwd_ms
+    # Each backward-only callable (and the graph it holds) lives only while it is timed.
+    timings = {path: (time_ms(f), time_ms(make_b()), time_ms(fb)) for path, (f, make_b, fb) in paths.items()}
+    ref_fwd, ref_bwd, ref_fb = next(iter(timings.values()))
+    return [
+        {
+            "shape": shape,
+            "dtype": str(dtype).removeprefix("torch."),
+            "path": path,
+            "forward_ms": fwd_ms,
+            "backward_ms": bwd_ms,
+            "forward_backward_ms": fb_ms,
+            "forward_speedup": ref_fwd / fwd_ms,
+            "backward_speedup": ref_bwd / bwd_ms,
+            "forward_backward_speedup": ref_fb / fb_ms,
+            "forward_floor_ms": floor_fwd_ms,
+            "backward_floor_ms": floor_bwd_ms,
+            "forward_backward_floor_ms": floor_fb_ms,
+            "forward_over_floor": fwd_ms / floor_fwd_ms,
+            "backward_over_floor": bwd_ms / floor_bwd_ms,
+            "forward_backward_over_floor": fb_ms / floor_fb_ms,
+        }
+        for path, (fwd_ms, bwd_ms, fb_ms) in timings.items()
+    ]
+
+
 def run_benchmark(report: Report, device: torch.device, bandwidth: float) -> None:
     L = len(ENCODER_SHAPES)
     for name, Lq in (("encoder", ENCODER_S), ("decoder", DECODER_QUERIES)):
@@ -417,31 +455,8 @@ def run_benchmark(report: Report, device: torch.device, bandwidth: float) -> Non
                     kernel_fwd_bwd,
                 ),
             }
-            floor_fwd, floor_fb = floor_bytes(2, ENCODER_S, N_HEADS, HEAD_DIM, Lq, L, N_POINTS, dtype)
-            floor_fwd_ms, floor_fb_ms = 1e3 * floor_fwd / bandwidth, 1e3 * floor_fb / bandwidth
-            floor_bwd_ms = floor_fb_ms - floor_fwd_ms
-            # Each backward-only callable (and the graph it holds) lives only while it is timed.
-            timings = {path: (time_ms(f), time_ms(make_b()), time_ms(fb)) for path, (f, make_b, fb) in paths.items()}
-            ref_fwd, ref_bwd, ref_fb = timings["reference"]
-            for path, (fwd_ms, bwd_ms, fb_ms) in timings.items():
-                row = {
-                    "shape": f"{name} (Lq={Lq})",
-                    "dtype": str(dtype)[6:],
-                    "path": path,
-                    "forward_ms": fwd_ms,
-                    "backward_ms": bwd_ms,
-                    "forward_backward_ms": fb_ms,
-                    "forward_speedup": ref_fwd / fwd_ms,
-                    "backward_speedup": ref_bwd / bwd_ms,
-                    "forward_backward_speedup": ref_fb / fb_ms,
-                    "forward_floor_ms": floor_fwd_ms,
-                    "backward_floor_ms": floor_bwd_ms,
-                    "forward_backward_floor_ms": floor_fb_ms,
-                    "forward_over_floor": fwd_ms / floor_fwd_ms,
-                    "backward_over_floor": bwd_ms / floor_bwd_ms,
-                    "forward_backward_over_floor": fb_ms / floor_fb_ms,
-                }
-                report.rows.append(row)
+            floor = floor_bytes(2, ENCODER_S, N_HEADS, HEAD_DIM, Lq, L, N_POINTS, dtype)
+            report.rows += timed_rows(f"{name} (Lq={Lq})", dtype, paths, floor, bandwidth)
             torch.cuda.empty_cache()
 
 

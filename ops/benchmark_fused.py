@@ -26,7 +26,7 @@ from ops.benchmark import (
     TOLERANCES,
     Report,
     _rel_err,
-    time_ms,
+    timed_rows,
 )
 from ops.fused import ms_deform_attn_composed, ms_deform_attn_fused
 from ops.reference import ms_deform_attn_reference
@@ -202,30 +202,8 @@ def run_fused_benchmark(report: Report, device: torch.device, bandwidth: float) 
                     kernel_fwd_bwd(False),
                 ),
             }
-            floor_fwd, floor_fb = fused_floor_bytes(2, ENCODER_S, N_HEADS, HEAD_DIM, Lq, L, N_POINTS, dtype)
-            floor_fwd_ms, floor_fb_ms = 1e3 * floor_fwd / bandwidth, 1e3 * floor_fb / bandwidth
-            timings = {p: (time_ms(f), time_ms(make_b()), time_ms(fb)) for p, (f, make_b, fb) in paths.items()}
-            ref_fwd, ref_bwd, ref_fb = timings["reference (PyTorch softmax, locations, grid_sample)"]
-            for path, (fwd_ms, bwd_ms, fb_ms) in timings.items():
-                report.rows.append(
-                    {
-                        "shape": f"{shape} (Lq={Lq})",
-                        "dtype": str(dtype)[6:],
-                        "path": path,
-                        "forward_ms": fwd_ms,
-                        "backward_ms": bwd_ms,
-                        "forward_backward_ms": fb_ms,
-                        "forward_speedup": ref_fwd / fwd_ms,
-                        "backward_speedup": ref_bwd / bwd_ms,
-                        "forward_backward_speedup": ref_fb / fb_ms,
-                        "forward_floor_ms": floor_fwd_ms,
-                        "backward_floor_ms": floor_fb_ms - floor_fwd_ms,
-                        "forward_backward_floor_ms": floor_fb_ms,
-                        "forward_over_floor": fwd_ms / floor_fwd_ms,
-                        "backward_over_floor": bwd_ms / (floor_fb_ms - floor_fwd_ms),
-                        "forward_backward_over_floor": fb_ms / floor_fb_ms,
-                    }
-                )
+            floor = fused_floor_bytes(2, ENCODER_S, N_HEADS, HEAD_DIM, Lq, L, N_POINTS, dtype)
+            report.rows += timed_rows(f"{shape} (Lq={Lq})", dtype, paths, floor, bandwidth)
             torch.cuda.empty_cache()
 
 

@@ -190,13 +190,14 @@ def _fused_backward_op(
     need_reference_grad: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     inputs = (value, spatial_shapes, level_start_index, reference_points, offsets, attention_logits)
-    grads = _composed_backward(grad_output, *inputs, need_value_grad)
-    return _needed(grads, value, reference_points, need_value_grad, need_reference_grad)
+    return _composed_gradients(grad_output, inputs, need_value_grad, need_reference_grad)
 
 
-def _needed(grads, value, reference_points, need_value_grad: bool, need_reference_grad: bool):
+def _composed_gradients(grad_output, inputs, need_value_grad: bool, need_reference_grad: bool):
     """The composition's four gradients, contiguous, with an empty tensor for each one not needed
     (as the kernel returns them)."""
+    value, reference_points = inputs[0], inputs[3]
+    grads = _composed_backward(grad_output, *inputs, need_value_grad)
     grad_value, grad_ref, grad_offsets, grad_logits = (g.contiguous() for g in grads)
     return (
         grad_value if need_value_grad else value.new_empty(0),
@@ -220,8 +221,7 @@ def _fused_backward_cuda(
 ):
     inputs = (value, spatial_shapes, level_start_index, reference_points, offsets, attention_logits)
     if not _use_fused_kernel(value.device):
-        grads = _composed_backward(grad_output, *inputs, need_value_grad)
-        return _needed(grads, value, reference_points, need_value_grad, need_reference_grad)
+        return _composed_gradients(grad_output, inputs, need_value_grad, need_reference_grad)
     from ops import _fused_cuda
 
     if need_value_grad:

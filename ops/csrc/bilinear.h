@@ -11,7 +11,9 @@
 #ifndef MSDA_BILINEAR_H_
 #define MSDA_BILINEAR_H_
 
+#if !defined(__CUDACC_RTC__)  // NVRTC has floorf and floor built in, and no host headers
 #include <math.h>
+#endif
 
 #if defined(__CUDACC__)
 #define MSDA_HOST_DEVICE __host__ __device__ __forceinline__

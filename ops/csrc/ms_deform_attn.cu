@@ -28,6 +28,7 @@
 // The file compiles with NVRTC (no host headers: no <cstdint>, no <type_traits>) and with g++
 // against csrc/emu/cuda_emu.h, which defines the CUDA built-ins for the CPU emulation.
 
+#include "bilinear.h"  // neighbours_of: the sampling convention, shared with the CPU kernel
 #include "ms_deform_attn.h"
 
 #ifndef CUDA_EMULATION  // the emulation header (csrc/emu/cuda_emu.h) defines the half types
@@ -82,9 +83,6 @@ template <>
 __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float x) {
   return __float2bfloat16_rn(x);
 }
-
-__device__ __forceinline__ float floor_acc(float x) { return floorf(x); }
-__device__ __forceinline__ double floor_acc(double x) { return floor(x); }
 
 // Reads the CPT channels at p (read-only path). kVec: one 16-byte load, p 16-byte aligned.
 // Otherwise: n scalar loads, the rest of the chunk reads as 0 (tail of a D that CPT does not divide).
@@ -170,44 +168,6 @@ __device__ __forceinline__ void stage_levels(const i64* __restrict__ spatial_sha
     s_levels[3 * l + 2] = static_cast<int>(level_start_index[l]);
   }
   __syncthreads();
-}
-
-// The four neighbours of one sampling point: k = 0 (h0, w0), 1 (h0, w0+1), 2 (h0+1, w0),
-// 3 (h0+1, w0+1), with h0 = floor(y*H - 0.5), w0 = floor(x*W - 0.5).
-template <typename A>
-struct Neighbours {
-  A lh, lw;        // distance of the point below / right of (h0, w0), in [0, 1)
-  int row[4];      // position of each neighbour in S; meaningful only where valid
-  unsigned valid;  // bit k: neighbour k lies inside the H x W map (else it reads 0)
-};
-
-template <typename A>
-__device__ __forceinline__ Neighbours<A> neighbours_of(A x, A y, int H, int W, int start) {
-  Neighbours<A> nb;
-  nb.lh = A(0);
-  nb.lw = A(0);
-  nb.valid = 0u;
-  const A h_im = y * A(H) - A(0.5);
-  const A w_im = x * A(W) - A(0.5);
-  // Outside (-1, H) x (-1, W) no neighbour is inside; the test also keeps NaN and huge locations
-  // away from the float -> int conversion below.
-  if (h_im > A(-1) && w_im > A(-1) && h_im < A(H) && w_im < A(W)) {
-    const A hf = floor_acc(h_im);
-    const A wf = floor_acc(w_im);
-    const int h0 = static_cast<int>(hf);
-    const int w0 = static_cast<int>(wf);
-    nb.lh = h_im - hf;
-    nb.lw = w_im - wf;
-    const int base = start + h0 * W + w0;
-    nb.row[0] = base;
-    nb.row[1] = base + 1;
-    nb.row[2] = base + W;
-    nb.row[3] = base + W + 1;
-    const bool top = h0 >= 0, bottom = h0 + 1 < H, left = w0 >= 0, right = w0 + 1 < W;
-    nb.valid = unsigned(top && left) | unsigned(top && right) << 1 | unsigned(bottom && left) << 2 |
-               unsigned(bottom && right) << 3;
-  }
-  return nb;
 }
 
 template <typename T, bool kVec>

@@ -19,7 +19,7 @@ import torch
 from emulated_cases import Case, all_cases, check_case, run_case
 
 from ops import _cuda, emulation
-from ops._launch import KernelArgs, pointer
+from ops._launch import KernelArgs, launch, pointer
 
 pytestmark = pytest.mark.skipif(shutil.which(emulation.CXX) is None, reason=f"{emulation.CXX} not found")
 
@@ -72,7 +72,8 @@ def _launch_raw(module, name, value, others):
     _, Lq, _, L, P, _ = loc.shape
     dims = _cuda.make_dims(N, S, M, D, Lq, L, P, 4)
     output = torch.empty(N, Lq, M * D)
-    _cuda._launch(module, value.device, name, dims, [value, spatial_shapes, level_start_index, loc, attn, output])
+    tensors = [value, spatial_shapes, level_start_index, loc, attn, output]
+    launch(module, value.device, name, _cuda.launch_geometry(dims), tensors, dims)
     return output
 
 
@@ -266,12 +267,16 @@ def test_address_sanitizer_run_is_clean():
 
 
 def _mutant(tmp_path: Path, old: str, new: str) -> Path:
-    text = _cuda.SOURCE.read_text()
-    assert text.count(old) >= 1, f"the kernel no longer contains {old!r}: update this mutation"
+    """A copy of the kernel source and the headers it includes, ``old`` replaced by ``new`` in the first
+    of them (the .cu first) that contains it; returns the copied .cu."""
     folder = tmp_path / "mutant"
     folder.mkdir()
-    shutil.copy(_cuda.SOURCE.with_suffix(".h"), folder)
-    (folder / _cuda.SOURCE.name).write_text(text.replace(old, new, 1))
+    files = [_cuda.SOURCE, *sorted(_cuda.SOURCE.parent.glob("*.h"))]
+    target = next((f for f in files if old in f.read_text()), None)
+    assert target is not None, f"neither the kernel nor its headers contain {old!r} any more: update this mutation"
+    for f in files:
+        text = f.read_text()
+        (folder / f.name).write_text(text.replace(old, new, 1) if f == target else text)
     return folder / _cuda.SOURCE.name
 
 

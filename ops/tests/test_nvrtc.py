@@ -151,7 +151,7 @@ def test_arch_for_capability(capability, arch):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the answer on a machine without CUDA")
 def test_is_available_without_cuda_says_why(monkeypatch):
-    monkeypatch.setattr(_cuda, "_availability", {})
+    monkeypatch.setattr(_cuda.KERNELS, "availability", {})
     ok, reason = _cuda.is_available()
     assert ok is False and "no CUDA device" in reason
     assert _cuda.is_available(torch.device("cuda", 1)) == (False, "no CUDA device (torch.cuda.is_available() is False)")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import tempfile
 import time
@@ -26,7 +25,7 @@ from core.predictor import checkpoint_class_info, checkpoint_input_size
 from pipelines.inference.outputs import COCO_FILE, MANIFEST_FILE, OutputDir, part_name
 from pipelines.inference.sources import ImageList, list_images
 from pipelines.inference.steps import DecodeImages, PredictImages
-from pipelines.raytrain.cluster import REPO_ROOT, WORKING_DIR_EXCLUDES, in_ray_job
+from pipelines.raytrain.cluster import connect_ray
 
 log = logging.getLogger(__name__)
 
@@ -88,34 +87,6 @@ class InferenceConfig(BaseModel):
         }
 
 
-def connect(address: str | None) -> bool:
-    """Joins a cluster (``address``, or RAY_ADDRESS as set by ``ray job submit``) or starts a local one.
-
-    As ``raytrain.cluster.connect_ray`` does, but a local Ray gets the machine's CPUs as they are (that
-    one sizes it for a training JobConfig's workers), since CPU actors take their torch threads from it.
-
-    Returns:
-        True when this call started a local Ray instance.
-    """
-    if ray.is_initialized():
-        return False
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        # A submitted job already ships its working dir; a plain driver ships the repository.
-        runtime_env = None if in_ray_job() else {"working_dir": REPO_ROOT, "excludes": WORKING_DIR_EXCLUDES}
-        # The console is the job's progress and summary; workers' output stays in Ray's log files.
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=False, logging_level=logging.WARNING)
-        return False
-    pythonpath = os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH")) if p)
-    ray.init(
-        address="local",
-        runtime_env={"env_vars": {"PYTHONPATH": pythonpath}},
-        log_to_driver=False,
-        logging_level=logging.WARNING,
-    )
-    return True
-
-
 def load_checkpoint_for_inference(uri: str) -> Checkpoint:
     """The checkpoint's config, weights and metadata (no optimizer state), read on the driver."""
     from pipelines.raytrain.state import fetch_checkpoint_file
@@ -136,10 +107,14 @@ class Progress:
     def __init__(self, total: int, done_before: int, every_s: float) -> None:
         self.total, self.done_before, self.every_s = total, done_before, every_s
         self.start = self.last = time.monotonic()
+        self.first: float | None = None  # when the first rows arrived, and how many
+        self.first_rows = 0
         self.images = self.detections = self.parts = 0
         self.errors: Counter[str] = Counter()
 
     def add(self, table: pa.Table) -> None:
+        if self.first is None:
+            self.first, self.first_rows = time.monotonic(), table.num_rows
         self.images += table.num_rows
         self.detections += sum(len(s) for s in table.column("scores").to_pylist())
         self.errors.update(k for k in table.column("error_kind").to_pylist() if k is not None)
@@ -157,7 +132,11 @@ class Progress:
         )
 
     def summary(self, output: str) -> dict[str, Any]:
-        wall = time.monotonic() - self.start
+        now = time.monotonic()
+        wall = now - self.start
+        # After the first rows: the rate once the pipeline is full (actors built, decoding ahead), which
+        # is what a long job runs at; the start-up before it is a fixed cost.
+        steady = (self.images - self.first_rows) / (now - self.first) if self.first and now > self.first else 0.0
         return {
             "output": output,
             "images_total": self.total,
@@ -169,11 +148,13 @@ class Progress:
             "parts_written": self.parts,
             "wall_s": round(wall, 3),
             "images_per_s": round(self.images / wall, 3) if self.images else 0.0,
+            "first_rows_s": round(self.first - self.start, 3) if self.first else None,
+            "steady_images_per_s": round(steady, 3),
         }
 
 
 def run_inference(cfg: InferenceConfig, images: ImageList | None = None) -> dict[str, Any]:
-    """Runs the job; returns the summary. Joins or starts Ray (``connect``) only when there is work.
+    """Runs the job; returns the summary. Joins or starts Ray (``connect_ray``) only when there is work.
 
     Args:
         cfg: the validated options.
@@ -199,7 +180,7 @@ def run_inference(cfg: InferenceConfig, images: ImageList | None = None) -> dict
     if images.duplicates:
         print(f"infer: {images.duplicates} manifest lines repeat an image listed before; each image gets one row")
     if todo:
-        started = connect(cfg.address)
+        started = connect_ray(address=cfg.address)
         try:
             _run_pipeline(cfg, ckpt, images, todo, out, progress)
         finally:
@@ -330,4 +311,4 @@ def write_manifest(out: OutputDir) -> dict[str, Any]:
     return manifest
 
 
-__all__ = ["COCO_FILE", "InferenceConfig", "connect", "run_inference", "write_manifest"]
+__all__ = ["COCO_FILE", "InferenceConfig", "run_inference", "write_manifest"]

@@ -34,10 +34,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def connect_ray(job: JobConfig, address: str | None = None) -> bool:
+def connect_ray(job: JobConfig | None = None, address: str | None = None) -> bool:
     """Joins a cluster (``address``, e.g. "auto" or "host:6379", or RAY_ADDRESS, which ``ray job submit``
-    sets) or starts a local one sized for ``job``. Does nothing when Ray is already initialized (a test,
-    a notebook, a Tune trial driver).
+    sets) or starts a local one: sized for ``job``, or with the machine's CPUs as they are when there is
+    no training job (batch inference, whose CPU actors take their torch threads from that count). Does
+    nothing when Ray is already initialized (a test, a notebook, a Tune trial driver).
 
     Returns:
         True when this call started a local Ray instance.
@@ -50,11 +51,13 @@ def connect_ray(job: JobConfig, address: str | None = None) -> bool:
         runtime_env = None if in_ray_job() else {"working_dir": REPO_ROOT, "excludes": WORKING_DIR_EXCLUDES}
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=False, logging_level=logging.WARNING)
         return False
-    t = job.train
-    # Logical CPUs: the workers' plus some for Ray Data's decode tasks, which would otherwise find
-    # none free on a small machine and stall the input pipeline.
-    data_cpus = max(2, job.data.num_decode_workers or 2)
-    num_cpus = max(os.cpu_count() or 1, math.ceil(t.max_workers * t.cpus_per_worker) + data_cpus)
+    num_cpus = None  # Ray counts the machine's
+    if job is not None:
+        t = job.train
+        # Logical CPUs: the workers' plus some for Ray Data's decode tasks, which would otherwise find
+        # none free on a small machine and stall the input pipeline.
+        data_cpus = max(2, job.data.num_decode_workers or 2)
+        num_cpus = max(os.cpu_count() or 1, math.ceil(t.max_workers * t.cpus_per_worker) + data_cpus)
     pythonpath = os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH")) if p)
     # The dashboard on a port of our own, named to every process of this instance: Ray Train's
     # placement-group cleaner asks the state API for it, and with a second Ray instance on this

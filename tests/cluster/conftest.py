@@ -1,24 +1,15 @@
 """Shared fixtures of the cluster tests: the project's pins read from pyproject.toml, the image tag rule,
-a local `ray start --head` cluster to submit jobs to."""
+a local `ray start --head` to submit jobs to."""
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
-import signal
-import socket
-import subprocess
-import sys
-import tempfile
-import time
 from pathlib import Path
 
 import pytest
 import tomllib
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
 
 
 @pytest.fixture(scope="session")
@@ -65,146 +56,9 @@ def ray_image():
     return check
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _pids_using(marker: str) -> list[int]:
-    """Processes whose command line names our cluster's temp dir (only the cluster this test started)."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if marker in cmdline:
-            pids.append(int(entry))
-    return pids
-
-
-def _stop_cluster(temp_dir: str) -> None:
-    # Not `ray stop`: it would stop every Ray on the machine, other people's included.
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        pids = _pids_using(temp_dir)
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.time() + 10
-        while pids and time.time() < deadline and _pids_using(temp_dir):
-            time.sleep(0.5)
-
-
-def _ray_start(args: list[str], env: dict[str, str], flags: tuple[str, ...], temp_dir: str) -> dict[str, int]:
-    """`ray start ARGS` with fresh ports for ``flags``; returns the ports. Another Ray on this machine may
-    take a port between picking it and binding it: a failed start is cleaned up and tried again."""
-    for _ in range(3):
-        ports = {flag: _free_port() for flag in flags}
-        proc = subprocess.run(
-            [str(BIN / "ray"), "start", *args, *[f"--{f}={p}" for f, p in ports.items()], "--disable-usage-stats"],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=180,
-        )
-        if proc.returncode == 0:
-            return ports
-        if "--head" in args:
-            _stop_cluster(temp_dir)  # whatever the failed head left running
-    raise RuntimeError(f"ray start {' '.join(args)} failed 3 times:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
-
-
-def _descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
-
-
-class LocalCluster:
-    """A `ray start --head` on loopback with ports of its own (other Ray instances may run on this
-    machine), as tests/train/test_job_submit.py starts it, and optionally more nodes on the same machine."""
-
-    def __init__(self, head_args: list[str], env_extra: dict[str, str] | None = None) -> None:
-        self.temp_dir = tempfile.mkdtemp(prefix="rjc", dir="/tmp")  # short: Ray's socket paths have a length limit
-        self.env = dict(os.environ, RAY_AUTH_MODE="disabled", PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
-        self.env.pop("RAY_ADDRESS", None)
-        self.env.update(env_extra or {})
-        flags = ("port", "dashboard-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port")
-        flags += ("runtime-env-agent-port", "metrics-export-port", "ray-client-server-port")
-        base = ["--node-ip-address=127.0.0.1", "--object-store-memory=200000000"]
-        head = ["--head", "--dashboard-host=127.0.0.1", f"--temp-dir={self.temp_dir}", *base, *head_args]
-        ports = _ray_start(head, self.env, flags, self.temp_dir)
-        self.gcs_address = f"127.0.0.1:{ports['port']}"
-        self.address = f"http://127.0.0.1:{ports['dashboard-port']}"  # the job API
-
-    def add_node(self, args: list[str]) -> int:
-        """Starts one more node (a second raylet on this machine); returns its node manager port."""
-        flags = ("node-manager-port", "object-manager-port", "dashboard-agent-listen-port")
-        flags += ("dashboard-agent-grpc-port", "runtime-env-agent-port", "metrics-export-port")
-        base = ["--node-ip-address=127.0.0.1", "--object-store-memory=100000000"]
-        ports = _ray_start([f"--address={self.gcs_address}", *base, *args], self.env, flags, self.temp_dir)
-        return ports["node-manager-port"]
-
-    def kill_node(self, node_manager_port: int) -> list[int]:
-        """SIGKILLs a node's raylet and everything it started, as a reclaimed cloud VM disappears."""
-        raylets = [pid for pid in _pids_using(f"--node_manager_port={node_manager_port}") if "raylet" in _cmdline(pid)]
-        assert raylets, f"no raylet with node manager port {node_manager_port}"
-        victims = [p for r in raylets for p in (*_descendants(r), r)]
-        for pid in victims:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        return victims
-
-    def stop(self) -> None:
-        _stop_cluster(self.temp_dir)
-        shutil.rmtree(self.temp_dir, ignore_errors=True)
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
-
-
 @pytest.fixture
-def ray_head():
+def ray_head(local_cluster_factory):
     """One local head with 4 CPUs and the `spot` resource that the cluster configs' spot workers
     advertise: ``address`` (the job API) and ``env`` (to run `ray` and `python` with)."""
-    cluster = LocalCluster(["--num-cpus=4", '--resources={"spot": 4}'])
-    try:
-        yield {"address": cluster.address, "env": cluster.env}
-    finally:
-        cluster.stop()
-
-
-@pytest.fixture
-def local_cluster_factory():
-    """Makes LocalCluster(head_args, env_extra) instances, stopped at the end of the test."""
-    made: list[LocalCluster] = []
-
-    def make(head_args: list[str], env_extra: dict[str, str] | None = None) -> LocalCluster:
-        made.append(LocalCluster(head_args, env_extra))
-        return made[-1]
-
-    yield make
-    for cluster in made:
-        cluster.stop()
+    cluster = local_cluster_factory(["--num-cpus=4", '--resources={"spot": 4}'])
+    return {"address": cluster.address, "env": cluster.env}

@@ -7,16 +7,15 @@ import pytest
 import torch
 from PIL import Image
 
+from core.preprocess import resize_rgb, size_for_short_side
 from pipelines.data.transforms import (
     Affine,
     boxes_cxcywh_normalized_to_xyxy,
     boxes_xyxy_to_cxcywh_normalized,
     crop,
-    get_size_with_aspect_ratio,
     hflip,
     normalize_image,
     resize,
-    resize_image,
     train_transform,
     val_transform,
 )
@@ -43,14 +42,14 @@ def _random_boxes(rng, n, h, w):
     ],
 )
 def test_size_matches_detr(hw, side, max_size, expected):
-    assert get_size_with_aspect_ratio(*hw, side, max_size) == expected
+    assert size_for_short_side(*hw, side, max_size) == expected
 
 
 def test_resize_matches_pillow_and_scales_boxes():
     rng = np.random.default_rng(0)
     img = rng.integers(0, 256, (60, 80, 3), dtype=np.uint8)
     ref = np.asarray(Image.fromarray(img).resize((40, 30), Image.BILINEAR)).astype(int)
-    assert np.abs(resize_image(img, 30, 40).astype(int) - ref).max() <= 1
+    assert np.abs(resize_rgb(img, 30, 40).astype(int) - ref).max() <= 1
     boxes = np.array([[10, 20, 30, 40]], np.float32)
     out, b, aff = resize(img, boxes, 120, None)
     assert out.shape == (120, 160, 3)
