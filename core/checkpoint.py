@@ -17,7 +17,7 @@ import logging
 import math
 import os
 import pickle
-import tempfile
+import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -132,8 +132,10 @@ def save_checkpoint(
     }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
+    tmp = path.with_name(f"{path.name}.{secrets.token_hex(6)}.tmp")
+    # Mode 0o666 lets the umask decide, as for any new file: mkstemp's 0600 would hide the checkpoint
+    # from the other users (and services) of a shared run folder.
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
         torch.save(payload, tmp)
         os.replace(tmp, path)

@@ -4,7 +4,9 @@ import argparse
 import fractions
 import logging
 import math
+import os
 import pickle
+import stat
 
 import pytest
 import torch
@@ -133,6 +135,20 @@ def test_our_format_round_trip(tmp_path):
     expected, actual = outputs_of(model), outputs_of(loaded)
     torch.testing.assert_close(actual["pred_boxes"], expected["pred_boxes"], rtol=0, atol=0)
     torch.testing.assert_close(actual["pred_logits"], expected["pred_logits"], rtol=0, atol=0)
+
+
+def test_saved_file_has_the_umask_mode_and_no_temporary_left(tmp_path):
+    """A checkpoint in a shared run folder must be readable by the others the umask lets read it."""
+    cfg = tiny_config()
+    model, _, _ = build_model(cfg)
+    old = os.umask(0o022)
+    try:
+        save_checkpoint(tmp_path / "ckpt.pt", model, cfg)
+        save_checkpoint(tmp_path / "ckpt.pt", model, cfg)  # over an existing one
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "ckpt.pt").stat().st_mode) == 0o644
+    assert [f.name for f in tmp_path.iterdir()] == ["ckpt.pt"]
 
 
 def test_save_unwraps_compiled_model(tmp_path):
