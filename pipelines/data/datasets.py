@@ -337,7 +337,12 @@ def build_dataset(
 
 
 def ingest_options() -> ray.data.ExecutionOptions:
-    """Execution options for `ray.train.DataConfig(execution_options=...)`: keeps the reproducible order."""
-    opts = ray.train.DataConfig.default_ingest_options()
-    opts.preserve_order = True
-    return opts
+    """Execution options for `ray.train.DataConfig(execution_options=...)`: keeps the reproducible order.
+
+    Train's ``DataConfig.default_ingest_options()`` with ``preserve_order``, built here because Ray 2.60's
+    copies the deprecated ``exclude_resources`` and so prints a deprecation warning in every run.
+    """
+    current = ray.data.DataContext.get_current().execution_options
+    return ray.data.ExecutionOptions(
+        resource_limits=current.resource_limits, preserve_order=True, verbose_progress=current.verbose_progress
+    )
