@@ -1,23 +1,44 @@
 """The trial driver: one trial's training config, run as a full Ray Train job, its epochs reported to Tune.
 
-The driver itself holds almost no resources (``TRIAL_DRIVER_RESOURCES``); the TorchTrainer it fits
+The driver itself holds almost no resources (``trial_driver_resources``); the TorchTrainer it fits
 asks for the trial's workers (and GPUs) through its own placement group, which Tune cannot see.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
+import ray
+from ray.tune import PlacementGroupFactory
 from ray.tune.integration.ray_train import TuneReportCallback
+from ray.util.placement_group import NODE_ID_LABEL_KEY
 
 from pipelines.config import JobConfig, validate_job_config
 from tune.space import apply_params
 
+log = logging.getLogger(__name__)
+
 # Tune refuses 0; the driver only parses annotations and waits on the trainer.
-TRIAL_DRIVER_RESOURCES = {"cpu": 0.01}
+TRIAL_DRIVER_CPUS = 0.01
 # The scheduler's clock, in every epoch's report: epochs this trial has trained, which (unlike Tune's
 # training_iteration) continues where it was when an interrupted trial resumes from its Train checkpoint.
 EPOCHS_DONE = "epochs_done"
+
+
+def trial_driver_resources() -> PlacementGroupFactory:
+    """A trial driver's resources: 0.01 CPU on the sweep driver's node, the head on a cluster.
+
+    Anywhere else it could land on a spot worker, and a reclamation would take the trial's driver (and
+    with it the trial) along with that worker's share of the training. A driver node without CPUs
+    (a head started with ``--num-cpus=0``) could never hold it: the drivers then go wherever Ray puts them.
+    """
+    node = ray.get_runtime_context().get_node_id()
+    cpus = next((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n["NodeID"] == node and n["Alive"]), 0.0)
+    if cpus < TRIAL_DRIVER_CPUS:
+        log.warning("the sweep driver's node has no CPU for the trial drivers: they may run on any node")
+        return PlacementGroupFactory([{"CPU": TRIAL_DRIVER_CPUS}])
+    return PlacementGroupFactory([{"CPU": TRIAL_DRIVER_CPUS}], bundle_label_selector=[{NODE_ID_LABEL_KEY: node}])
 
 
 def trial_job(base: dict[str, Any], params: dict[str, Any], trials_uri: str, trial_id: str) -> JobConfig:

@@ -36,7 +36,7 @@ from tune.results import (
     write_table,
 )
 from tune.space import SearchSpace, apply_params
-from tune.trial import EPOCHS_DONE, TRIAL_DRIVER_RESOURCES, run_trial
+from tune.trial import EPOCHS_DONE, run_trial, trial_driver_resources
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +209,7 @@ def run_sweep(
         write_bytes(join_uri(sweep_uri, BASE_CONFIG_FILE), (json.dumps(base, indent=2) + "\n").encode())
     trials_uri = join_uri(sweep_uri, TRIALS_DIR)
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, base=base, trials_uri=trials_uri), TRIAL_DRIVER_RESOURCES
+        tune.with_parameters(run_trial, base=base, trials_uri=trials_uri), trial_driver_resources()
     )
     epochs = job.train.epochs
     storage_path, storage_fs = _tune_storage(storage)
