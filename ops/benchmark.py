@@ -247,6 +247,21 @@ def _cuda_graph(device: torch.device) -> tuple[bool, str]:
         out = ops.ms_deform_attn(static[0], spatial_shapes, level_start_index, static[1], static[2])
         return (out, *torch.autograd.grad(out, static, grad_out))
 
+    def new_values():
+        new = make_inputs(2, 50, 4, 32, SMALL_SHAPES, 4, torch.float32, device, seed=7)
+        return new[0], new[3], new[4]
+
+    return check_graph_replay(device, step, static, new_values)
+
+
+def check_graph_replay(
+    device: torch.device,
+    step: Callable[[], tuple[torch.Tensor, ...]],
+    static: list[torch.Tensor],
+    new_values: Callable[[], tuple[torch.Tensor, ...]],
+) -> tuple[bool, str]:
+    """Captures ``step`` in a CUDA graph, copies ``new_values()`` into its ``static`` inputs, replays it,
+    and compares the replay's outputs with an eager ``step`` on the same inputs."""
     side = torch.cuda.Stream(device)  # warm up off the capture stream, as torch.cuda.graph asks
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side):
@@ -256,9 +271,8 @@ def _cuda_graph(device: torch.device) -> tuple[bool, str]:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         captured = step()
-    new = make_inputs(2, 50, 4, 32, SMALL_SHAPES, 4, torch.float32, device, seed=7)
     with torch.no_grad():
-        for s, t in zip(static, (new[0], new[3], new[4])):
+        for s, t in zip(static, new_values()):
             s.copy_(t)
     graph.replay()
     expected = step()

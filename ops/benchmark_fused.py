@@ -26,6 +26,7 @@ from ops.benchmark import (
     TOLERANCES,
     Report,
     _rel_err,
+    check_graph_replay,
     timed_rows,
 )
 from ops.fused import ms_deform_attn_composed, ms_deform_attn_fused
@@ -101,24 +102,11 @@ def _fused_graph(device: torch.device) -> tuple[bool, str]:
         out = ms_deform_attn_fused(static[0], ss, lsi, ref, static[1], static[2])
         return (out, *torch.autograd.grad(out, static, grad_out))
 
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream(device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = step()
-    new = fused_inputs(2, 50, 4, 32, [[10, 12], [5, 6]], 4, torch.float32, device, seed=7)
-    with torch.no_grad():
-        for s, t in zip(static, (new[0], new[4], new[5])):
-            s.copy_(t)
-    graph.replay()
-    expected = step()
-    torch.cuda.synchronize(device)
-    errors = [_rel_err(c, e) for c, e in zip(captured, expected)]
-    return max(errors) <= 1e-6, f"replay with new inputs vs eager: max err {max(errors):.1e}"
+    def new_values():
+        new = fused_inputs(2, 50, 4, 32, [[10, 12], [5, 6]], 4, torch.float32, device, seed=7)
+        return new[0], new[4], new[5]
+
+    return check_graph_replay(device, step, static, new_values)
 
 
 def fused_floor_bytes(N, S, M, D, Lq, L, P, dtype) -> tuple[int, int]:
