@@ -16,16 +16,16 @@ __version__ = "1.0.0"
 def cuda_kernel_available(device=None) -> tuple[bool, str]:
     """(True, "") when the CUDA kernel can run on ``device`` (default: the current CUDA device), else
     (False, the reason)."""
-    from ops import _cuda
+    from ops.cuda import unfused as cuda_unfused
 
-    return _cuda.is_available(device)
+    return cuda_unfused.is_available(device)
 
 
 def cpu_kernel_available() -> tuple[bool, str]:
     """(True, "") when the CPU kernel is built (building it on the first call) and loads, else (False, the reason)."""
-    from ops import _cpu
+    from ops.cpu import build as cpu_build
 
-    return _cpu.is_available()
+    return cpu_build.is_available()
 
 
 __all__ = [

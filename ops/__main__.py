@@ -6,7 +6,9 @@ import time
 
 
 def main(argv: list[str]) -> int:
-    from ops import _cache, _cuda, _fused_cuda, cuda_kernel_available, get_backend
+    from ops import _cache, cuda_kernel_available, get_backend
+    from ops.cuda import fused as cuda_fused
+    from ops.cuda import unfused as cuda_unfused
 
     command, args = (argv[0], argv[1:]) if argv else ("info", [])
     if command == "build":
@@ -19,17 +21,19 @@ def main(argv: list[str]) -> int:
                     file=sys.stderr,
                 )
                 return 2
-            args = [_cuda.arch_for_capability(torch.cuda.get_device_capability())]
+            args = [cuda_unfused.arch_for_capability(torch.cuda.get_device_capability())]
         for arch in args:
             start = time.perf_counter()
-            paths = [_cuda.build(arch), _fused_cuda.build(arch)]
-            print(f"{_cuda.normalize_arch(arch)}: {', '.join(map(str, paths))} ({time.perf_counter() - start:.1f} s)")
+            paths = [cuda_unfused.build(arch), cuda_fused.build(arch)]
+            print(
+                f"{cuda_unfused.normalize_arch(arch)}: {', '.join(map(str, paths))} ({time.perf_counter() - start:.1f} s)"
+            )
         return 0
     if command == "info":
         try:
-            from ops import _nvrtc
+            from ops.cuda import build as nvrtc
 
-            nvrtc = "NVRTC {}.{}, headers in {}".format(*_nvrtc.version(), _nvrtc.include_dirs()[0])
+            nvrtc = "NVRTC {}.{}, headers in {}".format(*nvrtc.version(), nvrtc.include_dirs()[0])
         except Exception as exc:  # not installed, or no headers: say so and carry on
             nvrtc = f"unavailable ({exc}); pip install 'msda-ops[cuda]'"
         ok, reason = cuda_kernel_available()
@@ -37,7 +41,7 @@ def main(argv: list[str]) -> int:
         print(f"compiler: {nvrtc}")
         print(f"cache: {_cache.cache_root()}")
         print("CUDA kernel: available" if ok else f"CUDA kernel: unavailable ({reason}); the PyTorch reference runs")
-        ok, reason = _fused_cuda.is_available()
+        ok, reason = cuda_fused.is_available()
         print(
             "fused kernel: available"
             if ok

@@ -35,7 +35,8 @@ from collections.abc import Callable, Iterator
 import torch
 
 import ops
-from ops import _cpu, functional
+from ops import functional
+from ops.cpu import build as cpu_build
 
 PATHS = ("before", "reference", "kernel")
 _OPTIONS = {
@@ -239,7 +240,7 @@ def main(argv: list[str] | None = None) -> None:
     opts = _parse(sys.argv[1:] if argv is None else argv)
     if opts["threads"]:
         torch.set_num_threads(int(opts["threads"]))
-    ok, reason = _cpu.is_available()
+    ok, reason = cpu_build.is_available()
     if not ok:
         raise SystemExit(f"the CPU kernel is unavailable, nothing to compare: {reason}")
     reps, batch_size = int(opts["reps"]), int(opts["batch_size"])

@@ -22,7 +22,7 @@ from collections.abc import Callable
 import torch
 
 import ops
-from ops import _cuda
+from ops.cuda import unfused as cuda_unfused
 from ops.reference import ms_deform_attn_reference
 
 # Deformable DETR at 800x1200 input: strides 8, 16, 32, 64.
@@ -93,7 +93,7 @@ def make_inputs(
         level, as in a trained encoder/decoder (nearby queries read nearby values); otherwise
         uniform over [-0.1, 1.1], which also covers the borders and the outside.
     value_offset: start value this many elements into its storage, so it is not 16-byte aligned
-        (ops._cuda copies it aligned so that the vector kernel still runs).
+        (ops.cuda.unfused copies it aligned so that the vector kernel still runs).
     """
     gen = torch.Generator(device=device).manual_seed(seed)
     coord_dtype = torch.float64 if dtype == torch.float64 else torch.float32
@@ -291,8 +291,8 @@ def _capture_first_launch(device: torch.device) -> tuple[bool, str]:
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side), torch.cuda.graph(graph, stream=side):
-        out = _cuda.forward(value, spatial_shapes, level_start_index, loc, attn)
-        grads = _cuda.backward(torch.ones_like(out), value, spatial_shapes, level_start_index, loc, attn)
+        out = cuda_unfused.forward(value, spatial_shapes, level_start_index, loc, attn)
+        grads = cuda_unfused.backward(torch.ones_like(out), value, spatial_shapes, level_start_index, loc, attn)
     torch.cuda.current_stream(device).wait_stream(side)
     graph.replay()
     torch.cuda.synchronize(device)
@@ -448,8 +448,8 @@ def run_benchmark(report: Report, device: torch.device, bandwidth: float) -> Non
                 return lambda: torch.autograd.grad(out, leaves, grad_out, retain_graph=True)
 
             def kernel_fwd_bwd():
-                _cuda.forward(*inputs)
-                _cuda.backward(grad_out, *inputs)
+                cuda_unfused.forward(*inputs)
+                cuda_unfused.backward(grad_out, *inputs)
 
             # path -> (forward, a maker of the backward-only callable, forward+backward)
             paths = {
@@ -464,8 +464,8 @@ def run_benchmark(report: Report, device: torch.device, bandwidth: float) -> Non
                     fwd_bwd(ops.ms_deform_attn),
                 ),
                 "kernel only": (
-                    lambda: _cuda.forward(*inputs),
-                    lambda: lambda: _cuda.backward(grad_out, *inputs),
+                    lambda: cuda_unfused.forward(*inputs),
+                    lambda: lambda: cuda_unfused.backward(grad_out, *inputs),
                     kernel_fwd_bwd,
                 ),
             }
@@ -536,23 +536,23 @@ def print_build_info(device: torch.device) -> None:
     import tempfile
     import time
 
-    from ops import _nvrtc
+    from ops.cuda import build as nvrtc
 
-    print("NVRTC {}.{}".format(*_nvrtc.version()))
+    print("NVRTC {}.{}".format(*nvrtc.version()))
     previous = os.environ.get("MSDA_CACHE_DIR")
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["MSDA_CACHE_DIR"] = tmp  # an empty cache: every build compiles
         try:
             for arch in ("sm_80", "sm_90", "sm_100", "sm_120"):
                 start = time.perf_counter()
-                _cuda.build(arch)
+                cuda_unfused.build(arch)
                 print(f"NVRTC compile {arch} (16 kernels, uncached): {time.perf_counter() - start:.2f} s")
         finally:
             if previous is None:
                 del os.environ["MSDA_CACHE_DIR"]
             else:
                 os.environ["MSDA_CACHE_DIR"] = previous
-    module = _cuda.device_module(device)
+    module = cuda_unfused.device_module(device)
     for name in module.names:
         print(f"registers {name}: {module.registers(name)}")
 
@@ -572,7 +572,7 @@ def main(argv: list[str] | None = None) -> int:
     # The fused op's checks and rows (ops/benchmark_fused.py imports this module's helpers).
     from ops.benchmark_fused import evaluate_fused_targets, run_fused_benchmark, run_fused_checks
 
-    ok, reason = _cuda.is_available()
+    ok, reason = cuda_unfused.is_available()
     if not ok:
         print(f"The CUDA kernel is unavailable on this machine: {reason}", file=sys.stderr)
         return 1

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import torch
 
-from ops import _fused_cuda
 from ops.benchmark import (
     DECODER_QUERIES,
     ENCODER_S,
@@ -29,6 +28,7 @@ from ops.benchmark import (
     check_graph_replay,
     timed_rows,
 )
+from ops.cuda import fused as cuda_fused
 from ops.fused import ms_deform_attn_composed, ms_deform_attn_fused
 from ops.reference import ms_deform_attn_reference
 
@@ -151,17 +151,17 @@ def run_fused_benchmark(report: Report, device: torch.device, bandwidth: float) 
 
             def kernel_bwd(aggregate):
                 def run():
-                    previous = _fused_cuda.AGGREGATE_ATOMICS
-                    _fused_cuda.AGGREGATE_ATOMICS = aggregate
+                    previous = cuda_fused.AGGREGATE_ATOMICS
+                    cuda_fused.AGGREGATE_ATOMICS = aggregate
                     try:
-                        _fused_cuda.backward(grad_out, *inputs)
+                        cuda_fused.backward(grad_out, *inputs)
                     finally:
-                        _fused_cuda.AGGREGATE_ATOMICS = previous
+                        cuda_fused.AGGREGATE_ATOMICS = previous
 
                 return run
 
             def kernel_fwd_bwd(aggregate):
-                return lambda: (_fused_cuda.forward(*inputs), kernel_bwd(aggregate)())
+                return lambda: (cuda_fused.forward(*inputs), kernel_bwd(aggregate)())
 
             paths = {
                 "reference (PyTorch softmax, locations, grid_sample)": (
@@ -180,12 +180,12 @@ def run_fused_benchmark(report: Report, device: torch.device, bandwidth: float) 
                     fwd_bwd(ms_deform_attn_fused),
                 ),
                 "fused kernel only": (
-                    lambda: _fused_cuda.forward(*inputs),
+                    lambda: cuda_fused.forward(*inputs),
                     lambda: kernel_bwd(True),
                     kernel_fwd_bwd(True),
                 ),
                 "fused kernel only, atomics not aggregated": (
-                    lambda: _fused_cuda.forward(*inputs),
+                    lambda: cuda_fused.forward(*inputs),
                     lambda: kernel_bwd(False),
                     kernel_fwd_bwd(False),
                 ),

@@ -62,9 +62,9 @@ def _use_cuda_kernel(device: torch.device) -> bool:
     backend = get_backend()
     if backend == "reference":
         return False
-    from ops import _cuda
+    from ops.cuda import unfused as cuda_unfused
 
-    ok, reason = _cuda.is_available(device)
+    ok, reason = cuda_unfused.is_available(device)
     if ok:
         return True
     fix = (
@@ -92,9 +92,9 @@ def _use_cpu_kernel() -> bool:
     backend = get_backend()
     if backend == "reference":
         return False
-    from ops import _cpu
+    from ops.cpu import build as cpu_build
 
-    ok, reason = _cpu.is_available()
+    ok, reason = cpu_build.is_available()
     if ok:
         return True
     if backend == "cpu":
@@ -148,18 +148,18 @@ def _forward_op(
 @_forward_op.register_kernel("cuda")
 def _forward_cuda(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
     if _use_cuda_kernel(value.device):
-        from ops import _cuda
+        from ops.cuda import unfused as cuda_unfused
 
-        return _cuda.forward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+        return cuda_unfused.forward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     return ms_deform_attn_reference(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
 
 
 @_forward_op.register_kernel("cpu")
 def _forward_cpu(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
     if _use_cpu_kernel():
-        from ops import _cpu
+        from ops.cpu import unfused as cpu_unfused
 
-        return _cpu.forward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+        return cpu_unfused.forward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     return ms_deform_attn_reference(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
 
 
@@ -191,12 +191,12 @@ def _backward_cuda(
     grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights, need_grad_value=True
 ):
     if _use_cuda_kernel(value.device):
-        from ops import _cuda
+        from ops.cuda import unfused as cuda_unfused
 
         if need_grad_value:
             _check_deterministic("ms_deform_attn's CUDA backward")
         # Without a gradient for value the kernel skips grad_value: no zero fill, no atomics, no conversion.
-        return _cuda.backward(
+        return cuda_unfused.backward(
             grad_output.contiguous(),
             value,
             spatial_shapes,
@@ -216,11 +216,11 @@ def _backward_cpu(
     grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights, need_grad_value=True
 ):
     if _use_cpu_kernel():
-        from ops import _cpu
+        from ops.cpu import unfused as cpu_unfused
 
         # The CPU kernel's grad_value has no write conflicts to save (one (n, m) pair per thread), so
         # it is always computed; dropped here when value needs none.
-        grads = _cpu.backward(
+        grads = cpu_unfused.backward(
             grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights
         )
     else:

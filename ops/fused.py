@@ -125,9 +125,9 @@ def _use_fused_kernel(device: torch.device) -> bool:
     backend = get_backend()
     if backend == "reference":
         return False
-    from ops import _fused_cuda
+    from ops.cuda import fused as cuda_fused
 
-    ok, reason = _fused_cuda.is_available(device)
+    ok, reason = cuda_fused.is_available(device)
     if ok:
         return True
     if backend == "cuda":
@@ -161,11 +161,9 @@ def _fused_forward_op(
 @_fused_forward_op.register_kernel("cuda")
 def _fused_forward_cuda(value, spatial_shapes, level_start_index, reference_points, offsets, attention_logits):
     if _use_fused_kernel(value.device):
-        from ops import _fused_cuda
+        from ops.cuda import fused as cuda_fused
 
-        return _fused_cuda.forward(
-            value, spatial_shapes, level_start_index, reference_points, offsets, attention_logits
-        )
+        return cuda_fused.forward(value, spatial_shapes, level_start_index, reference_points, offsets, attention_logits)
     return ms_deform_attn_composed(
         value, spatial_shapes, level_start_index, reference_points, offsets, attention_logits
     )
@@ -222,11 +220,11 @@ def _fused_backward_cuda(
     inputs = (value, spatial_shapes, level_start_index, reference_points, offsets, attention_logits)
     if not _use_fused_kernel(value.device):
         return _composed_gradients(grad_output, inputs, need_value_grad, need_reference_grad)
-    from ops import _fused_cuda
+    from ops.cuda import fused as cuda_fused
 
     if need_value_grad:
         _check_deterministic("ms_deform_attn_fused's CUDA backward")
-    grad_value, grad_offsets, grad_logits, grad_locations = _fused_cuda.backward(
+    grad_value, grad_offsets, grad_logits, grad_locations = cuda_fused.backward(
         grad_output.contiguous(), *inputs, need_grad_value=need_value_grad, need_grad_locations=need_reference_grad
     )
     if need_reference_grad:

@@ -4,7 +4,7 @@ Legend: N batch, S = sum_l H_l*W_l value positions, M heads, D channels per head
 L levels, P sampling points per (head, level), G lanes per (n, q, m).
 
 Compiles every instantiation of the unfused (``csrc/ms_deform_attn.cu``) and the fused
-(``csrc/ms_deform_attn_fused.cu``) kernels to cubins (default sm_90) with NVRTC when ``ops._nvrtc``
+(``csrc/ms_deform_attn_fused.cu``) kernels to cubins (default sm_90) with NVRTC when ``ops.cuda.build``
 imports (the ``ops[cuda]`` wheels), else with ``nvcc -cubin``; disassembles them with ``nvdisasm``
 (the ``nvidia-cuda-nvdisasm`` wheel, or the CUDA toolkit's) and prints per kernel: registers (from
 the cubin), local-memory (spill) instructions, 128-bit global loads, atomics, and the instructions
@@ -100,14 +100,14 @@ def kernel_names(source_name: str) -> tuple[str, ...]:
 
 
 def compile_cubin(source: Path, names: tuple[str, ...], arch: str, out: Path, defines: tuple[str, ...] = ()) -> str:
-    """A cubin of ``names`` from ``source`` at ``out``; returns the compiler used. NVRTC when ops._nvrtc
+    """A cubin of ``names`` from ``source`` at ``out``; returns the compiler used. NVRTC when ops.cuda.build
     imports, else nvcc, for which a wrapper file takes every kernel's address (instantiating the templates)."""
     try:
-        from ops import _nvrtc
+        from ops.cuda import build as nvrtc
     except ImportError:
-        _nvrtc = None
-    if _nvrtc is not None and not defines:
-        kind, code, _, _ = _nvrtc.compile_source(source, names, arch)
+        nvrtc = None
+    if nvrtc is not None and not defines:
+        kind, code, _, _ = nvrtc.compile_source(source, names, arch)
         if kind == "cubin":
             out.write_bytes(code)
             return "NVRTC"

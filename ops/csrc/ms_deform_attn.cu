@@ -2,7 +2,7 @@
 //
 // Legend: N batch, S = sum_l H_l*W_l value positions, M heads, D channels per head, Lq queries,
 // L levels, P sampling points per (head, level). Layouts, dtypes, kernel names and the launch
-// geometry: see ms_deform_attn.h; ops/_cuda.py does the host side.
+// geometry: see ms_deform_attn.h; ops/cuda/unfused.py does the host side.
 //
 // Work layout. One thread handles one (n, q, m) and a chunk of CPT = 16 / sizeof(T) consecutive
 // channels of head m, so each bilinear neighbour costs one 16-byte load per thread (4 floats, 8
@@ -16,7 +16,7 @@
 //
 // D that is not a multiple of CPT takes the same code with scalar, bounds-checked loads (the
 // kVec = false instantiations), so any D is correct; these are also correct for pointers that are not
-// 16-byte aligned, but ops/_cuda.py copies such a view to an aligned tensor rather than pay 8 loads
+// 16-byte aligned, but ops/cuda/unfused.py copies such a view to an aligned tensor rather than pay 8 loads
 // and atomics per neighbour (in half precision) for the rest of the call.
 //
 // Backward: grad_value takes atomic adds (one per neighbour and channel; one per 4 channels on
@@ -119,7 +119,7 @@ __device__ __forceinline__ void store_chunk(T* p, int n, const typename AccOf<T>
 // float atomics, which cut the number of atomic transactions (backward's bottleneck) by 4.
 template <typename A, int CPT, bool kVec>
 __device__ __forceinline__ void atomic_add_chunk(A* p, int n, A scale, const A (&g)[CPT]) {
-// The float4 overload ships in sm_90_rt.h from CUDA 12.4 on; ops/_nvrtc.py requires NVRTC >= 12.4.
+// The float4 overload ships in sm_90_rt.h from CUDA 12.4 on; ops/cuda/build.py requires NVRTC >= 12.4.
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   constexpr bool kWide = kVec && IsFloat<A>::value && CPT % 4 == 0;
 #else

@@ -1,10 +1,10 @@
-/* Multi-scale deformable attention kernels: what ops/_cuda.py must know to launch them.
+/* Multi-scale deformable attention kernels: what ops/cuda/unfused.py must know to launch them.
  *
  * Legend: N batch, S = sum_l H_l*W_l value positions, M heads, D channels per head, Lq queries,
  * L levels, P sampling points per (head, level).
  *
- * The kernels are compiled at first use by NVRTC (ops/_nvrtc.py) for the GPU's architecture, or by
- * g++ against csrc/emu/cuda_emu.h for the CPU emulation (ops/emulation.py); ops/_cuda.py computes
+ * The kernels are compiled at first use by NVRTC (ops/cuda/build.py) for the GPU's architecture, or by
+ * g++ against csrc/emu/cuda_emu.h for the CPU emulation (ops/cuda/emulation.py); ops/cuda/unfused.py computes
  * the grid, fills Dims and picks the instantiation. There is no host code in the .cu.
  *
  * Kernels (name expressions, T in float, __half, __nv_bfloat16, double; kVec in true, false):
@@ -55,7 +55,7 @@
 
 namespace msda {
 
-/* Sizes shared by both kernels, passed by value; ops/_cuda.py mirrors it as a ctypes.Structure. */
+/* Sizes shared by both kernels, passed by value; ops/cuda/unfused.py mirrors it as a ctypes.Structure. */
 struct Dims {
   long long n_groups;  // N * Lq * M: one thread group each
   long long S;

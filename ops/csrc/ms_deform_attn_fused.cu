@@ -1,7 +1,7 @@
 // Fused multi-scale deformable attention: softmax over L*P and the sampling locations computed inside
 // the kernel from the raw offsets and attention logits. Device code only: NVRTC compiles the kernels
 // by their name expressions (msda_fused::forward_kernel<float, true>, ...), g++ compiles the file
-// against csrc/emu/cuda_emu.h for the CPU emulation; ops/_fused_cuda.py holds the host side (launch
+// against csrc/emu/cuda_emu.h for the CPU emulation; ops/cuda/fused.py holds the host side (launch
 // shapes, FusedDims, the choice of instantiation).
 //
 // Legend: N batch, S = sum_l H_l*W_l value positions, M heads, D channels per head, Lq queries,

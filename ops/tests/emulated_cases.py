@@ -2,10 +2,10 @@
 
 Legend: N batch, S = sum_l H_l*W_l, M heads, D channels per head, Lq queries, L levels, P points.
 
-Each case builds op inputs, runs ``ops._cuda.forward``/``backward`` (the GPU's launcher) on an
+Each case builds op inputs, runs ``ops.cuda.unfused.forward``/``backward`` (the GPU's launcher) on an
 emulated module, and compares output and the three gradients with the float64 reference.
 ``python ops/tests/emulated_cases.py [--sanitize] [--arch sm_90] [--source PATH]`` runs them all
-and exits 1 on any failure (the ASan build needs ``ops.emulation.asan_environment()``).
+and exits 1 on any failure (the ASan build needs ``ops.cuda.emulation.asan_environment()``).
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ for path in (_here, _here.parents[1]):
 
 from conftest import make_inputs  # noqa: E402
 
-from ops import _cuda, emulation  # noqa: E402
+from ops.cuda import emulation  # noqa: E402
+from ops.cuda import unfused as cuda_unfused  # noqa: E402
 from ops.reference import ms_deform_attn_reference  # noqa: E402
 
 # Largest |got - want| relative to max(1, max |want|) against the float64 reference fed the same
@@ -148,8 +149,8 @@ def run_case(module, case: Case) -> dict[str, float]:
     want = _expected(value, spatial_shapes, level_start_index, loc, attn, grad_out)
     value_in = _offset_copy(value, case.offset)
     grad_in = _offset_copy(grad_out, case.offset)
-    out = _cuda.forward(value_in, spatial_shapes, level_start_index, loc, attn, module=module)
-    grads = _cuda.backward(grad_in, value_in, spatial_shapes, level_start_index, loc, attn, module=module)
+    out = cuda_unfused.forward(value_in, spatial_shapes, level_start_index, loc, attn, module=module)
+    grads = cuda_unfused.backward(grad_in, value_in, spatial_shapes, level_start_index, loc, attn, module=module)
     got = (out, *grads)
     return {k: _rel_err(a, b) for k, a, b in zip(("out", "grad_value", "grad_loc", "grad_attn"), got, want)}
 
@@ -170,10 +171,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", default="sm_90")
     parser.add_argument("--sanitize", action="store_true")
-    parser.add_argument("--source", type=Path, default=_cuda.SOURCE)
+    parser.add_argument("--source", type=Path, default=cuda_unfused.SOURCE)
     parser.add_argument("--names", default="all", help="'all' or 'float': which kernel instantiations to build")
     args = parser.parse_args(argv)
-    names = _cuda.KERNEL_NAMES if args.names == "all" else [n for n in _cuda.KERNEL_NAMES if "<float," in n]
+    names = (
+        cuda_unfused.KERNEL_NAMES if args.names == "all" else [n for n in cuda_unfused.KERNEL_NAMES if "<float," in n]
+    )
     module = emulation.build_module(args.source, names, args.arch, sanitize=args.sanitize)
     cases = [c for c in all_cases() if args.names == "all" or c.dtype == torch.float32]
     start = time.perf_counter()

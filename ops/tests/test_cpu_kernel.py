@@ -15,7 +15,8 @@ from naive import naive_ms_deform_attn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import ops
-from ops import _cpu
+from ops.cpu import build as cpu_build
+from ops.cpu import unfused as cpu_unfused
 from ops.reference import ms_deform_attn_reference
 
 REPO = Path(__file__).resolve().parents[2]
@@ -29,7 +30,7 @@ SHAPE_SETS = [
 @pytest.fixture(scope="module", autouse=True)
 def cpu_kernel():
     """Every test here needs the kernel built; a machine without a C++ compiler skips them."""
-    cxx, reason = _cpu.find_compiler()
+    cxx, reason = cpu_build.find_compiler()
     if cxx is None:
         pytest.skip(reason)
     ok, reason = ops.cpu_kernel_available()
@@ -48,7 +49,7 @@ def backend():
 def test_forward_matches_naive_loop_and_reference(inputs_factory, shapes, D):
     value, ss, lsi, loc, attn = inputs_factory(shapes, D=D, M=2, Lq=3, P=2, seed=D)
     expected = naive_ms_deform_attn(value, ss, loc, attn)
-    got = _cpu.forward(value, ss, lsi, loc, attn)
+    got = cpu_unfused.forward(value, ss, lsi, loc, attn)
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(got, ms_deform_attn_reference(value, ss, lsi, loc, attn), rtol=1e-12, atol=1e-12)
 
@@ -61,7 +62,7 @@ def test_backward_matches_naive_autograd(inputs_factory, shapes, D):
     out = naive_ms_deform_attn(ins[0], ss, ins[1], ins[2])
     grad_out = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
     expected = torch.autograd.grad(out, ins, grad_out)
-    got = _cpu.backward(grad_out, value, ss, lsi, loc, attn)
+    got = cpu_unfused.backward(grad_out, value, ss, lsi, loc, attn)
     for name, g, e in zip(("value", "sampling_locations", "attention_weights"), got, expected):
         torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-9, msg=lambda m, name=name: f"grad {name}: {m}")
 
@@ -81,7 +82,7 @@ def test_gradcheck_public_op(inputs_factory, backend, backend_name, loc_range):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_lower_precision_against_float64(inputs_factory, dtype):
     value, ss, lsi, loc, attn = inputs_factory([[9, 11], [5, 6], [3, 3]], N=2, Lq=7, M=3, D=20, P=4, dtype=dtype)
-    out = _cpu.forward(value, ss, lsi, loc, attn)
+    out = cpu_unfused.forward(value, ss, lsi, loc, attn)
     assert out.dtype == dtype
     # The float64 truth of the same stored values: only the accumulation and output rounding differ.
     expected = ms_deform_attn_reference(value.double(), ss, lsi, loc.double(), attn.double())
@@ -91,7 +92,7 @@ def test_lower_precision_against_float64(inputs_factory, dtype):
     ins = [t.double().requires_grad_(True) for t in (value, loc, attn)]
     ref_out = ms_deform_attn_reference(ins[0], ss, lsi, ins[1], ins[2])
     expected_grads = torch.autograd.grad(ref_out, ins, grad_out.double())
-    got = _cpu.backward(grad_out, value, ss, lsi, loc, attn)
+    got = cpu_unfused.backward(grad_out, value, ss, lsi, loc, attn)
     assert [g.dtype for g in got] == [dtype, torch.float32, torch.float32]
     for g, e in zip(got, expected_grads):
         torch.testing.assert_close(g.double(), e, rtol=tol, atol=tol * 10)
@@ -107,10 +108,10 @@ def test_nan_and_inf_locations_contribute_nothing(inputs_factory):
     clean_loc = torch.where(bad[..., None], torch.full_like(loc, 0.5), loc)
     clean_attn = attn.masked_fill(bad, 0.0)
     expected = ms_deform_attn_reference(value, ss, lsi, clean_loc, clean_attn)
-    out = _cpu.forward(value, ss, lsi, loc, attn)
+    out = cpu_unfused.forward(value, ss, lsi, loc, attn)
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
     grad_out = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(2))
-    g_value, g_loc, g_attn = _cpu.backward(grad_out, value, ss, lsi, loc, attn)
+    g_value, g_loc, g_attn = cpu_unfused.backward(grad_out, value, ss, lsi, loc, attn)
     assert torch.isfinite(g_value).all() and torch.isfinite(g_loc).all() and torch.isfinite(g_attn).all()
     assert (g_loc[bad] == 0).all() and (g_attn[bad] == 0).all()
     ins = [t.clone().requires_grad_(True) for t in (value, clean_loc, clean_attn)]
@@ -126,8 +127,8 @@ def test_results_do_not_depend_on_the_thread_count(inputs_factory, dtype):
     grad_out = torch.randn(2, 64, 4 * 32, generator=torch.Generator().manual_seed(3)).to(dtype)
     runs = {
         n: (
-            _cpu.forward(value, ss, lsi, loc, attn, num_threads=n),
-            *_cpu.backward(grad_out, value, ss, lsi, loc, attn, num_threads=n),
+            cpu_unfused.forward(value, ss, lsi, loc, attn, num_threads=n),
+            *cpu_unfused.backward(grad_out, value, ss, lsi, loc, attn, num_threads=n),
         )
         for n in (1, 2, 3)
     }
@@ -139,7 +140,7 @@ def test_results_do_not_depend_on_the_thread_count(inputs_factory, dtype):
 def test_kernel_rejects_a_level_table_that_does_not_fit(inputs_factory):
     value, ss, lsi, loc, attn = inputs_factory([[3, 4], [2, 2]])
     with pytest.raises(RuntimeError, match="msda_cpu_forward failed: sizes"):
-        _cpu.forward(value, torch.tensor([[3, 4], [3, 3]]), lsi, loc, attn)  # 12 + 9 > S = 16
+        cpu_unfused.forward(value, torch.tensor([[3, 4], [3, 3]]), lsi, loc, attn)  # 12 + 9 > S = 16
 
 
 class _CountOps(TorchDispatchMode):
@@ -170,23 +171,23 @@ def test_backward_samples_nothing_again(inputs_factory, backend, backend_name):
 
 
 def test_cache_key_depends_on_sources_compiler_and_flags(monkeypatch):
-    key = _cpu.cache_key("/usr/bin/g++", "g++ 12.2.0")
-    assert key == _cpu.cache_key("/usr/bin/g++", "g++ 12.2.0")
-    assert key != _cpu.cache_key("/usr/bin/g++", "g++ 13.1.0")
-    assert key != _cpu.cache_key("/usr/bin/clang++", "g++ 12.2.0")
-    monkeypatch.setattr(_cpu, "CXX_FLAGS", (*_cpu.CXX_FLAGS, "-DEXTRA"))
-    assert key != _cpu.cache_key("/usr/bin/g++", "g++ 12.2.0")
+    key = cpu_build.cache_key("/usr/bin/g++", "g++ 12.2.0")
+    assert key == cpu_build.cache_key("/usr/bin/g++", "g++ 12.2.0")
+    assert key != cpu_build.cache_key("/usr/bin/g++", "g++ 13.1.0")
+    assert key != cpu_build.cache_key("/usr/bin/clang++", "g++ 12.2.0")
+    monkeypatch.setattr(cpu_build, "CXX_FLAGS", (*cpu_build.CXX_FLAGS, "-DEXTRA"))
+    assert key != cpu_build.cache_key("/usr/bin/g++", "g++ 12.2.0")
 
 
 def test_build_compiles_once_under_concurrent_builders(tmp_path, monkeypatch):
     """Three builders into an empty cache: the real compiler runs once, all get the same whole library."""
-    real, _ = _cpu.find_compiler()
+    real, _ = cpu_build.find_compiler()
     wrapper = tmp_path / "cxx"
     wrapper.write_text(f'#!/bin/sh\n[ "$1" = --version ] || echo call >> {tmp_path / "calls.log"}\nexec {real} "$@"\n')
     wrapper.chmod(0o755)
     monkeypatch.setenv("MSDA_CACHE_DIR", str(tmp_path / "cache"))
     paths = []
-    builders = [threading.Thread(target=lambda: paths.append(_cpu.build(str(wrapper)))) for _ in range(3)]
+    builders = [threading.Thread(target=lambda: paths.append(cpu_build.build(str(wrapper)))) for _ in range(3)]
     for t in builders:
         t.start()
     for t in builders:
@@ -196,8 +197,8 @@ def test_build_compiles_once_under_concurrent_builders(tmp_path, monkeypatch):
     library = paths[0]
     assert library.parent.parent == tmp_path / "cache"
     assert sorted(p.name for p in library.parent.iterdir()) == ["build.lock", "libmsda_cpu.so", "libmsda_cpu.so.sha256"]
-    lib = _cpu.bind(__import__("ctypes").CDLL(str(library)))
-    assert lib.msda_cpu_abi_version() == _cpu.ABI_VERSION
+    lib = cpu_build.bind(__import__("ctypes").CDLL(str(library)))
+    assert lib.msda_cpu_abi_version() == cpu_build.ABI_VERSION
 
 
 def test_build_failure_names_the_compiler_error(tmp_path, monkeypatch):
@@ -208,7 +209,7 @@ def test_build_failure_names_the_compiler_error(tmp_path, monkeypatch):
     failing.chmod(0o755)
     monkeypatch.setenv("MSDA_CACHE_DIR", str(tmp_path / "cache"))
     with pytest.raises(RuntimeError, match="very specific"):
-        _cpu.build(str(failing))
+        cpu_build.build(str(failing))
     (entry,) = (tmp_path / "cache").iterdir()
     assert [p.name for p in entry.iterdir()] == ["build.lock"]  # nothing half-written
 
@@ -261,7 +262,7 @@ def test_no_compiler_falls_back_to_the_reference_with_one_log_line(tmp_path):
 
 
 def test_kernel_compiles_without_warnings(tmp_path):
-    cxx, _ = _cpu.find_compiler()
-    cmd = [cxx, *_cpu.CXX_FLAGS, "-Wall", "-Wextra", "-o", str(tmp_path / "lib.so"), str(_cpu.SOURCE)]
+    cxx, _ = cpu_build.find_compiler()
+    cmd = [cxx, *cpu_build.CXX_FLAGS, "-Wall", "-Wextra", "-o", str(tmp_path / "lib.so"), str(cpu_build.SOURCE)]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     assert proc.returncode == 0 and not proc.stderr.strip(), proc.stderr

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import ops
-from ops import _cuda, functional
+from ops import functional
+from ops.cuda import unfused as cuda_unfused
 
 CUDA0 = torch.device("cuda", 0)
 
@@ -18,7 +19,7 @@ CUDA0 = torch.device("cuda", 0)
 def no_kernel(monkeypatch):
     """A CUDA device whose kernel is unavailable, for the reason a machine without the wheels gives."""
     reason = "NVIDIA's runtime compiler is not installed (No module named 'cuda.bindings')"
-    monkeypatch.setattr(_cuda.KERNELS, "availability", {0: (False, reason)})
+    monkeypatch.setattr(cuda_unfused.KERNELS, "availability", {0: (False, reason)})
     monkeypatch.setattr(functional, "_fallback_logged", False)
     monkeypatch.delenv("MSDA_BACKEND", raising=False)
     ops.set_backend(None)

@@ -20,10 +20,10 @@ MAY_SKIP = {"int64 indexing (value > 2**31 elements)", "second GPU (cuda:1 while
 
 
 def test_cuda_op_checks():
-    from ops import _cuda
     from ops.benchmark import PASS, SKIP, Report, run_checks
+    from ops.cuda import unfused as cuda_unfused
 
-    ok, reason = _cuda.is_available()
+    ok, reason = cuda_unfused.is_available()
     assert ok, f"the CUDA kernel is unavailable on this GPU machine: {reason}"
     report = Report()
     previous = ops.get_backend()

@@ -1,5 +1,5 @@
 """The kernel executed on the CPU: ops/csrc/ms_deform_attn.cu compiled by g++ against the emulation
-header and launched through the GPU's own launcher (ops._cuda), for the sm_80 and sm_90 paths.
+header and launched through the GPU's own launcher (ops.cuda.unfused), for the sm_80 and sm_90 paths.
 
 Every case of emulated_cases.py against the float64 reference; the variant and path each input takes;
 the harness's rules on small kernels of their own; an AddressSanitizer build in a subprocess; and
@@ -18,19 +18,20 @@ import pytest
 import torch
 from emulated_cases import Case, all_cases, check_case, run_case
 
-from ops import _cuda, emulation
-from ops._launch import KernelArgs, launch, pointer
+from ops.cuda import emulation
+from ops.cuda import unfused as cuda_unfused
+from ops.cuda.launch import KernelArgs, launch, pointer
 
 pytestmark = pytest.mark.skipif(shutil.which(emulation.CXX) is None, reason=f"{emulation.CXX} not found")
 
 ARCHS = ("sm_80", "sm_90")
 RULES = Path(__file__).resolve().parent / "emu_rules.cu"
-FLOAT_KERNELS = [n for n in _cuda.KERNEL_NAMES if "<float," in n]
+FLOAT_KERNELS = [n for n in cuda_unfused.KERNEL_NAMES if "<float," in n]
 
 
 @pytest.fixture(scope="module", params=ARCHS)
 def module(request):
-    return emulation.build_module(_cuda.SOURCE, _cuda.KERNEL_NAMES, request.param)
+    return emulation.build_module(cuda_unfused.SOURCE, cuda_unfused.KERNEL_NAMES, request.param)
 
 
 @pytest.mark.parametrize("case", all_cases(), ids=lambda c: c.name)
@@ -66,14 +67,14 @@ def test_vector_and_scalar_paths(module):
 
 
 def _launch_raw(module, name, value, others):
-    """ops._cuda's launch with a chosen variant and a value pointer as given (no aligned copy)."""
+    """ops.cuda.unfused's launch with a chosen variant and a value pointer as given (no aligned copy)."""
     spatial_shapes, level_start_index, loc, attn = others
     N, S, M, D = value.shape
     _, Lq, _, L, P, _ = loc.shape
-    dims = _cuda.make_dims(N, S, M, D, Lq, L, P, 4)
+    dims = cuda_unfused.make_dims(N, S, M, D, Lq, L, P, 4)
     output = torch.empty(N, Lq, M * D)
     tensors = [value, spatial_shapes, level_start_index, loc, attn, output]
-    launch(module, value.device, name, _cuda.launch_geometry(dims), tensors, dims)
+    launch(module, value.device, name, cuda_unfused.launch_geometry(dims), tensors, dims)
     return output
 
 
@@ -84,7 +85,7 @@ def test_scalar_kernel_reads_misaligned_value_and_vector_kernel_refuses(module):
     storage = torch.empty(value.numel() + 1)
     shifted = storage[1:].view(value.shape).copy_(value)
     assert shifted.data_ptr() % 16 != 0
-    want = _cuda.forward(value, *others, module=module)
+    want = cuda_unfused.forward(value, *others, module=module)
     got = _launch_raw(module, "msda::forward_kernel<float, false>", shifted, others)
     assert torch.equal(got, want)
     with pytest.raises(emulation.EmulationError, match="not 16-byte aligned"):
@@ -104,9 +105,9 @@ def test_no_grad_value_skips_the_atomics(module):
 
     inputs = make_inputs([[5, 6], [2, 3]], N=1, Lq=4, M=2, D=8, P=2, dtype=torch.float32)
     grad_out = torch.randn(1, 4, 16)
-    full = _cuda.backward(grad_out, *inputs, module=module)
+    full = cuda_unfused.backward(grad_out, *inputs, module=module)
     module.counters(reset=True)
-    partial = _cuda.backward(grad_out, *inputs, need_grad_value=False, module=module)
+    partial = cuda_unfused.backward(grad_out, *inputs, need_grad_value=False, module=module)
     counts = module.counters()
     assert partial[0].numel() == 0 and counts["atomics"] == counts["wide_atomics"] == 0
     assert torch.equal(partial[1], full[1]) and torch.equal(partial[2], full[2])
@@ -114,7 +115,7 @@ def test_no_grad_value_skips_the_atomics(module):
 
 def test_more_levels_than_shared_memory_holds_is_a_clear_error():
     with pytest.raises(ValueError, match="at most 4096 levels.*L=4097"):
-        _cuda.make_dims(1, 4097, 1, 4, 1, 4097, 1, 4)
+        cuda_unfused.make_dims(1, 4097, 1, 4, 1, 4097, 1, 4)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,7 +262,7 @@ def _run_cases_sanitized(source: Path, arch: str, names: str) -> subprocess.Comp
 
 @needs_asan
 def test_address_sanitizer_run_is_clean():
-    proc = _run_cases_sanitized(_cuda.SOURCE, "sm_90", "all")
+    proc = _run_cases_sanitized(cuda_unfused.SOURCE, "sm_90", "all")
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "cases passed on sm_90" in proc.stdout and "ERROR: AddressSanitizer" not in proc.stderr
 
@@ -271,13 +272,13 @@ def _mutant(tmp_path: Path, old: str, new: str) -> Path:
     of them (the .cu first) that contains it; returns the copied .cu."""
     folder = tmp_path / "mutant"
     folder.mkdir()
-    files = [_cuda.SOURCE, *sorted(_cuda.SOURCE.parent.glob("*.h"))]
+    files = [cuda_unfused.SOURCE, *sorted(cuda_unfused.SOURCE.parent.glob("*.h"))]
     target = next((f for f in files if old in f.read_text()), None)
     assert target is not None, f"neither the kernel nor its headers contain {old!r} any more: update this mutation"
     for f in files:
         text = f.read_text()
         (folder / f.name).write_text(text.replace(old, new, 1) if f == target else text)
-    return folder / _cuda.SOURCE.name
+    return folder / cuda_unfused.SOURCE.name
 
 
 MUTATIONS = {

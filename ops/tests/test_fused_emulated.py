@@ -1,4 +1,4 @@
-"""The fused CUDA kernel executed on the CPU (ops.emulation: the real .cu under g++, each CUDA thread a
+"""The fused CUDA kernel executed on the CPU (ops.cuda.emulation: the real .cu under g++, each CUDA thread a
 fiber) through its real launcher, against the float64 composition: all dtypes, points and boxes, the
 sm_80 (scalar atomics) and sm_90 (float4 atomics) paths, several tiles and chunk loops, border and
 non-finite inputs. And a broken copy of the kernel must fail the same comparison."""
@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ops import _fused_cuda, emulation
+from ops.cuda import emulation
+from ops.cuda import fused as cuda_fused
 from ops.fused import _reference_gradient, ms_deform_attn_composed
 
 ARCHS = ("sm_80", "sm_90")
@@ -21,8 +22,8 @@ ARCHS = ("sm_80", "sm_90")
 TOLERANCES = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}
 
 
-def module(arch, source=_fused_cuda.SOURCE):
-    return emulation.build_module(source, _fused_cuda.KERNEL_NAMES, arch=arch)
+def module(arch, source=cuda_fused.SOURCE):
+    return emulation.build_module(source, cuda_fused.KERNEL_NAMES, arch=arch)
 
 
 def inputs(dtype, ref_dim, shapes=((6, 7), (3, 4), (1, 2)), N=2, Lq=5, M=2, D=8, P=3, seed=0, collide=False):
@@ -64,8 +65,8 @@ def run_and_compare(mod, dtype, ref_dim, need_grad_value=True, **shape):
     value, ss, lsi, ref, offsets, logits = inputs(dtype, ref_dim, **shape)
     N, Lq, M = offsets.shape[:3]
     grad_output = torch.randn(N, Lq, M * value.shape[-1], generator=torch.Generator().manual_seed(1)).to(dtype)
-    out = _fused_cuda.forward(value, ss, lsi, ref, offsets, logits, module=mod)
-    grad_value, grad_offsets, grad_logits, grad_locations = _fused_cuda.backward(
+    out = cuda_fused.forward(value, ss, lsi, ref, offsets, logits, module=mod)
+    grad_value, grad_offsets, grad_logits, grad_locations = cuda_fused.backward(
         grad_output, value, ss, lsi, ref, offsets, logits, need_grad_value, True, module=mod
     )
     grad_ref = _reference_gradient(grad_locations, ref, offsets)
@@ -116,7 +117,7 @@ def test_shapes(dtype, shape):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_atomics_without_aggregation(arch, monkeypatch):
-    monkeypatch.setattr(_fused_cuda, "AGGREGATE_ATOMICS", False)
+    monkeypatch.setattr(cuda_fused, "AGGREGATE_ATOMICS", False)
     assert_all_close(run_and_compare(module(arch), torch.float32, 4, collide=True))
     assert_all_close(run_and_compare(module(arch), torch.bfloat16, 2, collide=True))
 
@@ -135,7 +136,7 @@ def test_non_finite_logits_and_far_locations():
     nan_location[0, 1, 0, 0, 0, 0] = math.nan  # reads zeros like a far location (as the unfused kernel)
     far_location = offsets.clone()
     far_location[0, 1, 0, 0, 0, 0] = 1e30
-    out = _fused_cuda.forward(value, ss, lsi, ref, nan_location, logits, module=mod)
+    out = cuda_fused.forward(value, ss, lsi, ref, nan_location, logits, module=mod)
     want = ms_deform_attn_composed(value.double(), ss, lsi, ref.double(), far_location.double(), logits.double())
     nan = torch.isnan(want)
     assert nan.any() and torch.equal(torch.isnan(out), nan)
@@ -145,8 +146,8 @@ def test_non_finite_logits_and_far_locations():
 def test_empty_inputs():
     mod = module("sm_90")
     value, ss, lsi, ref, offsets, logits = inputs(torch.float32, 2, Lq=0)
-    assert _fused_cuda.forward(value, ss, lsi, ref, offsets, logits, module=mod).shape == (2, 0, 16)
-    grads = _fused_cuda.backward(value.new_empty(2, 0, 16), value, ss, lsi, ref, offsets, logits, module=mod)
+    assert cuda_fused.forward(value, ss, lsi, ref, offsets, logits, module=mod).shape == (2, 0, 16)
+    grads = cuda_fused.backward(value.new_empty(2, 0, 16), value, ss, lsi, ref, offsets, logits, module=mod)
     assert grads[0].abs().max() == 0 and grads[1].shape == offsets.shape
 
 
@@ -166,7 +167,7 @@ def test_empty_inputs():
     ],
 )
 def test_a_broken_kernel_is_caught(tmp_path, edits, caught_in):
-    text = _fused_cuda.SOURCE.read_text()
+    text = cuda_fused.SOURCE.read_text()
     for original, broken in edits.items():
         assert text.count(original) == 1, original
         text = text.replace(original, broken)
@@ -186,9 +187,9 @@ def test_address_sanitizer_build():
         sys.path[:0] = {[str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[2])]!r}
         import torch
         import test_fused_emulated as t
-        from ops import emulation
+        from ops.cuda import emulation
         for arch in t.ARCHS:
-            mod = emulation.build_module(t._fused_cuda.SOURCE, t._fused_cuda.KERNEL_NAMES, arch=arch, sanitize=True)
+            mod = emulation.build_module(t.cuda_fused.SOURCE, t.cuda_fused.KERNEL_NAMES, arch=arch, sanitize=True)
             t.assert_all_close(t.run_and_compare(mod, torch.float32, 4, collide=True))
             t.assert_all_close(t.run_and_compare(mod, torch.bfloat16, 2))
         t.assert_all_close(t.run_and_compare(mod, torch.float16, 4, D=30, P=7))

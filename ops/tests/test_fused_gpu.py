@@ -17,11 +17,11 @@ pytestmark = [
 
 
 def test_fused_op_checks():
-    from ops import _fused_cuda
     from ops.benchmark import PASS, Report
     from ops.benchmark_fused import run_fused_checks
+    from ops.cuda import fused as cuda_fused
 
-    ok, reason = _fused_cuda.is_available()
+    ok, reason = cuda_fused.is_available()
     assert ok, f"the fused CUDA kernel is unavailable on this GPU machine: {reason}"
     report = Report()
     previous = ops.get_backend()

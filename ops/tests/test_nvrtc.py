@@ -13,9 +13,11 @@ import time
 import pytest
 import torch
 
-from ops import _cache, _cuda, _fused_cuda
+from ops import _cache
+from ops.cuda import fused as cuda_fused
+from ops.cuda import unfused as cuda_unfused
 
-_nvrtc = pytest.importorskip("ops._nvrtc", reason="the cuda extra is not installed: pip install 'msda-ops[cuda]'")
+nvrtc = pytest.importorskip("ops.cuda.build", reason="the cuda extra is not installed: pip install 'msda-ops[cuda]'")
 
 ARCHS = ("sm_80", "sm_90", "sm_100", "sm_120")
 
@@ -29,8 +31,8 @@ def built(tmp_path_factory):
         results = {}
         for arch in ARCHS:
             start = time.perf_counter()
-            results[arch] = (_cuda.build(arch), time.perf_counter() - start)
-            _fused_cuda.build(arch)  # `python -m ops build` builds both sources
+            results[arch] = (cuda_unfused.build(arch), time.perf_counter() - start)
+            cuda_fused.build(arch)  # `python -m ops build` builds both sources
     return cache, results
 
 
@@ -43,10 +45,10 @@ def cache_dir(tmp_path, monkeypatch):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_every_kernel_compiles(built, arch):
     path, seconds = built[1][arch]
-    meta, code = _nvrtc.read(path)
+    meta, code = nvrtc.read(path)
     assert meta["kind"] == "cubin" and meta["arch"] == arch
     assert code[:4] == b"\x7fELF", f"{arch}: not a cubin"
-    assert sorted(meta["symbols"]) == sorted(_cuda.KERNEL_NAMES), f"{arch}: {sorted(meta['symbols'])}"
+    assert sorted(meta["symbols"]) == sorted(cuda_unfused.KERNEL_NAMES), f"{arch}: {sorted(meta['symbols'])}"
     assert all(symbol.startswith("_ZN4msda") for symbol in meta["symbols"].values())
     assert "warning" not in meta["log"].lower(), meta["log"]
     print(f"NVRTC {arch}: {seconds:.1f} s, {len(code) / 1e3:.0f} kB")
@@ -55,18 +57,18 @@ def test_every_kernel_compiles(built, arch):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_every_fused_kernel_compiles(built, arch, monkeypatch):
     monkeypatch.setenv("MSDA_CACHE_DIR", str(built[0]))
-    monkeypatch.setattr(_nvrtc, "compile_source", lambda *a: pytest.fail("compiled again"))
-    meta, code = _nvrtc.read(_fused_cuda.build(arch))  # built by the fixture: found in the cache
+    monkeypatch.setattr(nvrtc, "compile_source", lambda *a: pytest.fail("compiled again"))
+    meta, code = nvrtc.read(cuda_fused.build(arch))  # built by the fixture: found in the cache
     assert meta["kind"] == "cubin" and code[:4] == b"\x7fELF", arch
-    assert sorted(meta["symbols"]) == sorted(_fused_cuda.KERNEL_NAMES), f"{arch}: {sorted(meta['symbols'])}"
+    assert sorted(meta["symbols"]) == sorted(cuda_fused.KERNEL_NAMES), f"{arch}: {sorted(meta['symbols'])}"
     assert "warning" not in meta["log"].lower(), meta["log"]
 
 
 def test_build_is_cached(built, monkeypatch):
     cache, results = built
     monkeypatch.setenv("MSDA_CACHE_DIR", str(cache))
-    monkeypatch.setattr(_nvrtc, "compile_source", lambda *a: pytest.fail("compiled again"))
-    assert _cuda.build("9.0") == results["sm_90"][0]  # same key: found, no compile
+    monkeypatch.setattr(nvrtc, "compile_source", lambda *a: pytest.fail("compiled again"))
+    assert cuda_unfused.build("9.0") == results["sm_90"][0]  # same key: found, no compile
 
 
 def test_python_m_ops_build_and_info(built, monkeypatch, capsys):
@@ -74,7 +76,7 @@ def test_python_m_ops_build_and_info(built, monkeypatch, capsys):
 
     cache, results = built
     monkeypatch.setenv("MSDA_CACHE_DIR", str(cache))
-    monkeypatch.setattr(_nvrtc, "compile_source", lambda *a: pytest.fail("compiled again"))
+    monkeypatch.setattr(nvrtc, "compile_source", lambda *a: pytest.fail("compiled again"))
     assert main(["build", "sm_80", "90"]) == 0
     out = capsys.readouterr().out
     assert f"sm_80: {results['sm_80'][0]}" in out and f"sm_90: {results['sm_90'][0]}" in out
@@ -84,15 +86,15 @@ def test_python_m_ops_build_and_info(built, monkeypatch, capsys):
 
 
 def test_architecture_choice():
-    newest = _nvrtc.supported_archs()[-1]
-    assert _nvrtc.target("sm_90") == ("cubin", "sm_90")
-    assert _nvrtc.target("sm_990") == ("ptx", f"compute_{newest}")  # newer than NVRTC knows: PTX, JIT on load
+    newest = nvrtc.supported_archs()[-1]
+    assert nvrtc.target("sm_90") == ("cubin", "sm_90")
+    assert nvrtc.target("sm_990") == ("ptx", f"compute_{newest}")  # newer than NVRTC knows: PTX, JIT on load
     with pytest.raises(RuntimeError, match=r"not sm_50: install the NVRTC of an older CUDA"):
-        _nvrtc.target("sm_50")
+        nvrtc.target("sm_50")
 
 
 def test_ptx_for_a_newer_gpu_compiles(cache_dir):
-    meta, code = _nvrtc.read(_cuda.build("sm_990"))
+    meta, code = nvrtc.read(cuda_unfused.build("sm_990"))
     assert meta["kind"] == "ptx" and b".entry _ZN4msda14forward_kernel" in code
 
 
@@ -135,23 +137,26 @@ def test_content_key_separates_parts():
     ("arch", "expected"), [("sm_90", "sm_90"), ("90", "sm_90"), ("8.6", "sm_86"), ("100", "sm_100")]
 )
 def test_normalize_arch(arch, expected):
-    assert _cuda.normalize_arch(arch) == expected
+    assert cuda_unfused.normalize_arch(arch) == expected
 
 
 @pytest.mark.parametrize("arch", ["9", "hopper", "sm_9x"])
 def test_normalize_arch_rejects(arch):
     with pytest.raises(ValueError, match="arch"):
-        _cuda.normalize_arch(arch)
+        cuda_unfused.normalize_arch(arch)
 
 
 @pytest.mark.parametrize(("capability", "arch"), [((8, 0), "sm_80"), ((9, 0), "sm_90"), ((12, 0), "sm_120")])
 def test_arch_for_capability(capability, arch):
-    assert _cuda.arch_for_capability(capability) == arch
+    assert cuda_unfused.arch_for_capability(capability) == arch
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the answer on a machine without CUDA")
 def test_is_available_without_cuda_says_why(monkeypatch):
-    monkeypatch.setattr(_cuda.KERNELS, "availability", {})
-    ok, reason = _cuda.is_available()
+    monkeypatch.setattr(cuda_unfused.KERNELS, "availability", {})
+    ok, reason = cuda_unfused.is_available()
     assert ok is False and "no CUDA device" in reason
-    assert _cuda.is_available(torch.device("cuda", 1)) == (False, "no CUDA device (torch.cuda.is_available() is False)")
+    assert cuda_unfused.is_available(torch.device("cuda", 1)) == (
+        False,
+        "no CUDA device (torch.cuda.is_available() is False)",
+    )

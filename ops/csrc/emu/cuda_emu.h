@@ -1,4 +1,4 @@
-// CUDA on the CPU for testing: g++ compiles a kernel's .cu against this header, ops/emulation.py runs it.
+// CUDA on the CPU for testing: g++ compiles a kernel's .cu against this header, ops/cuda/emulation.py runs it.
 //
 // Each CUDA thread is a fiber (ucontext) with its own stack; the blocks of a grid run one after
 // another, the threads of a block run until they block (at __syncthreads, at a shuffle) or exit, and
@@ -21,7 +21,7 @@
 // double; float4 when __CUDA_ARCH__ >= 900), min, max, fma, __half, __nv_bfloat16 and their float
 // conversions, uint4, float4, make_float4. Not modelled: warp-level timing, the memory model (the
 // blocks run in sequence, so races between blocks and atomics are invisible), occupancy,
-// __launch_bounds__ limits, codegen. `extern __shared__ T name[];` is rewritten by ops/emulation.py
+// __launch_bounds__ limits, codegen. `extern __shared__ T name[];` is rewritten by ops/cuda/emulation.py
 // into a pointer to the launch's dynamic shared memory; `__shared__` arrays become static.
 //
 // __CUDA_ARCH__ is set on the compiler's command line (800, 900, ...) to pick a kernel's arch path.
@@ -508,8 +508,8 @@ inline float4 atomicAdd(float4* p, float4 v) {
 }
 #endif
 
-// The launch entry point ops/emulation.py calls through ctypes. This header belongs to exactly one
-// translation unit (the wrapper ops/emulation.py generates), which defines the kernel table.
+// The launch entry point ops/cuda/emulation.py calls through ctypes. This header belongs to exactly one
+// translation unit (the wrapper ops/cuda/emulation.py generates), which defines the kernel table.
 extern "C" {
 extern const cuda_emu::Kernel cuda_emu_kernels[];
 extern const int cuda_emu_n_kernels;

@@ -4,9 +4,9 @@ Legend: N batch, S = sum_l H_l*W_l value positions, M heads, D channels per head
 L levels, P sampling points per (head, level).
 
 ``forward`` and ``backward`` launch ``csrc/ms_deform_attn.cu`` through a kernel module (see
-``ops._launch``): on a GPU the NVRTC build for the device's architecture (``ops._nvrtc``), loaded
+``ops.cuda.launch``): on a GPU the NVRTC build for the device's architecture (``ops.cuda.build``), loaded
 once per device when the device is first probed and launched on torch's current stream; in tests
-the g++ emulation of the same source (``ops.emulation``) on CPU tensors, through this same code.
+the g++ emulation of the same source (``ops.cuda.emulation``) on CPU tensors, through this same code.
 Nothing happens at import time.
 """
 
@@ -21,11 +21,11 @@ from pathlib import Path
 import torch
 
 from ops._checks import check_inputs
-from ops._launch import KernelModule, launch
+from ops.cuda.launch import KernelModule, launch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).resolve().parent / "csrc" / "ms_deform_attn.cu"
+SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "ms_deform_attn.cu"
 THREADS = 256  # MSDA_THREADS in ms_deform_attn.h: the kernels' __launch_bounds__
 MAX_LEVELS = 4096  # MSDA_MAX_LEVELS: 3 ints per level fill the default 48 KiB of shared memory
 _INT_MAX = 2**31 - 1
@@ -142,7 +142,7 @@ def forward(
         sampling_locations: (N, Lq, M, L, P, 2) float32 (float64 for float64 values).
         attention_weights: (N, Lq, M, L, P), same dtype as sampling_locations.
         module: the kernels to launch; default the NVRTC build for value's CUDA device. Tests pass
-            an ``ops.emulation`` module and CPU tensors.
+            an ``ops.cuda.emulation`` module and CPU tensors.
 
     Returns:
         (N, Lq, M*D) in value's dtype.
@@ -273,9 +273,9 @@ class GpuKernels:
 
     def build(self, arch: str) -> Path:
         """Compile the kernels for ``arch`` into the cache (no GPU needed); return the cache file."""
-        from ops import _nvrtc
+        from ops.cuda import build as nvrtc
 
-        return _nvrtc.build(self.source, self.names, normalize_arch(arch))
+        return nvrtc.build(self.source, self.names, normalize_arch(arch))
 
     def is_available(self, device: torch.device | str | int | None = None) -> tuple[bool, str]:
         """(True, "") when the kernels can run on ``device`` (default: the current CUDA device), else
@@ -307,7 +307,7 @@ class GpuKernels:
         if index is None or not torch.cuda.is_available():
             return False, "no CUDA device (torch.cuda.is_available() is False)"
         try:
-            from ops import _nvrtc
+            from ops.cuda import build as nvrtc
         except ImportError as exc:
             return False, (
                 f"NVIDIA's runtime compiler is not installed ({exc}); install it with pip install 'msda-ops[cuda]' "
@@ -316,7 +316,7 @@ class GpuKernels:
         arch = "?"
         try:
             arch = arch_for_capability(torch.cuda.get_device_capability(index))
-            self.modules[index] = _nvrtc.GpuModule(_nvrtc.build(self.source, self.names, arch), index)
+            self.modules[index] = nvrtc.GpuModule(nvrtc.build(self.source, self.names, arch), index)
         except Exception as exc:  # any compile or load failure means "use the fallback", loudly
             return False, f"compiling or loading {self.what} for {arch} on cuda:{index} failed: {exc}"
         return True, ""

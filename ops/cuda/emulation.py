@@ -24,9 +24,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ops import _cache
-from ops._launch import KernelArgs
+from ops.cuda.launch import KernelArgs
 
-EMU_HEADER = Path(__file__).resolve().parent / "csrc" / "emu" / "cuda_emu.h"
+EMU_HEADER = Path(__file__).resolve().parent.parent / "csrc" / "emu" / "cuda_emu.h"
 CXX = os.environ.get("CXX", "g++")
 # gnu++17 for the `, ##__VA_ARGS__` in the shuffle macros. -ffp-contract=off: no fused multiply-adds the source did not ask for. -fno-strict-aliasing: kernels
 # reinterpret arrays as uint4.
@@ -139,7 +139,7 @@ def asan_environment() -> dict[str, str]:
 
 
 class EmulatedModule:
-    """A built emulation library behind the kernel-module interface of ``ops._launch``."""
+    """A built emulation library behind the kernel-module interface of ``ops.cuda.launch``."""
 
     def __init__(self, library: Path, arch: str) -> None:
         lib = ctypes.CDLL(str(library))

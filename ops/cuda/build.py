@@ -13,7 +13,7 @@ expressions, so templates need no ``extern "C"`` wrappers):
 An architecture NVRTC compiles for gets a cubin; one newer than the newest it knows gets PTX for
 that newest one, which the driver compiles on load. The cache key covers the source and the headers
 next to it, the architecture, NVRTC's version, the options and the names (see ``ops._cache``).
-Importing this module imports the bindings: ``ops._cuda`` imports it only when a GPU needs it.
+Importing this module imports the bindings: ``ops.cuda.unfused`` imports it only when a GPU needs it.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from pathlib import Path
 from cuda.bindings import driver, nvrtc
 
 from ops import _cache
-from ops._launch import KernelArgs
+from ops.cuda.launch import KernelArgs
 
 STD = "c++17"
 _MAGIC = b"msda-nvrtc 1\n"

@@ -1,9 +1,9 @@
-"""Build (with the machine's C++ compiler, cached), load (with ctypes) and call the CPU kernel in ``ops/csrc``.
+"""Build (with the machine's C++ compiler, cached) and load (with ctypes) the CPU kernel in ``ops/csrc``.
 
 Legend: N batch, S = sum_l H_l*W_l value positions, M heads, D channels per head, Lq queries,
 L levels, P sampling points per (head, level).
 
-Like the CUDA kernel (``ops/_cuda.py``): no torch C++ extension machinery. ``c++ -shared`` builds
+Like the CUDA kernel (``ops/cuda/``): no torch C++ extension machinery. ``c++ -shared`` builds
 ``libmsda_cpu.so`` once per (sources, compiler, flags, machine architecture) under ``$MSDA_CACHE_DIR``
 (default ``~/.cache/msda_ops``), ctypes loads it, and tensors cross as raw pointers. The compiler is
 ``$CXX`` when set, else ``c++``, ``g++`` or ``clang++`` on PATH. The library is built for the
@@ -22,12 +22,9 @@ import subprocess
 import threading
 from pathlib import Path
 
-import torch
-
 from ops import _cache
-from ops._checks import check_inputs
 
-CSRC = Path(__file__).resolve().parent / "csrc"
+CSRC = Path(__file__).resolve().parent.parent / "csrc"
 SOURCE = CSRC / "ms_deform_attn_cpu.cpp"
 HEADERS = (CSRC / "bilinear.h",)
 # Must equal MSDA_CPU_ABI_VERSION in ms_deform_attn_cpu.cpp: a cached library with other signatures is rejected.
@@ -35,11 +32,6 @@ ABI_VERSION = 1
 # Part of the cache key, so changing them rebuilds.
 CXX_FLAGS = ("-O3", "-shared", "-fPIC", "-std=c++17", "-pthread")
 
-# dtype code of the C interface for each value dtype the kernel stores natively; float16 values
-# are computed in float32 (see forward).
-DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 2, torch.float64: 3}
-_CPU = torch.device("cpu")
-_ERRORS = {1: "sizes the kernel cannot index, or an unknown dtype", 2: "out of memory for scratch buffers"}
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -120,7 +112,7 @@ def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.msda_cpu_abi_version.restype = i32
     version = lib.msda_cpu_abi_version()
     if version != ABI_VERSION:
-        raise RuntimeError(f"libmsda_cpu ABI version is {version}, ops/_cpu.py expects {ABI_VERSION}")
+        raise RuntimeError(f"libmsda_cpu ABI version is {version}, ops/cpu_unfused.py expects {ABI_VERSION}")
     sizes = [i64] * 7  # N, S, M, D, Lq, L, P
     # dtype, value, spatial_shapes, level_start_index, sampling_locations, attention_weights, output
     lib.msda_cpu_forward.argtypes = [i32, *[ptr] * 6, *sizes, i32]
@@ -155,119 +147,3 @@ def is_available() -> tuple[bool, str]:
         except Exception as exc:  # any build or load failure means "use the reference path"
             _availability = (False, f"building or loading the CPU kernel failed: {exc}")
     return _availability
-
-
-def _check(code: int, what: str) -> None:
-    if code != 0:
-        raise RuntimeError(f"{what} failed: {_ERRORS.get(code, f'error code {code}')}")
-
-
-def forward(
-    value: torch.Tensor,
-    spatial_shapes: torch.Tensor,
-    level_start_index: torch.Tensor,
-    sampling_locations: torch.Tensor,
-    attention_weights: torch.Tensor,
-    num_threads: int | None = None,
-) -> torch.Tensor:
-    """Run the forward kernel.
-
-    Args:
-        value: (N, S, M, D) float32/bfloat16/float64 (float16 is computed in float32), contiguous, CPU.
-        spatial_shapes: (L, 2) int64 (H, W).
-        level_start_index: (L,) int64.
-        sampling_locations: (N, Lq, M, L, P, 2) float32 (float64 for float64 values).
-        attention_weights: (N, Lq, M, L, P), same dtype as sampling_locations.
-        num_threads: worker threads; default ``torch.get_num_threads()``. The result does not depend on it.
-
-    Returns:
-        (N, Lq, M*D) in value's dtype.
-    """
-    if value.dtype == torch.float16:  # no native half arithmetic on most CPUs
-        return forward(value.float(), spatial_shapes, level_start_index, sampling_locations, attention_weights).half()
-    check_inputs(
-        value, spatial_shapes, level_start_index, sampling_locations, attention_weights, tuple(DTYPE_CODES), _CPU
-    )
-    N, S, M, D = value.shape
-    _, Lq, _, L, P, _ = sampling_locations.shape
-    output = torch.empty((N, Lq, M * D), dtype=value.dtype)  # fully written
-    code = load().msda_cpu_forward(
-        DTYPE_CODES[value.dtype],
-        value.data_ptr(),
-        spatial_shapes.data_ptr(),
-        level_start_index.data_ptr(),
-        sampling_locations.data_ptr(),
-        attention_weights.data_ptr(),
-        output.data_ptr(),
-        N,
-        S,
-        M,
-        D,
-        Lq,
-        L,
-        P,
-        num_threads or torch.get_num_threads(),
-    )
-    _check(code, "msda_cpu_forward")
-    return output
-
-
-def backward(
-    grad_output: torch.Tensor,
-    value: torch.Tensor,
-    spatial_shapes: torch.Tensor,
-    level_start_index: torch.Tensor,
-    sampling_locations: torch.Tensor,
-    attention_weights: torch.Tensor,
-    num_threads: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of ``forward`` with respect to value, sampling_locations and attention_weights.
-
-    Args:
-        grad_output: (N, Lq, M*D) in value's dtype.
-        value, spatial_shapes, level_start_index, sampling_locations, attention_weights, num_threads: as in forward.
-
-    Returns:
-        grad_value (N, S, M, D) in value's dtype, grad_sampling_locations (N, Lq, M, L, P, 2) and
-        grad_attention_weights (N, Lq, M, L, P) in the locations' dtype.
-    """
-    if value.dtype == torch.float16:
-        grads = backward(
-            grad_output.float(), value.float(), spatial_shapes, level_start_index, sampling_locations, attention_weights
-        )
-        return grads[0].half(), grads[1], grads[2]
-    check_inputs(
-        value, spatial_shapes, level_start_index, sampling_locations, attention_weights, tuple(DTYPE_CODES), _CPU
-    )
-    N, S, M, D = value.shape
-    _, Lq, _, L, P, _ = sampling_locations.shape
-    grad_output = grad_output.to(value.dtype).contiguous()
-    if grad_output.numel() != N * Lq * M * D:
-        raise ValueError(f"grad_output must have N*Lq*M*D = {N * Lq * M * D} elements, got {tuple(grad_output.shape)}")
-    # grad_value accumulates in float32 (float64 for float64) whatever value's dtype, from zero.
-    acc_dtype = torch.float64 if value.dtype == torch.float64 else torch.float32
-    grad_value = torch.zeros(value.shape, dtype=acc_dtype)
-    grad_loc = torch.empty_like(sampling_locations)  # written once per element by the kernel
-    grad_attn = torch.empty_like(attention_weights)
-    code = load().msda_cpu_backward(
-        DTYPE_CODES[value.dtype],
-        grad_output.data_ptr(),
-        value.data_ptr(),
-        spatial_shapes.data_ptr(),
-        level_start_index.data_ptr(),
-        sampling_locations.data_ptr(),
-        attention_weights.data_ptr(),
-        grad_value.data_ptr(),
-        grad_loc.data_ptr(),
-        grad_attn.data_ptr(),
-        N,
-        S,
-        M,
-        D,
-        Lq,
-        L,
-        P,
-        num_threads or torch.get_num_threads(),
-    )
-    _check(code, "msda_cpu_backward")
-    return grad_value.to(value.dtype), grad_loc, grad_attn

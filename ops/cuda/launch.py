@@ -1,7 +1,7 @@
 """Kernel launches shared by the GPU and the CPU emulation: arguments as cuLaunchKernel takes them.
 
-A kernel module, compiled for a GPU (``ops._nvrtc.GpuModule``) or for the CPU emulation
-(``ops.emulation.EmulatedModule``), offers the same two members:
+A kernel module, compiled for a GPU (``ops.nvrtc.GpuModule``) or for the CPU emulation
+(``ops.cuda.emulation.EmulatedModule``), offers the same two members:
 
     module.names                          the name expressions it was compiled with
     module.launch(name, grid, block, shared_bytes, args, stream=0)

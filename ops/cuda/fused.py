@@ -4,9 +4,9 @@ shape per case, the choice of instantiation, and the launches through a kernel m
 Legend: N batch, S = sum_l H_l*W_l value positions, M heads, D channels per head, Lq queries,
 L levels, P sampling points per (head, level), G lanes per (n, q, m), R = 2 (points) or 4 (boxes).
 
-Launched like the unfused kernel (``ops._cuda``): on a GPU the NVRTC build of the source for the
+Launched like the unfused kernel (``ops.cuda.unfused``): on a GPU the NVRTC build of the source for the
 device's architecture, loaded when the device is first probed; in tests the g++ emulation of the
-same source (``ops.emulation``) on CPU tensors, through this same code. Nothing happens at import.
+same source (``ops.cuda.emulation``) on CPU tensors, through this same code. Nothing happens at import.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 
 from ops._checks import ALL_DTYPES, check_tensors, coord_dtype
-from ops._cuda import TYPE_NAMES, GpuKernels, chunk_channels
-from ops._launch import launch
+from ops.cuda.launch import launch
+from ops.cuda.unfused import TYPE_NAMES, GpuKernels, chunk_channels
 
-SOURCE = Path(__file__).resolve().parent / "csrc" / "ms_deform_attn_fused.cu"
+SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "ms_deform_attn_fused.cu"
 MAX_THREADS = 256  # kThreads in the source: the kernels' __launch_bounds__
 SHARED_LIMIT = 48 * 1024  # dynamic shared memory a launch gets without opting in
 MAX_TILE = {"forward": 16, "backward": 8}  # points per shared-memory tile
@@ -197,7 +197,7 @@ def forward(value, spatial_shapes, level_start_index, reference_points, offsets,
         reference_points: (N, Lq, L, 2|4); offsets: (N, Lq, M, L, P, 2); attention_logits:
             (N, Lq, M, L, P); float32 (float64 for float64 values), contiguous.
         module: the kernels to launch; default the NVRTC build for value's CUDA device. Tests pass an
-            ``ops.emulation`` module and CPU tensors.
+            ``ops.cuda.emulation`` module and CPU tensors.
 
     Returns:
         (N, Lq, M*D) in value's dtype.
