@@ -47,7 +47,7 @@
 // 1: the backward can aggregate atomics (FusedDims::aggregate picks it per launch): lanes of
 // different groups that add to the same grad_value address sum by shuffles first and one atomic
 // goes out, at the cost of a MATCH and a VOTE per neighbour when nothing collides. 0: compiled out
-// (ops.sass_report reads the point loop without it).
+// (ops.bench.sass reads the point loop without it).
 #ifndef MSDA_FUSED_AGGREGATE
 #define MSDA_FUSED_AGGREGATE 1
 #endif

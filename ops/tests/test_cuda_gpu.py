@@ -1,4 +1,4 @@
-"""The CUDA op checks of ``ops.benchmark`` as a test: output and 3 gradients against the float64
+"""The CUDA op checks of ``ops.bench.gpu`` as a test: output and 3 gradients against the float64
 reference over awkward D and dtypes, gradcheck in float64, indexing past 2**31, streams, CUDA graphs,
 torch.compile. Needs a GPU: ``pytest -m gpu ops/tests``; skips without CUDA.
 """
@@ -20,7 +20,8 @@ MAY_SKIP = {"int64 indexing (value > 2**31 elements)", "second GPU (cuda:1 while
 
 
 def test_cuda_op_checks():
-    from ops.benchmark import PASS, SKIP, Report, run_checks
+    from ops.bench.common import PASS, SKIP, Report
+    from ops.bench.gpu import run_checks
     from ops.cuda import unfused as cuda_unfused
 
     ok, reason = cuda_unfused.is_available()

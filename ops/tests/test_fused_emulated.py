@@ -17,7 +17,7 @@ from ops.cuda import fused as cuda_fused
 from ops.fused import _reference_gradient, ms_deform_attn_composed
 
 ARCHS = ("sm_80", "sm_90")
-# Largest |got - want| relative to max(1, max |want|), as in ops.benchmark: float32 differs by
+# Largest |got - want| relative to max(1, max |want|), as in ops.bench.common: float32 differs by
 # accumulation order, the half types also round value, output and grad_value.
 TOLERANCES = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}
 

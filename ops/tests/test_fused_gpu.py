@@ -1,4 +1,4 @@
-"""The fused op's GPU checks of ``ops.benchmark_fused`` as a test: the fused CUDA kernel against the
+"""The fused op's GPU checks of ``ops.bench.gpu_fused`` as a test: the fused CUDA kernel against the
 float64 composition for every dtype and both reference forms, and CUDA-graph capture. Needs a GPU:
 ``pytest -m gpu ops/tests``; skips without CUDA.
 """
@@ -17,8 +17,8 @@ pytestmark = [
 
 
 def test_fused_op_checks():
-    from ops.benchmark import PASS, Report
-    from ops.benchmark_fused import run_fused_checks
+    from ops.bench.common import PASS, Report
+    from ops.bench.gpu_fused import run_fused_checks
     from ops.cuda import fused as cuda_fused
 
     ok, reason = cuda_fused.is_available()

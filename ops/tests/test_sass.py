@@ -1,12 +1,12 @@
-"""python -m ops.sass_report reads the machine code right: every instantiation compiles, no kernel
+"""python -m ops.bench.sass reads the machine code right: every instantiation compiles, no kernel
 spills, and the fused forward spends well under half the unfused one's instructions per sampled point."""
 
 import pytest
 
-from ops import sass_report
+from ops.bench import sass
 
 pytestmark = pytest.mark.skipif(
-    sass_report.find_tool("nvdisasm") is None, reason="nvdisasm not installed (pip install nvidia-cuda-nvdisasm)"
+    sass.find_tool("nvdisasm") is None, reason="nvdisasm not installed (pip install nvidia-cuda-nvdisasm)"
 )
 
 
@@ -16,13 +16,13 @@ def kernels(tmp_path_factory):
     found = {}
     for label in ("unfused", "fused"):
         cubin = tmp / f"{label}.cubin"
-        sass_report.compile_cubin(sass_report.SOURCES[label], sass_report.kernel_names(label), "sm_90", cubin)
-        registers = sass_report.registers_of(cubin)
-        for function, stream in sass_report.disassemble(cubin).items():
-            m = sass_report._MANGLED.search(function)
-            kernel = sass_report.Kernel(label, m.group(1), sass_report._MANGLED_DTYPES[m.group(2)], m.group(3) == "1")
+        sass.compile_cubin(sass.SOURCES[label], sass.kernel_names(label), "sm_90", cubin)
+        registers = sass.registers_of(cubin)
+        for function, stream in sass.disassemble(cubin).items():
+            m = sass._MANGLED.search(function)
+            kernel = sass.Kernel(label, m.group(1), sass._MANGLED_DTYPES[m.group(2)], m.group(3) == "1")
             kernel.registers = registers[function]
-            sass_report.analyse(kernel, stream)
+            sass.analyse(kernel, stream)
             found[kernel.name] = kernel
     return found
 
@@ -37,6 +37,6 @@ def test_report_reads_every_kernel(kernels):
             forward = kernels[f"{source} forward {dtype} vec"]
             assert forward.point_loop is not None and forward.ldg128 >= 4, forward
     for dtype in ("f32", "bf16"):
-        unfused = sass_report.per_point_per_lane(kernels[f"unfused forward {dtype} vec"])
-        fused = sass_report.per_point_per_lane(kernels[f"fused forward {dtype} vec"])
+        unfused = sass.per_point_per_lane(kernels[f"unfused forward {dtype} vec"])
+        fused = sass.per_point_per_lane(kernels[f"fused forward {dtype} vec"])
         assert fused < 0.6 * unfused, (dtype, fused, unfused)

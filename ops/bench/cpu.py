@@ -1,4 +1,4 @@
-"""CPU speed of the op and the model, C++ kernel against the reference path, measured in one run: ``python -m ops.bench_cpu``.
+"""CPU speed of the op, C++ kernel against the reference path, measured in one run: ``python -m ops.bench.cpu``.
 
 Legend: N batch, S = sum_l H_l*W_l value positions, M heads, D channels per head, Lq queries,
 L levels, P sampling points per (head, level).
@@ -7,28 +7,24 @@ Three paths, timed in turn within each repetition (so a busy machine slows them 
 reported as medians with ratios against the first:
 
 - ``before``: the path this kernel replaces: the custom op around the PyTorch reference, whose
-  backward re-ran the forward through torch.func.vjp, and (model sections) frozen batch norm as a
-  multiply and an add;
+  backward re-ran the forward through torch.func.vjp, and (in the model benchmark) frozen batch norm
+  as a multiply and an add;
 - ``reference``: today's fallback: the reference under plain autograd, one-pass frozen batch norm;
 - ``kernel``: the C++ CPU kernel, one-pass frozen batch norm.
 
-Sections: ``op`` (forward, and forward + backward, at the encoder's shape for an input image of
-``--op-size``, default 512x683), ``model`` (inference forward of Deformable DETR R50 at
-``--model-size``, default 800x1066) and ``train`` (forward, loss, backward and an AdamW step at
-``--train-size``, default 512x683). The model sections import ``core`` (the one place ops/ does,
-and only when asked for). Options::
+The op's forward, and forward + backward, at the encoder's shape for an input image of ``--op-size``
+(default 512x683). ``bench/cpu_kernel.py`` times the whole model and training step the same way::
 
-    python -m ops.bench_cpu [--sections op,model,train] [--reps 5] [--threads T] [--batch-size 1]
-                            [--op-size 512x683] [--model-size 800x1066] [--train-size 512x683]
+    python -m ops.bench.cpu [--reps 5] [--threads T] [--batch-size 1] [--op-size 512x683]
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import math
 import os
 import statistics
-import sys
 import time
 from collections.abc import Callable, Iterator
 
@@ -39,15 +35,6 @@ from ops import functional
 from ops.cpu import build as cpu_build
 
 PATHS = ("before", "reference", "kernel")
-_OPTIONS = {
-    "sections": "op,model,train",
-    "reps": "5",
-    "threads": "",
-    "batch_size": "1",
-    "op_size": "512x683",
-    "model_size": "800x1066",
-    "train_size": "512x683",
-}
 
 
 def encoder_shapes(height: int, width: int, n_levels: int = 4) -> list[tuple[int, int]]:
@@ -105,7 +92,7 @@ def time_paths(
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def _report(title: str, medians: dict[str, float]) -> None:
+def report(title: str, medians: dict[str, float]) -> None:
     base = medians["before"]
     cells = [f"{name} {medians[name] * 1e3:9.1f} ms (x{base / medians[name]:5.2f})" for name in PATHS]
     print(f"{title:<34} " + "   ".join(cells), flush=True)
@@ -161,105 +148,43 @@ def bench_op(height: int, width: int, batch_size: int, reps: int) -> None:
         out = ops.ms_deform_attn(value, ss, lsi, loc, attn)
         torch.autograd.grad(out, (value, loc, attn), grad_out)
 
-    _report("  op forward", time_paths({p: forward for p in PATHS}, reps))
-    _report("  op forward + backward", time_paths({p: forward_backward for p in PATHS}, reps))
+    report("  op forward", time_paths({p: forward for p in PATHS}, reps))
+    report("  op forward + backward", time_paths({p: forward_backward for p in PATHS}, reps))
 
 
-def _model(batch_size: int, height: int, width: int):
-    from core import DetrConfig, build_model  # only the model sections need core
-
-    torch.manual_seed(0)
-    model, criterion, _ = build_model(DetrConfig())
-    g = torch.Generator().manual_seed(0)
-    images = torch.randn(batch_size, 3, height, width, generator=g)
-    mask = torch.zeros(batch_size, height, width, dtype=torch.bool)
-    targets = []
-    for _ in range(batch_size):  # 7 boxes, COCO's mean
-        centers = torch.rand(7, 2, generator=g) * 0.6 + 0.2
-        sizes = torch.rand(7, 2, generator=g) * 0.3 + 0.05
-        targets.append({"boxes": torch.cat([centers, sizes], 1), "labels": torch.randint(0, 91, (7,), generator=g)})
-    return model, criterion, images, mask, targets
-
-
-def bench_model(height: int, width: int, batch_size: int, reps: int) -> None:
-    from core.backbone import FrozenBatchNorm2d
-
-    model, _, images, mask, _ = _model(batch_size, height, width)
-    model.eval()
-    print(f"model forward (R50, inference) at {height}x{width}, batch {batch_size}", flush=True)
-
-    def forward() -> None:
-        with torch.no_grad():
-            model(images, mask)
-
-    _report("  model forward", time_paths({p: forward for p in PATHS}, reps, FrozenBatchNorm2d))
-
-
-def bench_train(height: int, width: int, batch_size: int, reps: int) -> None:
-    from core.backbone import FrozenBatchNorm2d
-
-    model, criterion, images, mask, targets = _model(batch_size, height, width)
-    model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-    print(f"training step (R50: forward, loss, backward, AdamW) at {height}x{width}, batch {batch_size}", flush=True)
-
-    def step() -> None:
-        loss = criterion.total_loss(criterion(model(images, mask), targets))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    _report("  training step", time_paths({p: step for p in PATHS}, reps, FrozenBatchNorm2d))
-
-
-def _parse(argv: list[str]) -> dict[str, str]:
-    values = dict(_OPTIONS)
-    it = iter(argv)
-    for token in it:
-        key = token[2:].replace("-", "_") if token.startswith("--") else None
-        if key not in _OPTIONS:
-            raise SystemExit(
-                f"unknown option {token!r}; options: {', '.join('--' + k.replace('_', '-') for k in _OPTIONS)}"
-            )
-        value = next(it, None)
-        if value is None:
-            raise SystemExit(f"option {token} needs a value")
-        values[key] = value
-    return values
-
-
-def _size(text: str, option: str) -> tuple[int, int]:
+def size(text: str) -> tuple[int, int]:
+    """``HxW`` -> (H, W), for argparse."""
     try:
         height, width = (int(v) for v in text.lower().split("x"))
     except ValueError:
-        raise SystemExit(f"--{option.replace('_', '-')} must look like 512x683 (HxW), got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"must look like 512x683 (HxW), got {text!r}") from None
     return height, width
 
 
-def main(argv: list[str] | None = None) -> None:
-    opts = _parse(sys.argv[1:] if argv is None else argv)
-    if opts["threads"]:
-        torch.set_num_threads(int(opts["threads"]))
+def prepare(threads: int | None) -> None:
+    """Set the thread count, check that the kernel builds, print the machine line."""
+    if threads:
+        torch.set_num_threads(threads)
     ok, reason = cpu_build.is_available()
     if not ok:
         raise SystemExit(f"the CPU kernel is unavailable, nothing to compare: {reason}")
-    reps, batch_size = int(opts["reps"]), int(opts["batch_size"])
-    sections = [s.strip() for s in opts["sections"].split(",") if s.strip()]
-    unknown = set(sections) - {"op", "model", "train"}
-    if unknown:
-        raise SystemExit(f"--sections must be a comma list of op, model, train; got {sorted(unknown)}")
     load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
-        f"load average {load}; median of {reps} repetitions; x = speed-up over 'before'",
+        f"load average {load}; x = speed-up over 'before'",
         flush=True,
     )
-    if "op" in sections:
-        bench_op(*_size(opts["op_size"], "op_size"), batch_size, reps)
-    if "model" in sections:
-        bench_model(*_size(opts["model_size"], "model_size"), batch_size, reps)
-    if "train" in sections:
-        bench_train(*_size(opts["train_size"], "train_size"), batch_size, reps)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m ops.bench.cpu", description=__doc__.split("\n")[0])
+    parser.add_argument("--reps", type=int, default=5, help="timed repetitions (median)")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--op-size", type=size, default=(512, 683), help="input image HxW of the encoder shape")
+    args = parser.parse_args(argv)
+    prepare(args.threads)
+    bench_op(*args.op_size, args.batch_size, args.reps)
     print(f"load average at the end {', '.join(f'{v:.2f}' for v in os.getloadavg())}", flush=True)
 
 

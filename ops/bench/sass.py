@@ -1,4 +1,4 @@
-"""Static report on the kernels' machine code, no GPU needed: ``python -m ops.sass_report [ARCH ...]``.
+"""Static report on the kernels' machine code, no GPU needed: ``python -m ops.bench.sass [ARCH ...]``.
 
 Legend: N batch, S = sum_l H_l*W_l value positions, M heads, D channels per head, Lq queries,
 L levels, P sampling points per (head, level), G lanes per (n, q, m).
@@ -27,7 +27,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-CSRC = Path(__file__).resolve().parent / "csrc"
+CSRC = Path(__file__).resolve().parents[1] / "csrc"
 SOURCES = {"unfused": CSRC / "ms_deform_attn.cu", "fused": CSRC / "ms_deform_attn_fused.cu"}
 # Lanes per (n, q, m) at D = 32: G = ceil(D / CPT) with CPT = 16 / sizeof(dtype).
 GROUP_AT_D32 = {"f32": 8, "f16": 4, "bf16": 4, "f64": 16}

@@ -1,4 +1,4 @@
-"""GPU check and benchmark of the CUDA MSDeformAttn kernel: ``python -m ops.benchmark [--json PATH]``.
+"""GPU check and benchmark of the CUDA MSDeformAttn kernels: ``python -m ops.bench.gpu [--json PATH]``.
 
 Legend: N batch, S = sum_l H_l*W_l value positions, M heads, D channels per head, Lq queries,
 L levels, P sampling points per (head, level).
@@ -14,60 +14,31 @@ Deformable DETR against the reference and against the memory-traffic floor, and 
 from __future__ import annotations
 
 import json
-import statistics
 import sys
-import traceback
-from collections.abc import Callable
 
 import torch
 
 import ops
+from ops.bench.common import (
+    DECODER_QUERIES,
+    ENCODER_S,
+    ENCODER_SHAPES,
+    HEAD_DIM,
+    N_HEADS,
+    N_POINTS,
+    SKIP,
+    SMALL_SHAPES,
+    TOLERANCES,
+    Report,
+    check_graph_replay,
+    copy_bandwidth,
+    markdown_table,
+    rel_err,
+    timed_rows,
+)
+from ops.bench.gpu_fused import evaluate_fused_targets, run_fused_benchmark, run_fused_checks
 from ops.cuda import unfused as cuda_unfused
 from ops.reference import ms_deform_attn_reference
-
-# Deformable DETR at 800x1200 input: strides 8, 16, 32, 64.
-ENCODER_SHAPES = [[100, 150], [50, 75], [25, 38], [13, 19]]
-ENCODER_S = sum(h * w for h, w in ENCODER_SHAPES)  # 19947
-N_HEADS, HEAD_DIM, N_POINTS = 8, 32, 4
-DECODER_QUERIES = 300
-SMALL_SHAPES = [[10, 12], [5, 6]]  # graph, compile and stream checks
-
-# Largest |got - want| allowed, relative to max(1, max |want|), against the float64 reference fed
-# the same (already rounded) inputs. float32 only differs by accumulation order; half types also
-# round the output and grad_value to 8 (bfloat16) or 11 (float16) mantissa bits.
-TOLERANCES = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 1e-2}
-
-
-# Check outcomes. A check returns (True/False, detail), or (SKIP, detail) when this machine cannot
-# run it (too little memory, one GPU): a SKIP neither passes nor fails the run.
-PASS, FAIL, SKIP = "PASS", "FAIL", "SKIP"
-
-
-class Report:
-    """Collects PASS/FAIL/SKIP lines and benchmark rows; prints as it goes."""
-
-    def __init__(self) -> None:
-        self.checks: list[dict] = []
-        self.rows: list[dict] = []
-        self.targets: list[dict] = []
-
-    def check(self, name: str, ok: bool | str, detail: str = "") -> None:
-        """Record one check: ok is True (PASS), False (FAIL) or SKIP."""
-        status = SKIP if isinstance(ok, str) and ok == SKIP else PASS if ok else FAIL
-        self.checks.append({"name": name, "status": status, "detail": detail})
-        print(f"{status} {name}{': ' + detail if detail else ''}", flush=True)
-
-    def run_check(self, name: str, fn: Callable[[], tuple[bool | str, str]]) -> None:
-        try:
-            ok, detail = fn()
-        except Exception as exc:  # a crash is a failure of that check, not of the whole run
-            ok, detail = False, f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"
-        self.check(name, ok, detail)
-
-    @property
-    def failed(self) -> bool:
-        return any(c["status"] == FAIL for c in self.checks)
-
 
 # ---------------------------------------------------------------------------------------------
 # Inputs
@@ -124,13 +95,6 @@ def make_inputs(
     return value, spatial_shapes, level_start_index, loc.to(coord_dtype), attn.to(coord_dtype)
 
 
-def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
-    if want.numel() == 0:
-        return 0.0
-    got, want = got.double(), want.double()
-    return ((got - want).abs().max() / want.abs().max().clamp(min=1.0)).item()
-
-
 def _grads(fn, value, spatial_shapes, level_start_index, loc, attn, grad_out):
     inputs = [t.detach().requires_grad_(True) for t in (value, loc, attn)]
     out = fn(inputs[0], spatial_shapes, level_start_index, inputs[1], inputs[2])
@@ -148,7 +112,7 @@ def compare_to_reference(inputs: tuple[torch.Tensor, ...], tol: float, seed: int
     got = _grads(ops.ms_deform_attn, value, spatial_shapes, level_start_index, loc, attn, grad_out)
     f64 = [t.double() for t in (value, loc, attn, grad_out)]
     want = _grads(ms_deform_attn_reference, f64[0], spatial_shapes, level_start_index, f64[1], f64[2], f64[3])
-    errors = {name: _rel_err(g, w) for name, g, w in zip(("out", "grad_value", "grad_loc", "grad_attn"), got, want)}
+    errors = {name: rel_err(g, w) for name, g, w in zip(("out", "grad_value", "grad_loc", "grad_attn"), got, want)}
     dtypes_ok = got[0].dtype == value.dtype and got[1].dtype == value.dtype and got[2].dtype == loc.dtype
     ok = dtypes_ok and all(e <= tol for e in errors.values())
     detail = " ".join(f"{k}={v:.1e}" for k, v in errors.items()) + f" (tol {tol:.0e})"
@@ -219,7 +183,7 @@ def _large_index(device: torch.device) -> tuple[bool | str, str]:
     want = _grads(
         ms_deform_attn_reference, batch1[0], spatial_shapes, level_start_index, batch1[1], batch1[2], batch1[3]
     )
-    errors = {name: _rel_err(g, w) for name, g, w in zip(("out", "grad_value", "grad_loc", "grad_attn"), got, want)}
+    errors = {name: rel_err(g, w) for name, g, w in zip(("out", "grad_value", "grad_loc", "grad_attn"), got, want)}
     ok = all(e <= TOLERANCES[torch.bfloat16] for e in errors.values())
     detail = " ".join(f"{k}={v:.1e}" for k, v in errors.items())
     return ok, f"value numel {value.numel()}, batch 1 vs reference: {detail}"
@@ -254,33 +218,6 @@ def _cuda_graph(device: torch.device) -> tuple[bool, str]:
     return check_graph_replay(device, step, static, new_values)
 
 
-def check_graph_replay(
-    device: torch.device,
-    step: Callable[[], tuple[torch.Tensor, ...]],
-    static: list[torch.Tensor],
-    new_values: Callable[[], tuple[torch.Tensor, ...]],
-) -> tuple[bool, str]:
-    """Captures ``step`` in a CUDA graph, copies ``new_values()`` into its ``static`` inputs, replays it,
-    and compares the replay's outputs with an eager ``step`` on the same inputs."""
-    side = torch.cuda.Stream(device)  # warm up off the capture stream, as torch.cuda.graph asks
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream(device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = step()
-    with torch.no_grad():
-        for s, t in zip(static, new_values()):
-            s.copy_(t)
-    graph.replay()
-    expected = step()
-    torch.cuda.synchronize(device)
-    errors = [_rel_err(c, e) for c, e in zip(captured, expected)]
-    return max(errors) <= 1e-6, f"replay with new inputs vs eager: max err {max(errors):.1e}"
-
-
 def _capture_first_launch(device: torch.device) -> tuple[bool, str]:
     """float16 with D=6 (the scalar kernels) runs nowhere else: its first launch is inside the capture,
     which works only because every kernel was loaded when the device was first probed."""
@@ -297,7 +234,7 @@ def _capture_first_launch(device: torch.device) -> tuple[bool, str]:
     graph.replay()
     torch.cuda.synchronize(device)
     want = ms_deform_attn_reference(value.double(), spatial_shapes, level_start_index, loc.double(), attn.double())
-    err = _rel_err(out, want)
+    err = rel_err(out, want)
     return err <= TOLERANCES[torch.float16] and all(
         torch.isfinite(g).all() for g in grads
     ), f"replay vs reference {err:.1e}"
@@ -335,7 +272,7 @@ def _compile(device: torch.device) -> tuple[bool, str]:
         inputs = [t.detach().clone().requires_grad_(True) for t in (value, loc, attn)]
         loss = fn(*inputs)
         results.append((loss.detach(), *torch.autograd.grad(loss, inputs)))
-    errors = [_rel_err(c, e) for c, e in zip(results[1], results[0])]
+    errors = [rel_err(c, e) for c, e in zip(results[1], results[0])]
     return max(errors) <= 1e-5, f"compiled vs eager: max err {max(errors):.1e}"
 
 
@@ -352,30 +289,6 @@ def _second_gpu() -> tuple[bool, str]:
 # ---------------------------------------------------------------------------------------------
 
 
-def time_ms(fn: Callable[[], object], warmup: int = 3, repeats: int = 20) -> float:
-    """Median wall time of fn on the GPU in milliseconds, each repeat bracketed by CUDA events."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
-def copy_bandwidth(device: torch.device, nbytes: int = 2**30) -> float:
-    """Device-to-device copy bandwidth in bytes/s; a copy reads and writes nbytes each."""
-    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    ms = time_ms(lambda: dst.copy_(src), warmup=3, repeats=10)
-    return 2 * nbytes / (ms * 1e-3)
-
-
 def floor_bytes(N: int, S: int, M: int, D: int, Lq: int, L: int, P: int, dtype: torch.dtype) -> tuple[int, int]:
     """Bytes the forward and the forward+backward must move at least: inputs read once, outputs written once.
     The backward's floor is the difference."""
@@ -386,44 +299,6 @@ def floor_bytes(N: int, S: int, M: int, D: int, Lq: int, L: int, P: int, dtype: 
     # Backward reads grad_output, value, locations, weights; writes grad_value and both point grads.
     backward = out + value + points + value + points
     return forward, forward + backward
-
-
-def timed_rows(
-    shape: str, dtype: torch.dtype, paths: dict[str, tuple], floor: tuple[int, int], bandwidth: float
-) -> list[dict]:
-    """Times every path and returns a row each: milliseconds, speed-ups over the first path (the
-    reference) and ratios to the memory-traffic floor.
-
-    Args:
-        paths: name -> (forward, a maker of the backward-only callable, forward+backward).
-        floor: bytes that forward and forward+backward must move at least (``floor_bytes``).
-        bandwidth: bytes/s of a device-to-device copy, measured in the same run.
-    """
-    floor_fwd_ms, floor_fb_ms = (1e3 * b / bandwidth for b in floor)
-    floor_bwd_ms = floor_fb_ms - floor_fwd_ms
-    # Each backward-only callable (and the graph it holds) lives only while it is timed.
-    timings = {path: (time_ms(f), time_ms(make_b()), time_ms(fb)) for path, (f, make_b, fb) in paths.items()}
-    ref_fwd, ref_bwd, ref_fb = next(iter(timings.values()))
-    return [
-        {
-            "shape": shape,
-            "dtype": str(dtype).removeprefix("torch."),
-            "path": path,
-            "forward_ms": fwd_ms,
-            "backward_ms": bwd_ms,
-            "forward_backward_ms": fb_ms,
-            "forward_speedup": ref_fwd / fwd_ms,
-            "backward_speedup": ref_bwd / bwd_ms,
-            "forward_backward_speedup": ref_fb / fb_ms,
-            "forward_floor_ms": floor_fwd_ms,
-            "backward_floor_ms": floor_bwd_ms,
-            "forward_backward_floor_ms": floor_fb_ms,
-            "forward_over_floor": fwd_ms / floor_fwd_ms,
-            "backward_over_floor": bwd_ms / floor_bwd_ms,
-            "forward_backward_over_floor": fb_ms / floor_fb_ms,
-        }
-        for path, (fwd_ms, bwd_ms, fb_ms) in timings.items()
-    ]
 
 
 def run_benchmark(report: Report, device: torch.device, bandwidth: float) -> None:
@@ -513,22 +388,6 @@ def evaluate_targets(report: Report) -> None:
         print(f"TARGET {'MET' if met else 'MISSED'} {name}: {detail}")
 
 
-def markdown_table(rows: list[dict]) -> str:
-    lines = [
-        "| shape | dtype | path | fwd ms | bwd ms | fwd+bwd ms | fwd speed-up | bwd speed-up | fwd+bwd speed-up "
-        "| fwd / floor | bwd / floor | fwd+bwd / floor |",
-        "|---|---|---|" + "---:|" * 9,
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['shape']} | {r['dtype']} | {r['path']} | {r['forward_ms']:.3f} | {r['backward_ms']:.3f} | "
-            f"{r['forward_backward_ms']:.3f} | {r['forward_speedup']:.1f}x | {r['backward_speedup']:.1f}x | "
-            f"{r['forward_backward_speedup']:.1f}x | {r['forward_over_floor']:.2f}x | {r['backward_over_floor']:.2f}x | "
-            f"{r['forward_backward_over_floor']:.2f}x |"
-        )
-    return "\n".join(lines)
-
-
 def print_build_info(device: torch.device) -> None:
     """NVRTC's version, a fresh (uncached) compile time per architecture, and the registers per
     thread ptxas chose for each kernel on this device."""
@@ -563,15 +422,12 @@ def main(argv: list[str] | None = None) -> int:
     json_path = None
     if argv:
         if len(argv) != 2 or argv[0] != "--json":
-            print("usage: python -m ops.benchmark [--json PATH]", file=sys.stderr)
+            print("usage: python -m ops.bench.gpu [--json PATH]", file=sys.stderr)
             return 2
         json_path = argv[1]
     if not torch.cuda.is_available():
         print("No CUDA device: this benchmark needs a GPU (torch.cuda.is_available() is False).", file=sys.stderr)
         return 2
-    # The fused op's checks and rows (ops/benchmark_fused.py imports this module's helpers).
-    from ops.benchmark_fused import evaluate_fused_targets, run_fused_benchmark, run_fused_checks
-
     ok, reason = cuda_unfused.is_available()
     if not ok:
         print(f"The CUDA kernel is unavailable on this machine: {reason}", file=sys.stderr)

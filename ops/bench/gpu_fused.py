@@ -1,4 +1,4 @@
-"""GPU checks and timings of the fused op, run by ``python -m ops.benchmark`` after the unfused ones.
+"""GPU checks and timings of the fused op, run by ``python -m ops.bench.gpu`` after the unfused ones.
 
 Legend: N batch, S = sum_l H_l*W_l value positions, M heads, D channels per head, Lq queries,
 L levels, P sampling points per (head, level).
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from ops.benchmark import (
+from ops.bench.common import (
     DECODER_QUERIES,
     ENCODER_S,
     ENCODER_SHAPES,
@@ -24,8 +24,8 @@ from ops.benchmark import (
     N_POINTS,
     TOLERANCES,
     Report,
-    _rel_err,
     check_graph_replay,
+    rel_err,
     timed_rows,
 )
 from ops.cuda import fused as cuda_fused
@@ -77,7 +77,7 @@ def compare_fused(inputs, tol: float) -> tuple[bool, str]:
     f64 = (value.double(), ss, lsi, ref.double(), offsets.double(), logits.double())
     want = _value_and_grads(ms_deform_attn_composed, f64, grad_out.double())
     names = ("out", "grad_value", "grad_ref", "grad_offsets", "grad_logits")
-    errors = {n: _rel_err(g, w) for n, g, w in zip(names, got, want)}
+    errors = {n: rel_err(g, w) for n, g, w in zip(names, got, want)}
     return all(e <= tol for e in errors.values()), " ".join(f"{k}={v:.1e}" for k, v in errors.items())
 
 
