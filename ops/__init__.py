@@ -5,7 +5,8 @@ Public interface (versioned by ``__version__``): ``ms_deform_attn``, ``MSDeformA
 ``cuda_kernel_available``, ``cpu_kernel_available``.
 """
 
-from ops.functional import get_backend, ms_deform_attn, set_backend
+from ops.backend import get_backend, set_backend
+from ops.functional import ms_deform_attn
 from ops.fused import ms_deform_attn_fused
 from ops.modules import MSDeformAttn
 from ops.reference import ms_deform_attn_reference

@@ -12,122 +12,12 @@ what the forward saved; only traced calls (torch.compile) keep the opaque op aro
 
 from __future__ import annotations
 
-import logging
-import os
-import warnings
 import weakref
 
 import torch
 
+from ops.backend import check_deterministic, use_cpu_kernel, use_cuda_kernel, use_kernel
 from ops.reference import ms_deform_attn_reference
-
-log = logging.getLogger(__name__)
-
-BACKENDS = ("auto", "cuda", "cpu", "reference")
-_backend_override: str | None = None
-_fallback_logged = False
-_cpu_fallback_logged = False
-
-
-def set_backend(name: str | None) -> None:
-    """Force a backend for this process: "cuda", "cpu", "reference", "auto", or None to follow $MSDA_BACKEND.
-
-    "cuda" and "cpu" force the kernel of that device (an error where it cannot be built); tensors on
-    the other device still take their own default.
-    """
-    global _backend_override
-    if name is not None and name not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
-    _backend_override = name
-
-
-def get_backend() -> str:
-    """The backend setting in force: set_backend() first, then $MSDA_BACKEND, then "auto"."""
-    if _backend_override is not None:
-        return _backend_override
-    name = os.environ.get("MSDA_BACKEND", "auto").strip().lower() or "auto"
-    if name not in BACKENDS:
-        raise ValueError(f"MSDA_BACKEND must be one of {BACKENDS}, got {name!r}")
-    return name
-
-
-def _use_cuda_kernel(device: torch.device) -> bool:
-    """Decide, for CUDA tensors on ``device``, between the kernel and the reference path.
-
-    A fall back to the reference is loud (a warning, once per process, naming the cause and the
-    fix): it is many times slower, and a training job that silently takes it wastes its GPUs.
-    MSDA_BACKEND=cuda makes it an error.
-    """
-    global _fallback_logged
-    backend = get_backend()
-    if backend == "reference":
-        return False
-    from ops.cuda import unfused as cuda_unfused
-
-    ok, reason = cuda_unfused.is_available(device)
-    if ok:
-        return True
-    fix = (
-        "Fix: pip install 'msda-ops[cuda]' (NVIDIA's runtime compiler, no nvcc needed) and check "
-        "`python -m ops info`; MSDA_BACKEND=reference selects the reference path on purpose."
-    )
-    if backend == "cuda":
-        raise RuntimeError(
-            f"MSDA_BACKEND=cuda but the MSDeformAttn CUDA kernel is unavailable on {device}: {reason}. {fix}"
-        )
-    if not _fallback_logged:
-        message = (
-            f"MSDeformAttn falls back to the PyTorch reference on {device}, many times slower than the CUDA "
-            f"kernel, which is unavailable: {reason}. {fix} MSDA_BACKEND=cuda turns this warning into an error."
-        )
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
-        log.warning("%s", message)
-        _fallback_logged = True
-    return False
-
-
-def _use_cpu_kernel() -> bool:
-    """Decide, for CPU tensors, between the CPU kernel and the reference path."""
-    global _cpu_fallback_logged
-    backend = get_backend()
-    if backend == "reference":
-        return False
-    from ops.cpu import build as cpu_build
-
-    ok, reason = cpu_build.is_available()
-    if ok:
-        return True
-    if backend == "cpu":
-        raise RuntimeError(f"MSDA backend 'cpu' was forced but the CPU kernel is unavailable: {reason}")
-    if not _cpu_fallback_logged:
-        log.warning("MSDeformAttn CPU kernel unavailable (%s); using the PyTorch reference path", reason)
-        _cpu_fallback_logged = True
-    return False
-
-
-def _use_kernel(device: torch.device) -> bool:
-    """Whether tensors on ``device`` run a kernel (else the reference path)."""
-    if device.type == "cpu":
-        return _use_cpu_kernel()
-    if device.type == "cuda":
-        return _use_cuda_kernel(device)
-    return False
-
-
-def _check_deterministic(what: str) -> None:
-    """Raise (or warn, with warn_only=True) as PyTorch's own nondeterministic CUDA ops do."""
-    if not torch.are_deterministic_algorithms_enabled():
-        return
-    message = (
-        f"{what} does not have a deterministic implementation (grad_value is summed with float atomics), but "
-        "you set 'torch.use_deterministic_algorithms(True)'. Turn that off for this op with "
-        "torch.use_deterministic_algorithms(True, warn_only=True), or detach value if it needs no gradient."
-    )
-    if torch.is_deterministic_algorithms_warn_only_enabled():
-        warnings.warn(message, UserWarning, stacklevel=3)
-    else:
-        raise RuntimeError(message)
-
 
 # ---------------------------------------------------------------------------------------------
 # Custom op registration
@@ -147,7 +37,7 @@ def _forward_op(
 
 @_forward_op.register_kernel("cuda")
 def _forward_cuda(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
-    if _use_cuda_kernel(value.device):
+    if use_cuda_kernel(value.device):
         from ops.cuda import unfused as cuda_unfused
 
         return cuda_unfused.forward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
@@ -156,7 +46,7 @@ def _forward_cuda(value, spatial_shapes, level_start_index, sampling_locations, 
 
 @_forward_op.register_kernel("cpu")
 def _forward_cpu(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
-    if _use_cpu_kernel():
+    if use_cpu_kernel():
         from ops.cpu import unfused as cpu_unfused
 
         return cpu_unfused.forward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
@@ -171,7 +61,7 @@ def _forward_fake(value, spatial_shapes, level_start_index, sampling_locations, 
 
 
 @torch.library.custom_op("msda::backward", mutates_args=())
-def _backward_op(
+def backward_op(
     grad_output: torch.Tensor,
     value: torch.Tensor,
     spatial_shapes: torch.Tensor,
@@ -186,15 +76,15 @@ def _backward_op(
     return grads if need_grad_value else (value.new_empty(0), *grads[1:])
 
 
-@_backward_op.register_kernel("cuda")
+@backward_op.register_kernel("cuda")
 def _backward_cuda(
     grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights, need_grad_value=True
 ):
-    if _use_cuda_kernel(value.device):
+    if use_cuda_kernel(value.device):
         from ops.cuda import unfused as cuda_unfused
 
         if need_grad_value:
-            _check_deterministic("ms_deform_attn's CUDA backward")
+            check_deterministic("ms_deform_attn's CUDA backward")
         # Without a gradient for value the kernel skips grad_value: no zero fill, no atomics, no conversion.
         return cuda_unfused.backward(
             grad_output.contiguous(),
@@ -211,11 +101,11 @@ def _backward_cuda(
     return grads if need_grad_value else (value.new_empty(0), *grads[1:])
 
 
-@_backward_op.register_kernel("cpu")
+@backward_op.register_kernel("cpu")
 def _backward_cpu(
     grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights, need_grad_value=True
 ):
-    if _use_cpu_kernel():
+    if use_cpu_kernel():
         from ops.cpu import unfused as cpu_unfused
 
         # The CPU kernel's grad_value has no write conflicts to save (one (n, m) pair per thread), so
@@ -230,7 +120,7 @@ def _backward_cpu(
     return grads if need_grad_value else (value.new_empty(0), *grads[1:])
 
 
-@_backward_op.register_fake
+@backward_op.register_fake
 def _backward_fake(
     grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights, need_grad_value=True
 ):
@@ -261,7 +151,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_output):
     value, spatial_shapes, level_start_index, sampling_locations, attention_weights = ctx.saved_tensors
     need_grad_value = ctx.needs_input_grad[0]
-    grad_value, grad_loc, grad_attn = _backward_op(
+    grad_value, grad_loc, grad_attn = backward_op(
         grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights, need_grad_value
     )
     return grad_value if need_grad_value else None, None, None, grad_loc, grad_attn
@@ -286,7 +176,7 @@ def _shape_error(name: str, expected: str, tensor: torch.Tensor) -> ValueError:
     return ValueError(f"{name} must have shape {expected}, got {tuple(tensor.shape)}")
 
 
-def _validate(value, spatial_shapes, level_start_index, sampling_locations, attention_weights) -> None:
+def validate(value, spatial_shapes, level_start_index, sampling_locations, attention_weights) -> None:
     """Raise a ValueError/TypeError naming the bad argument and the expected shape or dtype."""
     named = {
         "value": value,
@@ -384,9 +274,9 @@ def ms_deform_attn(
     Returns:
         (N, Lq, M*D) in ``value``'s dtype.
     """
-    _validate(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    validate(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     coord_dtype = torch.float64 if value.dtype == torch.float64 else torch.float32
-    if not torch.compiler.is_compiling() and not _use_kernel(value.device):
+    if not torch.compiler.is_compiling() and not use_kernel(value.device):
         # Plain autograd over the reference: its backward reuses the sampled values saved by the
         # forward, where the custom op's backward would have to sample them again.
         return ms_deform_attn_reference(

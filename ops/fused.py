@@ -13,11 +13,11 @@ also the definition the fused CUDA kernel (``csrc/ms_deform_attn_fused.cu``) is 
 from __future__ import annotations
 
 import logging
-import warnings
 
 import torch
 
-from ops.functional import _backward_op, _check_deterministic, _validate, get_backend, ms_deform_attn
+from ops.backend import check_deterministic, use_fused_kernel
+from ops.functional import backward_op, ms_deform_attn, validate
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ def _composed_backward(
     P = offsets.shape[4]
     locations = sampling_locations_of(reference_points, offsets, spatial_shapes)
     weights = attention_weights_of(attention_logits)
-    grad_value, grad_loc, grad_weights = _backward_op(
+    grad_value, grad_loc, grad_weights = backward_op(
         grad_output, value, spatial_shapes, level_start_index, locations, weights, need_value_grad
     )
     # Softmax over each head's L*P points: dlogit_i = a_i * (da_i - sum_j a_j da_j).
@@ -115,35 +115,6 @@ def _composed_backward(
 # ---------------------------------------------------------------------------------------------
 
 
-_fallback_logged = False
-
-
-def _use_fused_kernel(device: torch.device) -> bool:
-    """On CUDA tensors: the fused kernel, or (backend "reference", or the kernel unavailable) the
-    composition. Falling back is loud, as for the unfused op; MSDA_BACKEND=cuda makes it an error."""
-    global _fallback_logged
-    backend = get_backend()
-    if backend == "reference":
-        return False
-    from ops.cuda import fused as cuda_fused
-
-    ok, reason = cuda_fused.is_available(device)
-    if ok:
-        return True
-    if backend == "cuda":
-        raise RuntimeError(f"MSDA_BACKEND=cuda but the fused MSDeformAttn kernel is unavailable on {device}: {reason}")
-    if not _fallback_logged:
-        message = (
-            f"ms_deform_attn_fused computes its softmax and sampling locations in PyTorch on {device} (about 2.4x "
-            f"the memory traffic of the fused kernel), which is unavailable: {reason}. Check `python -m ops info`; "
-            "MSDA_BACKEND=cuda turns this warning into an error."
-        )
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
-        log.warning("%s", message)
-        _fallback_logged = True
-    return False
-
-
 @torch.library.custom_op("msda::fused_forward", mutates_args=())
 def _fused_forward_op(
     value: torch.Tensor,
@@ -160,7 +131,7 @@ def _fused_forward_op(
 
 @_fused_forward_op.register_kernel("cuda")
 def _fused_forward_cuda(value, spatial_shapes, level_start_index, reference_points, offsets, attention_logits):
-    if _use_fused_kernel(value.device):
+    if use_fused_kernel(value.device):
         from ops.cuda import fused as cuda_fused
 
         return cuda_fused.forward(value, spatial_shapes, level_start_index, reference_points, offsets, attention_logits)
@@ -218,12 +189,12 @@ def _fused_backward_cuda(
     need_reference_grad=True,
 ):
     inputs = (value, spatial_shapes, level_start_index, reference_points, offsets, attention_logits)
-    if not _use_fused_kernel(value.device):
+    if not use_fused_kernel(value.device):
         return _composed_gradients(grad_output, inputs, need_value_grad, need_reference_grad)
     from ops.cuda import fused as cuda_fused
 
     if need_value_grad:
-        _check_deterministic("ms_deform_attn_fused's CUDA backward")
+        check_deterministic("ms_deform_attn_fused's CUDA backward")
     grad_value, grad_offsets, grad_logits, grad_locations = cuda_fused.backward(
         grad_output.contiguous(), *inputs, need_grad_value=need_value_grad, need_grad_locations=need_reference_grad
     )
@@ -368,8 +339,8 @@ def ms_deform_attn_fused(
     """
     _validate_fused(value, spatial_shapes, reference_points, offsets, attention_logits)
     # Value, level table and the shapes that match the unfused op's arguments one to one.
-    _validate(value, spatial_shapes, level_start_index, offsets, attention_logits)
-    if not torch.compiler.is_compiling() and not (value.is_cuda and _use_fused_kernel(value.device)):
+    validate(value, spatial_shapes, level_start_index, offsets, attention_logits)
+    if not torch.compiler.is_compiling() and not (value.is_cuda and use_fused_kernel(value.device)):
         # No fused kernel here (the CPU, or a GPU without it): the composition under plain autograd,
         # so the unfused op takes its own best path (its CPU kernel, or the reference, whose backward
         # then reuses the forward's samples instead of recomputing them inside an opaque op).

@@ -49,14 +49,14 @@ def encoder_shapes(height: int, width: int, n_levels: int = 4) -> list[tuple[int
 @contextlib.contextmanager
 def use_path(name: str, frozen_bn_class: type | None = None) -> Iterator[None]:
     """Run the op (and frozen batch norm, when its class is given) the way path ``name`` does."""
-    saved_use_kernel = functional._use_kernel
+    saved_use_kernel = functional.use_kernel
     saved_bn = frozen_bn_class.forward if frozen_bn_class is not None else None
     try:
         if name == "before":
             ops.set_backend("reference")
             # Through the custom op even without a kernel: its CPU kernel then runs the reference,
             # and its backward the torch.func.vjp recomputation, as before this kernel.
-            functional._use_kernel = lambda device: True
+            functional.use_kernel = lambda device: True
             if frozen_bn_class is not None:
                 frozen_bn_class.forward = _two_pass_frozen_bn
         else:
@@ -64,7 +64,7 @@ def use_path(name: str, frozen_bn_class: type | None = None) -> Iterator[None]:
         yield
     finally:
         ops.set_backend(None)
-        functional._use_kernel = saved_use_kernel
+        functional.use_kernel = saved_use_kernel
         if frozen_bn_class is not None:
             frozen_bn_class.forward = saved_bn
 

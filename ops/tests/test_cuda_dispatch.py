@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import ops
-from ops import functional
+from ops import backend, functional
 from ops.cuda import unfused as cuda_unfused
 
 CUDA0 = torch.device("cuda", 0)
@@ -20,7 +20,7 @@ def no_kernel(monkeypatch):
     """A CUDA device whose kernel is unavailable, for the reason a machine without the wheels gives."""
     reason = "NVIDIA's runtime compiler is not installed (No module named 'cuda.bindings')"
     monkeypatch.setattr(cuda_unfused.KERNELS, "availability", {0: (False, reason)})
-    monkeypatch.setattr(functional, "_fallback_logged", False)
+    monkeypatch.setattr(backend, "_fallback_logged", False)
     monkeypatch.delenv("MSDA_BACKEND", raising=False)
     ops.set_backend(None)
     return reason
@@ -28,14 +28,14 @@ def no_kernel(monkeypatch):
 
 def test_fallback_warns_once_naming_cause_and_fix(no_kernel):
     with pytest.warns(RuntimeWarning) as record:
-        assert functional._use_cuda_kernel(CUDA0) is False
+        assert backend.use_cuda_kernel(CUDA0) is False
     (warning,) = record
     text = str(warning.message)
     assert "falls back to the PyTorch reference on cuda:0" in text and no_kernel in text
     assert "pip install 'msda-ops[cuda]'" in text and "MSDA_BACKEND=cuda" in text
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a second fallback stays quiet
-        assert functional._use_cuda_kernel(CUDA0) is False
+        assert backend.use_cuda_kernel(CUDA0) is False
 
 
 def test_msda_backend_cuda_turns_the_fallback_into_an_error(no_kernel, monkeypatch):
@@ -43,14 +43,14 @@ def test_msda_backend_cuda_turns_the_fallback_into_an_error(no_kernel, monkeypat
     with pytest.raises(
         RuntimeError, match=r"MSDA_BACKEND=cuda but the MSDeformAttn CUDA kernel is unavailable on cuda:0: NVIDIA"
     ):
-        functional._use_cuda_kernel(CUDA0)
+        backend.use_cuda_kernel(CUDA0)
 
 
 def test_reference_backend_is_chosen_quietly(no_kernel, monkeypatch):
     monkeypatch.setenv("MSDA_BACKEND", "reference")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert functional._use_cuda_kernel(CUDA0) is False
+        assert backend.use_cuda_kernel(CUDA0) is False
 
 
 def test_deterministic_algorithms_raise_or_warn():
@@ -58,12 +58,12 @@ def test_deterministic_algorithms_raise_or_warn():
     try:
         torch.use_deterministic_algorithms(True)
         with pytest.raises(RuntimeError, match="does not have a deterministic implementation"):
-            functional._check_deterministic("ms_deform_attn's CUDA backward")
+            backend.check_deterministic("ms_deform_attn's CUDA backward")
         torch.use_deterministic_algorithms(True, warn_only=True)
         with pytest.warns(UserWarning, match="float atomics"):
-            functional._check_deterministic("ms_deform_attn's CUDA backward")
+            backend.check_deterministic("ms_deform_attn's CUDA backward")
         torch.use_deterministic_algorithms(False)
-        functional._check_deterministic("ms_deform_attn's CUDA backward")  # silent
+        backend.check_deterministic("ms_deform_attn's CUDA backward")  # silent
     finally:
         torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
 
@@ -71,13 +71,13 @@ def test_deterministic_algorithms_raise_or_warn():
 def test_backward_op_is_told_when_value_needs_no_gradient(inputs_factory, monkeypatch):
     value, spatial_shapes, level_start_index, loc, attn = inputs_factory([[4, 5], [2, 3]])
     seen = []
-    original = functional._backward_op
+    original = functional.backward_op
 
     def spy(*args):
         seen.append(args[-1])
         return original(*args)
 
-    monkeypatch.setattr(functional, "_backward_op", spy)
+    monkeypatch.setattr(functional, "backward_op", spy)
     loc.requires_grad_(True)
     out = ops.ms_deform_attn(value, spatial_shapes, level_start_index, loc, attn)
     (grad_loc,) = torch.autograd.grad(out.sum(), loc)
@@ -98,8 +98,8 @@ def test_inference_mode_checks_the_level_table_once(inputs_factory, monkeypatch)
         original = torch.Tensor.tolist
         monkeypatch.setattr(torch.Tensor, "tolist", lambda self: calls.append(1) or original(self))
         for _ in range(3):
-            functional._validate(*inputs)
+            functional.validate(*inputs)
         assert len(calls) == 2  # spatial_shapes and level_start_index, once
         shapes = inputs[1].clone()  # another level table is checked again
-        functional._validate(inputs[0], shapes, *inputs[2:])
+        functional.validate(inputs[0], shapes, *inputs[2:])
         assert len(calls) == 4
