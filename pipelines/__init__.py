@@ -1,4 +1,4 @@
-"""Deformable DETR on Ray: entry scripts (train.py, evaluate.py, infer.py, bench_train.py, bench_infer.py) over a shared library.
+"""Deformable DETR on Ray: entry scripts (train.py, evaluate.py, infer.py) over a shared library.
 
 The library: ``config`` (the run config and presets), ``storage`` (local, s3://, gs://), ``engine`` (the
 training and evaluation loops as plain functions), ``data/`` (the data layer), ``raytrain/`` (the Ray

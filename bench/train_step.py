@@ -1,29 +1,24 @@
 """Training-step throughput on one device: images/s and peak memory of the real training step.
 
-    python pipelines/bench_train.py                         # R50 at COCO size, the best device here
-    python pipelines/bench_train.py --compile --iters 50    # with torch.compile
-    python pipelines/bench_train.py --device cpu --iters 3 --warmup 1 --batch-size 1
-    python pipelines/bench_train.py --preset r50_two_stage --amp off --json out.json
+    python bench/train_step.py                         # R50 at COCO size, the best device here
+    python bench/train_step.py --compile --iters 50    # with torch.compile
+    python bench/train_step.py --device cpu --iters 3 --warmup 1 --batch-size 1
+    python bench/train_step.py --preset r50_two_stage --amp off --json out.json
 
 It runs ``engine.train_one_epoch`` (autocast, loss, backward, clipping, AdamW with the paper's groups)
 on random images of a COCO-like size (800 x 1066 by default: short side 800, COCO's mean 4:3 aspect)
 with 7 boxes each, COCO's mean. Data loading is left out: this is the model's share of a step; Ray
-Data feeds the real run (``python -m pipelines.data.bench`` times that side). Target on an H100 with
+Data feeds the real run (``python bench/data.py`` times that side). Target on an H100 with
 bfloat16: >= 20 images/s (the paper's setup gave about 5 images/s per V100).
 """
 
 from __future__ import annotations
 
-import os
-import sys
-
-if __package__ in (None, ""):  # `python pipelines/bench_train.py`: make the repository importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 import argparse
 import json
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Iterator
 from typing import Any

@@ -1,4 +1,4 @@
-"""Parameters, FLOPs and speed of each Deformable DETR variant: ``python -m core.benchmark [--device cuda] ...``.
+"""Parameters, FLOPs and speed of each Deformable DETR variant: ``python bench/model.py [--device cuda] ...``.
 
 For every variant (ResNet-50, paper sizes, random weights: speed does not depend on their values):
 parameters; FLOPs of one forward pass at 800x1333, counted by ``torch.utils.flop_counter`` plus an
@@ -12,13 +12,11 @@ as 1, so its "173 GFLOPs" compares with our GMACs column (= FLOPs / 2).
 
 from __future__ import annotations
 
-import sys
+import argparse
 import time
 from collections.abc import Callable, Sequence
-from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch.utils.flop_counter import FlopCounterMode
 
 from core.build import build_model
@@ -37,27 +35,37 @@ VARIANTS: dict[str, dict[str, bool | int]] = {
 _SAMPLING_FLOPS_PER_POINT_CHANNEL = 2 * (4 + 1)
 
 
-class BenchmarkOptions(BaseModel):
-    """Command-line options; ``--name value`` (lists: ``--variants plain two_stage``)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    device: Literal["cpu", "cuda"] = Field(default_factory=lambda: "cuda" if torch.cuda.is_available() else "cpu")
-    variants: list[Literal[tuple(VARIANTS)]] = Field(  # type: ignore[valid-type]
-        default_factory=lambda: ["plain", "with_box_refine", "two_stage", "with_box_refine_two_stage"]
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        choices=tuple(VARIANTS),
+        default=["plain", "with_box_refine", "two_stage", "with_box_refine_two_stage"],
     )
-    backbone: Literal["resnet18", "resnet34", "resnet50", "resnet101"] = "resnet50"
-    height: int = Field(default=800, ge=32)
-    width: int = Field(default=1333, ge=32)
-    batch_size: int = Field(default=1, ge=1)
-    iters: int = Field(default=20, ge=1, description="timed iterations per measurement")
-    warmup: int = Field(default=3, ge=0, description="untimed iterations before timing")
-    dtypes: list[Literal["float32", "bfloat16", "float16"]] | None = Field(
-        default=None, description="default: float32 on CPU, float32 and bfloat16 on CUDA"
+    p.add_argument("--backbone", choices=("resnet18", "resnet34", "resnet50", "resnet101"), default="resnet50")
+    p.add_argument("--height", type=int, default=800)
+    p.add_argument("--width", type=int, default=1333)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--iters", type=int, default=20, help="timed iterations per measurement")
+    p.add_argument("--warmup", type=int, default=3, help="untimed iterations before timing")
+    p.add_argument(
+        "--dtypes",
+        nargs="+",
+        choices=("float32", "bfloat16", "float16"),
+        default=None,
+        help="default: float32 on CPU, float32 and bfloat16 on CUDA",
     )
-    skip_backward: bool = False
-    skip_flops: bool = False
-    compile: bool = Field(default=False, description="time torch.compile'd inference and training steps")
+    p.add_argument("--skip-backward", action="store_true")
+    p.add_argument("--skip-flops", action="store_true")
+    p.add_argument("--compile", action="store_true", help="time torch.compile'd inference and training steps")
+    args = p.parse_args(argv)
+    if min(args.height, args.width) < 32:
+        p.error(f"--height and --width must be >= 32, got {args.height}x{args.width}")
+    if args.batch_size < 1 or args.iters < 1 or args.warmup < 0:
+        p.error("--batch-size and --iters must be >= 1 and --warmup >= 0")
+    return args
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
@@ -124,7 +132,7 @@ def _random_targets(batch_size: int, device: torch.device, num_boxes: int = 8) -
     return targets
 
 
-def benchmark_variant(name: str, opts: BenchmarkOptions) -> dict[str, object]:
+def benchmark_variant(name: str, opts: argparse.Namespace) -> dict[str, object]:
     """All measurements of one variant as a flat dict (times in seconds per image)."""
     device = torch.device(opts.device)
     cfg = DetrConfig(model=ModelConfig(backbone=opts.backbone, **VARIANTS[name]))
@@ -169,27 +177,6 @@ def benchmark_variant(name: str, opts: BenchmarkOptions) -> dict[str, object]:
     return row
 
 
-def _parse_cli(argv: Sequence[str]) -> dict[str, object]:
-    """``--name v`` -> {"name": "v"}; ``--name a b`` -> {"name": ["a", "b"]}; ``--flag`` -> True."""
-    values: dict[str, object] = {}
-    key = None
-    for token in argv:
-        if token.startswith("--"):
-            key = token[2:].replace("-", "_")
-            values[key] = True
-        elif key is None:
-            raise ValueError(f"expected --option before {token!r}")
-        elif values[key] is True:
-            values[key] = token
-        else:
-            previous = values[key]
-            values[key] = [*previous, token] if isinstance(previous, list) else [previous, token]
-    for list_field in ("variants", "dtypes"):
-        if isinstance(values.get(list_field), str):
-            values[list_field] = [values[list_field]]
-    return values
-
-
 def _format_rows(rows: list[dict[str, object]]) -> str:
     columns = list(dict.fromkeys(k for row in rows for k in row))
     cells = [
@@ -202,17 +189,7 @@ def _format_rows(rows: list[dict[str, object]]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, object]]:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if "--help" in argv or "-h" in argv:
-        print(__doc__)
-        for name, f in BenchmarkOptions.model_fields.items():
-            default = f.default_factory() if f.default_factory else f.default
-            print(f"  --{name} (default {default}){': ' + f.description if f.description else ''}")
-        return []
-    try:
-        opts = BenchmarkOptions.model_validate(_parse_cli(argv))
-    except (ValidationError, ValueError) as err:
-        raise SystemExit(f"invalid options: {err}") from None
+    opts = parse_args(argv)
     device = torch.device(opts.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda given but CUDA is not available")

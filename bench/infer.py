@@ -12,8 +12,8 @@ Images per CPU-second (every process of the job counted: driver, Ray's daemons, 
 say how much CPU the job's machinery costs, whatever else a shared machine runs. With a GPU, the
 device's busy fraction over the job is sampled with nvidia-smi.
 
-    python -m pipelines.bench_infer                          # CPU: ResNet-50 model, 480-px images
-    python -m pipelines.bench_infer --gpus-per-actor 1 --image-size 800 --num-images 512 --bf16
+    python bench/infer.py                          # CPU: ResNet-50 model, 480-px images
+    python bench/infer.py --gpus-per-actor 1 --image-size 800 --num-images 512 --bf16
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ Data execution pays and persistent DataLoader workers mostly don't; while both s
 batches drain it reads high). Longer epochs (`--num-images`) bring both towards the steady state.
 Ray Data runs with the training defaults (read and decode fused into one task per unit);
 `ray.init(num_cpus=workers)` is what caps it at `workers` cores.
-Run: `python -m pipelines.data.bench` (Linux: CPU time is read from /proc).
+Run: `python bench/data.py` (Linux: CPU time is read from /proc).
 """
 
 from __future__ import annotations

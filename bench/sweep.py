@@ -1,7 +1,7 @@
 """Benchmark: a sweep over lr and schedule against the default config trained for the same epochs.
 
-    python tune/bench_sweep.py                                  # demo data, 4 trials of 4 epochs
-    python tune/bench_sweep.py --set num_trials=8 --set base.train.epochs=8
+    python bench/sweep.py                                  # demo data, 4 trials of 4 epochs
+    python bench/sweep.py --set num_trials=8 --set base.train.epochs=8
 
 Prints, from one process on one Ray instance: the default run's best AP and the sweep's best trial's,
 and the sweep's wall time against the plain run's, also per epoch trained (the cost of Tune itself:
@@ -10,14 +10,10 @@ trial start-up, per-trial data preparation, the driver's bookkeeping).
 
 from __future__ import annotations
 
-import os
-import sys
-
-if __package__ in (None, ""):  # `python tune/bench_sweep.py`: make the repository importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 import argparse
 import json
+import os
+import sys
 import time
 
 # lr and schedule only (the issue's benchmark); the drop epoch and warmup ranges fit 4 epochs.
