@@ -35,6 +35,7 @@ from pipelines.data.coco import (
 )
 from pipelines.data.categories import CategoryMap
 from pipelines.data.config import DataConfig, Split
+from pipelines.data.index import load_index
 from pipelines.data.parquet import MANIFEST_VERSION, manifest_uri
 from pipelines.data.sample import DecodeSamples
 from pipelines.storage import absolute, filesystem_for, join_uri
@@ -201,17 +202,6 @@ class _ReadUnits:
 
 
 # --------------------------------------------------------------------------- builders
-
-
-def load_index(cfg: DataConfig, split: Split) -> CocoIndex:
-    """Parse and check the split's instances JSON and its image files (driver side, once)."""
-    return load_coco(
-        cfg.ann_uri(split),
-        absolute(cfg.images_uri(split)),
-        storage_options=cfg.storage_options,
-        on_bad_input=cfg.on_bad_input,
-        box_edge_tolerance=cfg.box_edge_tolerance,
-    )
 
 
 def _units(cfg: DataConfig, split: Split, shuffle: bool) -> tuple[_FolderUnits | _ParquetUnits, dict[str, Any]]:

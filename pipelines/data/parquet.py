@@ -16,6 +16,7 @@ import ray
 
 from pipelines.data.coco import ROW_SCHEMA, BadInputSummary, attach_image_bytes, check_bad_input
 from pipelines.data.config import DataConfig, Split
+from pipelines.data.index import load_index
 from pipelines.storage import absolute, filesystem_for, join_uri, write_bytes
 
 MANIFEST_VERSION = 1
@@ -76,8 +77,6 @@ def prepare_parquet(cfg: DataConfig, split: Split) -> str:
     """
     if cfg.parquet_dir is None:
         raise ValueError("parquet_dir must be set to prepare Parquet shards")
-    from pipelines.data.datasets import load_index
-
     index = load_index(cfg, split)
     meta = index.table.take(np.random.default_rng([cfg.seed, 7919]).permutation(index.table.num_rows))
     out_uri = join_uri(absolute(cfg.parquet_uri()), split)
