@@ -29,7 +29,7 @@ import torch
 
 from pipelines.data.batching import collate_table, iter_batches, samples_to_table, to_model_batch
 from pipelines.data.categories import CategoryMap
-from pipelines.data.config import DataConfig
+from pipelines.data.data_config import DataConfig
 from pipelines.data.datasets import build_dataset
 from pipelines.data.index import load_index
 from pipelines.data.sample import make_sample

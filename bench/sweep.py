@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines.raytrain.cluster import connect_ray
     from pipelines.raytrain.run_dir import read_metrics
     from pipelines.raytrain.training import run_training
-    from tune.config import load_sweep_config
+    from tune.sweep_config import load_sweep_config
     from tune.tuner import run_sweep
 
     # Fresh names: the same names again would resume the finished run and sweep, timing nothing.

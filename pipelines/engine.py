@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from core.box_ops import box_cxcywh_to_xyxy
-from core.coco_eval import detections_to_coco
+from core.evaluation import detections_to_coco
 
 # Parameter-name fragments of the authors' groups (their main.py: lr_backbone_names, lr_linear_proj_names).
 BACKBONE_NAMES = ("backbone.0",)

@@ -27,8 +27,8 @@ import logging
 import ray.train
 
 from core.checkpoint import Checkpoint
-from core.coco_eval import format_ap_table
-from pipelines.config import ConfigError, JobConfig, eval_job_config
+from core.evaluation import format_ap_table
+from pipelines.job_config import ConfigError, JobConfig, eval_job_config
 from pipelines.raytrain.cluster import quiet_ray_warnings
 from pipelines.raytrain.errors import describe_failure
 from pipelines.raytrain.evaluation import load_for_eval, run_evaluation

@@ -1,7 +1,7 @@
 """Presets: named starting points of a run config, declared as plain data (partial config dicts).
 
 Each is applied over the pydantic defaults (the paper's R50 model), then a config file and ``--set``
-overrides go on top (``pipelines.config.load_job_config``).
+overrides go on top (``pipelines.job_config.load_job_config``).
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ if __package__ in (None, ""):  # `python pipelines/train.py`: make the repositor
 import argparse
 import logging
 
-from pipelines.config import PRESETS, ConfigError, JobConfig, load_job_config, resume_job_config
+from pipelines.job_config import PRESETS, ConfigError, JobConfig, load_job_config, resume_job_config
 from pipelines.raytrain.cluster import quiet_ray_warnings
 from pipelines.raytrain.errors import describe_failure
 from pipelines.raytrain.preflight import PreflightError

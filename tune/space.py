@@ -22,7 +22,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from pipelines.config import ConfigError, JobConfig, validate_job_config
+from pipelines.job_config import ConfigError, JobConfig, validate_job_config
 
 DOMAIN_KINDS = ("loguniform", "uniform", "int", "choice", "grid")
 BACKBONE_MULT = "train.lr_backbone_mult"  # searched as a multiple of train.lr, written to train.lr_backbone

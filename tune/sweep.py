@@ -41,9 +41,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
-    from pipelines.config import ConfigError
+    from pipelines.job_config import ConfigError
     from pipelines.raytrain.preflight import PreflightError
-    from tune.config import load_sweep_config
+    from tune.sweep_config import load_sweep_config
 
     try:
         cfg, job, space = load_sweep_config(args.config, args.overrides)

@@ -14,7 +14,7 @@ from ray.tune import PlacementGroupFactory
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.util.placement_group import NODE_ID_LABEL_KEY
 
-from pipelines.config import JobConfig, validate_job_config
+from pipelines.job_config import JobConfig, validate_job_config
 from tune.space import apply_params
 
 log = logging.getLogger(__name__)

@@ -20,12 +20,10 @@ from typing import Any
 import ray
 from ray import tune
 
-from pipelines.config import ConfigError, JobConfig, validate_job_config
+from pipelines.job_config import ConfigError, JobConfig, validate_job_config
 from pipelines.raytrain.cluster import connect_ray
 from pipelines.raytrain.preflight import PreflightError, preflight
 from pipelines.storage import absolute, filesystem_for, is_remote, join_uri, write_bytes
-from tune.config import SweepConfig
-from tune.plots import CURVES_PLOT, PARAMS_PLOT, plot_curves, plot_params
 from tune.progress import SweepProgress
 from tune.results import (
     TrialSummary,
@@ -36,6 +34,8 @@ from tune.results import (
     write_table,
 )
 from tune.space import SearchSpace, apply_params
+from tune.sweep_config import SweepConfig
+from tune.sweep_plots import CURVES_PLOT, PARAMS_PLOT, plot_curves, plot_params
 from tune.trial import EPOCHS_DONE, run_trial, trial_driver_resources
 
 log = logging.getLogger(__name__)
@@ -188,7 +188,7 @@ def run_sweep(
     """Runs (or resumes) the sweep to its end and writes its outputs.
 
     Args:
-        cfg, job, space: from tune.config.load_sweep_config (validated).
+        cfg, job, space: from tune.sweep_config.load_sweep_config (validated).
         address: Ray cluster to join; default RAY_ADDRESS, else a local Ray.
 
     Raises:

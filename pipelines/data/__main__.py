@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from pipelines.config import ConfigError, apply_overrides
-from pipelines.data.config import DataConfig
+from pipelines.job_config import ConfigError, apply_overrides
+from pipelines.data.data_config import DataConfig
 from pipelines.data.parquet import prepare_parquet
 
 

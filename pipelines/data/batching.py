@@ -23,7 +23,7 @@ import ray
 import torch
 from ray.data.collate_fn import ArrowBatchCollateFn
 
-from pipelines.data.config import IMAGENET_MEAN, IMAGENET_STD
+from pipelines.data.data_config import IMAGENET_MEAN, IMAGENET_STD
 
 logger = logging.getLogger(__name__)
 

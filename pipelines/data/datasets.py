@@ -34,7 +34,7 @@ from pipelines.data.coco import (
     load_json,
 )
 from pipelines.data.categories import CategoryMap
-from pipelines.data.config import DataConfig, Split
+from pipelines.data.data_config import DataConfig, Split
 from pipelines.data.index import load_index
 from pipelines.data.parquet import MANIFEST_VERSION, manifest_uri
 from pipelines.data.sample import DecodeSamples

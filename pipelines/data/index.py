@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pipelines.data.coco import CocoIndex, load_coco
-from pipelines.data.config import DataConfig, Split
+from pipelines.data.data_config import DataConfig, Split
 from pipelines.storage import absolute
 
 

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import ray
 
 from pipelines.data.coco import ROW_SCHEMA, BadInputSummary, attach_image_bytes, check_bad_input
-from pipelines.data.config import DataConfig, Split
+from pipelines.data.data_config import DataConfig, Split
 from pipelines.data.index import load_index
 from pipelines.storage import absolute, filesystem_for, join_uri, write_bytes
 

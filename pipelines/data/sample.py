@@ -16,7 +16,7 @@ import torch
 from pipelines.data.batching import SAMPLE_SCHEMA, samples_to_table
 from pipelines.data.categories import CategoryMap
 from pipelines.data.coco import BadInputError
-from pipelines.data.config import DataConfig
+from pipelines.data.data_config import DataConfig
 from pipelines.data.decode import ImageDecodeError, decode_image, exif_orientation
 from pipelines.data.transforms import (
     boxes_xywh_to_xyxy,

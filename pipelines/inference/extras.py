@@ -78,7 +78,7 @@ def write_coco_results(out: OutputDir, coco_ann: str | None, storage_options: di
 
 def draw_images(out: OutputDir, count: int, threshold: float, storage_options: dict[str, Any]) -> list[str]:
     """Draws the detections scoring at least ``threshold`` on the first ``count`` good images (by URI)."""
-    from pipelines.raytrain.plots import draw_detections
+    from pipelines.raytrain.run_plots import draw_detections
 
     rows = [r for r in out.read_results().to_pylist() if r["error"] is None][:count]
     written = []

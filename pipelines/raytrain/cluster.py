@@ -16,7 +16,7 @@ import warnings
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from pipelines.config import JobConfig
+from pipelines.job_config import JobConfig
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # What `ray job submit --working-dir .` and a joined cluster need not receive.

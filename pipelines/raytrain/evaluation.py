@@ -10,18 +10,18 @@ import time
 import ray
 
 from core.checkpoint import Checkpoint, read_checkpoint
-from core.coco_eval import AP_KEYS, format_ap_table
-from pipelines.config import JobConfig
+from core.evaluation import AP_KEYS, format_ap_table
 from pipelines.data.report import data_report, format_data_report
+from pipelines.job_config import JobConfig
 from pipelines.raytrain.cluster import connect_ray, on_driver_node
-from pipelines.raytrain.datasets import prepare_data
-from pipelines.raytrain.distributed_eval import eval_loop_per_worker
 from pipelines.raytrain.metrics import MetricsPump, MetricsSink
-from pipelines.raytrain.plots import draw_detections
 from pipelines.raytrain.preflight import PreflightError, check_data, with_timeout
+from pipelines.raytrain.run_datasets import prepare_data
 from pipelines.raytrain.run_dir import AP_TABLE_FILE, DATA_REPORT_FILE, RunDir
+from pipelines.raytrain.run_plots import draw_detections
 from pipelines.raytrain.state import fetch_checkpoint_file
-from pipelines.raytrain.trainer import build_trainer
+from pipelines.raytrain.training import build_trainer
+from pipelines.raytrain.worker_eval import eval_loop_per_worker
 from pipelines.storage import absolute
 
 

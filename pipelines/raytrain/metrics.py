@@ -21,8 +21,8 @@ from typing import Any, TextIO
 import ray
 import torch
 
-from core.coco_eval import format_ap_table
-from pipelines.config import TrainConfig
+from core.evaluation import format_ap_table
+from pipelines.job_config import TrainConfig
 from pipelines.raytrain.run_dir import RunDir
 from pipelines.raytrain.worker_context import WorkerContext
 

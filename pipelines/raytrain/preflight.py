@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 import pyarrow.fs as pafs
 
-from pipelines.config import JobConfig
+from pipelines.job_config import JobConfig
 from pipelines.storage import absolute, file_type, filesystem_for, has_scheme, is_remote, join_uri, local_path
 
 log = logging.getLogger(__name__)

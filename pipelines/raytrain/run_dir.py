@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import pyarrow.fs as pafs
 
-from pipelines.config import CONFIG_FILE
+from pipelines.job_config import CONFIG_FILE
 from pipelines.storage import filesystem_for, is_remote, join_uri, local_path
 
 METRICS_FILE = "metrics.jsonl"

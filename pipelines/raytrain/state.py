@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from core.checkpoint import load_model_weights, read_checkpoint, save_checkpoint
-from pipelines.config import JobConfig
+from pipelines.job_config import JobConfig
 from pipelines.storage import fetch_file, file_type, is_remote, join_uri
 
 log = logging.getLogger(__name__)

@@ -21,9 +21,8 @@ import torch
 
 from core.build import NUM_DETECTIONS, build_criterion, build_model
 from core.checkpoint import load_model_weights
-from core.coco_eval import AP_KEYS
+from core.evaluation import AP_KEYS
 from core.postprocess import PostProcess
-from pipelines.config import JobConfig
 from pipelines.engine import (
     build_lr_scheduler,
     build_optimizer,
@@ -33,7 +32,7 @@ from pipelines.engine import (
     steps_per_epoch,
     train_one_epoch,
 )
-from pipelines.raytrain.distributed_eval import distributed_evaluate, load_val_ground_truth
+from pipelines.job_config import JobConfig
 from pipelines.raytrain.metrics import StepReporter, peak_memory_mb
 from pipelines.raytrain.state import TrainState
 from pipelines.raytrain.worker_config import WorkerConfig
@@ -43,6 +42,7 @@ from pipelines.raytrain.worker_context import (
     seed_everything,
     shard_batches,
 )
+from pipelines.raytrain.worker_eval import distributed_evaluate, load_val_ground_truth
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipelines.config import JobConfig
+from pipelines.job_config import JobConfig
 
 
 class DatasetFacts(BaseModel):

@@ -14,9 +14,9 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from pipelines.config import JobConfig
 from pipelines.data.batching import iter_batches
 from pipelines.engine import resolve_amp_dtype
+from pipelines.job_config import JobConfig
 
 
 @dataclass(frozen=True)

@@ -65,7 +65,7 @@ def test_entrypoint_parses_with_its_script(name, capsys):
 
 def test_a_bad_option_fails():
     """The parse above can fail: an option train.py does not have, and a field its config does not have."""
-    from pipelines.config import ConfigError
+    from pipelines.job_config import ConfigError
 
     script, args = split_entrypoint(entrypoint("rayjob-train.yaml"))
     module = load_script(script)

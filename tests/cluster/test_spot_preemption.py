@@ -57,7 +57,7 @@ def _reclaim_after_first_checkpoint(cluster, node_port: int, node_id: str, run: 
 def test_run_survives_a_spot_reclamation_on_fewer_workers(local_cluster_factory, tiny_root, tmp_path):
     import ray
 
-    from pipelines.config import load_job_config
+    from pipelines.job_config import load_job_config
     from pipelines.raytrain.training import run_training
 
     # Fast node-death detection and worker-group restarts, for a test on a loaded 2-core machine.

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from pipelines.data.config import DataConfig
+from pipelines.data.data_config import DataConfig
 from pipelines.data.synthetic import generate_coco
 
 # Augmentation sizes scaled to the ~100-160 px test images, so every branch (crop included) runs.

@@ -11,7 +11,7 @@ import pytest
 
 from pipelines.data.categories import CategoryMap
 from pipelines.data.coco import BadInputError, load_coco, parse_instances
-from pipelines.data.config import DataConfig
+from pipelines.data.data_config import DataConfig
 
 
 def _load(paths):

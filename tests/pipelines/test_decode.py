@@ -111,7 +111,7 @@ def test_exif_orientation_is_read_and_never_applied():
 def test_size_mismatch_names_the_exif_tag():
     from pipelines.data.categories import CategoryMap
     from pipelines.data.coco import BadInputError
-    from pipelines.data.config import DataConfig
+    from pipelines.data.data_config import DataConfig
     from pipelines.data.sample import make_sample
 
     tagged = _with_orientation(_smooth(48, 64), 6)

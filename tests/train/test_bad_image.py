@@ -51,8 +51,8 @@ def test_training_stops_with_the_files_line(ray_local, tmp_path, corrupt_data, c
 def test_evaluation_stops_with_the_files_line(ray_local, tmp_path, corrupt_data, capsys):
     """The authors' checkpoint format, evaluated on the val split whose first JPEG is truncated."""
     from core.build import build_model
-    from pipelines.config import load_job_config
     from pipelines.evaluate import main
+    from pipelines.job_config import load_job_config
 
     root, broken = corrupt_data
     job = load_job_config(preset="tiny", overrides=["model.num_classes=91"])

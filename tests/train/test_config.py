@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from pipelines.config import PRESETS, ConfigError, JobConfig, load_job_config, parse_override
+from pipelines.job_config import PRESETS, ConfigError, JobConfig, load_job_config, parse_override
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))

@@ -7,11 +7,11 @@ import shutil
 
 import pytest
 
-from pipelines.config import load_job_config
 from pipelines.data.batching import iter_batches
 from pipelines.data.report import data_report, format_data_report
-from pipelines.raytrain.datasets import prepare_data
+from pipelines.job_config import load_job_config
 from pipelines.raytrain.preflight import preflight
+from pipelines.raytrain.run_datasets import prepare_data
 from pipelines.raytrain.run_dir import DATA_REPORT_FILE, RunDir
 from pipelines.raytrain.training import write_data_report
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipelines.config import ConfigError, load_job_config
 from pipelines.engine import (
     build_lr_scheduler,
     build_optimizer,
@@ -16,6 +15,7 @@ from pipelines.engine import (
     realign_lr_scheduler,
     steps_per_epoch,
 )
+from pipelines.job_config import ConfigError, load_job_config
 
 
 def test_worker_range_in_the_config():
@@ -95,8 +95,8 @@ def test_resume_on_fewer_workers_rebases_and_realigns_the_schedule():
 
 
 def test_build_trainer_hands_ray_the_range_and_the_preemption_budget():
-    from pipelines.raytrain.datasets import PreparedData
-    from pipelines.raytrain.trainer import build_trainer
+    from pipelines.raytrain.run_datasets import PreparedData
+    from pipelines.raytrain.training import build_trainer
     from pipelines.raytrain.worker_config import DatasetFacts
 
     job = load_job_config(

@@ -9,7 +9,6 @@ import torch
 
 from core.build import build_model
 from core.postprocess import PostProcess
-from pipelines.config import TrainConfig, load_job_config
 from pipelines.engine import (
     build_lr_scheduler,
     build_optimizer,
@@ -21,6 +20,7 @@ from pipelines.engine import (
     resolve_amp_dtype,
     train_one_epoch,
 )
+from pipelines.job_config import TrainConfig, load_job_config
 
 
 def tiny_model(num_classes=3):

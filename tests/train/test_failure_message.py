@@ -8,7 +8,7 @@ import pytest
 import ray.train
 
 import pipelines.evaluate as evaluate
-from pipelines.config import load_job_config
+from pipelines.job_config import load_job_config
 from pipelines.raytrain.errors import describe_failure
 
 

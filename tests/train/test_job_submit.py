@@ -25,7 +25,7 @@ BIN = Path(sys.executable).parent
 def authors_checkpoint(tmp_path) -> Path:
     """A tiny model's weights in the authors' .pth layout (pickled argparse args), 91 COCO classes."""
     from core.build import build_model
-    from pipelines.config import load_job_config
+    from pipelines.job_config import load_job_config
 
     job = load_job_config(preset="tiny", overrides=["model.num_classes=91"])
     model, _, _ = build_model(job.detr_config())

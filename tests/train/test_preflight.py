@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from pipelines.config import load_job_config
+from pipelines.job_config import load_job_config
 from pipelines.raytrain.preflight import PreflightError, ensure_demo_data, load_finetune_weights, preflight
 
 

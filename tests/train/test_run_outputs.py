@@ -6,8 +6,8 @@ import numpy as np
 import pyarrow.fs as pafs
 import pytest
 
-from pipelines.raytrain.plots import draw_detections, plot_curves
 from pipelines.raytrain.run_dir import RunDir, latest_history, read_metrics
+from pipelines.raytrain.run_plots import draw_detections, plot_curves
 from pipelines.storage import filesystem_for, join_uri, split_uri
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from core.checkpoint import FORMAT, read_checkpoint
-from pipelines.config import load_job_config
+from pipelines.job_config import load_job_config
 from pipelines.raytrain.run_dir import latest_history
 from pipelines.raytrain.state import CHECKPOINT_FILE
 from pipelines.raytrain.training import run_training

@@ -9,12 +9,12 @@ import pyarrow.parquet as pq
 import pytest
 from ray import tune as ray_tune
 
-from pipelines.config import ConfigError, JobConfig
+from pipelines.job_config import ConfigError, JobConfig
 from pipelines.raytrain.preflight import PreflightError
-from tune.config import load_sweep_config
 from tune.results import TrialSummary, format_table, table_rows, write_table
 from tune.space import BACKBONE_MULT, apply_params
 from tune.sweep import main as sweep_main
+from tune.sweep_config import load_sweep_config
 from tune.tuner import max_concurrent_trials
 
 
@@ -153,7 +153,7 @@ def test_trials_table_files(tmp_path):
 def test_optuna_searcher_draws_from_our_space():
     """The pinned Optuna behind Ray 2.60's OptunaSearch: our domains convert, trials are asked and told."""
     pytest.importorskip("optuna")
-    from tune.config import SweepConfig
+    from tune.sweep_config import SweepConfig
     from tune.tuner import _searcher
 
     _, _, space = load_sweep_config()

@@ -16,8 +16,8 @@ from core.checkpoint import read_checkpoint
 from pipelines.raytrain.run_dir import read_metrics
 from pipelines.raytrain.state import CHECKPOINT_FILE
 from pipelines.train import main as train_main
-from tune.config import load_sweep_config
 from tune.results import BEST_CONFIG_FILE, BEST_TRIAL_FILE, TABLE_CSV, TABLE_PARQUET
+from tune.sweep_config import load_sweep_config
 from tune.tuner import TRIALS_DIR, run_sweep
 
 from .conftest import REPO_ROOT

@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_core import PydanticCustomError
 
 from core.config import DetrConfig, LossConfig, MatcherConfig, ModelConfig
-from pipelines.data.config import DataConfig
+from pipelines.data.data_config import DataConfig
 from pipelines.presets import PRESETS, R50_IMAGENET  # noqa: F401  (part of this module's interface)
 from pipelines.storage import join_uri, read_bytes, split_uri
 

@@ -1,4 +1,4 @@
-"""Distributed COCO evaluation: each worker infers on its val shard, rank 0 gathers and scores with pycocotools.
+"""Evaluation on Ray Train workers: each infers on its val shard, rank 0 gathers and scores with pycocotools.
 
 Also the evaluation-only worker loop (``eval_loop_per_worker``) that ``pipelines/evaluate.py`` runs.
 Detections travel as one (R, 7) float64 array per worker: image_id, x, y, w, h, score, category_id.
@@ -19,10 +19,10 @@ import torch.distributed as dist
 
 from core.build import build_model
 from core.checkpoint import load_model_weights
-from core.coco_eval import coco_evaluate, load_coco_gt
-from pipelines.config import JobConfig
+from core.evaluation import coco_evaluate, load_coco_gt
 from pipelines.data.coco import load_json
 from pipelines.engine import evaluate
+from pipelines.job_config import JobConfig
 from pipelines.raytrain.metrics import StepReporter
 from pipelines.raytrain.worker_config import DatasetFacts, WorkerConfig
 from pipelines.raytrain.worker_context import WorkerContext, distributed, shard_batches

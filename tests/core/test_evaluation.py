@@ -2,7 +2,7 @@
 
 import torch
 
-from core.coco_eval import coco_evaluate, detections_to_coco, format_ap_table, load_coco_gt
+from core.evaluation import coco_evaluate, detections_to_coco, format_ap_table, load_coco_gt
 
 
 def _gt():

@@ -9,11 +9,11 @@ from typing import Any
 import ray
 import ray.train
 
-from pipelines.config import JobConfig
 from pipelines.data.categories import CategoryMap
 from pipelines.data.coco import BadInputError
 from pipelines.data.datasets import DatasetInfo, EpochClock, build_dataset
 from pipelines.engine import steps_per_epoch
+from pipelines.job_config import JobConfig
 from pipelines.raytrain.cluster import on_driver_node
 from pipelines.raytrain.preflight import PreflightError
 from pipelines.raytrain.worker_config import DatasetFacts

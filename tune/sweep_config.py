@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from pipelines.config import (
+from pipelines.job_config import (
     PRESETS,
     ConfigError,
     JobConfig,
