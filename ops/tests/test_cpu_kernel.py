@@ -256,7 +256,7 @@ def test_no_compiler_falls_back_to_the_reference_with_one_log_line(tmp_path):
     assert forced.startswith("MSDA backend 'cpu' was forced but the CPU kernel is unavailable: "), forced
     lines = [line for line in proc.stderr.splitlines() if "MSDeformAttn" in line]
     assert lines == [
-        f"WARNING ops.functional: MSDeformAttn CPU kernel unavailable (building or loading the CPU kernel failed: "
+        f"WARNING ops.backend: MSDeformAttn CPU kernel unavailable (building or loading the CPU kernel failed: "
         f"C++ compiler $CXX={env['CXX']!r} not found); using the PyTorch reference path"
     ], proc.stderr
 

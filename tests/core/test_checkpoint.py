@@ -10,31 +10,17 @@ import stat
 
 import pytest
 import torch
+from tiny import TINY_SIZES, tiny_config
 
 from core import (
     CHECKPOINT_FORMAT,
     DetrConfig,
-    ModelConfig,
     build_model,
     load_checkpoint,
     load_model_weights,
     read_checkpoint,
     save_checkpoint,
 )
-
-
-def tiny_config(**model) -> DetrConfig:
-    base = dict(
-        backbone="resnet18",
-        hidden_dim=64,
-        nheads=4,
-        enc_layers=1,
-        dec_layers=2,
-        dim_feedforward=128,
-        num_queries=10,
-        num_classes=5,
-    )
-    return DetrConfig(model=ModelConfig(**{**base, **model}))
 
 
 def trained_looking(model):
@@ -171,16 +157,13 @@ def test_save_unwraps_compiled_model(tmp_path):
 )
 def test_authors_format_round_trip(tmp_path, flags, zipfile):
     """A file shaped like the released ones: {model, optimizer, lr_scheduler, epoch, args=Namespace}."""
-    sizes = dict(
-        backbone="resnet18", hidden_dim=64, nheads=4, enc_layers=1, dec_layers=2, dim_feedforward=128, num_queries=10
-    )
     cfg = tiny_config(num_classes=91, **flags)
     model, _, _ = build_model(cfg)
     trained_looking(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-4)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 40)
     # The authors' code ignores --position_embedding_scale; a stray value must not change outputs.
-    args = authors_args(**sizes, **flags, position_embedding_scale=1.0)
+    args = authors_args(**TINY_SIZES, **flags, position_embedding_scale=1.0)
     path = tmp_path / "r50_deformable_detr-checkpoint.pth"
     weights = dict(model.state_dict())
     weights["backbone.0.body.total_ops"] = torch.zeros(1, dtype=torch.float64)  # thop leftovers, ignored
@@ -210,9 +193,7 @@ def test_authors_format_round_trip(tmp_path, flags, zipfile):
 
 def test_authors_format_with_unknown_globals_needs_explicit_trust(tmp_path):
     model, _, _ = build_model(tiny_config(num_classes=91))
-    args = authors_args(
-        backbone="resnet18", hidden_dim=64, nheads=4, enc_layers=1, dec_layers=2, dim_feedforward=128, num_queries=10
-    )
+    args = authors_args(**TINY_SIZES)
     args.extra = fractions.Fraction(1, 3)  # any class beyond argparse.Namespace
     path = tmp_path / "odd.pth"
     torch.save({"model": model.state_dict(), "args": args}, path)

@@ -2,23 +2,15 @@
 
 import pytest
 import torch
+from tiny import tiny_config as shared_tiny_config
 
-from core import DetrConfig, ModelConfig, build_model
+from core import DetrConfig, build_model
 
 
 def tiny_config(**model) -> DetrConfig:
-    base = dict(
-        backbone="resnet18",
-        hidden_dim=32,
-        nheads=2,
-        enc_layers=1,
-        dec_layers=2,
-        dim_feedforward=64,
-        num_queries=8,
-        num_classes=3,
-        num_feature_levels=3,
-    )
-    return DetrConfig(model=ModelConfig(**{**base, **model}))
+    """The shared tiny model at half its width and 3 levels: compiling is the slow part."""
+    base = dict(hidden_dim=32, nheads=2, dim_feedforward=64, num_queries=8, num_classes=3, num_feature_levels=3)
+    return shared_tiny_config(**{**base, **model})
 
 
 def inputs():

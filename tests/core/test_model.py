@@ -6,6 +6,7 @@ from pathlib import Path
 import pydantic
 import pytest
 import torch
+from tiny import tiny_config as shared_tiny_config
 
 from core import DetrConfig, ModelConfig, build_model
 from core.backbone import Backbone, ResNet
@@ -24,18 +25,8 @@ VARIANTS = {
 
 
 def tiny_config(**model) -> DetrConfig:
-    """A model small enough for CPU tests; the architecture switches are the real ones."""
-    base = dict(
-        backbone="resnet18",
-        hidden_dim=64,
-        nheads=4,
-        enc_layers=2,
-        dec_layers=2,
-        dim_feedforward=128,
-        num_queries=12,
-        num_classes=5,
-    )
-    return DetrConfig(model=ModelConfig(**{**base, **model}))
+    """The shared tiny model with two encoder layers and 12 queries; the architecture switches are the real ones."""
+    return shared_tiny_config(**{"enc_layers": 2, "num_queries": 12, **model})
 
 
 def padded_batch(sizes=((96, 128), (64, 80)), seed=0):

@@ -2,8 +2,9 @@
 
 import numpy as np
 import torch
+from tiny import tiny_config
 
-from core import DetrConfig, ModelConfig, build_model
+from core import build_model
 from core.box_ops import box_cxcywh_to_xyxy, box_iou
 
 # Colour of each class's rectangles, in normalized-image units.
@@ -45,20 +46,7 @@ def test_overfits_two_images():
     targets = [s[1] for s in samples]
     mask = torch.zeros(2, 128, 128, dtype=torch.bool)
 
-    cfg = DetrConfig(
-        model=ModelConfig(
-            backbone="resnet18",
-            hidden_dim=64,
-            nheads=4,
-            enc_layers=1,
-            dec_layers=2,
-            dim_feedforward=128,
-            num_queries=10,
-            num_classes=3,
-            dropout=0.0,
-            num_feature_levels=3,
-        )
-    )
+    cfg = tiny_config(num_classes=3, dropout=0.0, num_feature_levels=3)
     model, criterion, _ = build_model(cfg)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=1e-4)

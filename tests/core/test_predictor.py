@@ -8,19 +8,16 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny import TINY_SIZES, tiny_config
 
-from core import DetrConfig, ModelConfig, Predictor, build_model, save_checkpoint
+from core import Predictor, build_model, save_checkpoint
 from core.coco_names import COCO_CATEGORY_NAMES
 from core.preprocess import pad_and_normalize_batch, size_for_short_side, to_rgb_array
-
-TINY = dict(
-    backbone="resnet18", hidden_dim=64, nheads=4, enc_layers=1, dec_layers=2, dim_feedforward=128, num_queries=10
-)
 
 
 def tiny_model(num_classes: int, seed: int = 0):
     torch.manual_seed(seed)
-    cfg = DetrConfig(model=ModelConfig(**TINY, num_classes=num_classes))
+    cfg = tiny_config(num_classes=num_classes)
     model, _, _ = build_model(cfg, load_backbone_weights=False)
     with torch.no_grad():  # class biases near 0, so sigmoid scores spread around 0.5 rather than 0.01
         for layer in model.class_embed:
@@ -131,7 +128,7 @@ def test_bad_images_name_the_problem(bad, message):
 
 def test_authors_checkpoint_gets_coco_names(tmp_path):
     model, _ = tiny_model(91, seed=1)
-    args = argparse.Namespace(**TINY, lr=2e-4, dataset_file="coco", masks=False, position_embedding="sine")
+    args = argparse.Namespace(**TINY_SIZES, lr=2e-4, dataset_file="coco", masks=False, position_embedding="sine")
     path = tmp_path / "r18_tiny-checkpoint.pth"
     torch.save({"model": model.state_dict(), "args": args, "epoch": 49}, path)
     pred = Predictor.from_checkpoint(path, score_threshold=0.0, top_k=50)

@@ -17,7 +17,7 @@ import torch
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[3]
 BIN = Path(sys.executable).parent
 
 

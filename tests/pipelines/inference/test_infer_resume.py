@@ -17,7 +17,7 @@ from pipelines.inference.job import InferenceConfig, run_inference
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 def test_killed_job_finishes_on_rerun_with_every_image_once(ray_local, checkpoint, tmp_path):

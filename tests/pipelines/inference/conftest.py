@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import tiny_config
 
-from core import DetrConfig, ModelConfig, build_model, save_checkpoint
+from core import build_model, save_checkpoint
 from pipelines.data.synthetic import generate_coco
 
 CATEGORIES = {1: "rectangle", 3: "ellipse", 7: "triangle", 8: "diamond"}
@@ -32,18 +33,7 @@ def categories() -> dict[int, str]:
 def checkpoint(tmp_path_factory) -> Path:
     """A checkpoint as pipelines/train.py writes one: contiguous labels over 4 categories, a 5-way head."""
     torch.manual_seed(0)
-    cfg = DetrConfig(
-        model=ModelConfig(
-            backbone="resnet18",
-            hidden_dim=64,
-            nheads=4,
-            enc_layers=1,
-            dec_layers=2,
-            dim_feedforward=128,
-            num_queries=10,
-            num_classes=5,
-        )
-    )
+    cfg = tiny_config()
     model, _, _ = build_model(cfg, load_backbone_weights=False)
     with torch.no_grad():  # scores spread around 0.5 instead of the 0.01 prior, so thresholds matter
         for layer in model.class_embed:
