@@ -1,7 +1,7 @@
 """``MSDeformAttn``: the multi-scale deformable attention layer with the authors' parameter names.
 
-Legend: N batch, Lq queries, S = sum_l H_l*W_l flattened input positions, C = d_model,
-M heads, D = C / M channels per head, L levels, P sampling points per (head, level).
+Legend: N batch, Lq queries, S = sum_l H_l*W_l flattened input positions,
+M heads, D = d_model / M channels per head, L levels, P sampling points per (head, level).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ class MSDeformAttn(nn.Module):
     with softmaxed weights; offsets and weights come from linear layers on the query.
 
     Args:
-        d_model: channels C of queries and values; must be divisible by ``n_heads``.
+        d_model: channels of queries and values; must be divisible by ``n_heads``.
         n_levels: number of feature levels L.
         n_heads: number of attention heads M.
         n_points: sampling points P per head and level.
@@ -75,24 +75,24 @@ class MSDeformAttn(nn.Module):
         """Attend from each query to its sampling points.
 
         Args:
-            query: (N, Lq, C).
+            query: (N, Lq, d_model).
             reference_points: (N, Lq, L, 2) normalized (x, y) points, or (N, Lq, L, 4) normalized
                 (cx, cy, w, h) boxes, in which case offsets are scaled by half the box size over P.
-            input_flatten: (N, S, C) the flattened feature levels.
+            input_flatten: (N, S, d_model) the flattened feature levels.
             input_spatial_shapes: (L, 2) int64 (H, W) per level.
             input_level_start_index: (L,) int64.
             input_padding_mask: (N, S) bool, True at padding; padded values are zeroed.
 
         Returns:
-            (N, Lq, C).
+            (N, Lq, d_model).
         """
         M, L, P = self.n_heads, self.n_levels, self.n_points
-        C = self.d_model
-        if query.dim() != 3 or query.shape[-1] != C:
-            raise ValueError(f"query must have shape (N, Lq, {C}), got {tuple(query.shape)}")
+        d_model = self.d_model
+        if query.dim() != 3 or query.shape[-1] != d_model:
+            raise ValueError(f"query must have shape (N, Lq, {d_model}), got {tuple(query.shape)}")
         N, Lq, _ = query.shape
-        if input_flatten.dim() != 3 or input_flatten.shape[0] != N or input_flatten.shape[-1] != C:
-            raise ValueError(f"input_flatten must have shape ({N}, S, {C}), got {tuple(input_flatten.shape)}")
+        if input_flatten.dim() != 3 or input_flatten.shape[0] != N or input_flatten.shape[-1] != d_model:
+            raise ValueError(f"input_flatten must have shape ({N}, S, {d_model}), got {tuple(input_flatten.shape)}")
         S = input_flatten.shape[1]
         if (
             reference_points.dim() != 4
@@ -114,7 +114,7 @@ class MSDeformAttn(nn.Module):
                     f"input_padding_mask must be a bool tensor of shape ({N}, {S}), got {input_padding_mask.dtype} {tuple(input_padding_mask.shape)}"
                 )
             value = value.masked_fill(input_padding_mask[..., None], 0.0)
-        value = value.view(N, S, M, C // M)  # (N, S, C) -> (N, S, M, D)
+        value = value.view(N, S, M, d_model // M)  # (N, S, d_model) -> (N, S, M, D)
 
         # Offsets, logits and locations stay in float32 even under autocast: a bf16 location is off
         # by up to a pixel on a 150-wide map. The softmax over L*P and `reference + offset / (W, H)`

@@ -14,7 +14,7 @@ import contextlib
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -22,6 +22,9 @@ from torch import Tensor, nn
 
 from core.box_ops import box_cxcywh_to_xyxy
 from core.evaluation import detections_to_coco
+
+if TYPE_CHECKING:
+    from pipelines.job_config import TrainConfig
 
 # Parameter-name fragments of the authors' groups (their main.py: lr_backbone_names, lr_linear_proj_names).
 BACKBONE_NAMES = ("backbone.0",)
@@ -32,7 +35,7 @@ def _matches(name: str, keywords: Sequence[str]) -> bool:
     return any(k in name for k in keywords)
 
 
-def _group_lrs(train_cfg: Any) -> dict[str, float]:
+def _group_lrs(train_cfg: TrainConfig) -> dict[str, float]:
     return {
         "main": train_cfg.lr,
         "backbone": train_cfg.lr_backbone,
@@ -48,7 +51,7 @@ def _group_of(name: str) -> str:
     return "main"
 
 
-def freeze_zero_lr_params(model: nn.Module, train_cfg: Any) -> int:
+def freeze_zero_lr_params(model: nn.Module, train_cfg: TrainConfig) -> int:
     """Turn off ``requires_grad`` for the parameters whose group lr is 0 (lr_backbone=0, as the authors do).
 
     Call it before wrapping the model in DDP: a parameter that merely sits outside the optimizer would
@@ -67,7 +70,7 @@ def freeze_zero_lr_params(model: nn.Module, train_cfg: Any) -> int:
     return frozen
 
 
-def build_param_groups(model: nn.Module, train_cfg: Any, lr_scale: float = 1.0) -> list[dict[str, Any]]:
+def build_param_groups(model: nn.Module, train_cfg: TrainConfig, lr_scale: float = 1.0) -> list[dict[str, Any]]:
     """The authors' three parameter groups, trainable parameters only.
 
     Args:
@@ -88,14 +91,14 @@ def build_param_groups(model: nn.Module, train_cfg: Any, lr_scale: float = 1.0) 
     return [{"name": g, "params": params[g], "lr": lrs[g] * lr_scale} for g in lrs if params[g] and lrs[g] > 0]
 
 
-def build_optimizer(model: nn.Module, train_cfg: Any, lr_scale: float = 1.0) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, train_cfg: TrainConfig, lr_scale: float = 1.0) -> torch.optim.AdamW:
     """AdamW over build_param_groups with the config's weight decay; ``lr_scale`` as there."""
     return torch.optim.AdamW(
         build_param_groups(model, train_cfg, lr_scale), lr=train_cfg.lr * lr_scale, weight_decay=train_cfg.weight_decay
     )
 
 
-def live_lr_scale(world_size: int, train_cfg: Any) -> float:
+def live_lr_scale(world_size: int, train_cfg: TrainConfig) -> float:
     """The lr multiplier of a worker group of ``world_size`` workers.
 
     The per-worker batch stays as configured, so the total batch follows the live worker count, and the
@@ -112,7 +115,7 @@ def steps_per_epoch(num_rows: int, world_size: int, batch_size: int, grad_accum_
     return math.ceil(batches / grad_accum_steps)
 
 
-def lr_factor(progress_epochs: float, train_cfg: Any) -> float:
+def lr_factor(progress_epochs: float, train_cfg: TrainConfig) -> float:
     """Multiplier of every group's base lr after ``progress_epochs`` (fractional) epochs.
 
     step: 1, then lr_drop_factor from epoch lr_drop on (the paper: x0.1 at 40 of 50).
@@ -131,7 +134,7 @@ def lr_factor(progress_epochs: float, train_cfg: Any) -> float:
 
 
 def build_lr_scheduler(
-    optimizer: torch.optim.Optimizer, train_cfg: Any, steps_per_epoch: int
+    optimizer: torch.optim.Optimizer, train_cfg: TrainConfig, steps_per_epoch: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """A per-optimizer-step LambdaLR following lr_factor.
 
@@ -224,7 +227,7 @@ def train_one_epoch(
     Args:
         model: the detector, plain or DDP-wrapped (then gradients of all but the last micro-batch of
             each step are kept local with ``no_sync``).
-        criterion: SetCriterion; its ``weight_dict`` gives the training loss.
+        criterion: SetCriterion; ``criterion.total_loss`` gives the training loss.
         batches: iterable of batches (see the module docstring).
         optimizer: the optimizer.
         scheduler: stepped after every optimizer step; None keeps the lr.
@@ -248,7 +251,6 @@ def train_one_epoch(
     """
     model.train()
     criterion.train()
-    weight_dict = criterion.weight_dict
     sums: dict[str, float] = {}
     steps = images_total = 0
     epoch_start = step_start = time.perf_counter()
@@ -270,7 +272,7 @@ def train_one_epoch(
             with _autocast(device, amp_dtype):
                 outputs = model(images, mask)
             loss_dict = criterion(outputs, targets)
-            loss = sum(loss_dict[k] * weight_dict[k] for k in loss_dict if k in weight_dict)
+            loss = criterion.total_loss(loss_dict)
             scaled = loss / grad_accum_steps
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
         # One device sync per micro-batch, for every term at once, after backward is queued. A

@@ -19,8 +19,9 @@ import ray.train
 import ray.train.torch
 import torch
 
-from core.build import NUM_DETECTIONS, build_criterion, build_model
+from core.build import build_model
 from core.checkpoint import load_model_weights
+from core.criterion import SetCriterion
 from core.evaluation import AP_KEYS
 from core.postprocess import PostProcess
 from pipelines.engine import (
@@ -59,13 +60,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     epoch_steps = steps_per_epoch(
         cfg.train_rows, ctx.world_size, job.data.batch_size_per_worker, job.train.grad_accum_steps
     )
-    state, notes = build_train_state(cfg, ctx, epoch_steps)
+    state, criterion, postprocessor, notes = build_train_state(cfg, ctx, epoch_steps)
     reporter = StepReporter(cfg.sink if ctx.rank == 0 else None, job.train, ctx, epoch_steps)
     reporter.event("resume" if state.epoch >= 0 else "start", state.start_epoch, state.global_step)
     for note in notes:
         reporter.warn(note)
-    criterion = build_criterion(job.detr_config()).to(ctx.device)
-    postprocessor = PostProcess(NUM_DETECTIONS, cfg.dataset.label_to_category_id).to(ctx.device)
     coco_gt = load_val_ground_truth(job) if ctx.rank == 0 and job.train.eval_every else None
     if state.start_epoch >= job.train.epochs and state.history:
         # Restored after its last epoch (the driver died between the final checkpoint and the end of
@@ -132,20 +131,25 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         state.report(metrics, job, cfg.dataset.model_dump(mode="json"), ctx.rank)
 
 
-def build_train_state(cfg: WorkerConfig, ctx: WorkerContext, epoch_steps: int) -> tuple[TrainState, list[str]]:
+def build_train_state(
+    cfg: WorkerConfig, ctx: WorkerContext, epoch_steps: int
+) -> tuple[TrainState, SetCriterion, PostProcess, list[str]]:
     """Model, optimizer, scheduler and scaler, restored from Ray's latest checkpoint or fine-tuned.
 
     The lr is scaled to the live worker count (``live_lr_scale``: train.lr is the lr at max_workers),
     and a checkpoint of another worker count gets this group's lr and its point in the schedule.
 
     Returns:
-        The state, and warnings for the person running the job.
+        The state; the criterion and the post-processor (dataset category ids) that ``build_model``
+        made with the model, on the worker's device; warnings for the person running the job.
     """
     job = cfg.job
     resume = ray.train.get_checkpoint()
     # ImageNet backbone weights only matter for a fresh start (fetched on the driver by preflight).
     fresh = resume is None and cfg.weights is None
-    model, _, _ = build_model(job.detr_config(), load_backbone_weights=fresh)
+    model, criterion, postprocessor = build_model(
+        job.detr_config(), load_backbone_weights=fresh, label_map=cfg.dataset.label_to_category_id
+    )
     if resume is None and cfg.weights is not None:
         load_model_weights(model, ray.get(cfg.weights))
         log.info("rank %d fine-tunes from %s", ctx.rank, job.train.finetune_from)
@@ -172,7 +176,7 @@ def build_train_state(cfg: WorkerConfig, ctx: WorkerContext, epoch_steps: int) -
                 f"workers or steps per epoch changed since the checkpoint (now {ctx.world_size} workers, "
                 f"{epoch_steps} steps): lr schedule realigned to epoch {state.start_epoch}"
             )
-    return state, notes
+    return state, criterion.to(ctx.device), postprocessor.to(ctx.device), notes
 
 
 def evaluation_due(job: JobConfig, epoch: int) -> bool:
