@@ -66,7 +66,7 @@ def coco_results(rows: list[dict[str, Any]], by_name: dict[str, int] | None = No
 
 
 def write_coco_results(out: OutputDir, coco_ann: str | None, storage_options: dict[str, Any]) -> int:
-    """Writes detections_coco.json from every part; returns the number of detections in it."""
+    """Writes _detections_coco.json from every part; returns the number of detections in it."""
     by_name = image_ids_from_annotations(coco_ann) if coco_ann else None
     results, unmatched = coco_results(out.read_results().to_pylist(), by_name)
     if unmatched:

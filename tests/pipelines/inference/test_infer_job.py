@@ -17,7 +17,8 @@ from core.predictor import Predictor
 from pipelines.data.decode import decode_image
 from pipelines.inference.extras import coco_results
 from pipelines.inference.job import InferenceConfig, run_inference
-from pipelines.inference.outputs import COCO_FILE, JOB_FILE, MANIFEST_FILE, OutputError
+from pipelines.inference.outputs import COCO_FILE, DRAWN_DIR, JOB_FILE, MANIFEST_FILE, OutputError
+from pipelines.inference.steps import RESULT_SCHEMA
 
 pytestmark = pytest.mark.ray
 
@@ -121,7 +122,19 @@ def test_coco_json_scores_with_pycocotools(folder_run, coco, checkpoint, image_d
         return ev.stats
 
     np.testing.assert_allclose(ap(results), ap(expected), atol=1e-3)
-    assert len(list((out / "drawn").glob("*.png"))) == 2
+    assert len(list((out / DRAWN_DIR).glob("*.png"))) == 2
+
+
+def test_output_folder_reads_as_a_parquet_dataset(folder_run):
+    """The README's line, pandas and Ray Data read the folder made with --coco-json and --draw."""
+    import pandas as pd
+    import ray
+
+    out, _ = folder_run
+    table = pq.read_table(str(out) + "/")
+    assert table.num_rows == 14 and table.column_names == RESULT_SCHEMA.names
+    assert len(pd.read_parquet(out)) == 14
+    assert ray.data.read_parquet(str(out)).count() == 14
 
 
 def test_coco_results_of_perfect_rows_score_ap_1(coco):
