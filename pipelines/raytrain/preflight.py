@@ -277,22 +277,33 @@ def fetch_backbone_weights(job: JobConfig) -> None:
 
 
 def check_resources(job: JobConfig, cluster_resources: dict[str, float], strict: bool) -> None:
-    """The cluster can hold the (smallest) worker group now; ``strict`` (a local Ray we started) makes a
-    shortfall fatal.
+    """The cluster can hold the (smallest) worker group and Ray Data's decode tasks now; ``strict`` (a
+    local Ray we started, or a cluster with no autoscaler) makes a shortfall fatal.
 
-    A joined cluster may autoscale, so there a shortfall is only a warning.
+    The worker group's placement group holds its CPUs for the whole run, and every decode task needs a
+    CPU of its own (the driver of a submitted job takes none): with nothing left over, training waits
+    forever for its first batch. A cluster that autoscales may grow, so there a shortfall is a warning.
     """
     t = job.train
     # An elastic run starts with min_workers; a fixed one needs them all.
     workers = t.min_workers
-    need = {"CPU": workers * t.cpus_per_worker, **{k: workers * v for k, v in t.worker_resources.items()}}
+    decode = job.data.num_decode_workers or 1  # Ray Data runs at least one decode task at a time
+    need = {
+        "CPU": workers * t.cpus_per_worker + decode,
+        **{k: workers * v for k, v in t.worker_resources.items()},
+    }
     if t.use_gpu:
         need["GPU"] = workers * t.gpus_per_worker
     short = {k: (v, cluster_resources.get(k, 0.0)) for k, v in need.items() if cluster_resources.get(k, 0.0) < v}
     if not short:
         return
-    detail = ", ".join(f"{k}: need {n:g}, cluster has {h:g}" for k, (n, h) in short.items())
-    msg = f"the worker group does not fit ({detail}); lower train.num_workers / train.cpus_per_worker" + (
+    detail = ", ".join(
+        f"{k}: need {n:g}"
+        + (f" ({workers} workers x {t.cpus_per_worker:g} + {decode} for decoding)" if k == "CPU" else "")
+        + f", cluster has {h:g}"
+        for k, (n, h) in short.items()
+    )
+    msg = f"the run does not fit ({detail}); lower train.num_workers / train.cpus_per_worker" + (
         " or set train.use_gpu=false" if "GPU" in short else ""
     )
     if set(short) & set(t.worker_resources):
