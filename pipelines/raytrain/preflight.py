@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 import pyarrow.fs as pafs
 
 from pipelines.job_config import JobConfig
+from pipelines.raytrain.cluster import in_ray_job
 from pipelines.storage import absolute, file_type, filesystem_for, has_scheme, is_remote, join_uri, local_path
 
 log = logging.getLogger(__name__)
@@ -59,15 +60,27 @@ def default_run_name(job: JobConfig) -> str:
     return f"{job.preset or 'run'}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+# Where a submitted job's relative train.storage_path goes: its working directory is Ray's copy of the
+# submitter's folder, deleted with the Ray session, checkpoints and all.
+SUBMITTED_RUNS_HOME = "~/ray-deformable-detr"
+
+
 def resolve(job: JobConfig) -> JobConfig:
-    """The config with a run name and absolute local paths (workers may run in another directory)."""
+    """The config with a run name and absolute local paths (workers may run in another directory).
+
+    A relative local ``train.storage_path`` is taken from the current directory, except in a job sent
+    with ``ray job submit``: there it goes under SUBMITTED_RUNS_HOME, which outlives the job.
+    """
     data = job.data.model_copy()
     data.root = absolute(data.root)
     train = job.train.model_copy()
     if train.name is None:
         train.name = default_run_name(job)
     if not is_remote(train.storage_path):
-        train.storage_path = local_path(train.storage_path)
+        storage = os.path.expanduser(train.storage_path.removeprefix("file://"))
+        if in_ray_job() and not os.path.isabs(storage):
+            storage = os.path.join(SUBMITTED_RUNS_HOME, storage)
+        train.storage_path = local_path(storage)
     if train.finetune_from:
         train.finetune_from = absolute(train.finetune_from)
     model = job.model.model_copy()

@@ -16,6 +16,7 @@ from pipelines.raytrain.preflight import (
     ensure_demo_data,
     load_finetune_weights,
     preflight,
+    resolve,
 )
 
 
@@ -206,3 +207,19 @@ def test_a_run_that_cannot_get_a_decode_cpu_stops_at_preflight(tmp_path, job_wit
         ray.shutdown()
     assert "CPU: need 3 (2 workers x 1 + 1 for decoding), cluster has 2" in str(err.value)
     assert "train.num_workers" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_submitted_job_keeps_its_runs_outside_rays_working_dir(tmp_path, tiny_data, monkeypatch):
+    """Under `ray job submit` the current directory is Ray's unpacked copy of the working dir, removed
+    with the session: a relative storage_path goes under the home folder instead; an absolute one stays."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")  # what the job supervisor sets for its driver
+    base = [f"data.root={tiny_data['root']}", "demo_data=null"]
+    job = resolve(load_job_config(preset="tiny", overrides=[*base, "train.storage_path=runs"]))
+    assert job.train.storage_path == str(tmp_path / "home" / "ray-deformable-detr" / "runs")
+    job = resolve(load_job_config(preset="tiny", overrides=[*base, f"train.storage_path={tmp_path}/mine"]))
+    assert job.train.storage_path == str(tmp_path / "mine")
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    job = resolve(load_job_config(preset="tiny", overrides=[*base, "train.storage_path=runs"]))
+    assert job.train.storage_path == str(tmp_path / "runs")
