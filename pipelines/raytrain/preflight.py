@@ -300,7 +300,7 @@ def check_resources(job: JobConfig, cluster_resources: dict[str, float], strict:
     t = job.train
     # An elastic run starts with min_workers; a fixed one needs them all.
     workers = t.min_workers
-    decode = job.data.num_decode_workers or 1  # Ray Data runs at least one decode task at a time
+    decode = 1  # one free CPU lets Ray Data's decode tasks run, one at a time
     need = {
         "CPU": workers * t.cpus_per_worker + decode,
         **{k: workers * v for k, v in t.worker_resources.items()},

@@ -185,7 +185,6 @@ def test_generated_data_presets_leave_a_users_folder_alone(tmp_path, capsys):
     assert sorted(p.relative_to(coco) for p in coco.rglob("*")) == before
 
 
-@pytest.mark.timeout(120)  # without the check, this run waits forever for its first batch
 def test_a_run_that_cannot_get_a_decode_cpu_stops_at_preflight(tmp_path, job_with):
     """On a 2-CPU cluster with no autoscaler, 2 workers x 1 CPU leave Ray Data's decode tasks nothing:
     the run would wait forever for its first batch, so it stops before any worker starts, naming the
