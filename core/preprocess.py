@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -23,7 +23,7 @@ def to_rgb_array(image: Any) -> np.ndarray:
 
     Args:
         image: (H, W, 3) or (H, W, 4) uint8 array (alpha dropped), (H, W) grayscale uint8, a PIL image
-            in any mode, or the bytes of a file Pillow reads (JPEG, PNG, ...).
+            in any mode, or the bytes of a file Pillow reads (JPEG, PNG, ...), turned by its EXIF orientation.
 
     Raises:
         ValueError: an array of another shape or dtype, or bytes that are not a readable image.
@@ -34,7 +34,8 @@ def to_rgb_array(image: Any) -> np.ndarray:
         try:
             with Image.open(io.BytesIO(image)) as img:
                 img.load()
-                return np.array(img.convert("RGB"))  # a writable copy
+                # Photos in the frame viewers show (their EXIF orientation applied), as batch inference reads them.
+                return np.array(ImageOps.exif_transpose(img).convert("RGB"))  # a writable copy
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
             raise ValueError(f"cannot decode image bytes ({type(e).__name__}: {e})") from e
     if isinstance(image, Image.Image):

@@ -40,7 +40,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--bf16", action="store_true", help="run the model under bfloat16 autocast")
     p.add_argument("--pad-mixed-sizes", action="store_true", help="batch different sizes together, padded")
     p.add_argument("--glob", default=None, help="only files matching, e.g. '*.jpg' (default: every file)")
-    p.add_argument("--coco-json", action="store_true", help="also write detections_coco.json (COCO results)")
+    p.add_argument(
+        "--no-exif-transpose",
+        dest="exif_transpose",
+        action="store_false",
+        help="keep photos as stored, ignoring their EXIF orientation (boxes in the stored pixels' frame)",
+    )
+    p.add_argument("--coco-json", action="store_true", help="also write _detections_coco.json (COCO results)")
     p.add_argument("--coco-ann", default=None, help="instances JSON giving image ids by file name (--coco-json)")
     p.add_argument("--draw", type=int, default=0, metavar="N", help="draw the boxes on the first N images")
     p.add_argument("--draw-threshold", type=float, default=0.5)

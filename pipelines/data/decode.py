@@ -80,13 +80,39 @@ def exif_orientation(data: bytes | memoryview) -> int:
     """The EXIF orientation tag of an encoded image (1 = upright, 2-8 = flipped or rotated); 1 when absent.
 
     Decoding never applies it: pixels come as stored, which is what COCO's width, height and boxes
-    describe. A tag other than 1 means viewers show the image transformed.
+    describe. A tag other than 1 means viewers show the image transformed (see apply_exif_orientation).
     """
     try:
         with Image.open(io.BytesIO(data)) as img:  # reads the header only
             return int(img.getexif().get(EXIF_ORIENTATION, 1) or 1)
     except Exception:  # no or damaged EXIF: decoding reports real damage
         return 1
+
+
+def apply_exif_orientation(pixels: np.ndarray, orientation: int) -> np.ndarray:
+    """The stored pixels turned into the frame a viewer shows for an EXIF orientation tag.
+
+    The same image as Pillow's ``ImageOps.exif_transpose``: 2 mirrors, 3 turns half round, 4 flips, 5
+    transposes, 6 turns a quarter clockwise, 7 transverses, 8 turns a quarter anticlockwise; 1 and
+    unknown tags keep the pixels. Orientations 5-8 swap height and width.
+
+    Args:
+        pixels: (H, W, ...) array as decoded.
+        orientation: the tag (exif_orientation).
+
+    Returns:
+        A C-contiguous array (``pixels`` itself for tag 1).
+    """
+    turned = {
+        2: lambda a: a[:, ::-1],
+        3: lambda a: a[::-1, ::-1],
+        4: lambda a: a[::-1],
+        5: lambda a: a.swapaxes(0, 1),
+        6: lambda a: np.rot90(a, -1),
+        7: lambda a: a[::-1, ::-1].swapaxes(0, 1),
+        8: lambda a: np.rot90(a, 1),
+    }.get(orientation)
+    return pixels if turned is None else np.ascontiguousarray(turned(pixels))
 
 
 def _decode_pillow(data: bytes | memoryview, name: str) -> np.ndarray:

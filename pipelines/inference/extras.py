@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from pipelines.data.coco import load_json
-from pipelines.data.decode import decode_image
+from pipelines.data.decode import apply_exif_orientation, decode_image
 from pipelines.inference.outputs import COCO_FILE, DRAWN_DIR, OutputDir
 from pipelines.inference.sources import split_options
 from pipelines.storage import read_bytes
@@ -66,7 +66,7 @@ def coco_results(rows: list[dict[str, Any]], by_name: dict[str, int] | None = No
 
 
 def write_coco_results(out: OutputDir, coco_ann: str | None, storage_options: dict[str, Any]) -> int:
-    """Writes detections_coco.json from every part; returns the number of detections in it."""
+    """Writes _detections_coco.json from every part; returns the number of detections in it."""
     by_name = image_ids_from_annotations(coco_ann) if coco_ann else None
     results, unmatched = coco_results(out.read_results().to_pylist(), by_name)
     if unmatched:
@@ -90,7 +90,9 @@ def draw_images(out: OutputDir, count: int, threshold: float, storage_options: d
                 continue  # drawn by an earlier run from the same rows
             keep = [i for i, s in enumerate(r["scores"]) if s >= threshold]
             item = {
-                "image": decode_image(read_bytes(r["uri"], storage_options), name=r["uri"]),
+                "image": apply_exif_orientation(
+                    decode_image(read_bytes(r["uri"], storage_options), name=r["uri"]), r["exif_orientation"]
+                ),
                 "true_boxes": np.zeros((0, 4), np.float32),
                 "true_labels": np.zeros((0,), np.int64),
                 "pred_boxes": np.asarray([r["boxes"][i] for i in keep], np.float32).reshape(-1, 4),

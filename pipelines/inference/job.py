@@ -55,6 +55,9 @@ class InferenceConfig(BaseModel):
     bf16: bool = False
     pad_mixed_sizes: bool = Field(False, description="batch images of different sizes together, padded (faster)")
     glob: str | None = None
+    exif_transpose: bool = Field(
+        True, description="turn photos by their EXIF orientation (boxes in the frame viewers show); False: as stored"
+    )
     coco_json: bool = False
     coco_ann: str | None = Field(None, description="COCO instances JSON mapping file names to image ids")
     draw: int = Field(0, ge=0, description="draw the boxes on the first N images")
@@ -84,6 +87,7 @@ class InferenceConfig(BaseModel):
             "max_size": self.max_size,
             "bf16": self.bf16,
             "pad_mixed_sizes": self.pad_mixed_sizes,
+            "exif_transpose": self.exif_transpose,
         }
 
 
@@ -243,7 +247,7 @@ def _run_pipeline(
     blocks = [table.slice(i, cfg.images_per_part) for i in range(0, len(todo), cfg.images_per_part)]
     ds = ray.data.from_arrow(blocks)
     ds = ds.map_batches(
-        DecodeImages(input_size, images.storage_options, cfg.read_threads),
+        DecodeImages(input_size, images.storage_options, cfg.read_threads, cfg.exif_transpose),
         batch_size=cfg.decode_batch,
         batch_format="pyarrow",
         num_cpus=cfg.decode_cpus,

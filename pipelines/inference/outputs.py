@@ -5,8 +5,11 @@ Layout (a local folder or a bucket prefix)::
     part-<16 hex>.parquet   a row per image (steps.RESULT_SCHEMA); the name is a hash of its images' URIs
     _job.json               the settings the rows were made with; a rerun with others is refused
     _manifest.json          the parts, row and detection counts, failures by kind (rewritten at the end)
-    detections_coco.json    with --coco-json: COCO results (image_id, category_id, bbox xywh, score)
-    drawn/*.png             with --draw N: the first N images with their boxes
+    _detections_coco.json   with --coco-json: COCO results (image_id, category_id, bbox xywh, score)
+    _drawn/*.png            with --draw N: the first N images with their boxes
+
+Every name but the parts' starts with ``_``, which pyarrow datasets, pandas and Ray Data's ``read_parquet``
+skip: the folder reads as a Parquet dataset whatever options made it.
 
 Every file is written whole or not at all: locally to a hidden temporary file renamed into place, on an
 object store in one upload, which becomes visible only once complete. Readers of ``part-*.parquet`` (and
@@ -35,8 +38,8 @@ from pipelines.storage import filesystem_for, is_remote, join_uri, write_bytes
 PART_PREFIX, PART_SUFFIX = "part-", ".parquet"
 JOB_FILE = "_job.json"
 MANIFEST_FILE = "_manifest.json"
-COCO_FILE = "detections_coco.json"
-DRAWN_DIR = "drawn"
+COCO_FILE = "_detections_coco.json"
+DRAWN_DIR = "_drawn"
 
 
 class OutputError(ValueError):

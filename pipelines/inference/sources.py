@@ -80,7 +80,10 @@ def list_images(input_uri: str, glob: str | None = None) -> ImageList:
     scheme = _scheme(base)
     try:
         selector = pafs.FileSelector(path, recursive=True, allow_not_found=True)
-        files = [fi.path for fi in fs.get_file_info(selector) if fi.type == pafs.FileType.File]
+        infos = fs.get_file_info(selector)
+        files = [fi.path for fi in infos if fi.type == pafs.FileType.File]
+        if scheme is None:
+            files += _dangling_links([path] + [fi.path for fi in infos if fi.type == pafs.FileType.Directory])
     except OSError as e:
         raise InputError(f"--input {base!r} cannot be listed: {e}") from e
     uris = []
@@ -94,6 +97,11 @@ def list_images(input_uri: str, glob: str | None = None) -> ImageList:
         what = f"no file matching --glob {glob!r}" if glob else "no file"
         raise InputError(f"--input {base!r} holds {what}")
     return ImageList(sorted(uris), options)
+
+
+def _dangling_links(folders: list[str]) -> list[str]:
+    """Symlinks of these folders whose target is gone: pyarrow's listing leaves them out, yet each is a row."""
+    return [e.path for d in folders for e in os.scandir(d) if e.is_symlink() and not os.path.exists(e.path)]
 
 
 def _read_manifest(fs: pafs.FileSystem, path: str, base: str, glob: str | None) -> tuple[list[str], int]:

@@ -16,7 +16,7 @@ import pyarrow as pa
 from PIL import Image, UnidentifiedImageError
 
 from core.predictor import Detections, InputSize, Predictor, PreparedImage, prepare_image
-from pipelines.data.decode import ImageDecodeError, decode_image
+from pipelines.data.decode import ImageDecodeError, apply_exif_orientation, decode_image, exif_orientation
 from pipelines.storage import read_many
 
 log = logging.getLogger(__name__)
@@ -40,8 +40,9 @@ DECODED_SCHEMA = pa.schema(
         ("pixels", pa.large_binary()),  # (h, w, 3) uint8 resized for the model; null on error
         ("resized_height", pa.int32()),
         ("resized_width", pa.int32()),
-        ("height", pa.int32()),  # the original image's size; null on error
+        ("height", pa.int32()),  # the original image's size (after its EXIF orientation); null on error
         ("width", pa.int32()),
+        ("exif_orientation", pa.int32()),  # the EXIF orientation applied to the stored pixels, 1 for none
         ("error", pa.string()),
         ("error_kind", pa.string()),
     ]
@@ -57,6 +58,9 @@ RESULT_SCHEMA = pa.schema(
         ("scores", pa.list_(pa.float32())),  # (k,) descending
         ("labels", pa.list_(pa.int64())),  # (k,) category ids
         ("names", pa.list_(pa.string())),  # (k,)
+        # 1: width, height and boxes are in the stored pixels' frame; 2-8: in the frame viewers show,
+        # that EXIF orientation applied (PIL's exif_transpose); null on error.
+        ("exif_orientation", pa.int32()),
         ("error", pa.string()),
         ("error_kind", pa.string()),
     ]
@@ -67,10 +71,11 @@ RESULT_SCHEMA = pa.schema(
 _IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"BM", b"II*\x00", b"MM\x00*", b"RIFF")
 
 
-def classify_error(err: BaseException, data: bytes | None = None) -> str:
+def classify_error(err: BaseException, data: bytes | None = None, uri: str | None = None) -> str:
     """The kind of a read or decode failure, for the summary; ``data`` are the file's bytes, if read."""
     if isinstance(err, FileNotFoundError):
-        return MISSING
+        # A symlink whose target is gone is listed but cannot be read; a missing path was never there.
+        return UNREADABLE if uri is not None and os.path.islink(uri) else MISSING
     if isinstance(err, ImageDecodeError):
         cause, msg = err.__cause__, str(err)
         if "empty file" in msg:
@@ -96,28 +101,40 @@ class DecodeImages:
         input_size: the model's resize (the predictor's ``input_size``).
         storage_options: filesystem options of the input URIs.
         read_threads: concurrent reads inside one task (object stores need many in flight).
+        exif_transpose: turn each image by its EXIF orientation first, into the frame viewers show.
     """
 
-    def __init__(self, input_size: InputSize, storage_options: dict[str, Any], read_threads: int = 16) -> None:
+    def __init__(
+        self,
+        input_size: InputSize,
+        storage_options: dict[str, Any],
+        read_threads: int = 16,
+        exif_transpose: bool = True,
+    ) -> None:
         self.input_size = input_size
         self.storage_options = storage_options
         self.read_threads = read_threads
+        self.exif_transpose = exif_transpose
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         uris = batch.column("uri").to_pylist()
         datas = read_many(uris, self.storage_options, self.read_threads)
         cols: dict[str, list] = {name: [] for name in DECODED_SCHEMA.names}
         for uri, part, data in zip(uris, batch.column("part").to_pylist(), datas):
-            pixels = rh = rw = h = w = error = kind = None
+            pixels = rh = rw = h = w = orientation = error = kind = None
             try:
                 if isinstance(data, BaseException):
                     raise data
-                prepared = prepare_image(decode_image(data, name=uri), self.input_size)
+                image = decode_image(data, name=uri)
+                orientation = exif_orientation(data) if self.exif_transpose else 1
+                prepared = prepare_image(apply_exif_orientation(image, orientation), self.input_size)
                 rh, rw = prepared.pixels.shape[:2]
                 h, w, pixels = prepared.height, prepared.width, prepared.pixels.tobytes()
             except Exception as e:  # noqa: BLE001 - whatever one file does, it fails its own row only
-                error, kind = _one_line(e, uri), classify_error(e, None if isinstance(data, BaseException) else data)
-            for name, value in zip(DECODED_SCHEMA.names, (uri, part, pixels, rh, rw, h, w, error, kind)):
+                read = None if isinstance(data, BaseException) else data
+                error, kind, orientation = _one_line(e, uri), classify_error(e, read, uri), None
+            row = (uri, part, pixels, rh, rw, h, w, orientation, error, kind)
+            for name, value in zip(DECODED_SCHEMA.names, row):
                 cols[name].append(value)
         return pa.table(cols, schema=DECODED_SCHEMA)
 
@@ -183,6 +200,7 @@ def results_table(rows: list[dict[str, Any]], dets: dict[int, Detections]) -> pa
         cols["part"].append(r["part"])
         cols["width"].append(r["width"])
         cols["height"].append(r["height"])
+        cols["exif_orientation"].append(r["exif_orientation"])
         cols["boxes"].append([] if d is None else d.boxes.tolist())
         cols["scores"].append([] if d is None else d.scores.tolist())
         cols["labels"].append([] if d is None else d.labels.tolist())

@@ -23,6 +23,9 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__fi
 WORKING_DIR_EXCLUDES = [".venv/", ".git/", "runs/", "data/", "**/__pycache__/", "*.egg-info/", ".pytest_cache/"]
 
 
+log = logging.getLogger(__name__)
+
+
 def in_ray_job() -> bool:
     """True inside a driver started by ``ray job submit`` (the job supervisor sets this variable)."""
     return "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
@@ -84,6 +87,22 @@ def connect_ray(job: JobConfig | None = None, address: str | None = None) -> boo
 class _NotTokenAuthEnabled(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return "authentication is enabled for this Ray cluster" not in record.getMessage()
+
+
+def cluster_autoscales() -> bool:
+    """Whether an autoscaler serves the connected cluster (``ray up``, KubeRay with autoscaling).
+
+    Ray's cluster status carries the autoscaler's state version, "0" until an autoscaler first reports;
+    a cluster started by ``ray start`` or ``ray.init`` has none, so what it has now is all it gets.
+    """
+    from ray.autoscaler.v2.sdk import get_cluster_status
+
+    try:
+        status = get_cluster_status(ray.get_runtime_context().gcs_address)
+    except Exception as e:  # noqa: BLE001 - an unknown answer must not stop a run: assume it may grow
+        log.debug("cluster status unavailable (%s): assuming the cluster autoscales", e)
+        return True
+    return status.stats.autoscaler_version not in ("", "0")
 
 
 def quiet_ray_warnings() -> None:

@@ -28,7 +28,10 @@ from pipelines.raytrain.worker_context import WorkerContext
 
 log = logging.getLogger(__name__)
 
-ETA_MIN_STEPS = 5  # optimizer steps timed before the progress line gives an ETA
+# The ETA comes from the mean step time after a warm-up (allocations, Ray Data's first blocks: the demo's
+# first steps take 10-100x a steady one), once a few steady steps were timed.
+ETA_WARMUP_STEPS = 5
+ETA_MIN_STEPS = 5
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -53,8 +56,9 @@ class StepReporter:
         self.last_flush = time.monotonic()
         self.window_images = 0
         self.window_time = 0.0
-        self.ema_step_s: float | None = None
         self.steps_seen = 0
+        self.steady_s = 0.0  # time of the steps after the warm-up, and their number
+        self.steady_steps = 0
 
     def send(self, records: list[dict[str, Any]]) -> None:
         if self.sink is not None:
@@ -71,7 +75,9 @@ class StepReporter:
             return
         step_s = record["step_time_s"]
         self.steps_seen += 1
-        self.ema_step_s = step_s if self.ema_step_s is None else 0.9 * self.ema_step_s + 0.1 * step_s
+        if self.steps_seen > ETA_WARMUP_STEPS:
+            self.steady_s += step_s
+            self.steady_steps += 1
         self.window_images += record["step_images"] * self.world_size
         self.window_time += step_s
         self.pending.append(record)
@@ -94,13 +100,18 @@ class StepReporter:
                 "loss": record["loss"],
                 "lr": record["lr"],
                 "images_per_s": self.window_images / max(self.window_time, 1e-9),
-                # The first steps include warm-up (allocations, data start): no ETA from them alone.
-                "eta_s": remaining * self.ema_step_s if self.steps_seen >= ETA_MIN_STEPS else None,
+                "eta_s": self.eta_s(remaining),
             }
             self.send(self.buffer + [progress])
             self.buffer = []
             self.last_flush = now
             self.window_images, self.window_time = 0, 0.0
+
+    def eta_s(self, remaining_steps: int) -> float | None:
+        """Seconds left at the steady rate; None until ETA_MIN_STEPS steps after the warm-up were timed."""
+        if self.steady_steps < ETA_MIN_STEPS:
+            return None
+        return remaining_steps * self.steady_s / self.steady_steps
 
     def warn(self, message: str) -> None:
         """A warning for the person running the job (one the user can act on), printed by the driver."""

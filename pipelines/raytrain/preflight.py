@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 import pyarrow.fs as pafs
 
 from pipelines.job_config import JobConfig
+from pipelines.raytrain.cluster import in_ray_job
 from pipelines.storage import absolute, file_type, filesystem_for, has_scheme, is_remote, join_uri, local_path
 
 log = logging.getLogger(__name__)
@@ -59,15 +60,27 @@ def default_run_name(job: JobConfig) -> str:
     return f"{job.preset or 'run'}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+# Where a submitted job's relative train.storage_path goes: its working directory is Ray's copy of the
+# submitter's folder, deleted with the Ray session, checkpoints and all.
+SUBMITTED_RUNS_HOME = "~/ray-deformable-detr"
+
+
 def resolve(job: JobConfig) -> JobConfig:
-    """The config with a run name and absolute local paths (workers may run in another directory)."""
+    """The config with a run name and absolute local paths (workers may run in another directory).
+
+    A relative local ``train.storage_path`` is taken from the current directory, except in a job sent
+    with ``ray job submit``: there it goes under SUBMITTED_RUNS_HOME, which outlives the job.
+    """
     data = job.data.model_copy()
     data.root = absolute(data.root)
     train = job.train.model_copy()
     if train.name is None:
         train.name = default_run_name(job)
     if not is_remote(train.storage_path):
-        train.storage_path = local_path(train.storage_path)
+        storage = os.path.expanduser(train.storage_path.removeprefix("file://"))
+        if in_ray_job() and not os.path.isabs(storage):
+            storage = os.path.join(SUBMITTED_RUNS_HOME, storage)
+        train.storage_path = local_path(storage)
     if train.finetune_from:
         train.finetune_from = absolute(train.finetune_from)
     model = job.model.model_copy()
@@ -277,22 +290,33 @@ def fetch_backbone_weights(job: JobConfig) -> None:
 
 
 def check_resources(job: JobConfig, cluster_resources: dict[str, float], strict: bool) -> None:
-    """The cluster can hold the (smallest) worker group now; ``strict`` (a local Ray we started) makes a
-    shortfall fatal.
+    """The cluster can hold the (smallest) worker group and Ray Data's decode tasks now; ``strict`` (a
+    local Ray we started, or a cluster with no autoscaler) makes a shortfall fatal.
 
-    A joined cluster may autoscale, so there a shortfall is only a warning.
+    The worker group's placement group holds its CPUs for the whole run, and every decode task needs a
+    CPU of its own (the driver of a submitted job takes none): with nothing left over, training waits
+    forever for its first batch. A cluster that autoscales may grow, so there a shortfall is a warning.
     """
     t = job.train
     # An elastic run starts with min_workers; a fixed one needs them all.
     workers = t.min_workers
-    need = {"CPU": workers * t.cpus_per_worker, **{k: workers * v for k, v in t.worker_resources.items()}}
+    decode = 1  # one free CPU lets Ray Data's decode tasks run, one at a time
+    need = {
+        "CPU": workers * t.cpus_per_worker + decode,
+        **{k: workers * v for k, v in t.worker_resources.items()},
+    }
     if t.use_gpu:
         need["GPU"] = workers * t.gpus_per_worker
     short = {k: (v, cluster_resources.get(k, 0.0)) for k, v in need.items() if cluster_resources.get(k, 0.0) < v}
     if not short:
         return
-    detail = ", ".join(f"{k}: need {n:g}, cluster has {h:g}" for k, (n, h) in short.items())
-    msg = f"the worker group does not fit ({detail}); lower train.num_workers / train.cpus_per_worker" + (
+    detail = ", ".join(
+        f"{k}: need {n:g}"
+        + (f" ({workers} workers x {t.cpus_per_worker:g} + {decode} for decoding)" if k == "CPU" else "")
+        + f", cluster has {h:g}"
+        for k, (n, h) in short.items()
+    )
+    msg = f"the run does not fit ({detail}); lower train.num_workers / train.cpus_per_worker" + (
         " or set train.use_gpu=false" if "GPU" in short else ""
     )
     if set(short) & set(t.worker_resources):

@@ -18,7 +18,7 @@ from core.evaluation import AP_KEYS, format_ap_table
 from pipelines.data.datasets import ingest_options
 from pipelines.data.report import data_report, format_data_report
 from pipelines.job_config import CONFIG_FILE, JobConfig
-from pipelines.raytrain.cluster import connect_ray, on_driver_node, ray_logs_dir
+from pipelines.raytrain.cluster import cluster_autoscales, connect_ray, on_driver_node, ray_logs_dir
 from pipelines.raytrain.errors import describe_failure
 from pipelines.raytrain.metrics import MetricsPump, MetricsSink
 from pipelines.raytrain.preflight import (
@@ -166,7 +166,7 @@ def run_training(
     if last_epoch is None and finetune_weights is None:
         fetch_backbone_weights(job)  # only a fresh start reads them
     started_local = connect_ray(job, address)
-    check_resources(job, ray.cluster_resources(), strict=started_local)
+    check_resources(job, ray.cluster_resources(), strict=started_local or not cluster_autoscales())
     data = prepare_data(job, start_epoch=0 if last_epoch is None else last_epoch + 1)
 
     run_dir = RunDir(job.train.storage_path, job.train.name).mkdir()

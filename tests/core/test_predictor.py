@@ -110,6 +110,11 @@ def test_bytes_pil_and_array_inputs_agree(ours):
     np.testing.assert_array_equal(pred(gray).scores, pred(np.repeat(gray[..., None], 3, 2)).scores)
     rgba = np.concatenate([rgb, np.full(rgb.shape[:2] + (1,), 7, np.uint8)], axis=2)
     np.testing.assert_array_equal(pred(rgba).scores, a.scores)
+    exif = Image.Exif()
+    exif[0x0112] = 8  # "turn a quarter anticlockwise to display": bytes come in the frame viewers show
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, "PNG", exif=exif.tobytes())
+    np.testing.assert_array_equal(to_rgb_array(buf.getvalue()), np.rot90(rgb, 1))
 
 
 @pytest.mark.parametrize(

@@ -108,6 +108,20 @@ def test_exif_orientation_is_read_and_never_applied():
     assert decode_image(tagged).shape == (48, 64, 3)  # the stored pixels, as COCO's sizes describe them
 
 
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_turns_pixels_as_pillow_shows_them(orientation):
+    from PIL import ImageOps
+
+    from pipelines.data.decode import apply_exif_orientation
+
+    rgb = np.random.default_rng(orientation).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    with Image.open(io.BytesIO(_encode(Image.fromarray(rgb), "PNG", exif=exif.tobytes()))) as img:
+        shown = np.asarray(ImageOps.exif_transpose(img))
+    np.testing.assert_array_equal(apply_exif_orientation(rgb, orientation), shown)
+
+
 def test_size_mismatch_names_the_exif_tag():
     from pipelines.data.categories import CategoryMap
     from pipelines.data.coco import BadInputError

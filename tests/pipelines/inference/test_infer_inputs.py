@@ -19,9 +19,12 @@ def test_folder_listing_glob_and_hidden_files(tmp_path):
     (tmp_path / ".cache").mkdir()
     for rel in ("x.jpg", "a/y.JPG", "a/b/z.jpg", "a/readme.txt", ".hidden.jpg", ".cache/w.jpg"):
         (tmp_path / rel).write_bytes(b"1")
+    (tmp_path / "a" / "gone.jpg").symlink_to(tmp_path / "deleted.jpg")  # dangling: still an entry, so a row
     every = list_images(str(tmp_path)).uris
-    assert every == sorted(str(tmp_path / r) for r in ("x.jpg", "a/y.JPG", "a/b/z.jpg", "a/readme.txt"))
-    assert list_images(str(tmp_path), "*.jpg").uris == [str(tmp_path / "a/b/z.jpg"), str(tmp_path / "x.jpg")]
+    expected = ("x.jpg", "a/y.JPG", "a/b/z.jpg", "a/readme.txt", "a/gone.jpg")
+    assert every == sorted(str(tmp_path / r) for r in expected)
+    jpgs = [str(tmp_path / r) for r in ("a/b/z.jpg", "a/gone.jpg", "x.jpg")]
+    assert list_images(str(tmp_path), "*.jpg").uris == jpgs
     with pytest.raises(InputError, match=r"holds no file matching --glob '\*.png'"):
         list_images(str(tmp_path), "*.png")
     with pytest.raises(InputError, match="does not exist"):
@@ -52,6 +55,7 @@ def _rows(*uris):
     n = len(uris)
     cols = {"uri": list(uris), "width": [4] * n, "height": [3] * n, "boxes": [[[0, 0, 1, 1]]] * n}
     cols.update(scores=[[0.5]] * n, labels=[[1]] * n, names=[["a"]] * n, error=[None] * n, error_kind=[None] * n)
+    cols["exif_orientation"] = [1] * n
     return pa.table(cols, schema=RESULT_SCHEMA)
 
 

@@ -10,14 +10,16 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from core.predictor import Predictor
-from pipelines.data.decode import decode_image
+from pipelines.data.decode import EXIF_ORIENTATION, decode_image
 from pipelines.inference.extras import coco_results
 from pipelines.inference.job import InferenceConfig, run_inference
-from pipelines.inference.outputs import COCO_FILE, JOB_FILE, MANIFEST_FILE, OutputError
+from pipelines.inference.outputs import COCO_FILE, DRAWN_DIR, JOB_FILE, MANIFEST_FILE, OutputError
+from pipelines.inference.steps import RESULT_SCHEMA
 
 pytestmark = pytest.mark.ray
 
@@ -121,7 +123,19 @@ def test_coco_json_scores_with_pycocotools(folder_run, coco, checkpoint, image_d
         return ev.stats
 
     np.testing.assert_allclose(ap(results), ap(expected), atol=1e-3)
-    assert len(list((out / "drawn").glob("*.png"))) == 2
+    assert len(list((out / DRAWN_DIR).glob("*.png"))) == 2
+
+
+def test_output_folder_reads_as_a_parquet_dataset(folder_run):
+    """The README's line, pandas and Ray Data read the folder made with --coco-json and --draw."""
+    import pandas as pd
+    import ray
+
+    out, _ = folder_run
+    table = pq.read_table(str(out) + "/")
+    assert table.num_rows == 14 and table.column_names == RESULT_SCHEMA.names
+    assert len(pd.read_parquet(out)) == 14
+    assert ray.data.read_parquet(str(out)).count() == 14
 
 
 def test_coco_results_of_perfect_rows_score_ap_1(coco):
@@ -181,3 +195,28 @@ def test_manifest_input_new_images_and_unreadable_entries(ray_local, checkpoint,
     after = snapshot(out)
     assert all(after[k] == v for k, v in before.items() if k.startswith("part-"))
     assert len(rows_of(out)) == 5
+
+
+def test_photos_come_upright_and_dangling_links_are_rows(ray_local, checkpoint, image_dir, tmp_path):
+    """An EXIF orientation 6 JPEG is read in the frame viewers show (raw with exif_transpose=False); a
+    symlink whose target is gone is an `unreadable` row."""
+    d = tmp_path / "photos"
+    d.mkdir()
+    stored = decode_image((image_dir / "000000000001.jpg").read_bytes())
+    assert stored.shape[0] != stored.shape[1], "a square image cannot show a swapped frame"
+    exif = Image.Exif()
+    exif[EXIF_ORIENTATION] = 6
+    Image.fromarray(stored).save(d / "sideways.jpg", quality=95, exif=exif)
+    stored = decode_image((d / "sideways.jpg").read_bytes())  # what the JPEG round trip left
+    (d / "gone.jpg").symlink_to(tmp_path / "deleted.jpg")
+    predictor = Predictor.from_checkpoint(checkpoint, score_threshold=THRESHOLD, top_k=TOP_K, device="cpu")
+    for transpose, pixels, tag in ((True, np.rot90(stored, -1), 6), (False, stored, 1)):
+        out = tmp_path / f"out-{transpose}"
+        run(checkpoint, d, out, exif_transpose=transpose)
+        rows = rows_of(out)
+        assert rows[str(d / "gone.jpg")]["error_kind"] == "unreadable", rows[str(d / "gone.jpg")]["error"]
+        row, expected = rows[str(d / "sideways.jpg")], predictor(np.ascontiguousarray(pixels))
+        assert row["error"] is None and row["exif_orientation"] == tag
+        assert (row["height"], row["width"]) == pixels.shape[:2]
+        assert len(row["scores"]) > 0 and row["labels"] == expected.labels.tolist()
+        np.testing.assert_allclose(np.asarray(row["boxes"]).reshape(-1, 4), expected.boxes, rtol=1e-4, atol=1e-3)

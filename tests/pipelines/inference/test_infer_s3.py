@@ -13,7 +13,7 @@ import pytest
 from core.predictor import Predictor
 from pipelines.data.decode import decode_image
 from pipelines.inference.job import InferenceConfig, run_inference
-from pipelines.inference.outputs import JOB_FILE, MANIFEST_FILE
+from pipelines.inference.outputs import COCO_FILE, JOB_FILE, MANIFEST_FILE
 
 pytestmark = pytest.mark.ray
 
@@ -42,7 +42,7 @@ def test_s3_input_checkpoint_and_output(ray_local, s3_options, checkpoint, image
 
     names = sorted(fi.base_name for fi in fs.get_file_info(pafs.FileSelector(f"{BUCKET}/detections")))
     parts = [n for n in names if n.startswith("part-")]
-    assert {JOB_FILE, MANIFEST_FILE, "detections_coco.json"} <= set(names) and len(parts) == 4
+    assert {JOB_FILE, MANIFEST_FILE, COCO_FILE} <= set(names) and len(parts) == 4
     rows = {}
     for name in parts:
         with fs.open_input_stream(f"{BUCKET}/detections/{name}") as f:

@@ -10,7 +10,14 @@ import pytest
 import torch
 
 from pipelines.job_config import load_job_config
-from pipelines.raytrain.preflight import PreflightError, ensure_demo_data, load_finetune_weights, preflight
+from pipelines.raytrain.preflight import (
+    PreflightError,
+    check_resources,
+    ensure_demo_data,
+    load_finetune_weights,
+    preflight,
+    resolve,
+)
 
 
 @pytest.fixture
@@ -176,3 +183,42 @@ def test_generated_data_presets_leave_a_users_folder_alone(tmp_path, capsys):
     assert "data.train_ann: file not found" in err and "--preset cpu_coco" in err
     assert "generating" not in err and "remove" not in err
     assert sorted(p.relative_to(coco) for p in coco.rglob("*")) == before
+
+
+def test_a_run_that_cannot_get_a_decode_cpu_stops_at_preflight(tmp_path, job_with):
+    """On a 2-CPU cluster with no autoscaler, 2 workers x 1 CPU leave Ray Data's decode tasks nothing:
+    the run would wait forever for its first batch, so it stops before any worker starts, naming the
+    numbers and the setting."""
+    import ray
+
+    from pipelines.raytrain.cluster import cluster_autoscales
+
+    job = job_with("train.num_workers=2", "train.cpus_per_worker=1")
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        # What run_training does once connected (a shortfall that would hang must raise, not wait).
+        assert not cluster_autoscales()
+        with pytest.raises(PreflightError) as err:
+            check_resources(job, ray.cluster_resources(), strict=not cluster_autoscales())
+    finally:
+        ray.shutdown()
+    assert "CPU: need 3 (2 workers x 1 + 1 for decoding), cluster has 2" in str(err.value)
+    assert "train.num_workers" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_submitted_job_keeps_its_runs_outside_rays_working_dir(tmp_path, tiny_data, monkeypatch):
+    """Under `ray job submit` the current directory is Ray's unpacked copy of the working dir, removed
+    with the session: a relative storage_path goes under the home folder instead; an absolute one stays."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")  # what the job supervisor sets for its driver
+    base = [f"data.root={tiny_data['root']}", "demo_data=null"]
+    job = resolve(load_job_config(preset="tiny", overrides=[*base, "train.storage_path=runs"]))
+    assert job.train.storage_path == str(tmp_path / "home" / "ray-deformable-detr" / "runs")
+    job = resolve(load_job_config(preset="tiny", overrides=[*base, f"train.storage_path={tmp_path}/mine"]))
+    assert job.train.storage_path == str(tmp_path / "mine")
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    job = resolve(load_job_config(preset="tiny", overrides=[*base, "train.storage_path=runs"]))
+    assert job.train.storage_path == str(tmp_path / "runs")

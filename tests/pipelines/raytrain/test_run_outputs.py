@@ -93,3 +93,28 @@ def test_one_evaluation_and_no_prediction_are_said(tmp_path):
     img = np.asarray(Image.open(draw_detections(item, tmp_path / "none.png", min_side=120)))
     banner = img[:16, :200]
     assert (banner == 255).all(axis=-1).any() and ((banner[..., 0] > 200) & (banner[..., 1] < 80)).any()
+
+
+def test_eta_waits_for_the_steady_rate():
+    """Warm-up steps 30x slower than the rest give no ETA, and leave no trace in the one that follows."""
+    import torch
+
+    from pipelines.job_config import TrainConfig
+    from pipelines.raytrain.metrics import ETA_MIN_STEPS, ETA_WARMUP_STEPS, StepReporter
+    from pipelines.raytrain.worker_context import WorkerContext
+
+    sent = []
+
+    class Sink:  # the metrics sink actor's one method, as the reporter calls it
+        class log:
+            remote = staticmethod(sent.extend)
+
+    train = TrainConfig(epochs=2, log_every_s=1e-9, metrics_every_steps=1)
+    reporter = StepReporter(Sink(), train, WorkerContext(0, 1, torch.device("cpu"), None), steps_per_epoch=50)
+    for step in range(1, ETA_WARMUP_STEPS + ETA_MIN_STEPS + 1):
+        step_s = 30.0 if step <= ETA_WARMUP_STEPS else 1.0
+        record = {"step": step, "step_time_s": step_s, "step_images": 2, "loss": 1.0, "lr": 1e-4}
+        reporter.on_step(record, epoch=0, global_step=step)
+    etas = [r["eta_s"] for r in sent if r["kind"] == "progress"]
+    assert etas[:-1] == [None] * (len(etas) - 1)
+    assert etas[-1] == pytest.approx(100 - (ETA_WARMUP_STEPS + ETA_MIN_STEPS))  # steps left x 1 s
