@@ -1,8 +1,6 @@
 // Small kernels that each keep or break one CUDA rule: the emulation's own tests (test_emulation.py).
-#ifndef CUDA_EMULATION
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#endif
 
 namespace rules {
 
