@@ -532,7 +532,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) backward_kernel(
 
     for (int t0 = 0; t0 < LP; t0 += d.tile) {
       const int tn = min(d.tile, LP - t0);
-      __syncwarp(mask);
+      // No barrier here: the previous tile's records were last read before its third barrier, and a
+      // lane writes the same owners[j] it read (j = lane mod G) and its dots only after the next one.
       for (int j = lane; j < tn; j += G) {
         const Placed<A> pl = place_point(t0 + j, ref_q, off_g, s_levels, d);
         const Geometry<A> geo = geometry_of(pl.h_im, pl.w_im, pl.H, pl.W, pl.start);

@@ -14,7 +14,8 @@
 //   16-byte vector loads and stores (uint4, float4) and float4 atomics are 16-byte aligned; scalar
 //     __ldg and atomics are naturally aligned.
 //   __half and __nv_bfloat16 convert exactly as on the GPU (round to nearest even).
-//   Shared memory has no races (what compute-sanitizer's racecheck looks for): g++ instruments every
+//   A thread reads only shared-memory bytes that a thread of its block wrote (compute-sanitizer's
+//     initcheck). Shared memory has no races (what compute-sanitizer's racecheck looks for): g++ instruments every
 //     load and store of the kernel's translation unit (-fsanitize=kernel-address with our own
 //     callbacks, see "Race check" below); per shared-memory byte the header keeps the last writer and
 //     the last reader with their barrier epochs, and an access by another thread that no barrier
@@ -364,6 +365,10 @@ __attribute__((no_sanitize_address)) inline void shared_access(const void* p, st
   const std::size_t first = a < r->lo ? 0 : a - r->lo, last = a + size > r->hi ? r->hi - r->lo : a + size - r->lo;
   for (std::size_t b = first; b < last; ++b) {
     SharedByte& s = r->bytes[b];
+    if (!write && s.writer < 0 && s.write_pc == nullptr) {
+      fail("thread %d reads shared byte %zu {pc 0x%zx}, which no thread of the block has written", me, b,
+           code_offset(pc));
+    }
     int other = -1;
     const void* other_pc = nullptr;
     const char* what = nullptr;
@@ -482,8 +487,13 @@ inline void run_block(Launch& l) {
     t.context.uc_link = nullptr;
     makecontext(&t.context, fiber_main, 0);
   }
+  // Odd blocks run their threads last to first: a kernel that orders memory between threads only by
+  // the emulation's scheduling order (a missing barrier on global memory) gets the other order there.
+  const bool reverse = (l.block_index.x + l.block_index.y + l.block_index.z) % 2 == 1;
+  const int n_threads = static_cast<int>(l.threads.size());
   for (;;) {
-    for (Thread& t : l.threads) {
+    for (int i = 0; i < n_threads; ++i) {
+      Thread& t = l.threads[reverse ? n_threads - 1 - i : i];
       if (t.state == State::kRunnable) enter(l, t);
       if (l.failed) return;
     }
