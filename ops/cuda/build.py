@@ -54,6 +54,22 @@ def version() -> tuple[int, int]:
     return tuple(_check_nvrtc(nvrtc.nvrtcVersion()))
 
 
+# The oldest NVRTC that compiles the kernels (C++17, __match_any_sync, cuda_bf16.h's conversions).
+MIN_NVRTC = (12, 0)
+# CUDA's headers the kernels include (the cache key holds their content, not only their folder).
+CUDA_HEADERS = ("cuda_fp16.h", "cuda_fp16.hpp", "cuda_bf16.h", "cuda_bf16.hpp")
+
+
+def check_version() -> None:
+    """Raises RuntimeError naming the fix when this NVRTC is older than the kernels need."""
+    have = version()
+    if have < MIN_NVRTC:
+        raise RuntimeError(
+            "NVRTC {}.{} is older than the kernels need ({}.{}): pip install 'msda-ops[cuda12]' or "
+            "'msda-ops[cuda]' (CUDA 13)".format(*have, *MIN_NVRTC)
+        )
+
+
 # The oldest driver release that runs what each NVRTC major version emits (minor-version compatibility).
 MIN_DRIVER = {12: 525, 13: 580}
 
@@ -135,6 +151,7 @@ def compile_source(source: Path, names: Sequence[str], arch: str) -> tuple[str, 
     Raises:
         RuntimeError: the compile failed (the message holds NVRTC's log).
     """
+    check_version()
     kind, nvrtc_arch = target(arch)
     options = [f"--gpu-architecture={nvrtc_arch}", f"--std={STD}", f"--include-path={source.parent}"]
     options += [f"--include-path={d}" for d in include_dirs()]
@@ -196,6 +213,7 @@ def build(source: Path, names: Sequence[str], arch: str) -> Path:
     source = Path(source).resolve()
     kind, nvrtc_arch = target(arch)
     headers = sorted(source.parent.glob("*.h"))
+    cuda_include = Path(include_dirs()[0])
     key = _cache.content_key(
         [
             "nvrtc",
@@ -206,6 +224,7 @@ def build(source: Path, names: Sequence[str], arch: str) -> Path:
             ".".join(map(str, version())),
             STD,
             *include_dirs(),
+            *[(cuda_include / h).read_bytes() for h in CUDA_HEADERS if (cuda_include / h).is_file()],
             *names,
         ]
     )
