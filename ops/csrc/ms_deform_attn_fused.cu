@@ -401,8 +401,11 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
           for (int k = 0; k < 4; ++k) {
             A s[CPT];
             load_chunk<T, CPT, kVec>(row_ptr(v, r.row[k], d.row_bytes), n_valid, s);
+            // A neighbour outside the map reads a row clamped into it with weight 0: select rather than
+            // multiply, since 0 * inf is NaN where the reference reads 0.
+            const bool keep = r.w[k] != A(0);
 #pragma unroll
-            for (int c = 0; c < CPT; ++c) acc[c] = fma(r.w[k], s[c], acc[c]);
+            for (int c = 0; c < CPT; ++c) acc[c] = keep ? fma(r.w[k], s[c], acc[c]) : acc[c];
           }
         }
       }

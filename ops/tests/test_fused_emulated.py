@@ -147,6 +147,24 @@ def test_non_finite_logits_and_far_locations():
     torch.testing.assert_close(out[~nan].double(), want[~nan], rtol=1e-4, atol=1e-5)
 
 
+def test_an_infinite_value_outside_the_map_reads_zero_both_directions():
+    """value[0, 0] = inf and every point of query 0 far outside the map (its neighbours clamp onto row 0
+    with weight 0): the output and gradients stay finite, as the reference's."""
+    mod = module("sm_90")
+    value, ss, lsi, ref, offsets, logits = inputs(torch.float32, 2, N=1, Lq=2)
+    value[0, 0] = math.inf
+    offsets[0, 0] = -1e3
+    out = cuda_fused.forward(value, ss, lsi, ref, offsets, logits, module=mod)
+    grad_output = torch.ones_like(out)
+    grads = cuda_fused.backward(grad_output, value, ss, lsi, ref, offsets, logits, module=mod)
+    want = ms_deform_attn_composed(value.double(), ss, lsi, ref.double(), offsets.double(), logits.double())
+    assert torch.equal(torch.isfinite(out[0, 0]), torch.isfinite(want[0, 0])) and torch.isfinite(out[0, 0]).all()
+    assert out[0, 0].abs().max() == 0
+    for name, grad in zip(("grad_value", "grad_offsets", "grad_logits"), grads):
+        rows = grad[:, 1:] if name == "grad_value" else grad[0, 0]  # value row 0 is where inf sits
+        assert torch.isfinite(rows).all(), name
+
+
 def test_empty_inputs():
     mod = module("sm_90")
     value, ss, lsi, ref, offsets, logits = inputs(torch.float32, 2, Lq=0)
