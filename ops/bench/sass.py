@@ -516,6 +516,8 @@ def main(argv: list[str] | None = None) -> int:
         for arch in args.archs:
             kernels, compilers = report_arch(arch, Path(tmp))
             print_table(arch, kernels, compilers)
+            if "NVRTC" in " ".join(compilers):
+                print_checks(compiled_kernels(arch))
     print_bytes()
     return 0
 
