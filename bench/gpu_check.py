@@ -165,7 +165,9 @@ def in_process(name: str, fn, *args) -> Step:
 
 def process_steps(dry_run: bool, out: Path) -> list[tuple[str, list[str], int]]:
     """(name, argv, timeout s) of the steps run as processes."""
-    infer = ["pipelines/infer.py", "--checkpoint", str(out / "ray_demo"), "--output", str(out / "detections")]
+    # The one-epoch run keeps one checkpoint folder: epoch 0.
+    checkpoint = out / "ray_demo" / "checkpoint_epoch0000"
+    infer = ["pipelines/infer.py", "--checkpoint", str(checkpoint), "--output", str(out / "detections")]
     if dry_run:
         train_step = ["bench/train_step.py", "--device", "cpu", "--preset", "tiny", "--batch-size", "1"]
         train_step += ["--height", "64", "--width", "96", "--iters", "1", "--warmup", "0"]
