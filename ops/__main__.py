@@ -33,12 +33,15 @@ def main(argv: list[str]) -> int:
         try:
             from ops.cuda import build as nvrtc
 
+            driver = nvrtc.driver_status()[1]
             nvrtc = "NVRTC {}.{}, headers in {}".format(*nvrtc.version(), nvrtc.include_dirs()[0])
         except Exception as exc:  # not installed, or no headers: say so and carry on
             nvrtc = f"unavailable ({exc}); pip install 'msda-ops[cuda]'"
+            driver = "unknown (no NVRTC)"
         ok, reason = cuda_kernel_available()
         print(f"backend setting: {get_backend()}")
         print(f"compiler: {nvrtc}")
+        print(f"driver: {driver}")
         print(f"cache: {_cache.cache_root()}")
         print("CUDA kernel: available" if ok else f"CUDA kernel: unavailable ({reason}); the PyTorch reference runs")
         ok, reason = cuda_fused.is_available()

@@ -108,6 +108,35 @@ def time_ms(fn: Callable[[], object], warmup: int = 3, repeats: int = 20) -> flo
     return statistics.median(times)
 
 
+def back_to_back_ms(fn: Callable[[], object], launches: int = 50) -> float:
+    """GPU milliseconds per call over ``launches`` calls queued back to back between one pair of events:
+    the kernels' own time once the queue stays full, without the launch prologue that one call from an
+    idle GPU (``time_ms``) holds. A call whose Python side outlasts its kernels still shows Python here."""
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(launches):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / launches
+
+
+def profiled_ms(fn: Callable[[], object], calls: int = 10) -> float:
+    """Milliseconds per call that the GPU spent in kernels and copies, summed from torch.profiler's CUDA
+    activity (no gaps between kernels, no launch time)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    return sum(e.self_device_time_total for e in prof.key_averages()) / calls / 1e3
+
+
 def copy_bandwidth(device: torch.device, nbytes: int = 2**30) -> float:
     """Device-to-device copy bandwidth in bytes/s; a copy reads and writes nbytes each."""
     src = torch.empty(nbytes, dtype=torch.uint8, device=device)
@@ -119,8 +148,9 @@ def copy_bandwidth(device: torch.device, nbytes: int = 2**30) -> float:
 def timed_rows(
     shape: str, dtype: torch.dtype, paths: dict[str, tuple], floor: tuple[int, int], bandwidth: float
 ) -> list[dict]:
-    """Times every path and returns a row each: milliseconds, speed-ups over the first path (the
-    reference) and ratios to the memory-traffic floor.
+    """Times every path and returns a row each: the kernel time (back-to-back launches; speed-ups over
+    the first path, the reference, and ratios to the memory-traffic floor are of it), the time of one
+    call from an idle GPU (``*_call_ms``: Python's launch prologue included) and the profiler's GPU time.
 
     Args:
         paths: name -> (forward, a maker of the backward-only callable, forward+backward).
@@ -130,13 +160,24 @@ def timed_rows(
     floor_fwd_ms, floor_fb_ms = (1e3 * b / bandwidth for b in floor)
     floor_bwd_ms = floor_fb_ms - floor_fwd_ms
     # Each backward-only callable (and the graph it holds) lives only while it is timed.
-    timings = {path: (time_ms(f), time_ms(make_b()), time_ms(fb)) for path, (f, make_b, fb) in paths.items()}
+    timings, calls, profiled = {}, {}, {}
+    for path, (f, make_b, fb) in paths.items():
+        b = make_b()
+        timings[path] = (back_to_back_ms(f), back_to_back_ms(b), back_to_back_ms(fb))
+        calls[path] = (time_ms(f), time_ms(b), time_ms(fb))
+        profiled[path] = (profiled_ms(f), profiled_ms(fb))
+        del b
     ref_fwd, ref_bwd, ref_fb = next(iter(timings.values()))
     return [
         {
             "shape": shape,
             "dtype": str(dtype).removeprefix("torch."),
             "path": path,
+            "forward_call_ms": calls[path][0],
+            "backward_call_ms": calls[path][1],
+            "forward_backward_call_ms": calls[path][2],
+            "forward_profiled_ms": profiled[path][0],
+            "forward_backward_profiled_ms": profiled[path][1],
             "forward_ms": fwd_ms,
             "backward_ms": bwd_ms,
             "forward_backward_ms": fb_ms,
@@ -155,15 +196,18 @@ def timed_rows(
 
 
 def markdown_table(rows: list[dict]) -> str:
+    """Kernel times (back-to-back launches), the profiler's and one call's beside them, then ratios."""
     lines = [
-        "| shape | dtype | path | fwd ms | bwd ms | fwd+bwd ms | fwd speed-up | bwd speed-up | fwd+bwd speed-up "
-        "| fwd / floor | bwd / floor | fwd+bwd / floor |",
-        "|---|---|---|" + "---:|" * 9,
+        "| shape | dtype | path | fwd ms | fwd profiler ms | fwd call ms | bwd ms | fwd+bwd ms | fwd+bwd call ms "
+        "| fwd speed-up | bwd speed-up | fwd+bwd speed-up | fwd / floor | bwd / floor | fwd+bwd / floor |",
+        "|---|---|---|" + "---:|" * 12,
     ]
     for r in rows:
         lines.append(
-            f"| {r['shape']} | {r['dtype']} | {r['path']} | {r['forward_ms']:.3f} | {r['backward_ms']:.3f} | "
-            f"{r['forward_backward_ms']:.3f} | {r['forward_speedup']:.1f}x | {r['backward_speedup']:.1f}x | "
+            f"| {r['shape']} | {r['dtype']} | {r['path']} | {r['forward_ms']:.3f} | {r['forward_profiled_ms']:.3f} | "
+            f"{r['forward_call_ms']:.3f} | {r['backward_ms']:.3f} | "
+            f"{r['forward_backward_ms']:.3f} | {r['forward_backward_call_ms']:.3f} | "
+            f"{r['forward_speedup']:.1f}x | {r['backward_speedup']:.1f}x | "
             f"{r['forward_backward_speedup']:.1f}x | {r['forward_over_floor']:.2f}x | {r['backward_over_floor']:.2f}x | "
             f"{r['forward_backward_over_floor']:.2f}x |"
         )

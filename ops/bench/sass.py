@@ -363,6 +363,151 @@ def print_bytes() -> None:
         )
 
 
+# ---------------------------------------------------------------------------------------------
+# Compiled-code checks: what CI asserts about every instantiation (NVRTC only, no GPU)
+# ---------------------------------------------------------------------------------------------
+
+_BARRIER_CALL = re.compile(r"\b(__syncwarp|__syncthreads)\s*\(")
+_PTX_BARRIER = re.compile(r"^\s*(?:@\S+\s+)?(bar\.warp\.sync|bar\.sync|barrier\.sync|barrier\.cta\.sync)\b", re.M)
+_REGISTERS_PER_SM = 65536
+
+
+def _strip_comments(text: str) -> str:
+    return re.sub(r"/\*.*?\*/", "", re.sub(r"//[^\n]*", "", text), flags=re.S)
+
+
+def _functions(text: str) -> dict[str, str]:
+    """{name: body} of the functions defined one brace level deep (inside the kernels' namespace)."""
+    found, depth, i = {}, 0, 0
+    while i < len(text):
+        c = text[i]
+        if c == "{" and depth == 1:
+            head = text[max(0, text.rfind(";", 0, i), text.rfind("}", 0, i)) + 1 : i].rstrip()
+            end, inner = i + 1, 1
+            while inner:
+                inner += {"{": 1, "}": -1}.get(text[end], 0)
+                end += 1
+            if head.endswith(")"):  # a function: its name precedes the parameter list
+                j, level = len(head) - 1, 0
+                while j >= 0:
+                    level += {")": 1, "(": -1}.get(head[j], 0)
+                    if level == 0:
+                        break
+                    j -= 1
+                name = re.search(r"(\w+)\s*$", head[:j])
+                if name:
+                    found[name.group(1)] = text[i:end]
+            i = end
+            continue
+        depth += {"{": 1, "}": -1}.get(c, 0)
+        i += 1
+    return found
+
+
+def barrier_sites(source: Path) -> dict[str, int]:
+    """Barrier call sites each kernel executes: {"forward": n, "backward": n}. A site is a call of
+    __syncwarp or __syncthreads, or of a function of the file named like one (``group_sync``: a barrier
+    wrapper, one site whatever its body compiles to); other callees count with their own sites."""
+    functions = _functions(_strip_comments(source.read_text()))
+    wrappers = [f for f in functions if "sync" in f]
+
+    def calls(f: str, body: str) -> int:
+        return len(re.findall(rf"\b{f}\s*(?:<[^;(]*?>)?\s*\(", body))
+
+    memo: dict[str, int] = {}
+
+    def sites(name: str) -> int:
+        if name not in memo:
+            memo[name] = 0  # overloads share a name: a name met again inside itself adds nothing
+            body = functions[name]
+            count = len(_BARRIER_CALL.findall(body)) + sum(calls(f, body) for f in wrappers)
+            called = {f: calls(f, body) for f in functions if f != name and f not in wrappers}
+            memo[name] = count + sum(n * sites(f) for f, n in called.items() if n)
+        return memo[name]
+
+    return {direction: sites(f"{direction}_kernel") for direction in ("forward", "backward")}
+
+
+def register_budget(source: Path) -> dict[str, int]:
+    """Registers per thread that each kernel's ``__launch_bounds__(threads, min_blocks)`` leaves: 64K per
+    SM over threads * min_blocks, in the allocation unit of 8. {"forward": n, "backward": n}."""
+    text = _strip_comments(source.read_text() + "".join(h.read_text() for h in source.parent.glob("*.h")))
+    constants = dict(re.findall(r"(?:constexpr int|#define)\s+(\w+)\s*=?\s*(\d+)", text))
+    budgets = {}
+    for threads, blocks, direction in re.findall(
+        r"__launch_bounds__\(\s*(\w+)\s*,\s*(\w+)\s*\)\s*(forward|backward)_kernel", text
+    ):
+        t, b = (int(constants.get(x, x)) for x in (threads, blocks))
+        budgets[direction] = _REGISTERS_PER_SM // (t * b) // 8 * 8
+    if sorted(budgets) != ["backward", "forward"]:
+        raise ValueError(f"{source.name}: each kernel needs __launch_bounds__(threads, min_blocks), found {budgets}")
+    return budgets
+
+
+@dataclass
+class Compiled:
+    """One instantiation as the compiled-code checks see it."""
+
+    source: str
+    arch: str
+    name: str  # the name expression
+    ptx_barriers: int
+    source_barriers: int
+    registers: int
+    budget: int
+    spill_bytes: int
+
+    def problems(self) -> list[str]:
+        where = f"{self.source} {self.name} on {self.arch}"
+        found = []
+        if self.ptx_barriers != self.source_barriers:
+            found.append(
+                f"{where}: the PTX holds {self.ptx_barriers} barriers (bar.sync, bar.warp.sync), the source "
+                f"has {self.source_barriers} call sites: a barrier was compiled away or duplicated"
+            )
+        if self.spill_bytes:
+            found.append(f"{where}: {self.spill_bytes} bytes of local-memory spills")
+        if self.registers > self.budget:
+            found.append(f"{where}: {self.registers} registers, the launch bounds allow {self.budget}")
+        return found
+
+
+def compiled_kernels(arch: str) -> list[Compiled]:
+    """Every instantiation of both kernels compiled by NVRTC for ``arch`` (a real sm_XY)."""
+    from ops.cuda import build as nvrtc
+
+    rows = []
+    for label in ("unfused", "fused"):
+        source = SOURCES[label]
+        ptx, log, symbols = nvrtc.compile_with_report(source, kernel_names(label), arch)
+        entries = dict(re.findall(r"\.entry\s+(\w+)\((.*?)(?=\.entry\s|\Z)", ptx, flags=re.S))
+        usage = {}
+        for symbol, block in re.findall(r"Function properties for (\w+)\n(.*?)(?=Compile time|\Z)", log, re.S):
+            spills = sum(int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", block))
+            registers = re.search(r"Used (\d+) registers", block)
+            usage[symbol] = (int(registers.group(1)) if registers else 0, spills)
+        sites, budget = barrier_sites(source), register_budget(source)
+        for name, symbol in symbols.items():
+            registers, spills = usage.get(symbol, (0, 0))
+            direction = "forward" if "forward_kernel" in name else "backward"
+            ptx_barriers = len(_PTX_BARRIER.findall(entries.get(symbol, "")))
+            rows.append(
+                Compiled(label, arch, name, ptx_barriers, sites[direction], registers, budget[direction], spills)
+            )
+    return rows
+
+
+def print_checks(rows: list[Compiled]) -> None:
+    print("\n## Compiled-code checks (NVRTC PTX and ptxas)\n")
+    print("| kernel | arch | barriers PTX / source | registers / budget | spill bytes |")
+    print("|---|---|---:|---:|---:|")
+    for r in rows:
+        print(
+            f"| {r.source} {r.name} | {r.arch} | {r.ptx_barriers} / {r.source_barriers} | "
+            f"{r.registers} / {r.budget} | {r.spill_bytes} |"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("archs", nargs="*", default=["sm_90"], help="targets, e.g. sm_80 sm_90 (default sm_90)")
@@ -371,6 +516,8 @@ def main(argv: list[str] | None = None) -> int:
         for arch in args.archs:
             kernels, compilers = report_arch(arch, Path(tmp))
             print_table(arch, kernels, compilers)
+            if "NVRTC" in " ".join(compilers):
+                print_checks(compiled_kernels(arch))
     print_bytes()
     return 0
 

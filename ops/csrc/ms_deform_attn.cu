@@ -31,10 +31,8 @@
 #include "bilinear.h"  // neighbours_of: the sampling convention, shared with the CPU kernel
 #include "ms_deform_attn.h"
 
-#ifndef CUDA_EMULATION  // the emulation header (csrc/emu/cuda_emu.h) defines the half types
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#endif
 
 namespace msda {
 

@@ -39,10 +39,8 @@
 // groups of a warp add to the same address, the contributions are summed by shuffles first and one
 // lane issues the atomic. The softmax backward runs once per group at the end.
 
-#ifndef CUDA_EMULATION  // the emulation header (csrc/emu/cuda_emu.h) defines the half types
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#endif
 
 // 1: the backward can aggregate atomics (FusedDims::aggregate picks it per launch): lanes of
 // different groups that add to the same grad_value address sum by shuffles first and one atomic
@@ -56,47 +54,9 @@ namespace msda_fused {
 
 typedef long long i64;
 
-// Warp votes and bit tricks. The CPU emulation (ops/csrc/emu/cuda_emu.h) models shuffles only, so
-// there the votes are built from shuffles, whose rules it checks: every lane of `mask` takes part.
-#ifdef CUDA_EMULATION
-__device__ inline unsigned warp_ballot(unsigned mask, bool pred) {
-  unsigned bits = 0;
-  for (int src = 0; src < 32; ++src) {
-    if ((mask >> src) & 1u) bits |= unsigned(__shfl_sync(mask, int(pred), src) != 0) << src;
-  }
-  return bits;
-}
-__device__ inline bool warp_any(unsigned mask, bool pred) { return warp_ballot(mask, pred) != 0; }
-__device__ inline unsigned warp_match_any(unsigned mask, unsigned long long key) {
-  unsigned peers = 0;
-  for (int src = 0; src < 32; ++src) {
-    if ((mask >> src) & 1u) peers |= unsigned(__shfl_sync(mask, key, src) == key) << src;
-  }
-  return peers;
-}
-__device__ inline int popc(unsigned x) { return __builtin_popcount(x); }
-__device__ inline unsigned mul_hi(unsigned a, unsigned b) {
-  return static_cast<unsigned>((static_cast<unsigned long long>(a) * b) >> 32);
-}
-__device__ inline int first_set(unsigned x) { return __builtin_ffs(static_cast<int>(x)); }
-__device__ inline float neg_inf(float) { return -__builtin_inff(); }
-__device__ inline double neg_inf(double) { return -__builtin_inf(); }
-// The emulation's __syncwarp does nothing; a shuffle makes every lane of mask arrive first, which is
-// the barrier (and memory ordering) the record exchange relies on.
-__device__ inline void group_sync(unsigned mask) { (void)__shfl_xor_sync(mask, 0, 0); }
-#else
-__device__ __forceinline__ unsigned warp_ballot(unsigned mask, bool pred) { return __ballot_sync(mask, pred); }
-__device__ __forceinline__ bool warp_any(unsigned mask, bool pred) { return __any_sync(mask, pred) != 0; }
-__device__ __forceinline__ unsigned warp_match_any(unsigned mask, unsigned long long key) {
-  return __match_any_sync(mask, key);
-}
-__device__ __forceinline__ int popc(unsigned x) { return __popc(x); }
-__device__ __forceinline__ unsigned mul_hi(unsigned a, unsigned b) { return __umulhi(a, b); }
-__device__ __forceinline__ int first_set(unsigned x) { return __ffs(x); }
+// -inf of the accumulation type (ops/csrc/emu/cuda_emu.h defines these built-ins for the CPU too).
 __device__ __forceinline__ float neg_inf(float) { return __int_as_float(0xff800000); }
 __device__ __forceinline__ double neg_inf(double) { return __longlong_as_double(0xfff0000000000000ULL); }
-__device__ __forceinline__ void group_sync(unsigned mask) { group_sync(mask); }
-#endif
 
 // Accumulation (and coordinate) type for a storage type.
 template <typename T>
@@ -161,7 +121,7 @@ struct FusedDims {
   int chunk_iters;  // ceil(n_chunks / G), at least 1
   int tile;         // points per shared-memory tile, 1 <= tile; the host sizes shared memory by it
   int box;          // 1: reference boxes (R = 4), 0: reference points (R = 2)
-  unsigned p_magic;  // floor(2^32 / P) + 1 (P > 1): l = i / P is mul_hi(i, p_magic) for i * P < 2^32
+  unsigned p_magic;  // floor(2^32 / P) + 1 (P > 1): l = i / P is __umulhi(i, p_magic) for i * P < 2^32
   int aggregate;     // backward: 1 to sum colliding grad_value adds within the warp before the atomic
 };
 
@@ -294,7 +254,7 @@ template <typename A>
 __device__ __forceinline__ Placed<A> place_point(int i, const A* __restrict__ ref_q, const A* __restrict__ off_g,
                                                  const int* s_levels, const FusedDims& d) {
   // i / P without a division (2^32 + 1 does not fit for P = 1).
-  const int l = d.P == 1 ? i : static_cast<int>(mul_hi(static_cast<unsigned>(i), d.p_magic));
+  const int l = d.P == 1 ? i : static_cast<int>(__umulhi(static_cast<unsigned>(i), d.p_magic));
   Placed<A> pl;
   pl.H = s_levels[3 * l];
   pl.W = s_levels[3 * l + 1];
@@ -319,16 +279,6 @@ __device__ __forceinline__ Placed<A> place_point(int i, const A* __restrict__ re
 }
 
 // Reads the CPT channels at p. kVec: one 16-byte load. Otherwise n (< CPT possible) scalar loads.
-// float from its bit pattern.
-#ifdef CUDA_EMULATION
-__device__ inline float float_of_bits(unsigned bits) {
-  float f;
-  memcpy(&f, &bits, sizeof f);
-  return f;
-}
-#else
-__device__ __forceinline__ float float_of_bits(unsigned bits) { return __uint_as_float(bits); }
-#endif
 
 template <typename T, int CPT, bool kVec>
 __device__ __forceinline__ void load_chunk(const T* p, int n, typename AccOf<T>::type (&dst)[CPT]) {
@@ -339,8 +289,8 @@ __device__ __forceinline__ void load_chunk(const T* p, int n, typename AccOf<T>:
     const unsigned words[4] = {raw.x, raw.y, raw.z, raw.w};
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      dst[2 * i] = float_of_bits(words[i] << 16);
-      dst[2 * i + 1] = float_of_bits(words[i] & 0xffff0000u);
+      dst[2 * i] = __uint_as_float(words[i] << 16);
+      dst[2 * i + 1] = __uint_as_float(words[i] & 0xffff0000u);
     }
   } else if constexpr (kVec) {
     alignas(16) T tmp[CPT];
@@ -426,7 +376,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
 
     for (int t0 = 0; t0 < LP; t0 += d.tile) {
       const int tn = min(d.tile, LP - t0);
-      group_sync(mask);  // the previous tile's records are read by every lane
+      __syncwarp(mask);  // the previous tile's records are read by every lane
       for (int j = lane; j < tn; j += G) {
         const int i = t0 + j;
         const Placed<A> pl = place_point(i, ref_q, off_g, s_levels, d);
@@ -442,7 +392,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
         for (int k = 0; k < 4; ++k) r.row[k] = g.row[k];
         recs[j] = r;
       }
-      group_sync(mask);
+      __syncwarp(mask);
       if (n_valid > 0) {
 #pragma unroll(kPointUnroll)
         for (int j = 0; j < tn; ++j) {
@@ -451,8 +401,11 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
           for (int k = 0; k < 4; ++k) {
             A s[CPT];
             load_chunk<T, CPT, kVec>(row_ptr(v, r.row[k], d.row_bytes), n_valid, s);
+            // A neighbour outside the map reads a row clamped into it with weight 0: select rather than
+            // multiply, since 0 * inf is NaN where the reference reads 0.
+            const bool keep = r.w[k] != A(0);
 #pragma unroll
-            for (int c = 0; c < CPT; ++c) acc[c] = fma(r.w[k], s[c], acc[c]);
+            for (int c = 0; c < CPT; ++c) acc[c] = keep ? fma(r.w[k], s[c], acc[c]) : acc[c];
           }
         }
       }
@@ -501,8 +454,8 @@ __device__ __forceinline__ void add_to_grad_value(A* p, int n, A w, const A (&g)
   if (MSDA_FUSED_AGGREGATE && aggregate && group_size < 32) {
     // A key no pointer can equal for lanes with nothing to add.
     const unsigned long long key = has ? reinterpret_cast<unsigned long long>(p) : ~0ull - lane_w;
-    const unsigned peers = warp_match_any(live, key);
-    if (warp_any(live, popc(peers) > 1)) {
+    const unsigned peers = __match_any_sync(live, key);
+    if (__any_sync(live, __popc(peers) > 1)) {
       A sum[CPT];  // own contribution plus the peers' (add[] stays as the peers read it)
 #pragma unroll
       for (int c = 0; c < CPT; ++c) sum[c] = add[c];
@@ -517,7 +470,7 @@ __device__ __forceinline__ void add_to_grad_value(A* p, int n, A w, const A (&g)
           if (same) sum[c] += other;
         }
       }
-      if (has && lane_w == first_set(peers) - 1) atomic_add_chunk<A, CPT, kVec>(p, n, sum);
+      if (has && lane_w == __ffs(peers) - 1) atomic_add_chunk<A, CPT, kVec>(p, n, sum);
       return;
     }
   }
@@ -543,7 +496,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) backward_kernel(
   const i64 tid = static_cast<i64>(blockIdx.x) * blockDim.x + threadIdx.x;
   const i64 group = tid >> d.log2_group;
   // Before anyone leaves: which lanes of this warp keep running (atomics aggregate among them).
-  const unsigned live = warp_ballot(0xffffffffu, group < d.n_groups);
+  const unsigned live = __ballot_sync(0xffffffffu, group < d.n_groups);
   if (group >= d.n_groups) return;
   const int G = 1 << d.log2_group;
   const int lane = static_cast<int>(tid & (G - 1));
@@ -582,7 +535,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) backward_kernel(
 
     for (int t0 = 0; t0 < LP; t0 += d.tile) {
       const int tn = min(d.tile, LP - t0);
-      group_sync(mask);
+      // No barrier here: the previous tile's records were last read before its third barrier, and a
+      // lane writes the same owners[j] it read (j = lane mod G) and its dots only after the next one.
       for (int j = lane; j < tn; j += G) {
         const Placed<A> pl = place_point(t0 + j, ref_q, off_g, s_levels, d);
         const Geometry<A> geo = geometry_of(pl.h_im, pl.w_im, pl.H, pl.W, pl.start);
@@ -603,7 +557,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) backward_kernel(
         o.valid = static_cast<int>(geo.valid);
         owners[j] = o;
       }
-      group_sync(mask);
+      __syncwarp(mask);
 #pragma unroll(kPointUnroll)
       for (int j = 0; j < tn; ++j) {
         const PointRec<A> r = recs[j];
@@ -629,7 +583,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) backward_kernel(
           }
         }
       }
-      group_sync(mask);
+      __syncwarp(mask);
       // Owners: sum the G partial dots of each point, then the point's gradients.
       for (int j = lane; j < tn; j += G) {
         A s[4] = {A(0), A(0), A(0), A(0)};
@@ -670,7 +624,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) backward_kernel(
 
   // Softmax backward: d logit_i = a_i * (d a_i - sum_j a_j d a_j). The d a_i were written by their
   // tile owners; __syncwarp orders those writes before the reads of other lanes.
-  group_sync(mask);
+  __syncwarp(mask);
   A dot = A(0);
   for (int i = lane; i < LP; i += G) dot += sm.weight(__ldg(logits_g + i)) * grad_logit_g[i];
   dot = group_sum(dot, mask, G);

@@ -54,6 +54,44 @@ def version() -> tuple[int, int]:
     return tuple(_check_nvrtc(nvrtc.nvrtcVersion()))
 
 
+# The oldest NVRTC that compiles the kernels (C++17, __match_any_sync, cuda_bf16.h's conversions).
+MIN_NVRTC = (12, 0)
+# CUDA's headers the kernels include (the cache key holds their content, not only their folder).
+CUDA_HEADERS = ("cuda_fp16.h", "cuda_fp16.hpp", "cuda_bf16.h", "cuda_bf16.hpp")
+
+
+def check_version() -> None:
+    """Raises RuntimeError naming the fix when this NVRTC is older than the kernels need."""
+    have = version()
+    if have < MIN_NVRTC:
+        raise RuntimeError(
+            "NVRTC {}.{} is older than the kernels need ({}.{}): pip install 'msda-ops[cuda12]' or "
+            "'msda-ops[cuda]' (CUDA 13)".format(*have, *MIN_NVRTC)
+        )
+
+
+# The oldest driver release that runs what each NVRTC major version emits (minor-version compatibility).
+MIN_DRIVER = {12: 525, 13: 580}
+
+
+def driver_status() -> tuple[bool, str]:
+    """(new enough, one line): the installed driver against what this NVRTC's code needs."""
+    major, minor = version()
+    need = MIN_DRIVER.get(major)
+    needs = f"NVRTC {major}.{minor} needs a driver >= {need} (CUDA {major})" if need else f"NVRTC {major}.{minor}"
+    release = Path("/proc/driver/nvidia/version")
+    found = re.search(r"Kernel Module\s+(?:for \S+\s+)?([\d.]+)", release.read_text()) if release.is_file() else None
+    try:
+        cuda = _check_driver(driver.cuDriverGetVersion(), "cuDriverGetVersion")
+    except Exception:  # no driver library: a machine without a GPU
+        return False, f"no NVIDIA driver found; {needs}"
+    have = f"driver {found.group(1) if found else '?'} (CUDA {cuda // 1000}.{cuda % 1000 // 10})"
+    if cuda // 1000 >= major:
+        return True, f"{have}; {needs}"
+    fix = f"install a driver >= {need}" if need else "install a newer driver"
+    return False, f"{have} is too old: {needs}; {fix}, or pip install 'msda-ops[cuda12]' for CUDA 12's NVRTC"
+
+
 def supported_archs() -> list[int]:
     """The architectures NVRTC emits cubins for, as numbers (80, 90, 100, 120, ...)."""
     return sorted(int(a) for a in _check_nvrtc(nvrtc.nvrtcGetSupportedArchs()))
@@ -65,8 +103,11 @@ def include_dirs() -> list[str]:
     try:
         import nvidia  # namespace package of the nvidia-* wheels
 
+        # The headers of NVRTC's own major version first: the cuda12 route must not build against 13's.
+        major = version()[0]
+        subs = [f"cu{major}/include", "cuda_runtime/include", "cu13/include", "cu12/include"]
         for base in nvidia.__path__:
-            for sub in ("cu13/include", "cu12/include", "cuda_runtime/include"):
+            for sub in dict.fromkeys(subs):
                 if (Path(base) / sub / "cuda_fp16.h").is_file():
                     found.append(str(Path(base) / sub))
     except ImportError:
@@ -110,6 +151,7 @@ def compile_source(source: Path, names: Sequence[str], arch: str) -> tuple[str, 
     Raises:
         RuntimeError: the compile failed (the message holds NVRTC's log).
     """
+    check_version()
     kind, nvrtc_arch = target(arch)
     options = [f"--gpu-architecture={nvrtc_arch}", f"--std={STD}", f"--include-path={source.parent}"]
     options += [f"--include-path={d}" for d in include_dirs()]
@@ -139,11 +181,39 @@ def compile_source(source: Path, names: Sequence[str], arch: str) -> tuple[str, 
     return kind, code, symbols, log
 
 
+def compile_with_report(source: Path, names: Sequence[str], arch: str) -> tuple[str, str, dict[str, str]]:
+    """(PTX, ptxas' verbose log, {name expression: lowered symbol}) of one compile for a real ``arch``:
+    what the compiled-code checks read (barriers in the PTX, registers and spills in the log).
+
+    Raises:
+        RuntimeError: the compile failed (the message holds NVRTC's log).
+    """
+    options = [f"--gpu-architecture={arch}", f"--std={STD}", f"--include-path={source.parent}", "--ptxas-options=-v"]
+    options += [f"--include-path={d}" for d in include_dirs()]
+    program = _check_nvrtc(nvrtc.nvrtcCreateProgram(source.read_bytes(), source.name.encode(), 0, [], []))
+    try:
+        for name in names:
+            _check_nvrtc(nvrtc.nvrtcAddNameExpression(program, name.encode()))
+        (result,) = nvrtc.nvrtcCompileProgram(program, len(options), [o.encode() for o in options])
+        log = b" " * _check_nvrtc(nvrtc.nvrtcGetProgramLogSize(program))
+        _check_nvrtc(nvrtc.nvrtcGetProgramLog(program, log))
+        log = log.rstrip(b"\0 ").decode(errors="replace")
+        if result != nvrtc.nvrtcResult.NVRTC_SUCCESS:
+            raise RuntimeError(f"NVRTC failed compiling {source.name} for {arch} ({result!r}):\n{log}")
+        ptx = b" " * _check_nvrtc(nvrtc.nvrtcGetPTXSize(program))
+        _check_nvrtc(nvrtc.nvrtcGetPTX(program, ptx))
+        symbols = {name: _check_nvrtc(nvrtc.nvrtcGetLoweredName(program, name.encode())).decode() for name in names}
+    finally:
+        nvrtc.nvrtcDestroyProgram(program)
+    return ptx.rstrip(b"\0").decode(), log, symbols
+
+
 def build(source: Path, names: Sequence[str], arch: str) -> Path:
     """Compile ``source`` for ``arch`` into the cache unless it is there; return the cache file."""
     source = Path(source).resolve()
     kind, nvrtc_arch = target(arch)
     headers = sorted(source.parent.glob("*.h"))
+    cuda_include = Path(include_dirs()[0])
     key = _cache.content_key(
         [
             "nvrtc",
@@ -154,6 +224,7 @@ def build(source: Path, names: Sequence[str], arch: str) -> Path:
             ".".join(map(str, version())),
             STD,
             *include_dirs(),
+            *[(cuda_include / h).read_bytes() for h in CUDA_HEADERS if (cuda_include / h).is_file()],
             *names,
         ]
     )

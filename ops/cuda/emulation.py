@@ -4,14 +4,16 @@
     module.launch("ns::kernel<float, true>", grid, block, shared_bytes, KernelArgs([...]))
 
 Pointers are host pointers (CPU tensors). Each CUDA thread is a fiber; the header checks barriers,
-shuffles, alignment and half-precision rounding against CUDA's rules (see its top comment), and a
-violation raises :class:`EmulationError` naming the block, thread, rule and source line. ``arch``
+shuffles, votes, alignment, half-precision rounding and shared-memory races against CUDA's rules (see
+its top comment), and a violation raises :class:`EmulationError` naming the block, thread, rule and
+source line(s). ``arch``
 sets ``__CUDA_ARCH__`` (sm_80 -> 800), so the kernel's per-architecture paths are both reachable.
 ``sanitize=True`` builds with AddressSanitizer and UBSan; such a library loads only in a process
 started with libasan preloaded (see ``asan_environment``), so tests run it in a subprocess.
 
-Sources may include headers next to them; the only rewrite before compiling is
-``extern __shared__ T name[];`` -> a pointer to the launch's dynamic shared memory.
+Sources may include headers next to them, and ``<cuda_fp16.h>`` / ``<cuda_bf16.h>`` (empty here: the
+header defines the half types); the only rewrite before compiling is ``extern __shared__ T name[];``
+-> a pointer to the launch's dynamic shared memory. The GPU and the emulation compile the same text.
 """
 
 from __future__ import annotations
@@ -42,6 +44,16 @@ FLAGS = (
     "-Wno-unknown-pragmas",
     "-Wno-unused-variable",
 )
+# The race check: every load and store of the translation unit calls back into the header.
+RACE_CHECK_FLAGS = (
+    "-fsanitize=kernel-address",
+    "--param=asan-instrumentation-with-call-threshold=0",
+    "--param=asan-stack=0",
+    "--param=asan-globals=0",
+    "-DCUDA_EMU_RACE_CHECK=1",
+)
+# CUDA headers a kernel includes for NVRTC; the emulation header already defines what they declare.
+CUDA_HEADERS = ("cuda_fp16.h", "cuda_bf16.h")
 OPT_FLAGS = ("-O2",)
 SANITIZE_FLAGS = ("-O0", "-g", "-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer")
 _DYNAMIC_SHARED = re.compile(
@@ -94,7 +106,7 @@ def build(
         RuntimeError: g++ failed (the message holds its diagnostics).
     """
     source = Path(source).resolve()
-    mode = SANITIZE_FLAGS if sanitize else OPT_FLAGS if optimize else ("-O0",)
+    mode = SANITIZE_FLAGS if sanitize else (*RACE_CHECK_FLAGS, *(OPT_FLAGS if optimize else ("-O0",)))
     flags = [*FLAGS, *mode, f"-D__CUDA_ARCH__={arch_number(arch)}"]
     wrapper = wrapper_source(source, names)
     headers = sorted(source.parent.glob("*.h"))  # what the source may include
@@ -105,11 +117,18 @@ def build(
     def produce(out: Path) -> None:
         cpp = out.with_name(out.name + ".cpp")
         cpp.write_text(wrapper)
+        stubs = out.with_name("cuda_include")
+        stubs.mkdir(exist_ok=True)
+        for name in CUDA_HEADERS:
+            (stubs / name).write_text("// empty: cuda_emu.h defines the half types\n")
         try:
-            cmd = [CXX, *flags, "-I", str(source.parent), "-o", str(out), str(cpp)]
+            cmd = [CXX, *flags, "-I", str(source.parent), "-I", str(stubs), "-o", str(out), str(cpp)]
             proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         finally:
             cpp.unlink()
+            for name in CUDA_HEADERS:
+                (stubs / name).unlink()
+            stubs.rmdir()
         if proc.returncode != 0:
             raise RuntimeError(
                 f"{CXX} failed building the emulation of {source.name} for {arch}:\n{proc.stderr.strip()}"
@@ -138,6 +157,28 @@ def asan_environment() -> dict[str, str]:
     return env
 
 
+_PC = re.compile(r"\{pc (0x[0-9a-f]+)\}")
+
+
+def source_lines(library: Path, message: str) -> str:
+    """``message`` with each ``{pc 0x...}`` (a code offset in ``library``) replaced by the kernel source
+    line it came from: the innermost inlined frame outside the emulation header."""
+    offsets = _PC.findall(message)
+    if not offsets:
+        return message
+    proc = subprocess.run(
+        ["addr2line", "-e", str(library), "-i", "-a", *offsets], capture_output=True, text=True, check=False
+    )
+    places: dict[str, str] = {}
+    current = None
+    for line in proc.stdout.splitlines():
+        if line.startswith("0x"):
+            current = f"0x{int(line, 16):x}"
+        elif current is not None and current not in places and EMU_HEADER.name not in line and ":" in line:
+            places[current] = line.split(" (discriminator")[0]
+    return _PC.sub(lambda m: f"({places.get(m.group(1), 'at ' + m.group(1))})", message)
+
+
 class EmulatedModule:
     """A built emulation library behind the kernel-module interface of ``ops.cuda.launch``."""
 
@@ -157,6 +198,7 @@ class EmulatedModule:
         lib.emu_kernel_name.argtypes = [ctypes.c_int]
         lib.emu_kernel_name.restype = ctypes.c_char_p
         self._lib = lib
+        self.library = Path(library)
         self.arch = arch
         self.names = tuple(lib.emu_kernel_name(i).decode() for i in range(lib.emu_kernel_count()))
         self.launched: list[str] = []  # kernel names in launch order, so tests see which variant ran
@@ -167,14 +209,15 @@ class EmulatedModule:
         block_c = (ctypes.c_uint * 3)(*block)
         code = self._lib.emu_launch(name.encode(), grid_c, block_c, shared_bytes, args.address, args.sizes, len(args))
         if code != 0:
-            raise EmulationError(f"{name} on {self.arch}: {self._lib.emu_last_error().decode()}")
+            message = source_lines(self.library, self._lib.emu_last_error().decode())
+            raise EmulationError(f"{name} on {self.arch}: {message}")
         self.launched.append(name)
 
-    COUNTERS = ("barriers", "shuffles", "vector_loads", "atomics", "wide_atomics")
+    COUNTERS = ("barriers", "shuffles", "vector_loads", "atomics", "wide_atomics", "warp_syncs")
 
     def counters(self, reset: bool = False) -> dict[str, int]:
-        """What the kernels executed since the last reset: __syncthreads, shuffles, 16-byte loads,
-        scalar atomics and float4 atomics (sm_90+ paths)."""
+        """What the kernels executed since the last reset: __syncthreads, shuffles and votes, 16-byte
+        loads, scalar atomics, float4 atomics (sm_90+ paths) and __syncwarps."""
         out = (ctypes.c_ulonglong * len(self.COUNTERS))()
         self._lib.emu_counters(out)
         if reset:

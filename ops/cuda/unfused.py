@@ -288,7 +288,10 @@ class GpuKernels:
             with self._lock:
                 answer = self.availability.get(index)
                 if answer is None:
-                    answer = self.availability[index] = self._probe(index)
+                    answer = self._probe(index)
+                    # A failure inside a CUDA-graph capture may be the capture's doing: probe again later.
+                    if answer[0] or not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
+                        self.availability[index] = answer
         return answer
 
     def device_module(self, device: torch.device | str | int | None) -> KernelModule:

@@ -1,8 +1,6 @@
 // Small kernels that each keep or break one CUDA rule: the emulation's own tests (test_emulation.py).
-#ifndef CUDA_EMULATION
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#endif
 
 namespace rules {
 
@@ -47,6 +45,25 @@ __global__ void different_shuffles(float* out) {
     v = __shfl_xor_sync(0xffffffffu, 2.0f, 1);
   }
   out[threadIdx.x] = v;
+}
+
+// Lane i reads lane (i ^ flip) & ~clear's slot of shared memory; `sync` 0 leaves out the __syncwarp.
+__global__ void swap_pairs(const int* in, int* out, int sync, int flip, int clear) {
+  extern __shared__ int slots[];
+  slots[threadIdx.x] = in[threadIdx.x];
+  if (sync) __syncwarp(0xffffffffu);
+  out[threadIdx.x] = slots[(threadIdx.x ^ flip) & ~clear];
+}
+
+__global__ void syncwarp_outside_mask(float* out) {
+  __syncwarp(0x1u);
+  out[threadIdx.x] = 1.0f;
+}
+
+__global__ void syncwarp_lane_exited(float* out) {
+  if (threadIdx.x == 7) return;
+  __syncwarp(0xffffffffu);
+  out[threadIdx.x] = 1.0f;
 }
 
 __global__ void divergent_barrier(float* out) {

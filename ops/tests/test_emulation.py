@@ -135,6 +135,9 @@ RULE_KERNELS = [
     "rules::scalar_atomics",
     "rules::vector_atomics",
     "rules::convert",
+    "rules::swap_pairs",
+    "rules::syncwarp_outside_mask",
+    "rules::syncwarp_lane_exited",
 ]
 
 
@@ -188,11 +191,28 @@ def test_shared_memory_and_barrier(rules):
         ),
         ("rules::divergent_barrier", r"waits at __syncthreads on line \d+ but thread 16 has exited"),
         ("rules::exit_before_barrier", r"but thread 5 has exited"),
+        ("rules::syncwarp_outside_mask", r"__syncwarp on line \d+: the calling lane 1 is not in mask 0x00000001"),
+        ("rules::syncwarp_lane_exited", r"waits at __syncwarp on line \d+ .* but lane 7 it names has exited"),
     ],
 )
 def test_broken_rules_are_reported(rules, kernel, message):
     with pytest.raises(emulation.EmulationError, match=message):
         _run(rules, kernel, [torch.zeros(32)])
+
+
+def test_shared_memory_race_names_both_lines(rules):
+    x, out = torch.arange(32, dtype=torch.int32), torch.empty(32, dtype=torch.int32)
+    _run(rules, "rules::swap_pairs", [x, out], [1, 1, 0], shared=32 * 4)
+    assert torch.equal(out, x.view(16, 2).flip(1).reshape(-1))
+    write, read = [i + 1 for i, line in enumerate(RULES.read_text().splitlines()) if "slots[" in line][1:]
+    # Lane 1 reads lane 0's slot, which lane 0 (scheduled first) wrote with no barrier between.
+    message = rf"thread 1 reads shared byte 0 \({RULES}:{read}\), which thread 0 wrote \({RULES}:{write}\) with no"
+    with pytest.raises(emulation.EmulationError, match=message):
+        _run(rules, "rules::swap_pairs", [x, out], [0, 0, 1], shared=32 * 4)
+    # Lane 0 reads lane 1's slot before lane 1 ran at all.
+    message = rf"thread 0 reads shared byte 4 \({RULES}:{read}\), which no thread of the block has written"
+    with pytest.raises(emulation.EmulationError, match=message):
+        _run(rules, "rules::swap_pairs", [x, out], [0, 1, 0], shared=32 * 4)
 
 
 def test_vector_accesses_must_be_aligned(rules):

@@ -3,17 +3,21 @@ fiber) through its real launcher, against the float64 composition: all dtypes, p
 sm_80 (scalar atomics) and sm_90 (float4 atomics) paths, several tiles and chunk loops, border and
 non-finite inputs. And a broken copy of the kernel must fail the same comparison."""
 
+import ctypes
 import math
+import re
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
+import emulated_cases
 import pytest
 import torch
 
 from ops.cuda import emulation
 from ops.cuda import fused as cuda_fused
+from ops.cuda import unfused as cuda_unfused
 from ops.fused import _reference_gradient, ms_deform_attn_composed
 
 ARCHS = ("sm_80", "sm_90")
@@ -143,6 +147,24 @@ def test_non_finite_logits_and_far_locations():
     torch.testing.assert_close(out[~nan].double(), want[~nan], rtol=1e-4, atol=1e-5)
 
 
+def test_an_infinite_value_outside_the_map_reads_zero_both_directions():
+    """value[0, 0] = inf and every point of query 0 far outside the map (its neighbours clamp onto row 0
+    with weight 0): the output and gradients stay finite, as the reference's."""
+    mod = module("sm_90")
+    value, ss, lsi, ref, offsets, logits = inputs(torch.float32, 2, N=1, Lq=2)
+    value[0, 0] = math.inf
+    offsets[0, 0] = -1e3
+    out = cuda_fused.forward(value, ss, lsi, ref, offsets, logits, module=mod)
+    grad_output = torch.ones_like(out)
+    grads = cuda_fused.backward(grad_output, value, ss, lsi, ref, offsets, logits, module=mod)
+    want = ms_deform_attn_composed(value.double(), ss, lsi, ref.double(), offsets.double(), logits.double())
+    assert torch.equal(torch.isfinite(out[0, 0]), torch.isfinite(want[0, 0])) and torch.isfinite(out[0, 0]).all()
+    assert out[0, 0].abs().max() == 0
+    for name, grad in zip(("grad_value", "grad_offsets", "grad_logits"), grads):
+        rows = grad[:, 1:] if name == "grad_value" else grad[0, 0]  # value row 0 is where inf sits
+        assert torch.isfinite(rows).all(), name
+
+
 def test_empty_inputs():
     mod = module("sm_90")
     value, ss, lsi, ref, offsets, logits = inputs(torch.float32, 2, Lq=0)
@@ -175,6 +197,56 @@ def test_a_broken_kernel_is_caught(tmp_path, edits, caught_in):
     source.write_text(text)
     results = run_and_compare(module("sm_90", source), torch.float32, 4, collide=True)
     assert not results[caught_in][0], f"the broken kernel passed: {results}"
+
+
+BARRIER = re.compile(r"\b(__syncwarp\(mask\)|__syncthreads\(\));")
+
+
+def barrier_mutant(source: Path, tmp_path: Path) -> tuple[Path, int]:
+    """``source`` with every barrier call site k made ``if (msda_skip_barrier != k) barrier;``: one build
+    holds all the single-barrier deletions, picked at run time. Returns (mutant, number of sites)."""
+    sites = iter(range(1000))
+    text = BARRIER.sub(lambda m: f"if (msda_skip_barrier != {next(sites)}) {m.group(1)};", source.read_text())
+    mutant = tmp_path / source.name
+    mutant.write_text('extern "C" { int msda_skip_barrier = -1; }\n' + text)
+    return mutant, next(sites)
+
+
+@pytest.mark.parametrize(
+    ("source", "names", "check"),
+    [
+        (cuda_fused.SOURCE, [n for n in cuda_fused.KERNEL_NAMES if "<float," in n], "fused"),
+        (cuda_unfused.SOURCE, [n for n in cuda_unfused.KERNEL_NAMES if "<float," in n], "unfused"),
+    ],
+    ids=["fused", "unfused"],
+)
+def test_deleting_any_barrier_fails_the_emulated_cases(tmp_path, source, names, check):
+    """Each __syncwarp / __syncthreads of the kernel, left out alone, is caught (the race check, or a
+    wrong value where the barrier orders global memory); with all of them in place the cases pass."""
+    for path in source.parent.glob("*.h"):  # the mutant's includes
+        (tmp_path / path.name).write_text(path.read_text())
+    mutant, n_sites = barrier_mutant(source, tmp_path)
+    mod = emulation.build_module(mutant, names, arch="sm_90", optimize=False)
+    skip = ctypes.c_int.in_dll(mod._lib, "msda_skip_barrier")
+    # G = 16 lanes, L*P = 27 points: two forward tiles of 16; backward tiles of 8, the last starting at
+    # point 24, whose owner (lane 0) and softmax reader (lane 8) differ.
+    shape = dict(D=64, Lq=3, N=2, P=9) if check == "fused" else {}
+
+    def passes() -> bool:
+        try:
+            if check == "fused":
+                return all(ok for ok, _ in run_and_compare(mod, torch.float32, 2, **shape).values())
+            return emulated_cases.check_case(mod, emulated_cases.Case("float32 D=8")) is None
+        except emulation.EmulationError:
+            return False
+
+    assert n_sites == (6 if check == "fused" else 1) and passes()
+    caught = []
+    for site in range(n_sites):
+        skip.value = site
+        caught.append(not passes())
+    skip.value = -1
+    assert all(caught), f"barrier sites left out without a failure: {[i for i, c in enumerate(caught) if not c]}"
 
 
 @pytest.mark.slow

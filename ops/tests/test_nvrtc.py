@@ -160,3 +160,30 @@ def test_is_available_without_cuda_says_why(monkeypatch):
         False,
         "no CUDA device (torch.cuda.is_available() is False)",
     )
+
+
+def test_an_nvrtc_older_than_the_kernels_need_is_one_clear_error(monkeypatch):
+    monkeypatch.setattr(nvrtc, "version", lambda: (11, 8))
+    with pytest.raises(RuntimeError, match=r"NVRTC 11\.8 is older than the kernels need \(12\.0\)"):
+        nvrtc.compile_source(cuda_unfused.SOURCE, cuda_unfused.KERNEL_NAMES, "sm_80")
+
+
+def test_the_cache_key_holds_the_cuda_headers_content(tmp_path, monkeypatch):
+    (tmp_path / "cuda_fp16.h").write_text("// one release")
+    monkeypatch.setattr(nvrtc, "include_dirs", lambda: [str(tmp_path)])
+    monkeypatch.setattr(nvrtc._cache, "cached", lambda key, name, produce: key)
+    before = nvrtc.build(cuda_unfused.SOURCE, cuda_unfused.KERNEL_NAMES, "sm_80")
+    (tmp_path / "cuda_fp16.h").write_text("// another release, same folder")
+    assert nvrtc.build(cuda_unfused.SOURCE, cuda_unfused.KERNEL_NAMES, "sm_80") != before
+
+
+def test_a_probe_that_fails_inside_a_graph_capture_is_not_kept(monkeypatch):
+    monkeypatch.setattr(cuda_unfused.KERNELS, "availability", {})
+    monkeypatch.setattr(cuda_unfused.KERNELS, "_probe", lambda index: (False, "loading failed while capturing"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert cuda_unfused.KERNELS.is_available(0) == (False, "loading failed while capturing")
+    assert cuda_unfused.KERNELS.availability == {}
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    cuda_unfused.KERNELS.is_available(0)
+    assert cuda_unfused.KERNELS.availability == {0: (False, "loading failed while capturing")}

@@ -5,29 +5,44 @@
 // the scheduler then checks CUDA's rules and releases them:
 //   __syncthreads: every thread of the block reaches the same barrier (same source line); none has
 //     exited, none waits at a shuffle.
+//   __syncwarp(mask): a barrier among the lanes of mask: the caller is in mask, and every lane of mask
+//     reaches the same __syncwarp (same line and mask; stricter than sm_70+, which lets different
+//     call sites meet) with none exited or waiting elsewhere.
 //   __shfl_*_sync(mask, ...): the caller is in mask; every lane named in mask reaches the same
 //     shuffle (kind, line, mask, width) with none exited or waiting elsewhere; the lane read from is
 //     in mask.
 //   16-byte vector loads and stores (uint4, float4) and float4 atomics are 16-byte aligned; scalar
 //     __ldg and atomics are naturally aligned.
 //   __half and __nv_bfloat16 convert exactly as on the GPU (round to nearest even).
+//   A thread reads only shared-memory bytes that a thread of its block wrote (compute-sanitizer's
+//     initcheck). Shared memory has no races (what compute-sanitizer's racecheck looks for): g++ instruments every
+//     load and store of the kernel's translation unit (-fsanitize=kernel-address with our own
+//     callbacks, see "Race check" below); per shared-memory byte the header keeps the last writer and
+//     the last reader with their barrier epochs, and an access by another thread that no barrier
+//     (__syncthreads, __syncwarp) both passed orders after that write (or a write after that read) is
+//     an error naming both places. Shuffles and votes are not barriers here: they order no memory.
 // A violation stops the launch; emu_launch returns 1 and emu_last_error() says which thread broke
 // which rule where. Dynamic shared memory is a heap block of exactly the requested size, filled
 // with 0xff at each block's start, so an AddressSanitizer build sees overruns and a missing
 // __syncthreads reads NaN instead of a neighbour's value.
 //
 // Supported built-ins: threadIdx, blockIdx, blockDim, gridDim, __syncthreads, __syncwarp,
-// __shfl_sync / _xor / _up / _down (4- and 8-byte values), __ldg, atomicAdd (int, unsigned, float,
-// double; float4 when __CUDA_ARCH__ >= 900), min, max, fma, __half, __nv_bfloat16 and their float
-// conversions, uint4, float4, make_float4. Not modelled: warp-level timing, the memory model (the
+// __shfl_sync / _xor / _up / _down (4- and 8-byte values), __ballot_sync, __any_sync,
+// __match_any_sync (64-bit keys), __popc, __ffs, __umulhi, __int_as_float, __uint_as_float,
+// __longlong_as_double, __ldg, atomicAdd (int, unsigned, float, double; float4 when
+// __CUDA_ARCH__ >= 900), min, max, fma, __half, __nv_bfloat16 and their float conversions, uint4,
+// float4, make_float4. <cuda_fp16.h> and <cuda_bf16.h> resolve to empty files (ops/cuda/emulation.py),
+// so a kernel source includes them as it does for NVRTC and needs no #ifdef for the emulation. Not modelled: warp-level timing, the memory model (the
 // blocks run in sequence, so races between blocks and atomics are invisible), occupancy,
 // __launch_bounds__ limits, codegen. `extern __shared__ T name[];` is rewritten by ops/cuda/emulation.py
-// into a pointer to the launch's dynamic shared memory; `__shared__` arrays become static.
+// into a pointer to the launch's dynamic shared memory; `__shared__` arrays become static (the race
+// check covers dynamic shared memory only).
 //
 // __CUDA_ARCH__ is set on the compiler's command line (800, 900, ...) to pick a kernel's arch path.
 #ifndef CUDA_EMU_H_
 #define CUDA_EMU_H_
 
+#include <dlfcn.h>
 #include <ucontext.h>
 
 #include <cmath>
@@ -42,13 +57,12 @@
 #include <utility>
 #include <vector>
 
-#if defined(__SANITIZE_ADDRESS__)
+#if defined(__SANITIZE_ADDRESS__) && !defined(CUDA_EMU_RACE_CHECK)  // kernel-address defines it too
 #include <sanitizer/asan_interface.h>
 #include <sanitizer/common_interface_defs.h>
 #define CUDA_EMU_ASAN 1
 #endif
 
-#define CUDA_EMULATION 1
 #define __global__
 #define __device__
 #define __host__
@@ -152,9 +166,11 @@ using std::fma;  // fma(float, float, float) rounds once, like the GPU's
 namespace cuda_emu {
 
 enum class State { kRunnable, kAtBarrier, kAtShuffle, kDone };
-enum class Shuffle { kIdx, kUp, kDown, kXor };
-constexpr const char* kShuffleNames[] = {"__shfl_sync", "__shfl_up_sync", "__shfl_down_sync",
-                                         "__shfl_xor_sync"};
+// Warp collectives: the shuffles, the votes (each lane gets a lane mask) and __syncwarp (a barrier).
+enum class Shuffle { kIdx, kUp, kDown, kXor, kVote, kMatch, kSync };
+constexpr const char* kShuffleNames[] = {"__shfl_sync",     "__shfl_up_sync",         "__shfl_down_sync",
+                                         "__shfl_xor_sync", "__ballot_sync/__any_sync", "__match_any_sync",
+                                         "__syncwarp"};
 
 struct Thread {
   ucontext_t context;
@@ -173,6 +189,27 @@ struct Thread {
 
 using Invoker = void (*)(void** args);
 
+// Race check of one block's dynamic shared memory (see the top comment). Vector clocks:
+// clock[t * n + u] is the epoch of thread u that thread t is ordered after; a thread's own entry
+// counts the barriers it passed (from 1). An access by thread r to a byte that thread w wrote at
+// epoch e is ordered after that write iff clock[r][w] > e.
+struct SharedByte {
+  int writer = -1, reader = -1;
+  unsigned write_epoch = 0, read_epoch = 0;
+  const void* write_pc = nullptr;  // return address of the instrumentation call: the access's place
+  const void* read_pc = nullptr;
+};
+
+struct RaceCheck {
+  int n = 0;
+  std::uintptr_t lo = 0, hi = 0;  // the shared-memory bytes [lo, hi)
+  std::vector<unsigned> clock, merged;
+  std::vector<SharedByte> bytes;
+};
+
+// The block being checked; null outside a block's run, and in builds without the instrumentation.
+inline RaceCheck* g_race = nullptr;
+
 struct Launch {
   dim3 grid, block, block_index;
   std::vector<Thread> threads;
@@ -187,11 +224,12 @@ struct Launch {
   std::size_t main_stack_size = 0;
   bool failed = false;
   std::string error;
+  RaceCheck race;
 };
 
 // What the kernels did, for tests that must know a path ran (e.g. sm_90's float4 atomics).
 struct Counters {
-  unsigned long long barriers, shuffles, vector_loads, atomics, wide_atomics;
+  unsigned long long barriers, shuffles, vector_loads, atomics, wide_atomics, warp_syncs;
 };
 inline Counters& counters() {
   static Counters c = {};
@@ -294,6 +332,64 @@ inline std::string describe(const Thread& t) {
   }
 }
 
+// Threads `members` pass a barrier together: afterwards each is ordered after everything any of them
+// did before it.
+inline void race_barrier(RaceCheck& r, const int* members, int count) {
+  if (r.n == 0) return;
+  r.merged.assign(r.n, 0u);
+  for (int i = 0; i < count; ++i) {
+    unsigned* row = &r.clock[std::size_t(members[i]) * r.n];
+    ++row[members[i]];
+    for (int u = 0; u < r.n; ++u) r.merged[u] = row[u] > r.merged[u] ? row[u] : r.merged[u];
+  }
+  for (int i = 0; i < count; ++i) std::memcpy(&r.clock[std::size_t(members[i]) * r.n], r.merged.data(), 4 * r.n);
+}
+
+// Library offset of a code address, which ops/cuda/emulation.py turns into a source line.
+inline std::size_t code_offset(const void* pc) {
+  Dl_info info;
+  if (pc == nullptr || dladdr(pc, &info) == 0) return 0;
+  return reinterpret_cast<std::uintptr_t>(pc) - reinterpret_cast<std::uintptr_t>(info.dli_fbase) - 1;
+}
+
+// One load or store of `size` bytes at p by the running thread, seen by the instrumentation.
+__attribute__((no_sanitize_address)) inline void shared_access(const void* p, std::size_t size, bool write,
+                                                                const void* pc) {
+  RaceCheck* r = g_race;
+  const std::uintptr_t a = reinterpret_cast<std::uintptr_t>(p);
+  if (r == nullptr || a + size <= r->lo || a >= r->hi) return;
+  Launch* l = launch_state();
+  if (l->current == nullptr) return;  // the scheduler's own fill
+  const int me = l->current->linear;
+  const unsigned* mine = &r->clock[std::size_t(me) * r->n];
+  const std::size_t first = a < r->lo ? 0 : a - r->lo, last = a + size > r->hi ? r->hi - r->lo : a + size - r->lo;
+  for (std::size_t b = first; b < last; ++b) {
+    SharedByte& s = r->bytes[b];
+    if (!write && s.writer < 0 && s.write_pc == nullptr) {
+      fail("thread %d reads shared byte %zu {pc 0x%zx}, which no thread of the block has written", me, b,
+           code_offset(pc));
+    }
+    int other = -1;
+    const void* other_pc = nullptr;
+    const char* what = nullptr;
+    if (s.writer >= 0 && s.writer != me && mine[s.writer] <= s.write_epoch) {
+      other = s.writer, other_pc = s.write_pc, what = "wrote";
+    } else if (write && s.reader >= 0 && s.reader != me && mine[s.reader] <= s.read_epoch) {
+      other = s.reader, other_pc = s.read_pc, what = "read";
+    }
+    if (other >= 0) {
+      fail("shared-memory race: thread %d %s shared byte %zu {pc 0x%zx}, which thread %d %s {pc 0x%zx} "
+           "with no barrier between them that both passed",
+           me, write ? "writes" : "reads", b, code_offset(pc), other, what, code_offset(other_pc));
+    }
+    if (write) {
+      s.writer = me, s.write_epoch = mine[me], s.write_pc = pc, s.reader = -1;
+    } else {
+      s.reader = me, s.read_epoch = mine[me], s.read_pc = pc;
+    }
+  }
+}
+
 // Releases the lanes of one pending shuffle once every lane its mask names has arrived at the same one.
 inline bool resolve_shuffle(Launch& l, Thread& t) {
   const int n = static_cast<int>(l.threads.size());
@@ -316,9 +412,30 @@ inline bool resolve_shuffle(Launch& l, Thread& t) {
     }
     lanes[k] = &o;
   }
+  if (t.kind == Shuffle::kSync) {
+    int members[32], count = 0;
+    for (int k = 0; k < 32; ++k) {
+      if (lanes[k] != nullptr) members[count++] = lanes[k]->linear;
+    }
+    race_barrier(l.race, members, count);
+  }
   for (int k = 0; k < 32; ++k) {
     Thread* o = lanes[k];
-    if (o == nullptr) continue;
+    if (o == nullptr || o->kind == Shuffle::kSync) continue;
+    if (o->kind == Shuffle::kVote) {  // received: the lanes whose predicate is set
+      unsigned bits = 0;
+      for (int j = 0; j < 32; ++j) bits |= unsigned(lanes[j] != nullptr && lanes[j]->offered[0] != 0) << j;
+      std::memcpy(o->received, &bits, 4);
+      continue;
+    }
+    if (o->kind == Shuffle::kMatch) {  // received: the lanes offering the same 8 bytes
+      unsigned bits = 0;
+      for (int j = 0; j < 32; ++j) {
+        bits |= unsigned(lanes[j] != nullptr && std::memcmp(lanes[j]->offered, o->offered, 8) == 0) << j;
+      }
+      std::memcpy(o->received, &bits, 4);
+      continue;
+    }
     const int w = o->width, base = k / w * w;
     int src = k;
     switch (o->kind) {
@@ -334,6 +451,8 @@ inline bool resolve_shuffle(Launch& l, Thread& t) {
       case Shuffle::kXor:
         src = k ^ o->operand;
         if (src >= base + w || src > 31) src = k;  // later groups are out of reach: own value
+        break;
+      default:
         break;
     }
     if (lanes[src] == nullptr) {
@@ -353,6 +472,13 @@ inline bool resolve_shuffle(Launch& l, Thread& t) {
 // One block: run every fiber until it blocks, release what CUDA would release, repeat.
 inline void run_block(Launch& l) {
   std::memset(l.shared, 0xff, l.shared_bytes);
+  RaceCheck& r = l.race;
+  r.n = static_cast<int>(l.threads.size());
+  r.lo = reinterpret_cast<std::uintptr_t>(l.shared);
+  r.hi = r.lo + l.shared_bytes;
+  r.clock.assign(std::size_t(r.n) * r.n, 0u);
+  for (int t = 0; t < r.n; ++t) r.clock[std::size_t(t) * r.n + t] = 1;
+  r.bytes.assign(l.shared_bytes, SharedByte{});
   for (Thread& t : l.threads) {
     t.state = State::kRunnable;
     getcontext(&t.context);
@@ -361,8 +487,13 @@ inline void run_block(Launch& l) {
     t.context.uc_link = nullptr;
     makecontext(&t.context, fiber_main, 0);
   }
+  // Odd blocks run their threads last to first: a kernel that orders memory between threads only by
+  // the emulation's scheduling order (a missing barrier on global memory) gets the other order there.
+  const bool reverse = (l.block_index.x + l.block_index.y + l.block_index.z) % 2 == 1;
+  const int n_threads = static_cast<int>(l.threads.size());
   for (;;) {
-    for (Thread& t : l.threads) {
+    for (int i = 0; i < n_threads; ++i) {
+      Thread& t = l.threads[reverse ? n_threads - 1 - i : i];
       if (t.state == State::kRunnable) enter(l, t);
       if (l.failed) return;
     }
@@ -391,7 +522,12 @@ inline void run_block(Launch& l) {
         return;
       }
     }
-    for (Thread& t : l.threads) t.state = State::kRunnable;
+    std::vector<int> all(l.threads.size());
+    for (Thread& t : l.threads) {
+      all[t.linear] = t.linear;
+      t.state = State::kRunnable;
+    }
+    race_barrier(r, all.data(), r.n);
   }
 }
 
@@ -423,6 +559,41 @@ inline T shuffle(int line, Shuffle kind, unsigned mask, T value, int operand, in
   leave(false);
   T result;
   std::memcpy(&result, t.received, sizeof(T));
+  return result;
+}
+
+inline void warp_sync(int line, unsigned mask) {
+  Thread& t = self();
+  ++counters().warp_syncs;
+  const int lane = t.linear % 32;
+  if (!(mask >> lane & 1u)) fail("__syncwarp on line %d: the calling lane %d is not in mask 0x%08x", line, lane, mask);
+  t.state = State::kAtShuffle;
+  t.line = line;
+  t.kind = Shuffle::kSync;
+  t.mask = mask;
+  t.operand = 0;
+  t.width = 32;
+  t.size = 0;
+  leave(false);
+}
+
+// A vote: every lane of mask offers `value`; the result is a mask of lanes (see resolve_shuffle).
+inline unsigned vote(int line, Shuffle kind, unsigned mask, unsigned long long value) {
+  Thread& t = self();
+  ++counters().shuffles;
+  const int lane = t.linear % 32;
+  if (!(mask >> lane & 1u)) fail("%s on line %d: the calling lane %d is not in mask 0x%08x", kShuffleNames[static_cast<int>(kind)], line, lane, mask);
+  t.state = State::kAtShuffle;
+  t.line = line;
+  t.kind = kind;
+  t.mask = mask;
+  t.operand = 0;
+  t.width = 32;
+  t.size = 8;
+  std::memcpy(t.offered, &value, 8);
+  leave(false);
+  unsigned result;
+  std::memcpy(&result, t.received, 4);
   return result;
 }
 
@@ -460,7 +631,13 @@ Kernel kernel_of(const char* name, void (*)(Args...)) {
 #define blockDim (::cuda_emu::launch_state()->block)
 #define gridDim (::cuda_emu::launch_state()->grid)
 #define __syncthreads() ::cuda_emu::barrier(__LINE__)
-#define __syncwarp(...) ((void)0)
+#define __syncwarp(...) ::cuda_emu::warp_sync(__LINE__, CUDA_EMU_FULL_MASK(__VA_ARGS__))
+#define CUDA_EMU_FULL_MASK(...) ::cuda_emu::mask_or_full(0, ##__VA_ARGS__)
+#define __ballot_sync(mask, pred) ::cuda_emu::vote(__LINE__, ::cuda_emu::Shuffle::kVote, mask, (pred) ? 1u : 0u)
+#define __any_sync(mask, pred) \
+  static_cast<int>(::cuda_emu::vote(__LINE__, ::cuda_emu::Shuffle::kVote, mask, (pred) ? 1u : 0u) != 0u)
+#define __match_any_sync(mask, key) \
+  ::cuda_emu::vote(__LINE__, ::cuda_emu::Shuffle::kMatch, mask, static_cast<unsigned long long>(key))
 #define __shfl_sync(mask, v, src, ...) \
   CUDA_EMU_SHFL(::cuda_emu::Shuffle::kIdx, mask, v, src, CUDA_EMU_WIDTH(__VA_ARGS__))
 #define CUDA_EMU_SHFL(kind, mask, v, operand, width) ::cuda_emu::shuffle(__LINE__, kind, mask, v, operand, width)
@@ -475,7 +652,60 @@ Kernel kernel_of(const char* name, void (*)(Args...)) {
 namespace cuda_emu {
 inline int width_or_warp(int) { return 32; }
 inline int width_or_warp(int, int width) { return width; }
+inline unsigned mask_or_full(int) { return 0xffffffffu; }
+inline unsigned mask_or_full(int, unsigned mask) { return mask; }
 }  // namespace cuda_emu
+
+inline int __popc(unsigned x) { return __builtin_popcount(x); }
+inline int __ffs(int x) { return __builtin_ffs(x); }
+inline unsigned __umulhi(unsigned a, unsigned b) {
+  return static_cast<unsigned>((static_cast<unsigned long long>(a) * b) >> 32);
+}
+inline float __int_as_float(int x) {
+  float f;
+  std::memcpy(&f, &x, 4);
+  return f;
+}
+inline float __uint_as_float(unsigned x) {
+  float f;
+  std::memcpy(&f, &x, 4);
+  return f;
+}
+inline double __longlong_as_double(long long x) {
+  double d;
+  std::memcpy(&d, &x, 8);
+  return d;
+}
+
+// Race check: the callbacks g++ calls before each load and store under -fsanitize=kernel-address
+// (ops/cuda/emulation.py builds so with -DCUDA_EMU_RACE_CHECK, except for the AddressSanitizer build,
+// whose runtime owns these names).
+#ifdef CUDA_EMU_RACE_CHECK
+#define CUDA_EMU_ACCESS(kind, size, write)                                                      \
+  extern "C" __attribute__((no_sanitize_address)) void __asan_##kind##size##_noabort(void* p) { \
+    ::cuda_emu::shared_access(p, size, write, __builtin_return_address(0));                    \
+  }
+CUDA_EMU_ACCESS(load, 1, false)
+CUDA_EMU_ACCESS(load, 2, false)
+CUDA_EMU_ACCESS(load, 4, false)
+CUDA_EMU_ACCESS(load, 8, false)
+CUDA_EMU_ACCESS(load, 16, false)
+CUDA_EMU_ACCESS(store, 1, true)
+CUDA_EMU_ACCESS(store, 2, true)
+CUDA_EMU_ACCESS(store, 4, true)
+CUDA_EMU_ACCESS(store, 8, true)
+CUDA_EMU_ACCESS(store, 16, true)
+extern "C" __attribute__((no_sanitize_address)) void __asan_loadN_noabort(void* p, long size) {
+  ::cuda_emu::shared_access(p, static_cast<std::size_t>(size), false, __builtin_return_address(0));
+}
+extern "C" __attribute__((no_sanitize_address)) void __asan_storeN_noabort(void* p, long size) {
+  ::cuda_emu::shared_access(p, static_cast<std::size_t>(size), true, __builtin_return_address(0));
+}
+extern "C" void __asan_handle_no_return(void) {}
+// Called around the dynamic initialisers of the translation unit; nothing to do.
+extern "C" void __asan_before_dynamic_init(const void*) {}
+extern "C" void __asan_after_dynamic_init(void) {}
+#endif
 
 inline void __threadfence() {}
 
@@ -515,10 +745,11 @@ extern const cuda_emu::Kernel cuda_emu_kernels[];
 extern const int cuda_emu_n_kernels;
 
 const char* emu_last_error(void) { return cuda_emu::last_error().c_str(); }
-// barriers, shuffles, 16-byte __ldg loads, scalar atomics, float4 atomics since the last reset.
+// barriers, shuffles, 16-byte __ldg loads, scalar atomics, float4 atomics, __syncwarps since the last reset.
 void emu_counters(unsigned long long* out) {
   const cuda_emu::Counters& c = cuda_emu::counters();
-  const unsigned long long values[] = {c.barriers, c.shuffles, c.vector_loads, c.atomics, c.wide_atomics};
+  const unsigned long long values[] = {c.barriers,     c.shuffles,     c.vector_loads,
+                                       c.atomics,      c.wide_atomics, c.warp_syncs};
   std::memcpy(out, values, sizeof values);
 }
 void emu_reset_counters(void) { cuda_emu::counters() = cuda_emu::Counters{}; }
@@ -574,6 +805,9 @@ int emu_launch(const char* name, const unsigned* grid, const unsigned* block, un
     t.stack = static_cast<char*>(std::malloc(kStackBytes));
   }
   launch_state() = &l;
+#ifdef CUDA_EMU_RACE_CHECK
+  g_race = &l.race;
+#endif
   for (unsigned z = 0; z < grid[2] && !l.failed; ++z) {
     for (unsigned y = 0; y < grid[1] && !l.failed; ++y) {
       for (unsigned x = 0; x < grid[0] && !l.failed; ++x) {
@@ -583,6 +817,7 @@ int emu_launch(const char* name, const unsigned* grid, const unsigned* block, un
     }
   }
   launch_state() = nullptr;
+  g_race = nullptr;
   for (Thread& t : l.threads) std::free(t.stack);
   ::operator delete(l.shared, std::align_val_t(16));
   last_error() = l.error;
