@@ -18,7 +18,9 @@ import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 KUBERAY = REPO_ROOT / "cluster" / "kuberay"
-MANIFESTS = sorted(p.name for p in KUBERAY.glob("*.yaml"))
+# The Ray resources (RayCluster, RayJob); the Kubernetes ones beside them (ServiceAccount) are checked apart.
+MANIFESTS = sorted(p.name for p in KUBERAY.glob("*.yaml") if re.search(r"^kind: Ray", p.read_text(), re.MULTILINE))
+SERVICE_ACCOUNTS = KUBERAY / "serviceaccount.yaml"
 # <registry>/ray-deformable-detr:<project version>-ray<Ray version>-py<XY>-cu<XYZ> (cluster/Dockerfile).
 IMAGE = re.compile(
     r"/ray-deformable-detr:(?P<project>[\w.]+)-ray(?P<ray>\d+\.\d+\.\d+)-py3(?P<py>\d+)-cu(?P<cuda>\d{3})$"
@@ -214,3 +216,35 @@ def test_images_agree_with_the_dockerfile(pins):
         assert match, image
         assert f"{match['ray']}-py3{match['py']}-cu{match['cuda']}" == base.group(1), f"{image} vs FROM {base.group(1)}"
         assert match["project"] == version, f"{image}: tagged {match['project']}, the project is {version}"
+
+
+def service_account_problems(manifests: dict[str, dict], accounts: list[dict]) -> list[str]:
+    """Service accounts the pods name that no manifest defines (KubeRay makes none: the pods never
+    start), and accounts without a Workload Identity binding to a Google service account."""
+    defined = {
+        a["metadata"]["name"] for a in accounts if a.get("apiVersion") == "v1" and a.get("kind") == "ServiceAccount"
+    }
+    problems = []
+    for name, doc in manifests.items():
+        for where, spec in cluster_specs(doc):
+            for group in [spec["headGroupSpec"], *spec.get("workerGroupSpecs", [])]:
+                used = group["template"]["spec"].get("serviceAccountName")
+                if used and used not in defined:
+                    problems.append(f"{name}: {where} runs as service account {used!r}, which no manifest defines")
+    for account in accounts:
+        google = account.get("metadata", {}).get("annotations", {}).get("iam.gke.io/gcp-service-account", "")
+        if not re.fullmatch(r"[a-z][a-z0-9-]+@[a-z][a-z0-9-]+\.iam\.gserviceaccount\.com", google):
+            problems.append(f"service account {account['metadata']['name']!r}: no Workload Identity annotation")
+    return problems
+
+
+def test_every_service_account_used_is_defined():
+    manifests = {name: load(name) for name in MANIFESTS}
+    accounts = list(yaml.safe_load_all(SERVICE_ACCOUNTS.read_text()))
+    assert service_account_problems(manifests, accounts) == []
+    renamed = copy.deepcopy(accounts)
+    renamed[0]["metadata"]["name"] = "ddetr"
+    del renamed[0]["metadata"]["annotations"]
+    found = "\n".join(service_account_problems(manifests, renamed))
+    for text in ("raycluster.yaml: spec runs as service account 'ddetr-ray'", "no Workload Identity annotation"):
+        assert text in found, f"{text!r} not reported in:\n{found}"

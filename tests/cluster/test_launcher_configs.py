@@ -423,3 +423,55 @@ def test_dockerfile_base_is_the_launcher_image(pins, ray_image):
     ray_image(bases[0], pins, "cluster/Dockerfile")
     assert {load(name)["docker"]["image"] for name in CONFIGS} == {bases[0]}
     assert f'"torch=={pins["torch"]}"' in dockerfile
+
+
+def snippets(path: Path) -> list[tuple[str, list[str]]]:
+    """(where, command lines) of each shell snippet: a README code block, or a run of indented commands
+    in a config's comments (``#   command``)."""
+    lines = path.read_text().splitlines()
+    if path.suffix == ".md":
+        blocks, current, start = [], None, 0
+        for i, line in enumerate(lines, 1):
+            if line.startswith("```"):
+                if current is None:
+                    current, start = [], i
+                else:
+                    blocks.append((f"{path.name}:{start}", current))
+                    current = None
+            elif current is not None:
+                current.append(line)
+        return blocks
+    blocks, current = [], []
+    for i, line in enumerate(lines + [""], 1):
+        if line.startswith("#   "):
+            current.append(line[4:])
+        elif current:
+            blocks.append((f"{path.name}:{i - len(current)}", current))
+            current = []
+    return blocks
+
+
+def token_problems(path: Path) -> list[str]:
+    """Snippets that talk to a cluster's job API without RAY_AUTH_MODE=token set in the client first."""
+    problems = []
+    for where, commands in snippets(path):
+        token = False
+        for command in commands:
+            code = command.split("#", 1)[0]
+            token = token or "RAY_AUTH_MODE=token" in code
+            if re.search(r"(^|\s)ray job \w", code) and not token:
+                problems.append(f"{where}: `{code.strip()[:60]}` runs without RAY_AUTH_MODE=token set before it")
+    return problems
+
+
+DOCUMENTED = [REPO_ROOT / "README.md", *CONFIGS.values(), *sorted((REPO_ROOT / "cluster" / "kuberay").glob("*.yaml"))]
+
+
+def test_every_snippet_sends_the_token(tmp_path):
+    """Ray 2.60's client sends the token only with RAY_AUTH_MODE=token in its environment."""
+    assert [p for path in DOCUMENTED for p in token_problems(path)] == []
+    readme = (REPO_ROOT / "README.md").read_text()
+    broken = tmp_path / "README.md"
+    broken.write_text(readme.replace("export RAY_AUTH_MODE=token RAY_ADDRESS=", "export RAY_ADDRESS="))
+    found = "\n".join(token_problems(broken))
+    assert "ray job submit --working-dir" in found and "without RAY_AUTH_MODE=token" in found, found

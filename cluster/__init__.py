@@ -1,0 +1,1 @@
+"""Deployment files of the project (launcher configs, IAM policies, KubeRay manifests) and their renderer."""

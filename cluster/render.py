@@ -1,0 +1,111 @@
+"""Renders cluster/'s deployment files from one settings file: each example value the committed files
+carry (an account id, a region, a bucket, a registry) is replaced by the user's, and none may be left."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import tomllib
+
+CLUSTER = Path(__file__).resolve().parent
+
+# (section, key) -> the example value written in the committed files. Longer values come first where one
+# contains another (a zone contains its region), so that they are replaced whole.
+EXAMPLES = {
+    ("aws", "availability_zones"): "us-east-1a,us-east-1b,us-east-1c,us-east-1d",
+    ("aws", "account_id"): "123456789012",
+    ("aws", "region"): "us-east-1",
+    ("aws", "bucket"): "my-bucket",
+    ("gcp", "zone"): "us-central1-a",
+    ("gcp", "region"): "us-central1",
+    ("gcp", "project"): "ddetr-project",
+    ("gcp", "data_bucket"): "ddetr-data",
+    ("gcp", "runs_bucket"): "ddetr-runs",
+    ("gcp", "registry"): "ghcr.io/your-org",
+}
+# Values whose example is a fine choice (the regions and zones): left out, the example stays.
+DEFAULTED = {("aws", "availability_zones"), ("aws", "region"), ("gcp", "zone"), ("gcp", "region")}
+# The files each section's values go into, relative to cluster/.
+FILES = {
+    "aws": ["aws.yaml", "aws-iam/ddetr-ray-head.json", "aws-iam/ddetr-ray-worker.json", "aws-iam/trust-ec2.json"],
+    "gcp": [
+        "gcp.yaml",
+        "kuberay/raycluster.yaml",
+        "kuberay/rayjob-train.yaml",
+        "kuberay/rayjob-sweep.yaml",
+        "kuberay/rayjob-infer.yaml",
+        "kuberay/serviceaccount.yaml",
+        "Dockerfile",
+    ],
+}
+
+
+class SettingsError(ValueError):
+    """A settings file that cannot be rendered; the message is one line naming the problem."""
+
+
+def load_settings(path: Path) -> dict[str, dict[str, str]]:
+    """The settings file's sections, every value checked: present, a non-empty string, not the example."""
+    try:
+        settings = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise SettingsError(f"{path}: cannot read it as TOML ({e})") from e
+    unknown = sorted(set(settings) - set(FILES))
+    if unknown:
+        raise SettingsError(f"{path}: unknown sections {unknown}, expected some of {sorted(FILES)}")
+    if not settings:
+        raise SettingsError(f"{path}: no [aws] or [gcp] section: nothing to render")
+    unset = []
+    for section in settings:
+        keys = {k for s, k in EXAMPLES if s == section}
+        extra = sorted(set(settings[section]) - keys)
+        if extra:
+            raise SettingsError(f"{path}: [{section}] has unknown keys {extra}, expected {sorted(keys)}")
+        for key in sorted(keys):
+            example = EXAMPLES[(section, key)]
+            value = (
+                settings[section].setdefault(key, example)
+                if (section, key) in DEFAULTED
+                else settings[section].get(key)
+            )
+            if not isinstance(value, str) or not value.strip():
+                unset.append(f"{section}.{key}")
+            elif value == example and (section, key) not in DEFAULTED:
+                unset.append(f"{section}.{key}")
+    if unset:
+        raise SettingsError(
+            f"{path}: placeholders left unset (missing, empty or still the example): {', '.join(unset)}"
+        )
+    return settings
+
+
+def render(settings_path: Path, out: Path) -> list[Path]:
+    """Writes the rendered files of every section in ``settings_path`` under ``out`` (which must not
+    exist), all of them or none; returns their paths."""
+    settings = load_settings(settings_path)
+    if out.exists():
+        raise SettingsError(f"--out {out}: already exists; give a new folder")
+    replacements = [
+        (example, settings[section][key]) for (section, key), example in EXAMPLES.items() if section in settings
+    ]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".render-", dir=out.parent))
+    try:
+        written = []
+        for section in settings:
+            for name in FILES[section]:
+                text = (CLUSTER / name).read_text()
+                for example, value in replacements:
+                    text = text.replace(example, value)
+                target = staging / name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_text(text)
+                written.append(out / name)
+        os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return written

@@ -1,0 +1,95 @@
+"""`python -m cluster render`: a settings file rendered into every deployment file, each output still
+valid (Ray's launcher validation, KubeRay's strict schemas, parseable IAM JSON) with no example value
+left; a placeholder left unset is refused in one line that names it; a failed render writes nothing."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+from ray.autoscaler._private.util import prepare_config, validate_config
+
+from cluster.render import EXAMPLES, FILES, SettingsError, render
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SCHEMAS = REPO_ROOT / "cluster" / "kuberay" / "schemas"
+SAMPLE = """
+[aws]
+account_id = "210987654321"
+region = "eu-west-1"
+availability_zones = "eu-west-1a,eu-west-1b"
+bucket = "acme-detr"
+
+[gcp]
+project = "acme-vision"
+data_bucket = "acme-coco"
+runs_bucket = "acme-runs"
+registry = "europe-docker.pkg.dev/acme-vision/ml"
+"""
+
+
+def test_render_substitutes_every_placeholder_and_stays_valid(tmp_path):
+    settings = tmp_path / "settings.toml"
+    settings.write_text(SAMPLE)
+    out = tmp_path / "rendered"
+    written = render(settings, out)
+    assert sorted(written) == sorted(out / name for names in FILES.values() for name in names)
+    kept = {EXAMPLES[("gcp", "zone")], EXAMPLES[("gcp", "region")]}  # left out of SAMPLE: the defaults
+    for path in written:
+        text = path.read_text()
+        for example in set(EXAMPLES.values()) - kept:
+            assert example not in text, f"{path.name}: the example {example!r} is still there"
+    for name in ("aws.yaml", "gcp.yaml"):
+        validate_config(prepare_config(yaml.safe_load((out / name).read_text())))
+    aws = yaml.safe_load((out / "aws.yaml").read_text())
+    assert aws["provider"]["region"] == "eu-west-1" and aws["provider"]["availability_zone"] == "eu-west-1a,eu-west-1b"
+    head = json.loads((out / "aws-iam" / "ddetr-ray-head.json").read_text())
+    resources = [
+        r
+        for st in head["Statement"]
+        for r in (st["Resource"] if isinstance(st["Resource"], list) else [st["Resource"]])
+    ]
+    assert "arn:aws:iam::210987654321:role/ddetr-ray-worker" in resources and "arn:aws:s3:::acme-detr/*" in resources
+    for path in sorted((out / "kuberay").glob("*.yaml")):
+        doc = yaml.safe_load(path.read_text())
+        if doc["kind"] == "ServiceAccount":
+            assert doc["metadata"]["annotations"]["iam.gke.io/gcp-service-account"].endswith(
+                "@acme-vision.iam.gserviceaccount.com"
+            )
+            continue
+        with open(SCHEMAS / f"kuberay-v1.7.0-{doc['kind'].lower()}_v1.schema.json") as f:
+            errors = list(jsonschema.Draft7Validator(json.load(f)).iter_errors(doc))
+        assert not errors, f"{path.name}: {errors[0].message}"
+        assert "europe-docker.pkg.dev/acme-vision/ml/ray-deformable-detr:" in path.read_text()
+
+
+def test_an_unset_placeholder_is_refused_by_name(tmp_path):
+    # The committed settings file carries the examples: rendering it as it is must refuse.
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cluster",
+            "render",
+            str(REPO_ROOT / "cluster" / "settings.toml"),
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "aws.account_id" in proc.stderr and "gcp.registry" in proc.stderr
+    assert not (tmp_path / "o").exists()
+    settings = tmp_path / "settings.toml"
+    settings.write_text(SAMPLE.replace('bucket = "acme-detr"', 'bucket = ""'))
+    with pytest.raises(SettingsError, match=r"unset .*: aws\.bucket$"):
+        render(settings, tmp_path / "o")
+    assert not (tmp_path / "o").exists()
