@@ -51,7 +51,9 @@ def load_script(path: Path):
 def test_entrypoint_parses_with_its_script(name, capsys):
     script, args = split_entrypoint(entrypoint(name))
     # A mistyped script path is the mistake this test is for: it fails, never skips.
-    assert script.is_file(), f"{name}: its entrypoint runs {script.relative_to(REPO_ROOT)}, which is not in the repository"
+    assert script.is_file(), (
+        f"{name}: its entrypoint runs {script.relative_to(REPO_ROOT)}, which is not in the repository"
+    )
     module = load_script(script)
     assert hasattr(module, "parse_args"), f"{script.name} has no parse_args(argv) to check {name} with"
     try:
