@@ -119,7 +119,7 @@ def test_module_rejects_bad_shapes():
         attn(torch.randn(2, 5, 16), torch.rand(2, 5, 2, 2), flat, ss, lsi, torch.zeros(2, 3, dtype=torch.bool))
 
 
-def test_bfloat16_autocast_keeps_float32_locations():
+def test_bfloat16_autocast_output_is_close_to_float32():
     torch.manual_seed(0)
     attn = MSDeformAttn(d_model=16, n_levels=2, n_heads=2, n_points=2)
     flat, ss, lsi = _level_inputs([[4, 4], [2, 2]], C=16)

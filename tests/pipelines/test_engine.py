@@ -6,8 +6,10 @@ import math
 
 import pytest
 import torch
+from oracle import Oracle, ap_of_shift, coco_ground_truth
 
 from core.build import build_model
+from core.evaluation import coco_evaluate, load_coco_gt
 from core.postprocess import PostProcess
 from pipelines.engine import (
     build_lr_scheduler,
@@ -243,7 +245,23 @@ def test_evaluate_gives_coco_records_in_original_pixels():
     assert model.training  # restored
 
 
-def test_evaluate_unwraps_ddp_free_model_in_eval_mode():
+@pytest.mark.parametrize("shift", [0.0, 0.2])
+def test_evaluate_scores_the_targets_one_and_a_known_shift_its_iou_ap(shift):
+    """pycocotools sees boxes in original pixels: the targets themselves score AP 1.0, and boxes moved by a
+    fifth of their width (IoU 2/3) hit at the thresholds 0.5-0.65 only: AP 0.4."""
+    data = batches(2)
+    label_map = [1, 3, 7]
+    gt = load_coco_gt(coco_ground_truth(data, label_map))
+    oracle = Oracle(data, num_classes=3, shift=shift)
+    records, image_ids, _ = evaluate(
+        oracle, PostProcess(num_select=5, label_map=label_map), data, device=torch.device("cpu")
+    )
+    stats = coco_evaluate(gt, records, image_ids)
+    assert stats["AP"] == pytest.approx(ap_of_shift(shift), abs=1e-6)
+    assert stats["AP50"] == pytest.approx(1.0)
+
+
+def test_evaluate_leaves_a_model_in_eval_mode_as_it_was():
     model, _, _ = tiny_model()
     model.eval()
     evaluate(model, PostProcess(num_select=3), batches(1), device=torch.device("cpu"))

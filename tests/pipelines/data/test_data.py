@@ -72,7 +72,8 @@ def test_round_trip_json_to_batches(ray_local, make_config, coco_paths):
         flips += int((flat["affine"][:, 0] < 0).sum())
         crops += int(((flat["affine"][:, 1] < 0) & (flat["affine"][:, 0] > 0)).sum())
         for t in batch["targets"]:
-            assert min(t["size"].tolist()) in cfg.train_short_sides or max(t["size"].tolist()) <= cfg.max_size
+            short, long = min(t["size"].tolist()), max(t["size"].tolist())
+            assert (short in cfg.train_short_sides and long <= cfg.max_size) or abs(long - cfg.max_size) <= 2
     assert sorted(seen) == sorted(im["id"] for im in js["images"])
     assert flips and crops, "both flip and crop ran"
 
@@ -216,7 +217,7 @@ def test_bad_images_error_or_skip_and_summary(ray_local, make_config, coco_paths
 
 
 @pytest.mark.slow
-def test_ray_train_workers_get_disjoint_reproducible_shards(ray_local, make_config, tmp_path):
+def test_ray_train_workers_get_disjoint_shards_reshuffled_each_epoch(ray_local, make_config, tmp_path):
     import ray.train
     from ray.train.torch import TorchTrainer
 

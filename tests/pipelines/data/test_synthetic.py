@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -62,10 +61,7 @@ def test_valid_coco_with_gapped_ids_crowds_and_empty_images(tmp_path):
     assert not train_ids & val_ids
 
 
-def test_fast_and_cli(tmp_path, capsys):
-    t0 = time.perf_counter()
-    generate_coco(tmp_path / "fast", 64, 0, seed=0)
-    assert time.perf_counter() - t0 < 5.0  # ~0.5 s here; generous for a loaded CI box
+def test_cli_writes_the_sizes_asked_for(tmp_path, capsys):
     main(["--out", str(tmp_path / "cli"), "--num-train", "3", "--num-val", "2", "--seed", "3", "--size", "64x96"])
     out = json.loads(capsys.readouterr().out)
     js = json.loads((Path(out["root"]) / out["val_ann"]).read_text())

@@ -79,8 +79,9 @@ def test_train_transform_boxes_round_trip(seed):
     boxes = _random_boxes(rng, 8, h, w)
     out = train_transform(img, boxes, np.random.default_rng([seed, 1]), **PAPER)
     oh, ow = out.image.shape[:2]
-    assert min(oh, ow) in PAPER["short_sides"] or max(oh, ow) <= 1333
-    assert max(oh, ow) <= 1333
+    # The short side takes a listed size, unless that would stretch the long side past the cap, which it then
+    # meets (to the pixel or two that the authors' rounding of the short side moves it by).
+    assert (min(oh, ow) in PAPER["short_sides"] and max(oh, ow) <= 1333) or abs(max(oh, ow) - 1333) <= 2
     # The output image seen from the input: the crop window. Each surviving box, mapped back, is the
     # original clipped to that window; every dropped box has nothing inside it.
     inv = out.affine.inverse()
