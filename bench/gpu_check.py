@@ -16,9 +16,8 @@ process, so that one failing step still leaves the others' figures:
   checkpoint.
 
 Writes ``gpu_report/report.md`` and ``gpu_report/report.json`` and prints the table; exit status 1 if a
-step failed. ``--dry-run`` runs the same steps on the CPU with tiny shapes and no MSDA_BACKEND (``./dev
-test`` runs it, so the script cannot rot while no GPU is lent); the GPU-only op benchmark is replaced
-by the CPU op benchmark there. Nothing is downloaded: backbones start from random weights.
+step failed. ``--dry-run`` runs the same steps on the CPU with tiny shapes and no MSDA_BACKEND (about 6
+minutes on 2 cores); the GPU-only op benchmark is replaced by the CPU op benchmark there. Nothing is downloaded: backbones start from random weights.
 """
 
 from __future__ import annotations
