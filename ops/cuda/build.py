@@ -18,12 +18,14 @@ Importing this module imports the bindings: ``ops.cuda.unfused`` imports it only
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from cuda.bindings import driver, nvrtc
 
@@ -154,18 +156,7 @@ def compile_source(source: Path, names: Sequence[str], arch: str) -> tuple[str, 
     check_version()
     kind, nvrtc_arch = target(arch)
     options = [f"--gpu-architecture={nvrtc_arch}", f"--std={STD}", f"--include-path={source.parent}"]
-    options += [f"--include-path={d}" for d in include_dirs()]
-    program = _check_nvrtc(nvrtc.nvrtcCreateProgram(source.read_bytes(), source.name.encode(), 0, [], []))
-    try:
-        for name in names:
-            _check_nvrtc(nvrtc.nvrtcAddNameExpression(program, name.encode()))
-        (result,) = nvrtc.nvrtcCompileProgram(program, len(options), [o.encode() for o in options])
-        size = _check_nvrtc(nvrtc.nvrtcGetProgramLogSize(program))
-        log = b" " * size
-        _check_nvrtc(nvrtc.nvrtcGetProgramLog(program, log))
-        log = log.rstrip(b"\0 ").decode(errors="replace")
-        if result != nvrtc.nvrtcResult.NVRTC_SUCCESS:
-            raise RuntimeError(f"NVRTC failed compiling {source.name} for {arch} ({result!r}):\n{log}")
+    with _compiled(source, names, options, arch) as (program, log):
         get_size, get = (
             (nvrtc.nvrtcGetCUBINSize, nvrtc.nvrtcGetCUBIN)
             if kind == "cubin"
@@ -175,10 +166,7 @@ def compile_source(source: Path, names: Sequence[str], arch: str) -> tuple[str, 
         _check_nvrtc(get(program, code))
         if kind == "ptx":
             code = code.rstrip(b"\0")
-        symbols = {name: _check_nvrtc(nvrtc.nvrtcGetLoweredName(program, name.encode())).decode() for name in names}
-    finally:
-        nvrtc.nvrtcDestroyProgram(program)
-    return kind, code, symbols, log
+        return kind, code, _lowered_names(program, names), log
 
 
 def compile_with_report(source: Path, names: Sequence[str], arch: str) -> tuple[str, str, dict[str, str]]:
@@ -189,7 +177,21 @@ def compile_with_report(source: Path, names: Sequence[str], arch: str) -> tuple[
         RuntimeError: the compile failed (the message holds NVRTC's log).
     """
     options = [f"--gpu-architecture={arch}", f"--std={STD}", f"--include-path={source.parent}", "--ptxas-options=-v"]
-    options += [f"--include-path={d}" for d in include_dirs()]
+    with _compiled(source, names, options, arch) as (program, log):
+        ptx = b" " * _check_nvrtc(nvrtc.nvrtcGetPTXSize(program))
+        _check_nvrtc(nvrtc.nvrtcGetPTX(program, ptx))
+        return ptx.rstrip(b"\0").decode(), log, _lowered_names(program, names)
+
+
+@contextlib.contextmanager
+def _compiled(source: Path, names: Sequence[str], options: list[str], arch: str) -> Iterator[tuple[Any, str]]:
+    """An NVRTC program of ``source`` with ``names`` registered, compiled with ``options`` and the CUDA
+    include folders, and its log; destroyed on exit.
+
+    Raises:
+        RuntimeError: the compile failed (the message holds NVRTC's log).
+    """
+    options = options + [f"--include-path={d}" for d in include_dirs()]
     program = _check_nvrtc(nvrtc.nvrtcCreateProgram(source.read_bytes(), source.name.encode(), 0, [], []))
     try:
         for name in names:
@@ -200,12 +202,14 @@ def compile_with_report(source: Path, names: Sequence[str], arch: str) -> tuple[
         log = log.rstrip(b"\0 ").decode(errors="replace")
         if result != nvrtc.nvrtcResult.NVRTC_SUCCESS:
             raise RuntimeError(f"NVRTC failed compiling {source.name} for {arch} ({result!r}):\n{log}")
-        ptx = b" " * _check_nvrtc(nvrtc.nvrtcGetPTXSize(program))
-        _check_nvrtc(nvrtc.nvrtcGetPTX(program, ptx))
-        symbols = {name: _check_nvrtc(nvrtc.nvrtcGetLoweredName(program, name.encode())).decode() for name in names}
+        yield program, log
     finally:
         nvrtc.nvrtcDestroyProgram(program)
-    return ptx.rstrip(b"\0").decode(), log, symbols
+
+
+def _lowered_names(program: Any, names: Sequence[str]) -> dict[str, str]:
+    """{name expression: lowered symbol} of a compiled program."""
+    return {name: _check_nvrtc(nvrtc.nvrtcGetLoweredName(program, name.encode())).decode() for name in names}
 
 
 def build(source: Path, names: Sequence[str], arch: str) -> Path:
