@@ -8,7 +8,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import tomllib
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the same parser, published as tomli before 3.11 took it in
+    import tomli as tomllib
+
 
 CLUSTER = Path(__file__).resolve().parent
 

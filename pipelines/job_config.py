@@ -9,9 +9,10 @@ A run's config is built once at the entry point, in this order (later wins):
 3. ``--set section.field=value`` overrides; the value is read as JSON when it parses
    (``2e-4``, ``true``, ``[1, 2]``, ``null``) and as a plain string otherwise.
 
-JSON and TOML because both parse with the standard library (no PyYAML dependency). The configs of a
-resumed run (``resume_job_config``) and of an evaluation (``eval_job_config``) are built here too, with
-the same single override path (``apply_overrides``).
+JSON and TOML because both parse with the standard library (no PyYAML dependency; on Python 3.10, which
+has no ``tomllib``, with ``tomli``, the package it came from). The configs of a resumed run
+(``resume_job_config``) and of an evaluation (``eval_job_config``) are built here too, with the same
+single override path (``apply_overrides``).
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
-import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
@@ -30,6 +30,11 @@ from core.config import DetrConfig, LossConfig, MatcherConfig, ModelConfig
 from pipelines.data.data_config import DataConfig
 from pipelines.presets import PRESETS, R50_IMAGENET  # noqa: F401  (part of this module's interface)
 from pipelines.storage import join_uri, read_bytes, split_uri
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the same parser, published as tomli before 3.11 took it in
+    import tomli as tomllib
 
 if TYPE_CHECKING:
     from core.checkpoint import Checkpoint

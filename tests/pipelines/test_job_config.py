@@ -106,3 +106,26 @@ def test_cli_prints_the_resolved_config(capsys):
     assert main(["--preset", "r50_two_stage", "--set", "train.epochs=12", "--print-config"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["model"]["two_stage"] and printed["train"]["epochs"] == 12 and printed["preset"] == "r50_two_stage"
+
+
+def test_toml_files_read_without_tomllib(tmp_path, monkeypatch):
+    """Python 3.10 has no tomllib: the TOML readers fall back to tomli, which pyproject declares for it."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    import tomllib
+
+    repo = Path(__file__).resolve().parents[2]
+    assert "\"tomli>=1.1; python_version < '3.11'\"" in (repo / "pyproject.toml").read_text()
+    # As on 3.10: `import tomllib` fails, and tomli (the same parser, published) is installed.
+    monkeypatch.setitem(sys.modules, "tomllib", None)
+    monkeypatch.setitem(sys.modules, "tomli", tomllib)
+    fresh = {}
+    for name in ("pipelines/job_config.py", "cluster/render.py"):
+        spec = importlib.util.spec_from_file_location(f"py310_{Path(name).stem}", repo / name)
+        fresh[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(fresh[name])
+    (tmp_path / "run.toml").write_text("[train]\nlr = 3e-4\n")
+    assert fresh["pipelines/job_config.py"].read_config_file(tmp_path / "run.toml") == {"train": {"lr": 3e-4}}
+    assert fresh["cluster/render.py"].tomllib is tomllib
