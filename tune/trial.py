@@ -15,6 +15,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.util.placement_group import NODE_ID_LABEL_KEY
 
 from pipelines.job_config import JobConfig, validate_job_config
+from pipelines.raytrain.step_checkpoints import STEP_CHECKPOINT_KEY
 from tune.space import apply_params
 
 log = logging.getLogger(__name__)
@@ -24,6 +25,19 @@ TRIAL_DRIVER_CPUS = 0.01
 # The scheduler's clock, in every epoch's report: epochs this trial has trained, which (unlike Tune's
 # training_iteration) continues where it was when an interrupted trial resumes from its Train checkpoint.
 EPOCHS_DONE = "epochs_done"
+
+
+class EpochReportCallback(TuneReportCallback):
+    """Tune's callback for the trial's Train run, passing on the epochs' reports only.
+
+    A mid-epoch checkpoint's report (``STEP_CHECKPOINT_KEY``) holds no AP: Tune would refuse it (its metric
+    missing), and it is no point on the trial's curve. The Train run still resumes from it.
+    """
+
+    def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
+        if metrics and STEP_CHECKPOINT_KEY in metrics[0]:
+            return
+        super().after_report(run_context, metrics, checkpoint)
 
 
 def trial_driver_resources() -> PlacementGroupFactory:
@@ -69,6 +83,6 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], trials_uri: str) 
     job = trial_job(base, config, trials_uri, trial_id)
     # Built here, inside the trial: the callback talks to this trial's Tune session. The run's own
     # lines go to its run directory (metrics.jsonl); the sweep's driver prints the sweep's progress.
-    outcome = run_training(job, callbacks=[TuneReportCallback()], quiet=True)
+    outcome = run_training(job, callbacks=[EpochReportCallback()], quiet=True)
     if outcome.error is not None:
         raise RuntimeError(f"trial {trial_id}: training failed: {describe_failure(outcome.error)}")

@@ -293,6 +293,7 @@ def iter_batches(
     prefetch_batches: int = 2,
     shuffle_buffer_size: int = 0,
     drawn_epochs: set[int] | None = None,
+    skip_batches: int = 0,
 ) -> Iterator[dict[str, Any]]:
     """Model batches from a worker's shard (`ray.train.get_dataset_shard("train")`) or a dataset.
 
@@ -304,6 +305,9 @@ def iter_batches(
         device: "auto" is the Ray Train worker's device, else CPU. Images are normalized there.
         shuffle_buffer_size: rows in a worker-local shuffle buffer; 0 keeps the dataset's order.
         drawn_epochs: if given, the epochs the augmentation was drawn for are added to it.
+        skip_batches: batches of the shard to pass over first, before they are moved or normalized (a
+            restart in the middle of an epoch: the batches trained before its checkpoint). They are
+            still read and decoded: the order is a property of the whole shard.
 
     Yields:
         {"images": (N, 3, H, W) float32, "mask": (N, H, W) bool (True = padding), "targets": N dicts},
@@ -324,7 +328,9 @@ def iter_batches(
         pin_memory=dev.type == "cuda",
     )
     warned = False
-    for batch in batches:
+    for index, batch in enumerate(batches):
+        if index < skip_batches:
+            continue
         drawn = {e for e in batch["epoch"].tolist() if e >= 0}
         if drawn_epochs is not None:
             drawn_epochs.update(drawn)

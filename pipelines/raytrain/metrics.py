@@ -64,9 +64,19 @@ class StepReporter:
         if self.sink is not None:
             self.sink.log.remote(records)
 
-    def event(self, event: str, epoch: int, global_step: int) -> None:
-        """The run (re)started: "start" or "resume" at ``epoch``."""
-        record = {"kind": "event", "time": time.time(), "event": event, "epoch": epoch, "global_step": global_step}
+    def event(self, event: str, epoch: int, global_step: int, **extra: Any) -> None:
+        """The run (re)started ("start" or "resume" at ``epoch``), or a mid-epoch "checkpoint" in ``epoch``.
+
+        ``extra``: ``epoch_step`` (steps done in the epoch), ``reason`` of a checkpoint.
+        """
+        record = {
+            "kind": "event",
+            "time": time.time(),
+            "event": event,
+            "epoch": epoch,
+            "global_step": global_step,
+            **extra,
+        }
         self.send([{**record, "world_size": self.world_size, "device": str(self.device)}])
 
     def on_step(self, record: dict[str, Any], epoch: int, global_step: int) -> None:
@@ -253,8 +263,13 @@ def format_record(r: dict[str, Any]) -> str | None:
     if kind == "warning":
         return f"warning: {r['message']}"
     if kind == "event":
+        if r["event"] == "resume" and r.get("epoch_step"):
+            return f"resuming in epoch {r['epoch'] + 1} after step {r['epoch_step']} (global step {r['global_step']})"
         if r["event"] == "resume":
             return f"resuming from the checkpoint of epoch {r['epoch']} (global step {r['global_step']})"
+        if r["event"] == "checkpoint":
+            why = " (preemption notice)" if r.get("reason") == "preemption" else ""
+            return f"checkpoint in epoch {r['epoch'] + 1} after step {r['epoch_step']}{why}"
         return f"training on {r['world_size']} workers ({r['device']})"
     return None
 

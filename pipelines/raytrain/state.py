@@ -2,8 +2,12 @@
 
 One file per checkpoint, ``checkpoint.pt``, in core's format (``core.read_checkpoint`` and
 ``pipelines/evaluate.py`` read it): the model weights and DetrConfig, plus the optimizer, scheduler,
-scaler, the last finished epoch, the optimizer steps so far, the data epoch the next epoch draws, the
-per-epoch history, and the whole JobConfig as JSON in ``meta``.
+scaler, the last finished epoch, the optimizer steps so far, the data epoch the next epoch draws, how far
+into that epoch a mid-epoch checkpoint was written (steps and images), the per-epoch history, and the
+whole JobConfig as JSON in ``meta``.
+
+Each checkpoint is a folder of its own: ``checkpoint_epochNNNN`` after epoch NNNN (0-based),
+``checkpoint_stepNNNNNNNN`` at global optimizer step NNNNNNNN in the middle of an epoch.
 """
 
 from __future__ import annotations
@@ -51,6 +55,8 @@ class TrainState:
         epoch: the last finished epoch (-1 before the first).
         global_step: optimizer steps done across epochs.
         data_epoch: the epoch the next epoch's data order and augmentation are drawn for.
+        epoch_step: optimizer steps done in the epoch in progress (0 at an epoch's end).
+        epoch_images: images of the epoch in progress trained on, all workers together (0 at an end).
         history: one metrics dict per finished epoch (what each ``ray.train.report`` carried).
     """
 
@@ -61,6 +67,8 @@ class TrainState:
     epoch: int = -1
     global_step: int = 0
     data_epoch: int = 0
+    epoch_step: int = 0
+    epoch_images: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
 
     @property
@@ -80,6 +88,8 @@ class TrainState:
         self.global_step = int(s["global_step"])
         # Checkpoints from before data_epoch was saved drew each epoch's data for the epoch itself.
         self.data_epoch = int(s.get("data_epoch", self.epoch + 1))
+        self.epoch_step = int(s.get("epoch_step", 0))
+        self.epoch_images = int(s.get("epoch_images", 0))
         self.history = list(s.get("history", []))
 
     def save(self, path: str, job: JobConfig, dataset_facts: dict[str, Any]) -> None:
@@ -95,6 +105,8 @@ class TrainState:
             epoch=self.epoch,
             global_step=self.global_step,
             data_epoch=self.data_epoch,
+            epoch_step=self.epoch_step,
+            epoch_images=self.epoch_images,
             history=self.history,
         )
 
@@ -103,19 +115,21 @@ class TrainState:
         with checkpoint.as_directory() as d:
             self.restore(os.path.join(d, CHECKPOINT_FILE))
 
+    @property
+    def checkpoint_dir_name(self) -> str:
+        """``checkpoint_epochNNNN`` at an epoch's end, ``checkpoint_stepNNNNNNNN`` in the middle of one."""
+        return f"checkpoint_step{self.global_step:08d}" if self.epoch_step else f"checkpoint_epoch{self.epoch:04d}"
+
     def report(self, metrics: dict[str, Any], job: JobConfig, dataset_facts: dict[str, Any], rank: int) -> None:
-        """Every rank reports the epoch (a barrier); rank 0 attaches the checkpoint, written whole first."""
+        """Every rank reports (a barrier); rank 0 attaches the checkpoint of this state, written whole first."""
         if rank != 0:
             ray.train.report(metrics)
             return
-        d = tempfile.mkdtemp(prefix=f"ddetr-epoch{self.epoch}-")
+        name = self.checkpoint_dir_name
+        d = tempfile.mkdtemp(prefix=f"ddetr-{name}-")
         try:
             self.save(os.path.join(d, CHECKPOINT_FILE), job, dataset_facts)
-            ray.train.report(
-                metrics,
-                checkpoint=ray.train.Checkpoint.from_directory(d),
-                checkpoint_dir_name=f"checkpoint_epoch{self.epoch:04d}",
-            )
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_dir_name=name)
             # report() returns once the files are uploaded, but the controller registers the checkpoint
             # a little later; a worker dying in between would restart the run from the one before.
             # Waiting here (the other ranks wait for rank 0 at their next gradient all-reduce) closes that gap.

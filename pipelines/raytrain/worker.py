@@ -1,7 +1,12 @@
 """What each Ray Train worker runs: build through core, resume or fine-tune, train epochs, evaluate, report.
 
 Every rank reports once per epoch (``ray.train.report`` is a barrier); rank 0 attaches the checkpoint
-that ``TrainState`` writes. The metrics each report carries (and Tune's schedulers read):
+that ``TrainState`` writes. In between, every ``train.checkpoint_every_steps`` steps and on a preemption
+notice (``step_checkpoints``), a mid-epoch report carries a checkpoint too; its metrics are ``epoch`` and
+``epochs_done`` of the last finished epoch, ``data_epoch`` and ``epoch_step`` (where in the epoch in
+progress), ``global_step``, ``checkpoint_score`` UNSCORED (below any epoch's) and ``step_checkpoint`` (the reason), which tells
+it from an epoch's report (Tune's callback passes only those on). The metrics each epoch's report carries
+(and Tune's schedulers read):
 ``epoch`` (0-based index of the finished epoch), ``epochs_done`` (epoch + 1), ``global_step``, ``loss``
 and every criterion term, ``lr``, ``images_per_s``, ``max_mem_mb``, ``epoch_time_s``, the validation
 ``AP``, ``AP50``, ``AP75``, ``APs``, ``APm``, ``APl`` on evaluated epochs, and ``checkpoint_score``.
@@ -36,11 +41,13 @@ from pipelines.engine import (
 from pipelines.job_config import JobConfig
 from pipelines.raytrain.metrics import StepReporter, peak_memory_mb
 from pipelines.raytrain.state import TrainState
+from pipelines.raytrain.step_checkpoints import STEP_CHECKPOINT_KEY, StepCheckpoints, resume_step
 from pipelines.raytrain.worker_config import WorkerConfig
 from pipelines.raytrain.worker_context import (
     WorkerContext,
     mean_across_workers,
     seed_everything,
+    seed_step,
     shard_batches,
 )
 from pipelines.raytrain.worker_eval import distributed_evaluate, load_val_ground_truth
@@ -48,6 +55,10 @@ from pipelines.raytrain.worker_eval import distributed_evaluate, load_val_ground
 log = logging.getLogger(__name__)
 
 SCORE_KEY = "checkpoint_score"  # AP, or -loss in runs without evaluation: what keep_checkpoints ranks by
+# The score of a checkpoint without one (an epoch not evaluated, a mid-epoch checkpoint): below any AP or
+# -loss, and finite, because Ray's checkpoint snapshot (pydantic JSON) writes NaN and inf as null, which
+# its restore then cannot rank. Among equal scores Ray keeps the later checkpoints.
+UNSCORED = -1e30
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -62,7 +73,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     )
     state, criterion, postprocessor, notes = build_train_state(cfg, ctx, epoch_steps)
     reporter = StepReporter(cfg.sink if ctx.rank == 0 else None, job.train, ctx, epoch_steps)
-    reporter.event("resume" if state.epoch >= 0 else "start", state.start_epoch, state.global_step)
+    resumed = state.epoch >= 0 or state.epoch_step > 0
+    reporter.event("resume" if resumed else "start", state.start_epoch, state.global_step, epoch_step=state.epoch_step)
     for note in notes:
         reporter.warn(note)
     coco_gt = load_val_ground_truth(job) if ctx.rank == 0 and job.train.eval_every else None
@@ -72,22 +84,40 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         ray.train.report(state.history[-1])
         return
 
+    step_checkpoints = StepCheckpoints(job.train.checkpoint_every_steps, ctx.rank)
     for epoch in range(state.start_epoch, job.train.epochs):
-        seed_everything(job.train.seed + 1000 * epoch + ctx.rank)
+        first_step = state.epoch_step  # 0 unless a mid-epoch checkpoint put this group inside the epoch
+        seed_step(job.train.seed, epoch, first_step, ctx.rank)
         state.data_epoch = epoch
         if cfg.epoch_clock is not None:  # before asking for the epoch's data, on every rank
             ray.get(cfg.epoch_clock.set.remote(epoch))
         drawn_epochs: set[int] = set()
         epoch_start = time.time()
 
-        def on_step(record: dict[str, Any], epoch: int = epoch, base_step: int = state.global_step) -> None:
-            reporter.on_step(record, epoch, base_step + record["step"])
-            maybe_inject_fault(job, ctx.rank, base_step + record["step"])
+        def on_step(record: dict[str, Any], epoch: int = epoch, first_step: int = first_step) -> None:
+            state.global_step += 1
+            state.epoch_step = first_step + record["step"]
+            state.epoch_images += record["step_images"] * ctx.world_size  # equal shards: every rank's count
+            reporter.on_step({**record, "step": state.epoch_step}, epoch, state.global_step)
+            maybe_inject_fault(job, ctx.rank, state.global_step)
+            # Dropout draws are a function of the step, so a restart draws what the uninterrupted run drew.
+            seed_step(job.train.seed, epoch, state.epoch_step, ctx.rank)
+            reason = step_checkpoints.due(state.global_step, state.epoch_step, epoch_steps, record["step_time_s"])
+            if reason is not None:
+                reporter.event("checkpoint", epoch, state.global_step, epoch_step=state.epoch_step, reason=reason)
+                state.report(step_checkpoint_metrics(state, reason), job, cfg.dataset.model_dump(mode="json"), ctx.rank)
 
         stats = train_one_epoch(
             state.model,
             criterion,
-            shard_batches("train", job, ctx.device, epoch, drawn_epochs=drawn_epochs),
+            shard_batches(
+                "train",
+                job,
+                ctx.device,
+                epoch,
+                drawn_epochs=drawn_epochs,
+                skip_batches=first_step * job.train.grad_accum_steps,
+            ),
             state.optimizer,
             state.scheduler,
             device=ctx.device,
@@ -97,7 +127,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             clip_max_norm=job.train.clip_max_norm,
             on_step=on_step,
         )
-        state.global_step += stats["steps"]
+        state.epoch_step = state.epoch_images = 0
         reporter.flush()
         metrics = epoch_metrics(stats, state, ctx, epoch, time.time() - epoch_start)
 
@@ -119,11 +149,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 ap["eval_time_s"] = time.time() - eval_start
                 reporter.send_eval(ap, epoch, state.global_step, vis)
                 metrics.update({k: ap[k] for k in AP_KEYS})
-            metrics[SCORE_KEY] = ap["AP"] if ap is not None else float("nan")
+            metrics[SCORE_KEY] = ap["AP"] if ap is not None else UNSCORED
         else:
-            # Epochs without evaluation rank below any evaluated one (NaN sorts lowest); runs without
-            # any evaluation rank by the negated loss.
-            metrics[SCORE_KEY] = float("nan") if job.train.eval_every else -metrics["loss"]
+            # Epochs without evaluation rank below any evaluated one; runs without any evaluation rank
+            # by the negated loss.
+            metrics[SCORE_KEY] = UNSCORED if job.train.eval_every else -metrics["loss"]
         metrics["epoch_time_s"] = time.time() - epoch_start
         state.epoch, state.data_epoch = epoch, epoch + 1
         state.history.append(metrics)
@@ -170,13 +200,32 @@ def build_train_state(
     notes = []
     if resume is not None:
         state.restore_from_ray(resume)
-        log.info("rank %d resumes after epoch %d", ctx.rank, state.epoch)
-        if realign_lr_scheduler(state.scheduler, state.start_epoch * epoch_steps, base_lrs):
+        # A mid-epoch checkpoint: the step of this group's epoch that follows the images trained on.
+        step_images = ctx.world_size * job.data.batch_size_per_worker * job.train.grad_accum_steps
+        state.epoch_step = resume_step(
+            state.epoch_images, ctx.world_size, job.data.batch_size_per_worker, job.train.grad_accum_steps
+        )
+        state.epoch_images = state.epoch_step * step_images
+        log.info("rank %d resumes after epoch %d, at step %d of the next", ctx.rank, state.epoch, state.epoch_step)
+        if realign_lr_scheduler(state.scheduler, state.start_epoch * epoch_steps + state.epoch_step, base_lrs):
             notes.append(
                 f"workers or steps per epoch changed since the checkpoint (now {ctx.world_size} workers, "
-                f"{epoch_steps} steps): lr schedule realigned to epoch {state.start_epoch}"
+                f"{epoch_steps} steps): lr schedule realigned to epoch {state.start_epoch}, step {state.epoch_step}"
             )
     return state, criterion.to(ctx.device), postprocessor.to(ctx.device), notes
+
+
+def step_checkpoint_metrics(state: TrainState, reason: str) -> dict[str, Any]:
+    """A mid-epoch report: where the run is, a score below every epoch's, and the reason (STEP_CHECKPOINT_KEY)."""
+    return {
+        "epoch": state.epoch,
+        "epochs_done": state.epoch + 1,
+        "data_epoch": state.data_epoch,
+        "epoch_step": state.epoch_step,
+        "global_step": state.global_step,
+        SCORE_KEY: UNSCORED,
+        STEP_CHECKPOINT_KEY: reason,
+    }
 
 
 def evaluation_due(job: JobConfig, epoch: int) -> bool:

@@ -43,6 +43,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def seed_step(seed: int, epoch: int, step: int, rank: int) -> None:
+    """Seeds this rank's RNGs for the optimizer step after ``step`` steps of ``epoch``: what a step draws
+    (dropout) is a function of where it is, so a group restarted in the middle of an epoch draws the same."""
+    seed_everything(int(np.random.default_rng([seed, epoch, step, rank]).integers(2**31)))
+
+
 def distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
@@ -59,9 +65,18 @@ def mean_across_workers(stats: dict[str, float], device: torch.device) -> dict[s
 
 
 def shard_batches(
-    split: str, job: JobConfig, device: torch.device, epoch: int, *, drawn_epochs: set[int] | None = None
+    split: str,
+    job: JobConfig,
+    device: torch.device,
+    epoch: int,
+    *,
+    drawn_epochs: set[int] | None = None,
+    skip_batches: int = 0,
 ) -> Iterator[dict[str, Any]]:
-    """Model batches of this worker's shard of ``split``; train drops the last partial batch (equal steps)."""
+    """Model batches of this worker's shard of ``split``; train drops the last partial batch (equal steps).
+
+    ``skip_batches``: the first batches of the shard are passed over (a restart in the middle of an epoch).
+    """
     data, train = job.data, split == "train"
     batch_size = data.batch_size_per_worker if train else (job.train.eval_batch_size or data.batch_size_per_worker)
     return iter_batches(
@@ -76,6 +91,7 @@ def shard_batches(
         prefetch_batches=data.prefetch_batches,
         shuffle_buffer_size=data.shuffle_buffer_size if train else 0,
         drawn_epochs=drawn_epochs,
+        skip_batches=skip_batches,
     )
 
 

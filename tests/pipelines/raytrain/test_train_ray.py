@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from core.checkpoint import FORMAT, read_checkpoint
+from core.predictor import Predictor
 from pipelines.job_config import load_job_config
 from pipelines.raytrain.run_dir import latest_history
 from pipelines.raytrain.state import CHECKPOINT_FILE
@@ -103,18 +104,38 @@ def test_evaluate_reproduces_the_training_ap(two_epoch_run):
     assert json.loads((out / "data_report.json").read_text())["val"]["num_images"] == 5
 
 
-def _fault(tmp_path, max_failures):
-    fault = {"rank": 1, "global_step": STEPS_PER_EPOCH + 1, "marker": str(tmp_path / "killed")}
+def _fault(tmp_path, max_failures, global_step=STEPS_PER_EPOCH + 1):
+    fault = {"rank": 1, "global_step": global_step, "marker": str(tmp_path / "killed")}
     return [f"train.fault_injection={json.dumps(fault)}", f"train.max_failures={max_failures}", "train.eval_every=0"]
 
 
-def test_resume_continues_where_the_run_stopped(ray_local, tmp_path, tiny_overrides):
-    base = tiny_overrides(tmp_path / "runs", "resume")
-    # The first attempt dies in its second epoch and may not retry: the run stops after epoch 0.
-    stopped = run_training(load_job_config(preset="tiny", overrides=base + _fault(tmp_path, 0)))
+def _assert_same_weights(outcome, reference):
+    """Bit for bit: the same batches in the same order, with the same optimizer state, give the same weights."""
+    got, want = _final_state(outcome).model, _final_state(reference).model
+    assert got.keys() == want.keys()
+    differ = [k for k in want if not torch.equal(got[k], want[k])]
+    assert not differ, f"{len(differ)} of {len(want)} tensors differ from the uninterrupted run's, e.g. {differ[:3]}"
+
+
+def test_resume_continues_where_the_run_stopped(ray_local, tmp_path, tiny_overrides, two_epoch_run):
+    base = tiny_overrides(tmp_path / "runs", "resume", "train.checkpoint_every_steps=2")
+    # The first attempt dies at step 3 of its second epoch and may not retry: the run stops with its
+    # checkpoint of step 2 of that epoch (global step 6) as the latest.
+    kill = STEPS_PER_EPOCH + 3
+    stopped = run_training(load_job_config(preset="tiny", overrides=base + _fault(tmp_path, 0, kill)))
     assert stopped.error is not None
     assert (tmp_path / "killed").exists()
     assert [e["epoch"] for e in _kinds(stopped.run_dir.read_metrics(), "epoch")] == [0]
+    checkpoints = [r for r in _kinds(stopped.run_dir.read_metrics(), "event") if r["event"] == "checkpoint"]
+    assert [(c["epoch"], c["epoch_step"], c["global_step"]) for c in checkpoints] == [(0, 2, 2), (1, 2, 6)]
+    # The mid-epoch one (no score) is kept as the latest beside the best epoch's; step 2's was let go.
+    ckpt_dirs = sorted(p.name for p in stopped.run_dir.path.glob("checkpoint_*") if p.is_dir())
+    assert ckpt_dirs == ["checkpoint_epoch0000", "checkpoint_step00000006"]
+    mid = stopped.run_dir.path / "checkpoint_step00000006"
+    saved = read_checkpoint(mid / CHECKPOINT_FILE)
+    assert (saved.extra["epoch"], saved.extra["data_epoch"], saved.extra["epoch_step"]) == (0, 1, 2)
+    assert (saved.extra["global_step"], saved.extra["epoch_images"]) == (6, 2 * 2 * 2)
+    assert Predictor.from_checkpoint(str(mid)).model is not None  # inference reads it like any other
 
     # Resume the stopped run from its directory, as a user would.
     args = argparse.Namespace(resume=str(stopped.run_dir.path), config=None, preset=None, overrides=[])
@@ -125,8 +146,14 @@ def test_resume_continues_where_the_run_stopped(ray_local, tmp_path, tiny_overri
 
     records = resumed.run_dir.read_metrics()
     events = [r for r in _kinds(records, "event") if r["event"] == "resume"]
-    assert events and events[-1]["epoch"] == 1 and events[-1]["global_step"] == STEPS_PER_EPOCH
+    assert events and (events[-1]["epoch"], events[-1]["epoch_step"], events[-1]["global_step"]) == (1, 2, 6)
     assert [e["epoch"] for e in _kinds(records, "epoch")] == [0, 1]
+    # Steps 7 and 8 trained on the batches the uninterrupted run had there (the loss of a step is a
+    # function of the weights and the batch), and the weights end where that run's ended.
+    resumed_steps = {r["global_step"]: r["loss"] for r in latest_history(records, "step", "global_step")}
+    reference = {r["global_step"]: r["loss"] for r in _kinds(two_epoch_run.run_dir.read_metrics(), "step")}
+    assert resumed_steps == reference
+    _assert_same_weights(resumed, two_epoch_run)
 
     state = _final_state(resumed)
     total = 2 * STEPS_PER_EPOCH
@@ -138,8 +165,10 @@ def test_resume_continues_where_the_run_stopped(ray_local, tmp_path, tiny_overri
     assert state.extra["scheduler"]["last_epoch"] == total
 
 
-def test_killed_worker_is_replaced_and_the_run_finishes(ray_local, tmp_path, tiny_overrides):
-    job = load_job_config(preset="tiny", overrides=tiny_overrides(tmp_path / "runs", "killed") + _fault(tmp_path, 1))
+def test_killed_worker_is_replaced_and_the_run_finishes(ray_local, tmp_path, tiny_overrides, two_epoch_run):
+    # Checkpoints at epoch ends only: the group restarts from epoch 0's.
+    base = tiny_overrides(tmp_path / "runs", "killed", "train.checkpoint_every_steps=0")
+    job = load_job_config(preset="tiny", overrides=base + _fault(tmp_path, 1))
     outcome = run_training(job)
     assert (tmp_path / "killed").exists()
     assert outcome.error is None
@@ -159,6 +188,7 @@ def test_killed_worker_is_replaced_and_the_run_finishes(ray_local, tmp_path, tin
     epochs = latest_history(records, "epoch", "epoch")
     assert [(e["epoch"], e["data_epochs"]) for e in epochs] == [(0, [0]), (1, [1])]
     assert torch.isfinite(torch.tensor([h["loss"] for h in state.extra["history"]])).all()
+    _assert_same_weights(outcome, two_epoch_run)
 
 
 def test_evaluate_an_authors_checkpoint(ray_local, tmp_path, tiny_data):
