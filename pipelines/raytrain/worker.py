@@ -200,10 +200,12 @@ def build_train_state(
     notes = []
     if resume is not None:
         state.restore_from_ray(resume)
-        # A mid-epoch checkpoint: the step of this group's epoch that follows the images trained on.
+        # A mid-epoch checkpoint: this group's step of the epoch after the images trained on (never past
+        # the epoch's last step: a resized group may have fewer steps than there were images left).
         step_images = ctx.world_size * job.data.batch_size_per_worker * job.train.grad_accum_steps
-        state.epoch_step = resume_step(
-            state.epoch_images, ctx.world_size, job.data.batch_size_per_worker, job.train.grad_accum_steps
+        state.epoch_step = min(
+            resume_step(state.epoch_images, ctx.world_size, job.data.batch_size_per_worker, job.train.grad_accum_steps),
+            max(epoch_steps - 1, 0),
         )
         state.epoch_images = state.epoch_step * step_images
         log.info("rank %d resumes after epoch %d, at step %d of the next", ctx.rank, state.epoch, state.epoch_step)
