@@ -4,9 +4,9 @@ Every rank reports once per epoch (``ray.train.report`` is a barrier); rank 0 at
 that ``TrainState`` writes. In between, every ``train.checkpoint_every_steps`` steps and on a preemption
 notice (``step_checkpoints``), a mid-epoch report carries a checkpoint too; its metrics are ``epoch`` and
 ``epochs_done`` of the last finished epoch, ``data_epoch`` and ``epoch_step`` (where in the epoch in
-progress), ``global_step``, ``checkpoint_score`` UNSCORED (below any epoch's) and ``step_checkpoint`` (the reason), which tells
-it from an epoch's report (Tune's callback passes only those on). The metrics each epoch's report carries
-(and Tune's schedulers read):
+progress), ``global_step``, ``checkpoint_score`` = UNSCORED (below any epoch's) and ``step_checkpoint``
+(the reason), which tells it from an epoch's report (Tune's callback passes only those on). The metrics
+each epoch's report carries (and Tune's schedulers read):
 ``epoch`` (0-based index of the finished epoch), ``epochs_done`` (epoch + 1), ``global_step``, ``loss``
 and every criterion term, ``lr``, ``images_per_s``, ``max_mem_mb``, ``epoch_time_s``, the validation
 ``AP``, ``AP50``, ``AP75``, ``APs``, ``APm``, ``APl`` on evaluated epochs, and ``checkpoint_score``.
