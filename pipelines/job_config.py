@@ -148,7 +148,7 @@ class TrainConfig(BaseModel):
         description="optimizer steps between mid-epoch checkpoints, besides each epoch's: a reclaimed spot "
         "worker costs its group at most this many steps, and a restart continues at the step after the "
         "checkpoint with the epoch's data order unchanged; also one on a preemption notice. 0 = at epoch "
-        "ends only; None = about every 10 minutes (the step count from rank 0's median step time after the "
+        "ends only (no preemption checkpoint either); None = about every 10 minutes (the step count from rank 0's median step time after the "
         "first 5 steps, measured again at each restart): a fixed count cannot mean 10 minutes both on a "
         "CPU (seconds a step) and on 8 GPUs (a third of a second)",
     )

@@ -60,8 +60,9 @@ class StepCheckpoints:
     """Decides, after each optimizer step, whether the group writes a mid-epoch checkpoint now.
 
     Args:
-        every_steps: ``train.checkpoint_every_steps`` (0: epoch ends only; None: measured, see
-            DEFAULT_CHECKPOINT_EVERY_S; until measured, after the reporter's warm-up, none is due).
+        every_steps: ``train.checkpoint_every_steps`` (0: epoch ends only, no preemption checkpoint
+            either; None: measured, see DEFAULT_CHECKPOINT_EVERY_S; until measured, after the
+            reporter's warm-up, none is due but the preemption one).
         rank: this worker's world rank (rank 0's step time is the one that counts).
 
     Preemption notices are asked for at every step until the step time is measured, then every
@@ -94,7 +95,8 @@ class StepCheckpoints:
         # Ray 2.60 sets the preemption info once a node of this group is drained with the preemption
         # reason (cluster/spot_watch.py on the launcher VMs, Ray itself on SIGTERM under KubeRay). A barrier:
         # every rank asks at the same steps.
-        notice = ray.train.get_preemption_info() if self.steps_seen % self.check_every == 0 else None
+        ask = self.configured != 0 and self.steps_seen % self.check_every == 0
+        notice = ray.train.get_preemption_info() if ask else None
         new_notice = notice is not None and not self.notice_taken
         self.notice_taken = self.notice_taken or new_notice
         if epoch_step >= epoch_steps:
