@@ -327,7 +327,11 @@ def check_resources(job: JobConfig, cluster_resources: dict[str, float], strict:
 
 
 def latest_checkpoint_epoch(job: JobConfig) -> int | None:
-    """The epoch of the run's latest registered checkpoint (read from Ray Train's snapshot), or None."""
+    """The epoch of the run's latest registered checkpoint (read from Ray Train's snapshot), or None.
+
+    For a mid-epoch checkpoint that is the last epoch finished before it (-1 inside the first epoch), so
+    ``epoch + 1`` is always the epoch a resumed run trains first.
+    """
     uri = join_uri(job.train.storage_path, job.train.name, SNAPSHOT_FILE)
     try:
         fs, path = filesystem_for(uri)
