@@ -231,8 +231,7 @@ def input_names(detector: ExportableDetector) -> list[str]:
 
 def load_exported(path: str, *, threads: int | None = None) -> Callable[..., tuple[Tensor, ...]]:
     """A file written by ``pipelines/export.py`` as a function of the export's inputs returning its
-    outputs as CPU tensors: a ``.pt2`` program through ``torch.export.load``, ONNX through onnxruntime.
-    A static export refuses other input shapes with one line naming both."""
+    outputs as CPU tensors: a ``.pt2`` program through ``torch.export.load``, ONNX through onnxruntime."""
     if path.endswith(".pt2"):
         import ops  # noqa: F401  (the program calls msda:: ops)
 
@@ -241,24 +240,8 @@ def load_exported(path: str, *, threads: int | None = None) -> Callable[..., tup
     return onnx_runner(onnx_session(path, threads=threads), path)
 
 
-def onnx_runner(session: Any, path: str) -> Callable[..., tuple[Tensor, ...]]:
-    """``session`` as a function of the export's input tensors returning its outputs as tensors."""
-    names = [i.name for i in session.get_inputs()]
-    fixed = {i.name: i.shape for i in session.get_inputs()}
-
-    def run(*inputs: Tensor) -> tuple[Tensor, ...]:
-        for name, x in zip(names, inputs):
-            want = fixed[name]
-            if any(isinstance(d, int) and d != got for d, got in zip(want, x.shape)):
-                raise ExportError(f"{path} takes {name} of shape {tuple(want)} (a static export), got {tuple(x.shape)}")
-        feeds = {name: x.cpu().numpy() for name, x in zip(names, inputs)}
-        return tuple(torch.from_numpy(y) for y in session.run(None, feeds))
-
-    return run
-
-
-def onnx_session(path: str, *, providers: list[str] | None = None, threads: int | None = None) -> Any:
-    """An onnxruntime session of ``path`` (CPU unless ``providers`` says otherwise)."""
+def onnx_session(source: str | bytes, *, providers: list[str] | None = None, threads: int | None = None) -> Any:
+    """An onnxruntime session of an ONNX file or its bytes (CPU unless ``providers`` says otherwise)."""
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
@@ -266,9 +249,32 @@ def onnx_session(path: str, *, providers: list[str] | None = None, threads: int 
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
     try:
-        return onnxruntime.InferenceSession(path, options, providers=providers or ["CPUExecutionProvider"])
+        return onnxruntime.InferenceSession(source, options, providers=providers or ["CPUExecutionProvider"])
     except Exception as e:
-        raise ExportError(f"{path}: onnxruntime cannot load it: {_first_line(e)}") from e
+        raise ExportError(f"{_name(source)}: onnxruntime cannot load it: {_first_line(e)}") from e
+
+
+def _name(source: str | bytes) -> str:
+    return "the ONNX model" if isinstance(source, bytes) else source
+
+
+def onnx_runner(session: Any, source: str | bytes) -> Callable[..., tuple[Tensor, ...]]:
+    """``session`` as a function of the export's input tensors returning its outputs as tensors; a static
+    export refuses other input shapes with one line naming both."""
+    names = [i.name for i in session.get_inputs()]
+    fixed = {i.name: i.shape for i in session.get_inputs()}
+
+    def run(*inputs: Tensor) -> tuple[Tensor, ...]:
+        for name, x in zip(names, inputs):
+            want = fixed[name]
+            if any(isinstance(d, int) and d != got for d, got in zip(want, x.shape)):
+                raise ExportError(
+                    f"{_name(source)} takes {name} of shape {tuple(want)} (a static export), got {tuple(x.shape)}"
+                )
+        feeds = {name: x.cpu().numpy() for name, x in zip(names, inputs)}
+        return tuple(torch.from_numpy(y) for y in session.run(None, feeds))
+
+    return run
 
 
 class OnnxDetector:
@@ -278,14 +284,15 @@ class OnnxDetector:
     onnxruntime on the CPU (or CUDA where ``providers`` asks for it).
 
     Args:
-        path: an ONNX file written by ``pipelines/export.py`` without postprocess.
+        source: an ONNX file written by ``pipelines/export.py`` without postprocess, or its bytes.
         providers: onnxruntime execution providers; default CPU.
         threads: intra-op threads; None lets onnxruntime choose.
     """
 
-    def __init__(self, path: str, *, providers: list[str] | None = None, threads: int | None = None) -> None:
-        self.session = onnx_session(path, providers=providers, threads=threads)
-        self.run = onnx_runner(self.session, path)
+    def __init__(self, source: str | bytes, *, providers: list[str] | None = None, threads: int | None = None) -> None:
+        self.session = onnx_session(source, providers=providers, threads=threads)
+        self.run = onnx_runner(self.session, source)
+        path = _name(source)
         self.meta = read_onnx_metadata(self.session)
         if self.meta["postprocess_top_k"] is not None:
             raise ExportError(f"{path} was exported with --postprocess; a Predictor takes the raw-output export")

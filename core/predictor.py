@@ -128,6 +128,26 @@ def checkpoint_input_size(ckpt: Checkpoint) -> InputSize:
     )
 
 
+def export_class_info(meta: dict[str, Any]) -> ClassInfo:
+    """Category names and label map an exported file carries (``core.export.metadata``)."""
+    label_map = meta["label_map"]
+    return ClassInfo(
+        names={int(k): v for k, v in meta["category_names"].items()},
+        label_map=None if label_map is None else [int(c) for c in label_map],
+    )
+
+
+def export_input_size(meta: dict[str, Any]) -> InputSize:
+    """The input size an exported file carries."""
+    size = meta["input_size"]
+    return InputSize(
+        short_side=int(size["short_side"]),
+        max_size=int(size["max_size"]),
+        pixel_mean=tuple(size["pixel_mean"]),
+        pixel_std=tuple(size["pixel_std"]),
+    )
+
+
 def prepare_image(rgb: np.ndarray, input_size: InputSize) -> PreparedImage:
     """An (H, W, 3) uint8 RGB image resized for the model; ``Predictor.prepare`` after the conversion."""
     h, w = rgb.shape[:2]
@@ -231,7 +251,7 @@ class Predictor:
     @classmethod
     def from_onnx(
         cls,
-        path: str | os.PathLike,
+        source: str | os.PathLike | bytes,
         *,
         short_side: int | None = None,
         max_size: int | None = None,
@@ -242,27 +262,18 @@ class Predictor:
         in onnxruntime on the CPU; same call and detections as ``from_checkpoint``.
 
         Args:
-            path: the .onnx file; it carries the classes and input size of its checkpoint.
+            source: the .onnx file (or its bytes); it carries the classes and input size of its checkpoint.
             short_side, max_size: override the input size.
             threads: onnxruntime's intra-op threads (default: its choice).
             **kwargs: Predictor arguments (score_threshold, top_k, batch_size, pad_mixed_sizes).
         """
         from core.export import OnnxDetector
 
-        detector = OnnxDetector(os.fspath(path), threads=threads)
-        meta = detector.meta
-        label_map = meta["label_map"]
-        classes = ClassInfo(
-            names={int(k): v for k, v in meta["category_names"].items()},
-            label_map=None if label_map is None else [int(c) for c in label_map],
-        )
-        size = meta["input_size"]
-        input_size = InputSize(
-            short_side=short_side or size["short_side"],
-            max_size=max_size or size["max_size"],
-            pixel_mean=tuple(size["pixel_mean"]),
-            pixel_std=tuple(size["pixel_std"]),
-        )
+        detector = OnnxDetector(source if isinstance(source, bytes) else os.fspath(source), threads=threads)
+        input_size = export_input_size(detector.meta)
+        input_size.short_side = short_side or input_size.short_side
+        input_size.max_size = max_size or input_size.max_size
+        classes = export_class_info(detector.meta)
         return cls(detector, classes=classes, input_size=input_size, device="cpu", **kwargs)
 
     def prepare(self, image: Any) -> PreparedImage:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import onnx
 import torch
 from onnxscript import ir
 from onnxscript import opset18 as op
@@ -36,7 +37,38 @@ TRT_PLUGIN = "MultiscaleDeformableAttnPlugin_TRT"
 TRT_DOMAIN = "trt.plugins"
 # Version 2 (IPluginV3) has the same inputs and output as version 1, which TensorRT deprecated in 10.11.
 TRT_PLUGIN_VERSION = "2"
-_trt = Opset(TRT_DOMAIN, 1)
+
+
+def _plugin_schema() -> onnx.defs.OpSchema:
+    """The plugin's signature as an ONNX schema: the checker then verifies every plugin node's inputs,
+    their dtypes and attributes, and onnxscript can build the node."""
+    param = onnx.defs.OpSchema.FormalParameter
+    string = onnx.defs.OpSchema.AttrType.STRING
+    return onnx.defs.OpSchema(
+        TRT_PLUGIN,
+        TRT_DOMAIN,
+        1,
+        "TensorRT's multi-scale deformable attention plugin; output (N, Lq, M, D).",
+        inputs=[
+            param("value", "T", "(N, S, M, D)"),
+            param("spatial_shapes", "tensor(int32)", "(L, 2) (H, W) per level"),
+            param("level_start_index", "tensor(int32)", "(L,)"),
+            param("sampling_locations", "T", "(N, Lq, M, L, P, 2) normalized (x, y)"),
+            param("attention_weights", "T", "(N, Lq, M, L, P) softmaxed over L*P"),
+        ],
+        outputs=[param("output", "T", "(N, Lq, M, D)")],
+        type_constraints=[("T", ["tensor(float)", "tensor(float16)"], "the plugin runs float32 or float16")],
+        attributes=[
+            onnx.defs.OpSchema.Attribute("plugin_version", string, "the plugin creator's version"),
+            onnx.defs.OpSchema.Attribute("plugin_namespace", string, "the plugin creator's namespace"),
+        ],
+    )
+
+
+def _trt_opset() -> Opset:
+    if not onnx.defs.has(TRT_PLUGIN, TRT_DOMAIN):
+        onnx.defs.register_schema(_plugin_schema())
+    return Opset(TRT_DOMAIN, 1)
 
 
 def _static(dim, what: str) -> int:
@@ -88,7 +120,8 @@ def _sample(value, spatial_shapes, level_start_index, locations, weights, L: int
     for level in range(L):
         hw = op.Gather(spatial_shapes, level, axis=0)  # (2,) (H_l, W_l)
         start = op.Gather(level_start_index, [level], axis=0)  # (1,)
-        end = op.Add(start, op.ReduceProd(hw, keepdims=1))
+        area = op.Mul(op.Slice(hw, _ints(0), _ints(1)), op.Slice(hw, _ints(1), _ints(2)))  # (1,) H_l*W_l
+        end = op.Add(start, area)
         value_l = op.Slice(value, start, end, [1])  # (N, H_l*W_l, M, D)
         value_l = op.Transpose(value_l, perm=[0, 2, 3, 1])  # -> (N, M, D, H_l*W_l)
         value_l = op.Reshape(value_l, op.Concat(_ints(-1, D), hw, axis=0))  # -> (N*M, D, H_l, W_l)
@@ -112,7 +145,7 @@ def _trt_plugin(value, spatial_shapes, level_start_index, locations, weights):
     """One plugin node; its output (N, Lq, M, D) flattened to the op's (N, Lq, M*D)."""
     M = _static(value.shape[2], "number of heads")
     D = _static(value.shape[3], "channels per head")
-    out = _trt.MultiscaleDeformableAttnPlugin_TRT(
+    out = _trt_opset().MultiscaleDeformableAttnPlugin_TRT(
         value,
         op.Cast(spatial_shapes, to=ir.DataType.INT32),
         op.Cast(level_start_index, to=ir.DataType.INT32),
