@@ -235,9 +235,28 @@ def load_exported(path: str, *, threads: int | None = None) -> Callable[..., tup
     if path.endswith(".pt2"):
         import ops  # noqa: F401  (the program calls msda:: ops)
 
-        module = torch.export.load(path).module()
-        return lambda *inputs: tuple(module(*inputs))
+        program = torch.export.load(path)
+        inputs = [s.arg.name for s in program.graph_signature.input_specs if s.kind.name == "USER_INPUT"]
+        nodes = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
+        shapes = {name: list(nodes[name].meta["val"].shape) for name in inputs}
+        module = program.module()
+
+        def run_program(*tensors: Tensor) -> tuple[Tensor, ...]:
+            _check_static(path, zip(inputs, tensors), shapes)
+            return tuple(module(*tensors))
+
+        return run_program
     return onnx_runner(onnx_session(path, threads=threads), path)
+
+
+def _check_static(source: str | bytes, named_inputs, shapes: dict[str, list]) -> None:
+    """One line naming the input and both shapes when a fixed dimension of the export is not met."""
+    for name, x in named_inputs:
+        want = shapes[name]
+        if any(isinstance(d, int) and d != got for d, got in zip(want, x.shape)):
+            raise ExportError(
+                f"{_name(source)} takes {name} of shape {tuple(want)} (a static export), got {tuple(x.shape)}"
+            )
 
 
 def onnx_session(source: str | bytes, *, providers: list[str] | None = None, threads: int | None = None) -> Any:
@@ -265,12 +284,7 @@ def onnx_runner(session: Any, source: str | bytes) -> Callable[..., tuple[Tensor
     fixed = {i.name: i.shape for i in session.get_inputs()}
 
     def run(*inputs: Tensor) -> tuple[Tensor, ...]:
-        for name, x in zip(names, inputs):
-            want = fixed[name]
-            if any(isinstance(d, int) and d != got for d, got in zip(want, x.shape)):
-                raise ExportError(
-                    f"{_name(source)} takes {name} of shape {tuple(want)} (a static export), got {tuple(x.shape)}"
-                )
+        _check_static(source, zip(names, inputs), fixed)
         feeds = {name: x.cpu().numpy() for name, x in zip(names, inputs)}
         return tuple(torch.from_numpy(y) for y in session.run(None, feeds))
 

@@ -27,6 +27,8 @@ import argparse
 import time
 from dataclasses import asdict
 
+MIN_OPSET = 16  # GridSample's first opset (ops.onnx.MIN_OPSET; that module needs onnxscript to import)
+
 # Largest |exported - eager| a --check accepts, per dtype (float32: both run the same arithmetic).
 TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 1e-1}
 
@@ -64,6 +66,8 @@ def validate_args(args: argparse.Namespace) -> None:
         raise ValueError("--dtype bf16 applies to --format torch-export; ONNX runtimes run fp32 or fp16")
     if args.msda == "trt-plugin" and args.check:
         raise ValueError("--check runs the file in onnxruntime, which has no TensorRT plugin; check it in TensorRT")
+    if args.opset is not None and args.opset < MIN_OPSET:
+        raise ValueError(f"--opset {args.opset} is too old: the attention needs GridSample, opset >= {MIN_OPSET}")
     if args.batch_size < 1 or args.top_k < 1:
         raise ValueError(f"--batch-size and --top-k must be >= 1, got {args.batch_size} and {args.top_k}")
     suffix = ".onnx" if args.format == "onnx" else ".pt2"
