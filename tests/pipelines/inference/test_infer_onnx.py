@@ -47,15 +47,29 @@ def test_predictor_from_onnx_equals_from_checkpoint(onnx_file, checkpoint, image
     assert total > 0, "no detection above the threshold: the comparison would be empty"
 
 
-def test_batch_inference_with_onnxruntime_gives_the_torch_rows(ray_local, onnx_file, checkpoint, image_dir, tmp_path):
-    common = dict(input=str(image_dir), score_threshold=THRESHOLD, top_k=TOP_K, batch_size=3, images_per_part=5)
-    run_inference(InferenceConfig(checkpoint=str(checkpoint), output=str(tmp_path / "torch"), **common))
-    engine = dict(engine="onnxruntime", model=str(onnx_file))
-    summary = run_inference(InferenceConfig(output=str(tmp_path / "onnx"), **engine, **common))
+def test_batch_inference_with_onnxruntime_gives_the_torch_detections(
+    ray_local, onnx_file, checkpoint, image_dir, bad_files, tmp_path
+):
+    config = InferenceConfig(
+        engine="onnxruntime",
+        model=str(onnx_file),
+        input=str(image_dir),
+        output=str(tmp_path / "out"),
+        score_threshold=THRESHOLD,
+        top_k=TOP_K,
+        batch_size=3,
+        images_per_part=5,
+    )
+    summary = run_inference(config)
     assert summary["images_done"] == summary["images_total"] == 14
-    torch_rows, onnx_rows = rows_of(tmp_path / "torch"), rows_of(tmp_path / "onnx")
-    assert set(onnx_rows) == set(torch_rows)
-    for uri, want in torch_rows.items():
-        got = onnx_rows[uri]
-        assert (got["error_kind"], got["labels"], got["names"]) == (want["error_kind"], want["labels"], want["names"])
-        np.testing.assert_allclose(got["scores"], want["scores"], rtol=0, atol=1e-5)
+    rows = rows_of(tmp_path / "out")
+    predictor = Predictor.from_checkpoint(checkpoint, score_threshold=THRESHOLD, top_k=TOP_K, device="cpu")
+    for p in sorted(image_dir.iterdir()):
+        row = rows[str(p)]
+        if p.name in bad_files:
+            assert row["error_kind"] == bad_files[p.name] and row["scores"] == []
+            continue
+        want = predictor(decode_image(p.read_bytes()))
+        assert row["error"] is None and (row["labels"], row["names"]) == (want.labels.tolist(), want.names)
+        np.testing.assert_allclose(row["scores"], want.scores, rtol=0, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(row["boxes"]).reshape(-1, 4), want.boxes, rtol=0, atol=1e-3)
