@@ -27,6 +27,13 @@ def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:
     return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
 
 
+def level_table(shapes: list[tuple[int, int]]) -> Tensor:
+    """(L, 2) int64 (Hl, Wl) on the CPU, built from the sizes one scalar at a time: under torch.export
+    the sizes are symbols that ``torch.as_tensor`` would freeze to the example's values, which makes
+    the exported program accept only the example's image size."""
+    return torch.stack([torch.stack([torch.scalar_tensor(d, dtype=torch.long) for d in hw]) for hw in shapes])
+
+
 def _get_clones(module: nn.Module, n: int) -> nn.ModuleList:
     return nn.ModuleList([copy.deepcopy(module) for _ in range(n)])
 
@@ -105,9 +112,10 @@ class DeformableTransformerEncoder(nn.Module):
         device = valid_ratios.device
         reference_points_list = []
         for lvl, (h, w) in enumerate(shapes):
+            # arange, not linspace: equal values, and under torch.export it keeps h and w symbolic.
             ref_y, ref_x = torch.meshgrid(
-                torch.linspace(0.5, h - 0.5, h, dtype=torch.float32, device=device),
-                torch.linspace(0.5, w - 0.5, w, dtype=torch.float32, device=device),
+                torch.arange(h, dtype=torch.float32, device=device) + 0.5,
+                torch.arange(w, dtype=torch.float32, device=device) + 0.5,
                 indexing="ij",
             )
             ref_y = ref_y.reshape(-1)[None] / (valid_ratios[:, None, lvl, 1] * h)  # (N, Hl*Wl)
@@ -385,8 +393,8 @@ class DeformableTransformer(nn.Module):
             valid_h = torch.sum(~mask_flatten_[:, :, 0, 0], 1)  # (N,)
             valid_w = torch.sum(~mask_flatten_[:, 0, :, 0], 1)
             grid_y, grid_x = torch.meshgrid(
-                torch.linspace(0, h - 1, h, dtype=torch.float32, device=memory.device),
-                torch.linspace(0, w - 1, w, dtype=torch.float32, device=memory.device),
+                torch.arange(h, dtype=torch.float32, device=memory.device),
+                torch.arange(w, dtype=torch.float32, device=memory.device),
                 indexing="ij",
             )
             grid = torch.cat([grid_x.unsqueeze(-1), grid_y.unsqueeze(-1)], -1)  # (Hl, Wl, 2)
@@ -451,7 +459,7 @@ class DeformableTransformer(nn.Module):
         src_flatten = torch.cat(src_flatten, 1)  # (N, S, d_model)
         mask_flatten = torch.cat(mask_flatten, 1)  # (N, S)
         lvl_pos_embed_flatten = torch.cat(lvl_pos_embed_flatten, 1)  # (N, S, d_model)
-        spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=src_flatten.device)  # (L, 2)
+        spatial_shapes = level_table(shapes).to(src_flatten.device)  # (L, 2)
         level_start_index = torch.cat((spatial_shapes.new_zeros((1,)), spatial_shapes.prod(1).cumsum(0)[:-1]))
         valid_ratios = torch.stack([self.get_valid_ratio(m) for m in masks], 1)  # (N, L, 2)
 
@@ -467,8 +475,12 @@ class DeformableTransformer(nn.Module):
             enc_outputs_class = class_head(output_memory)  # (N, S, num_classes)
             enc_outputs_coord_unact = box_head(output_memory) + output_proposals  # (N, S, 4)
             topk = self.two_stage_num_proposals
-            if topk > s:
-                raise ValueError(f"two-stage needs num_queries <= encoder positions, got num_queries={topk} > S={s}")
+            message = f"two-stage needs num_queries <= encoder positions, got num_queries={topk} > S={s}"
+            if isinstance(s, int):
+                if topk > s:
+                    raise ValueError(message)
+            else:  # S is a symbol under torch.export: a check at run time, not a guard that fixes S
+                torch._check(topk <= s, lambda: message)
             # The authors rank proposals by the first class's logit (the encoder head is trained class-agnostically).
             topk_proposals = torch.topk(enc_outputs_class[..., 0], topk, dim=1)[1]  # (N, Lq)
             topk_coords_unact = torch.gather(enc_outputs_coord_unact, 1, topk_proposals.unsqueeze(-1).repeat(1, 1, 4))

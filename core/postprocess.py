@@ -73,7 +73,21 @@ class PostProcess(nn.Module):
         return [{key: value[r["scores"] > score_threshold] for key, value in r.items()} for r in results]
 
     def _top_k(self, outputs: dict[str, Tensor], target_sizes: Tensor, k: int) -> list[dict[str, Tensor]]:
-        logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
+        scores, labels, boxes = self.select(outputs["pred_logits"], outputs["pred_boxes"], target_sizes, k)
+        return [{"scores": s, "labels": lab, "boxes": b} for s, lab, b in zip(scores, labels, boxes)]
+
+    def select(self, logits: Tensor, boxes: Tensor, target_sizes: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+        """The k best (query, class) pairs of every image, batched (what an exported graph returns).
+
+        Args:
+            logits: (N, Lq, C) class logits.
+            boxes: (N, Lq, 4) normalized cxcywh.
+            target_sizes: (N, 2) (height, width) of each original image.
+            k: detections per image; at most Lq * C are returned.
+
+        Returns:
+            scores (N, k) descending, labels (N, k) int64, boxes (N, k, 4) xyxy in original pixels.
+        """
         n, q, c = logits.shape
         if target_sizes.shape != (n, 2):
             raise ValueError(
@@ -88,10 +102,8 @@ class PostProcess(nn.Module):
         labels = flat_idx % c  # (N, k)
         if self.label_map is not None:
             labels = self.label_map[labels]
-
         boxes_xyxy = box_cxcywh_to_xyxy(boxes.float())  # (N, Lq, 4) normalized
         boxes_xyxy = torch.gather(boxes_xyxy, 1, query_idx.unsqueeze(-1).expand(-1, -1, 4))  # (N, k, 4)
         img_h, img_w = target_sizes.to(boxes_xyxy).unbind(1)
         scale = torch.stack([img_w, img_h, img_w, img_h], dim=1)  # (N, 4)
-        boxes_xyxy = boxes_xyxy * scale[:, None, :]  # normalized -> pixels
-        return [{"scores": s, "labels": lab, "boxes": b} for s, lab, b in zip(scores, labels, boxes_xyxy)]
+        return scores, labels, boxes_xyxy * scale[:, None, :]  # normalized -> pixels

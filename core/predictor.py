@@ -128,6 +128,26 @@ def checkpoint_input_size(ckpt: Checkpoint) -> InputSize:
     )
 
 
+def export_class_info(meta: dict[str, Any]) -> ClassInfo:
+    """Category names and label map an exported file carries (``core.export.metadata``)."""
+    label_map = meta["label_map"]
+    return ClassInfo(
+        names={int(k): v for k, v in meta["category_names"].items()},
+        label_map=None if label_map is None else [int(c) for c in label_map],
+    )
+
+
+def export_input_size(meta: dict[str, Any]) -> InputSize:
+    """The input size an exported file carries."""
+    size = meta["input_size"]
+    return InputSize(
+        short_side=int(size["short_side"]),
+        max_size=int(size["max_size"]),
+        pixel_mean=tuple(size["pixel_mean"]),
+        pixel_std=tuple(size["pixel_std"]),
+    )
+
+
 def prepare_image(rgb: np.ndarray, input_size: InputSize) -> PreparedImage:
     """An (H, W, 3) uint8 RGB image resized for the model; ``Predictor.prepare`` after the conversion."""
     h, w = rgb.shape[:2]
@@ -143,7 +163,8 @@ class Predictor:
     on mixed sizes but lets the padding change results near the right and bottom borders slightly.
 
     Args:
-        model: a DeformableDETR; put in eval mode and moved to ``device``.
+        model: a DeformableDETR, put in eval mode and moved to ``device``; or an exported model with the
+            same call (``core.export.OnnxDetector``, see ``from_onnx``).
         classes: category ids and names of the head's classes.
         input_size: resize and normalization of the inputs.
         score_threshold: keep detections scoring strictly above it.
@@ -174,7 +195,14 @@ class Predictor:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model = model.eval().to(self.device)
+        if isinstance(model, nn.Module):
+            self.model = model.eval().to(self.device)
+            num_classes = int(self.model.class_embed[0].out_features)
+        else:  # an exported model behind the same call (core.export.OnnxDetector)
+            if amp_dtype is not None:
+                raise ValueError("amp_dtype applies to a PyTorch model; an exported one runs in its export's dtype")
+            self.model = model
+            num_classes = model.num_classes
         self.classes = classes or ClassInfo()
         self.input_size = input_size or InputSize()
         self.score_threshold = score_threshold
@@ -182,7 +210,6 @@ class Predictor:
         self.amp_dtype = amp_dtype
         self.batch_size = batch_size
         self.pad_mixed_sizes = pad_mixed_sizes
-        num_classes = int(self.model.class_embed[0].out_features)
         self._valid = self.classes.valid_classes(num_classes).to(self.device)  # (C,)
         self._post = PostProcess(label_map=self.classes.label_map).to(self.device)
 
@@ -220,6 +247,34 @@ class Predictor:
         if max_size is not None:
             size.max_size = max_size
         return cls(model, classes=checkpoint_class_info(ckpt), input_size=size, **kwargs)
+
+    @classmethod
+    def from_onnx(
+        cls,
+        source: str | os.PathLike | bytes,
+        *,
+        short_side: int | None = None,
+        max_size: int | None = None,
+        threads: int | None = None,
+        **kwargs: Any,
+    ) -> Predictor:
+        """A predictor running an ONNX file of ``pipelines/export.py`` (raw outputs, decomposed attention)
+        in onnxruntime on the CPU; same call and detections as ``from_checkpoint``.
+
+        Args:
+            source: the .onnx file (or its bytes); it carries the classes and input size of its checkpoint.
+            short_side, max_size: override the input size.
+            threads: onnxruntime's intra-op threads (default: its choice).
+            **kwargs: Predictor arguments (score_threshold, top_k, batch_size, pad_mixed_sizes).
+        """
+        from core.export import OnnxDetector
+
+        detector = OnnxDetector(source if isinstance(source, bytes) else os.fspath(source), threads=threads)
+        input_size = export_input_size(detector.meta)
+        input_size.short_side = short_side or input_size.short_side
+        input_size.max_size = max_size or input_size.max_size
+        classes = export_class_info(detector.meta)
+        return cls(detector, classes=classes, input_size=input_size, device="cpu", **kwargs)
 
     def prepare(self, image: Any) -> PreparedImage:
         """Converts and resizes one image (array, PIL image or bytes); CPU work a data pipeline can run apart."""

@@ -4,6 +4,7 @@
     python pipelines/infer.py --checkpoint r50_deformable_detr-checkpoint.pth --input s3://bucket/images \\
         --output s3://bucket/detections --actors 4 --gpus-per-actor 1 --bf16 --glob '*.jpg'
     ray job submit --working-dir . -- python pipelines/infer.py --checkpoint s3://... --input manifest.txt ...
+    python pipelines/infer.py --engine onnxruntime --model model.onnx --input data/demo/val --output out/
 
 Rerunning the same command resumes: only images without a row are processed; over a finished output it
 changes nothing. Output layout: see pipelines/inference/outputs.py.
@@ -25,7 +26,14 @@ from pydantic import ValidationError
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--checkpoint", required=True, help="checkpoint file or run checkpoint folder (local, s3, gs, http)")
+    p.add_argument("--checkpoint", help="checkpoint file or run checkpoint folder (local, s3, gs, http)")
+    p.add_argument(
+        "--engine",
+        choices=["torch", "onnxruntime"],
+        default="torch",
+        help="torch: run --checkpoint; onnxruntime: run --model, an ONNX file of pipelines/export.py, on the CPU",
+    )
+    p.add_argument("--model", help="the ONNX file (local, s3, gs, http) of --engine onnxruntime")
     p.add_argument("--input", required=True, help="image folder, s3:// or gs:// prefix, or a .txt/.parquet manifest")
     p.add_argument("--output", required=True, help="output folder or s3:// / gs:// prefix")
     p.add_argument("--score-threshold", type=float, default=0.05, help="keep detections scoring above this")
@@ -71,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = InferenceConfig(**options)
     except ValidationError as e:
         err = e.errors()[0]
-        print(f"infer: --{str(err['loc'][0]).replace('_', '-')}: {err['msg']}", file=sys.stderr)
+        where = f"--{str(err['loc'][0]).replace('_', '-')}: " if err["loc"] else ""  # a whole-config check: no field
+        print(f"infer: {where}{err['msg'].removeprefix('Value error, ')}", file=sys.stderr)
         return 2
     try:
         summary = run_inference(cfg)

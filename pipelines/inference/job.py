@@ -13,7 +13,7 @@ import shutil
 import tempfile
 import time
 from collections import Counter, defaultdict
-from typing import Any
+from typing import Any, Literal
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -21,7 +21,7 @@ import ray
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from core.checkpoint import Checkpoint, read_checkpoint
-from core.predictor import checkpoint_class_info, checkpoint_input_size
+from core.predictor import checkpoint_class_info, checkpoint_input_size, export_input_size
 from pipelines.inference.outputs import COCO_FILE, MANIFEST_FILE, OutputDir, part_name
 from pipelines.inference.sources import ImageList, list_images
 from pipelines.inference.steps import DecodeImages, PredictImages
@@ -38,7 +38,13 @@ class InferenceConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    checkpoint: str = Field(description="checkpoint file or run checkpoint folder: local, http(s), s3://, gs://")
+    checkpoint: str | None = Field(
+        None, description="checkpoint file or run checkpoint folder: local, http(s), s3://, gs:// (engine torch)"
+    )
+    engine: Literal["torch", "onnxruntime"] = Field("torch", description="what runs the model in the actors")
+    model: str | None = Field(
+        None, description="ONNX file of pipelines/export.py (engine onnxruntime), local or remote"
+    )
     input: str = Field(description="image folder, bucket prefix, or a .txt/.parquet manifest of image URIs")
     output: str = Field(description="output folder or bucket prefix")
     score_threshold: float = Field(0.05, ge=0.0, lt=1.0)
@@ -75,12 +81,28 @@ class InferenceConfig(BaseModel):
             raise ValueError(f"gpus_per_actor above 1 must be whole, got {self.gpus_per_actor}")
         if self.coco_ann and not self.coco_json:
             raise ValueError("coco_ann is only used with coco_json")
+        if self.engine == "torch" and (self.checkpoint is None or self.model is not None):
+            raise ValueError("--engine torch runs a --checkpoint (--model is the ONNX file of --engine onnxruntime)")
+        if self.engine == "onnxruntime":
+            if self.model is None or self.checkpoint is not None:
+                raise ValueError("--engine onnxruntime runs an exported ONNX file: give --model, not --checkpoint")
+            if self.bf16 or self.gpus_per_actor:
+                raise ValueError(
+                    "--engine onnxruntime runs the export's dtype on the CPU: no --bf16, --gpus-per-actor 0"
+                )
         return self
 
-    def settings(self, checkpoint_source: str) -> dict[str, Any]:
+    @property
+    def model_source(self) -> str:
+        """The checkpoint or ONNX file, without a presigned URL's query."""
+        return (self.checkpoint if self.engine == "torch" else self.model).partition("?")[0]
+
+    def settings(self) -> dict[str, Any]:
         """What the rows depend on; a rerun into the same output must agree (see OutputDir.check_job)."""
+        engine = {} if self.engine == "torch" else {"engine": self.engine}  # outputs made before engines agree
         return {
-            "checkpoint": checkpoint_source,
+            **engine,
+            "checkpoint": self.model_source,
             "score_threshold": self.score_threshold,
             "top_k": self.top_k,
             "image_size": self.image_size,
@@ -89,6 +111,23 @@ class InferenceConfig(BaseModel):
             "pad_mixed_sizes": self.pad_mixed_sizes,
             "exif_transpose": self.exif_transpose,
         }
+
+
+def load_onnx_for_inference(uri: str) -> bytes:
+    """The ONNX file's bytes, read on the driver and checked to be an export a Predictor runs."""
+    from core.export import ExportError, OnnxDetector
+    from pipelines.storage import fetch_file
+
+    tmp = tempfile.mkdtemp(prefix="ddetr-infer-onnx-")
+    try:
+        with open(fetch_file(uri, tmp), "rb") as f:
+            data = f.read()
+        OnnxDetector(data)
+    except (OSError, ExportError) as e:
+        raise ValueError(f"--model {uri.partition('?')[0]!r} cannot be loaded: {e}") from e
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return data
 
 
 def load_checkpoint_for_inference(uri: str) -> Checkpoint:
@@ -169,16 +208,21 @@ def run_inference(cfg: InferenceConfig, images: ImageList | None = None) -> dict
             before anything is written.
     """
     images = images or list_images(cfg.input, cfg.glob)
-    ckpt = load_checkpoint_for_inference(cfg.checkpoint)
+    if cfg.engine == "torch":
+        model: Checkpoint | bytes = load_checkpoint_for_inference(cfg.checkpoint)
+        what = f"checkpoint {model.source_format}"
+    else:
+        model = load_onnx_for_inference(cfg.model)
+        what = "onnxruntime"
     out = OutputDir(cfg.output)
     out.prepare()
-    out.check_job(cfg.settings(cfg.checkpoint.partition("?")[0]))
+    out.check_job(cfg.settings())
     done = out.done_uris()
     todo = [u for u in images.uris if u not in done]
     progress = Progress(len(images.uris), len(images.uris) - len(todo), cfg.progress_every_s)
     print(
         f"infer: {len(images.uris)} images in {cfg.input.partition('?')[0]}, {len(images.uris) - len(todo)} "
-        f"with a row already, {len(todo)} to do; {cfg.actors} actor(s), checkpoint {ckpt.source_format}",
+        f"with a row already, {len(todo)} to do; {cfg.actors} actor(s), {what}",
         flush=True,
     )
     if images.duplicates:
@@ -186,7 +230,7 @@ def run_inference(cfg: InferenceConfig, images: ImageList | None = None) -> dict
     if todo:
         started = connect_ray(address=cfg.address)
         try:
-            _run_pipeline(cfg, ckpt, images, todo, out, progress)
+            _run_pipeline(cfg, model, images, todo, out, progress)
         finally:
             if started:
                 ray.shutdown()
@@ -203,7 +247,12 @@ def run_inference(cfg: InferenceConfig, images: ImageList | None = None) -> dict
 
 
 def _run_pipeline(
-    cfg: InferenceConfig, ckpt: Checkpoint, images: ImageList, todo: list[str], out: OutputDir, progress: Progress
+    cfg: InferenceConfig,
+    model: Checkpoint | bytes,
+    images: ImageList,
+    todo: list[str],
+    out: OutputDir,
+    progress: Progress,
 ) -> None:
     parts = {}
     expected: dict[str, int] = {}
@@ -212,14 +261,19 @@ def _run_pipeline(
         name = part_name(chunk)
         expected[name] = len(chunk)
         parts.update(dict.fromkeys(chunk, name))
-    input_size = checkpoint_input_size(ckpt)
+    if isinstance(model, bytes):
+        from core.export import OnnxDetector
+
+        input_size = export_input_size(OnnxDetector(model).meta)
+    else:
+        input_size = checkpoint_input_size(model)
+        checkpoint_class_info(model)  # metadata errors surface here, on the driver, not in every actor
     if cfg.image_size is not None:
         # An explicit short side scales the long-side cap with it, keeping the checkpoint's ratio (1333/800).
         input_size.max_size = cfg.max_size or round(input_size.max_size * cfg.image_size / input_size.short_side)
         input_size.short_side = cfg.image_size
     elif cfg.max_size is not None:
         input_size.max_size = cfg.max_size
-    checkpoint_class_info(ckpt)  # metadata errors surface here, on the driver, not in every actor
 
     import torch
 
@@ -260,7 +314,7 @@ def _run_pipeline(
     ds = ds.map_batches(
         PredictImages,
         fn_constructor_kwargs={
-            "checkpoint": ray.put(ckpt),  # put once: every actor reads the same copy
+            "model": ray.put(model),  # put once: every actor reads the same copy
             "predictor_kwargs": predictor_kwargs,
             "torch_threads": None if cfg.gpus_per_actor else threads,
         },

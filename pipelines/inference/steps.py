@@ -145,25 +145,30 @@ def _one_line(err: BaseException, uri: str) -> str:
 
 
 class PredictImages:
-    """The model step: one Predictor per actor, built once from the checkpoint in the object store.
+    """The model step: one Predictor per actor, built once from the model in the object store.
 
     Args:
-        checkpoint: a core Checkpoint, or an ObjectRef of one.
+        model: a core Checkpoint, or an exported ONNX file's bytes (run by onnxruntime), or an ObjectRef
+            of either.
         predictor_kwargs: Predictor arguments (score_threshold, top_k, batch_size, amp_dtype, ...).
-        torch_threads: intra-op threads on the CPU; None keeps torch's default.
+        torch_threads: intra-op threads on the CPU (torch's or onnxruntime's); None keeps the default.
     """
 
-    def __init__(self, checkpoint: Any, predictor_kwargs: dict[str, Any], torch_threads: int | None = None) -> None:
+    def __init__(self, model: Any, predictor_kwargs: dict[str, Any], torch_threads: int | None = None) -> None:
         import ray
         import torch
 
-        if isinstance(checkpoint, ray.ObjectRef):
-            checkpoint = ray.get(checkpoint)
+        if isinstance(model, ray.ObjectRef):
+            model = ray.get(model)
         if torch_threads:
             torch.set_num_threads(torch_threads)
         gpu_ids = ray.get_gpu_ids()
         device = "cuda" if gpu_ids and torch.cuda.is_available() else "cpu"
-        self.predictor = Predictor.from_checkpoint(checkpoint, device=device, **predictor_kwargs)
+        if isinstance(model, bytes):
+            kwargs = {k: v for k, v in predictor_kwargs.items() if k != "amp_dtype"}
+            self.predictor = Predictor.from_onnx(model, threads=torch_threads, **kwargs)
+        else:
+            self.predictor = Predictor.from_checkpoint(model, device=device, **predictor_kwargs)
         log.info("inference actor pid %d on %s, %d torch threads", os.getpid(), device, torch.get_num_threads())
 
     def __call__(self, batch: pa.Table) -> pa.Table:

@@ -1,0 +1,236 @@
+"""Exports a checkpoint as a torch.export program (.pt2) or an ONNX model (entry script).
+
+    python pipelines/export.py --checkpoint runs/demo/checkpoint_epoch0011 --format onnx --output model.onnx --check
+    python pipelines/export.py --checkpoint r50_deformable_detr-checkpoint.pth --format torch-export \\
+        --output model.pt2 --dtype bf16
+    python pipelines/export.py --checkpoint ... --format onnx --msda trt-plugin --dtype fp16 --output trt.onnx
+
+Any checkpoint core reads (a run's, a sweep's best trial, the authors' .pth), local or remote. The
+export is dynamic in batch, height and width (sides 65 to 4096) unless --static. Its inputs are the
+normalized images (N, 3, H, W) float32 and the padding mask (N, H, W) bool, plus with --postprocess the
+original sizes (N, 2) int64; its outputs are logits and boxes, or with --postprocess the top-k scores,
+labels and boxes in pixels. The file carries the classes and input size, so `Predictor.from_onnx` and
+`infer.py --engine onnxruntime` need nothing else. --check loads the written file back and compares it
+with the eager model on random inputs at other sizes and batches (and on --check-images), printing the
+largest differences; it fails past the tolerance of the dtype.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+if __package__ in (None, ""):  # `python pipelines/export.py`: make the repository importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import argparse
+import time
+from dataclasses import asdict
+
+MIN_OPSET = 16  # GridSample's first opset (ops.onnx.MIN_OPSET; that module needs onnxscript to import)
+
+# Largest |exported - eager| a --check accepts, per dtype (float32: both run the same arithmetic).
+TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 1e-1}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", required=True, help="checkpoint file or run checkpoint folder (local, s3, gs, http)")
+    p.add_argument("--format", required=True, choices=["onnx", "torch-export"])
+    p.add_argument("--output", required=True, help="local file to write (.onnx or .pt2)")
+    p.add_argument("--image-size", type=int, default=800, help="the example input's short side (default 800)")
+    p.add_argument("--static", action="store_true", help="fix batch and image size to the example's")
+    p.add_argument("--batch-size", type=int, default=1, help="batch of a --static export")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the newest onnxruntime runs)")
+    p.add_argument("--postprocess", action="store_true", help="top-k detections in pixels inside the graph")
+    p.add_argument("--top-k", type=int, default=100, help="detections per image with --postprocess")
+    p.add_argument(
+        "--msda",
+        choices=["decomposed", "trt-plugin"],
+        default="decomposed",
+        help="ONNX form of the attention: standard ops, or TensorRT's MultiscaleDeformableAttnPlugin_TRT",
+    )
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="the dtype the model runs in")
+    p.add_argument("--check", action="store_true", help="compare the written file with the eager model")
+    p.add_argument("--check-images", nargs="*", default=[], help="image files the check also runs")
+    return p.parse_args(argv)
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    """Combinations the export cannot make, refused before any work (ValueError, one line)."""
+    if args.format == "torch-export" and args.msda != "decomposed":
+        raise ValueError("--msda applies to --format onnx (torch.export keeps the msda:: ops)")
+    if args.format == "torch-export" and args.opset is not None:
+        raise ValueError("--opset applies to --format onnx")
+    if args.format == "onnx" and args.dtype == "bf16":
+        raise ValueError("--dtype bf16 applies to --format torch-export; ONNX runtimes run fp32 or fp16")
+    if args.msda == "trt-plugin" and args.check:
+        raise ValueError("--check runs the file in onnxruntime, which has no TensorRT plugin; check it in TensorRT")
+    if args.opset is not None and args.opset < MIN_OPSET:
+        raise ValueError(f"--opset {args.opset} is too old: the attention needs GridSample, opset >= {MIN_OPSET}")
+    if args.batch_size < 1 or args.top_k < 1:
+        raise ValueError(f"--batch-size and --top-k must be >= 1, got {args.batch_size} and {args.top_k}")
+    suffix = ".onnx" if args.format == "onnx" else ".pt2"
+    if not args.output.endswith(suffix):
+        raise ValueError(f"--output of --format {args.format} must end in {suffix}, got {args.output!r}")
+
+
+def check_inputs(args: argparse.Namespace, detector, input_size) -> list[tuple[str, tuple]]:
+    """(description, inputs) the check runs: random batches at sizes other than the example's (the
+    example's own with --static) and the given images at the checkpoint's input size."""
+    import torch
+
+    from core.export import example_inputs
+    from core.predictor import prepare_image
+    from core.preprocess import pad_and_normalize_batch, to_rgb_array
+
+    generator = torch.Generator().manual_seed(1)
+    if args.static:
+        cases = [(args.batch_size, args.image_size, example_inputs(detector, args.image_size)[0].shape[-1])]
+    else:
+        h = args.image_size
+        cases = [(1, h + 37, h * 4 // 3 - 21), (3, h * 3 // 4 + 5, h + 11)]
+    runs = []
+    for n, h, w in cases:
+        images = torch.randn(n, 3, h, w, generator=generator)
+        mask = torch.zeros(n, h, w, dtype=torch.bool)
+        if n > 1 and not args.static:
+            mask[1, :, w - w // 5 :] = True  # one padded image: the mask is an input, not a constant
+            images[1, :, :, w - w // 5 :] = 0
+        runs.append((f"random {n}x3x{h}x{w}", _with_sizes(detector, images, mask)))
+    for path in args.check_images:
+        with open(path, "rb") as f:
+            prepared = prepare_image(to_rgb_array(f.read()), input_size)
+        images, mask = pad_and_normalize_batch([prepared.pixels], input_size.pixel_mean, input_size.pixel_std)
+        runs.append((os.path.basename(path), _with_sizes(detector, images, mask, (prepared.height, prepared.width))))
+    return runs
+
+
+def _with_sizes(detector, images, mask, size: tuple[int, int] | None = None) -> tuple:
+    import torch
+
+    if detector.postprocess is None:
+        return images, mask
+    h, w = size or images.shape[-2:]
+    return images, mask, torch.tensor([[h, w]] * images.shape[0], dtype=torch.int64)
+
+
+def run_check(args: argparse.Namespace, detector, input_size) -> bool:
+    """Prints the largest differences of the written file against eager; True when within tolerance."""
+    import torch
+
+    from core.export import load_exported, output_names
+
+    exported = load_exported(args.output)
+    names = output_names(detector)
+    ok = True
+    for what, inputs in check_inputs(args, detector, input_size):
+        with torch.inference_mode():
+            want = detector(*inputs)
+        got = exported(*inputs)
+        figures = []
+        for name, a, b in zip(names, got, want):
+            if name == "labels":
+                differ = int((a != b).sum())
+                figures.append(f"labels differing {differ}/{b.numel()}")
+                ok &= differ == 0
+            else:
+                diff = float((a.float() - b.float()).abs().max())
+                figures.append(f"{name} max|diff| {diff:.2e}")
+                ok &= diff <= TOLERANCE[args.dtype]
+        print(f"export: check {what}: " + ", ".join(figures))
+    return ok
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        validate_args(args)
+    except ValueError as e:
+        print(f"export: {e}", file=sys.stderr)
+        return 2
+    import torch
+
+    from core.build import build_detector
+    from core.checkpoint import load_model_weights
+    from core.export import (
+        DTYPES,
+        ExportableDetector,
+        ExportError,
+        attach_onnx_metadata,
+        export_onnx,
+        export_program,
+        metadata,
+        newest_opset,
+    )
+    from core.predictor import checkpoint_class_info, checkpoint_input_size
+    from pipelines.inference.job import load_checkpoint_for_inference
+
+    try:
+        ckpt = load_checkpoint_for_inference(args.checkpoint)
+        classes, input_size = checkpoint_class_info(ckpt), checkpoint_input_size(ckpt)
+        model = build_detector(ckpt.config, load_backbone_weights=False)
+        load_model_weights(model, ckpt.model)
+        num_classes = int(model.class_embed[0].out_features)
+        detector = ExportableDetector(
+            model,
+            postprocess=args.postprocess,
+            top_k=args.top_k,
+            valid_classes=classes.valid_classes(num_classes),
+            label_map=classes.label_map,
+            dtype=DTYPES[args.dtype],
+        )
+        started = time.perf_counter()
+        program = export_program(detector, image_size=args.image_size, static=args.static, batch_size=args.batch_size)
+        meta = metadata(
+            detector,
+            category_names=classes.names,
+            label_map=classes.label_map,
+            input_size=asdict(input_size),
+            msda=args.msda if args.format == "onnx" else None,
+        )
+        if args.format == "onnx":
+            opset = newest_opset() if args.opset is None else args.opset
+            onnx_model = export_onnx(program, opset=opset, msda=args.msda)
+            attach_onnx_metadata(onnx_model, meta)
+            write_atomically(args.output, lambda tmp: save_onnx(onnx_model, tmp))
+        else:
+            import json
+
+            extra = {"deformable_detr.json": json.dumps(meta)}
+            write_atomically(args.output, lambda tmp: torch.export.save(program, tmp, extra_files=extra))
+    except (ExportError, ValueError) as e:
+        print(f"export: {e}", file=sys.stderr)
+        return 2
+    seconds = time.perf_counter() - started
+    size_mb = os.path.getsize(args.output) / 2**20
+    form = f"onnx opset {opset}, msda {args.msda}" if args.format == "onnx" else "torch.export"
+    shape = "static" if args.static else "dynamic batch, height, width"
+    print(f"export: wrote {args.output} ({form}, {args.dtype}, {shape}) in {seconds:.1f} s, {size_mb:.1f} MiB")
+    if args.check and not run_check(args, detector, input_size):
+        print(f"export: check failed: differences above {TOLERANCE[args.dtype]:g} ({args.dtype})", file=sys.stderr)
+        return 1
+    return 0
+
+
+def save_onnx(model, path: str) -> None:
+    import onnx
+
+    onnx.checker.check_model(model)
+    onnx.save(model, path)
+
+
+def write_atomically(path: str, write) -> None:
+    """``write(tmp)`` next to ``path``, then a rename: the output is whole or absent, never half-written."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""The plain model exported to ONNX: equal to eager at other sizes and batches, behind Predictor.from_onnx,
+and run by batch inference's actors (--engine onnxruntime) with the same rows as the PyTorch engine."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from exports import differences, export
+
+from core.predictor import Predictor
+from pipelines.data.decode import decode_image
+from pipelines.inference.job import InferenceConfig, run_inference
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+THRESHOLD, TOP_K = 0.3, 12
+
+
+def rows_of(output) -> dict[str, dict]:
+    return {r["uri"]: r for p in sorted(Path(output).glob("part-*.parquet")) for r in pq.read_table(p).to_pylist()}
+
+
+@pytest.fixture(scope="module")
+def onnx_file(checkpoint, tmp_path_factory):
+    return export(checkpoint, tmp_path_factory.mktemp("onnx") / "model.onnx", "--format", "onnx")
+
+
+def test_onnx_matches_eager_at_other_sizes_and_batches(onnx_file, checkpoint):
+    for figures in differences(onnx_file, checkpoint):
+        assert figures["logits"] <= 1e-4 and figures["boxes"] <= 1e-4, figures
+
+
+def test_predictor_from_onnx_equals_from_checkpoint(onnx_file, checkpoint, image_dir, bad_files):
+    torch_predictor = Predictor.from_checkpoint(checkpoint, score_threshold=THRESHOLD, top_k=TOP_K, device="cpu")
+    onnx_predictor = Predictor.from_onnx(onnx_file, score_threshold=THRESHOLD, top_k=TOP_K, threads=1)
+    assert onnx_predictor.input_size == torch_predictor.input_size
+    images = [decode_image(p.read_bytes()) for p in sorted(image_dir.iterdir()) if p.name not in bad_files]
+    total = 0
+    for want, got in zip(torch_predictor(images), onnx_predictor(images)):
+        assert got.labels.tolist() == want.labels.tolist() and got.names == want.names
+        np.testing.assert_allclose(got.scores, want.scores, rtol=0, atol=1e-5)
+        np.testing.assert_allclose(got.boxes, want.boxes, rtol=0, atol=1e-3)
+        total += len(want.scores)
+    assert total > 0, "no detection above the threshold: the comparison would be empty"
+
+
+def test_batch_inference_with_onnxruntime_gives_the_torch_detections(
+    ray_local, onnx_file, checkpoint, image_dir, bad_files, tmp_path
+):
+    config = InferenceConfig(
+        engine="onnxruntime",
+        model=str(onnx_file),
+        input=str(image_dir),
+        output=str(tmp_path / "out"),
+        score_threshold=THRESHOLD,
+        top_k=TOP_K,
+        batch_size=3,
+        images_per_part=5,
+    )
+    summary = run_inference(config)
+    assert summary["images_done"] == summary["images_total"] == 14
+    rows = rows_of(tmp_path / "out")
+    predictor = Predictor.from_checkpoint(checkpoint, score_threshold=THRESHOLD, top_k=TOP_K, device="cpu")
+    for p in sorted(image_dir.iterdir()):
+        row = rows[str(p)]
+        if p.name in bad_files:
+            assert row["error_kind"] == bad_files[p.name] and row["scores"] == []
+            continue
+        want = predictor(decode_image(p.read_bytes()))
+        assert row["error"] is None and (row["labels"], row["names"]) == (want.labels.tolist(), want.names)
+        np.testing.assert_allclose(row["scores"], want.scores, rtol=0, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(row["boxes"]).reshape(-1, 4), want.boxes, rtol=0, atol=1e-3)

@@ -1,0 +1,100 @@
+"""pipelines/export.py: box refinement and two-stage as ONNX and torch.export programs against the eager
+model at other sizes and batches; bad input refused in one line with nothing written. (The plain model's
+ONNX file is checked with batch inference, tests/pipelines/inference/test_infer_onnx.py.)"""
+
+from __future__ import annotations
+
+import onnx
+import pytest
+import torch
+from exports import EXPORT_SIZE, differences, export, write_checkpoint
+
+from core.export import ExportError, load_exported, read_onnx_metadata
+from pipelines.export import main as export_main
+
+pytestmark = pytest.mark.slow  # each export traces the model (20-40 s on 2 cores)
+
+VARIANTS = {"box_refine": dict(with_box_refine=True), "two_stage": dict(with_box_refine=True, two_stage=True)}
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpts")
+    return {name: write_checkpoint(root / f"{name}.pt", **model) for name, model in VARIANTS.items()}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_onnx_matches_eager_at_other_sizes_and_batches(variant, checkpoints, tmp_path, capsys):
+    path = export(checkpoints[variant], tmp_path / "model.onnx", "--format", "onnx", "--check")
+    assert "check random 1x3x" in capsys.readouterr().out
+    model = onnx.load(path)
+    assert {n.op_type for n in model.graph.node} >= {"GridSample"}
+    assert read_onnx_metadata(model)["category_names"] == {
+        "1": "rectangle",
+        "3": "ellipse",
+        "7": "triangle",
+        "8": "diamond",
+    }
+    for figures in differences(path, checkpoints[variant]):
+        assert figures["logits"] <= 1e-4 and figures["boxes"] <= 1e-4, figures
+
+
+def test_torch_export_program_with_postprocess_keeps_msda_ops_and_matches_eager(checkpoints, tmp_path):
+    ckpt = checkpoints["two_stage"]
+    path = export(ckpt, tmp_path / "model.pt2", "--format", "torch-export", "--postprocess")
+    program = torch.export.load(str(path))
+    targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    assert "msda.fused_forward.default" in targets, "the msda op was traced through instead of kept"
+    assert "aten.topk.default" in targets  # two-stage's proposal selection and the post-processing's
+    for figures in differences(path, ckpt, postprocess=True):
+        assert figures["labels"] == 0, figures  # equal detections: same classes in the same order
+        assert figures["scores"] <= 1e-5 and figures["boxes"] <= 1e-3, figures  # boxes in pixels (~200)
+
+
+def test_static_export_refuses_another_size_in_one_line(checkpoints, tmp_path):
+    path = export(checkpoints["box_refine"], tmp_path / "static.pt2", "--format", "torch-export", "--static")
+    run = load_exported(str(path))
+    width = -(-EXPORT_SIZE * 4 // 3)
+    run(torch.randn(1, 3, EXPORT_SIZE, width), torch.zeros(1, EXPORT_SIZE, width, dtype=torch.bool))
+    with pytest.raises(
+        ExportError, match=rf"takes images of shape \(1, 3, {EXPORT_SIZE}, {width}\).*got \(1, 3, 97, 130\)"
+    ):
+        run(torch.randn(1, 3, 97, 130), torch.zeros(1, 97, 130, dtype=torch.bool))
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+def test_bad_input_is_one_line_and_leaves_the_output_as_it_was(checkpoints, tmp_path, capsys):
+    out = tmp_path / "model.onnx"
+    out.write_bytes(b"an earlier export")
+    not_a_checkpoint = tmp_path / "notes.pt"
+    not_a_checkpoint.write_text("not a checkpoint")
+    base = ["--format", "onnx", "--output", str(out)]
+
+    assert export_main(["--checkpoint", str(not_a_checkpoint), *base]) == 2
+    assert "notes.pt" in one_error_line(capsys) and out.read_bytes() == b"an earlier export"
+
+    assert export_main(["--checkpoint", str(checkpoints["box_refine"]), *base, "--opset", "15"]) == 2
+    assert "--opset 15 is too old" in one_error_line(capsys) and out.read_bytes() == b"an earlier export"
+
+    assert export_main(["--checkpoint", str(checkpoints["box_refine"]), *base, "--dtype", "bf16"]) == 2
+    assert "bf16" in one_error_line(capsys)
+    assert export_main(["--checkpoint", "x.pt", *base, "--msda", "trt-plugin", "--check"]) == 2
+    assert "TensorRT" in one_error_line(capsys)
+    assert not list(tmp_path.glob("*.tmp-*")), "a temporary file was left behind"
+
+
+def test_config_the_exporter_cannot_trace_is_one_line(tmp_path, capsys):
+    # Two-stage takes its queries from the encoder's positions: 200 queries need more than a 65-pixel
+    # image has (142 positions), so the static trace stops at the model's own check.
+    ckpt = write_checkpoint(tmp_path / "big.pt", two_stage=True, with_box_refine=True, num_queries=200)
+    out = tmp_path / "model.pt2"
+    argv = ["--checkpoint", str(ckpt), "--format", "torch-export", "--output", str(out), "--static"]
+    assert export_main([*argv, "--image-size", "65"]) == 2
+    line = one_error_line(capsys)
+    assert "could not trace" in line and "num_queries=200 > S=142" in line, line
+    assert not out.exists()
