@@ -486,7 +486,9 @@ class DeformableTransformer(nn.Module):
             topk_coords_unact = torch.gather(enc_outputs_coord_unact, 1, topk_proposals.unsqueeze(-1).repeat(1, 1, 4))
             topk_coords_unact = topk_coords_unact.detach()  # (N, Lq, 4)
             reference_points = topk_coords_unact.sigmoid()
-            pos_trans_out = self.pos_trans_norm(self.pos_trans(self.get_proposal_pos_embed(topk_coords_unact)))
+            # The sine embedding is float32; a model cast to half precision takes it in its weights' dtype.
+            proposal_embed = self.get_proposal_pos_embed(topk_coords_unact).to(self.pos_trans.weight.dtype)
+            pos_trans_out = self.pos_trans_norm(self.pos_trans(proposal_embed))
             query_pos, tgt = torch.split(pos_trans_out, c, dim=2)  # (N, Lq, 2·d_model) -> 2 x (N, Lq, d_model)
         else:
             query_pos, tgt = torch.split(query_embed, c, dim=1)  # (Lq, 2·d_model) -> 2 x (Lq, d_model)
