@@ -25,7 +25,7 @@ from core.predictor import checkpoint_class_info, checkpoint_input_size, export_
 from pipelines.inference.outputs import COCO_FILE, MANIFEST_FILE, OutputDir, part_name
 from pipelines.inference.sources import ImageList, list_images
 from pipelines.inference.steps import DecodeImages, PredictImages
-from pipelines.raytrain.cluster import connect_ray
+from pipelines.raytrain.cluster import connect_ray, ray_data_lines_to_its_log
 
 log = logging.getLogger(__name__)
 
@@ -294,7 +294,7 @@ def _run_pipeline(
         threads = max(1, int(cfg.cpus_per_actor), share)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # the job prints its own progress lines
-    logging.getLogger("ray.data").setLevel(logging.WARNING)  # Ray Data's plan and timing lines: in its log files
+    ray_data_lines_to_its_log()
     # One input block per part: Arrow columns rather than a Python dict per image keep a driver listing
     # millions of images small, and parts come out roughly in order, so few are in flight at a kill.
     table = pa.table({"uri": todo, "part": [parts[u] for u in todo]})

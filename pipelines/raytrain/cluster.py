@@ -114,6 +114,14 @@ def quiet_ray_warnings() -> None:
         warnings.filterwarnings("ignore", category=category, module=r"ray(\.|$)")
 
 
+def ray_data_lines_to_its_log() -> None:
+    """Ray Data's lines (execution plans, timings, the progress-bar notice) stay in its log file in the
+    session's log folder; the console shows only its errors. Call after ``import ray.data``."""
+    for handler in logging.getLogger("ray.data").handlers:
+        if isinstance(handler, logging.StreamHandler):  # the console; its file handler is not a stream
+            handler.setLevel(logging.ERROR)
+
+
 def on_driver_node() -> dict:
     """``.options(**on_driver_node())`` pins a run's small actors (metrics sink, epoch clock) to the
     driver's node: Ray would otherwise place them on any node, a spot worker's included, whose
