@@ -27,7 +27,8 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 def test_killed_driver_resumes_without_rerunning_finished_trials(tmp_path, sweep_overrides):
     """The sweep's own process (and the local Ray it started) is killed once the first trial has
-    finished and the second has a checkpoint; the same command then finishes the sweep."""
+    finished and the second has a checkpoint; the same command then finishes the sweep. One training
+    worker per trial: two-worker trials are the module sweep's, and each worker is a process to start."""
     overrides = sweep_overrides(
         tmp_path,
         "resume",
@@ -35,6 +36,7 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(tmp_path, sweep
         "num_trials=1",
         "scheduler.kind=none",
         epochs=2,
+        num_workers=1,
     )
     cmd = [sys.executable, "tune/sweep.py", *(f"--set={o}" for o in overrides)]
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
