@@ -75,15 +75,16 @@ def _pids_using(marker: str) -> list[int]:
 
 
 def _stop_cluster(temp_dir: str) -> None:
-    # Not `ray stop`: it would stop every Ray on the machine, other people's included.
-    for sig in (signal.SIGTERM, signal.SIGKILL):
+    # Not `ray stop`: it would stop every Ray on the machine, other people's included. The GCS server
+    # and the autoscaler's monitor ignore SIGTERM: a short grace for the others, then SIGKILL for all.
+    for sig, grace_s in ((signal.SIGTERM, 3), (signal.SIGKILL, 10)):
         pids = _pids_using(temp_dir)
         for pid in pids:
             try:
                 os.kill(pid, sig)
             except ProcessLookupError:
                 pass
-        deadline = time.time() + 10
+        deadline = time.time() + grace_s
         while pids and time.time() < deadline and _pids_using(temp_dir):
             time.sleep(0.5)
 

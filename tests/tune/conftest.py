@@ -31,13 +31,14 @@ def tiny_data(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def sweep_overrides(tiny_data):
-    """``--set`` items of a tiny sweep on the session's dataset, writing under ``storage`` as ``name``."""
+    """``--set`` items of a tiny sweep on the session's dataset, writing under ``storage`` as ``name``;
+    keyword arguments are more ``train`` settings of the base config."""
 
-    def make(storage: Path, name: str, *extra: str, epochs: int = 1) -> list[str]:
+    def make(storage: Path, name: str, *extra: str, epochs: int = 1, **train) -> list[str]:
         base = {
             "data": {"root": tiny_data},
             "demo_data": None,
-            "train": {"epochs": epochs, "eval_every": 1, "num_vis_images": 0, "log_every_s": 30},
+            "train": {"epochs": epochs, "eval_every": 1, "num_vis_images": 0, "log_every_s": 30, **train},
         }
         return [
             "base_preset=tiny",

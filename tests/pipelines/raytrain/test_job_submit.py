@@ -1,6 +1,8 @@
 """`ray start --head` on loopback, then `ray job submit --working-dir . -- python pipelines/train.py`: SUCCEEDED.
 
-The job also fine-tunes from a checkpoint in the authors' format, with another class count.
+The job also fine-tunes from a checkpoint in the authors' format, with another class count. The checkpoint
+it writes holds what the workers trained: the authors' frozen stem, which carries a value no initialization
+gives, and trainable weights that moved away from the authors'.
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 BIN = Path(sys.executable).parent
+STEM = "backbone.0.body.conv1.weight"  # frozen in training: what the workers hold is what they loaded
+STEM_MARK = 0.0123
+STEPS = 4  # 16 train images, 2 workers of 2 images
 
 
 @pytest.fixture
@@ -29,6 +34,8 @@ def authors_checkpoint(tmp_path) -> Path:
 
     job = load_job_config(preset="tiny", overrides=["model.num_classes=91"])
     model, _, _ = build_model(job.detr_config())
+    with torch.no_grad():
+        model.state_dict()[STEM].fill_(STEM_MARK)
     args = argparse.Namespace(
         **job.model.model_dump(), **job.matcher.model_dump(), **job.loss.model_dump(), dataset_file="coco", masks=False
     )
@@ -85,3 +92,18 @@ def test_ray_job_submit_succeeds(tmp_path, tiny_data, authors_checkpoint, local_
     run = storage / "submitted"
     assert (run / "checkpoint_epoch0000" / "checkpoint.pt").is_file()
     assert (run / "config.json").is_file() and (run / "ap_table.md").is_file()
+
+    from core.build import build_model
+    from core.checkpoint import FORMAT, read_checkpoint
+
+    trained = read_checkpoint(run / "checkpoint_epoch0000" / "checkpoint.pt")
+    assert trained.source_format == FORMAT and trained.config.model.num_classes == 3
+    assert trained.extra["epoch"] == 0 and trained.extra["global_step"] == STEPS
+    weights, authors = trained.model, torch.load(authors_checkpoint, weights_only=False)["model"]
+    assert torch.equal(weights[STEM], authors[STEM]), "the workers did not start from the authors' weights"
+    model, _, _ = build_model(trained.config, load_backbone_weights=False)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad and weights[n].shape == authors[n].shape]
+    unchanged = [n for n in trainable if torch.equal(weights[n], authors[n])]
+    assert trainable and not unchanged, (
+        f"{len(unchanged)} of {len(trainable)} trained tensors never moved: {unchanged[:5]}"
+    )

@@ -46,7 +46,9 @@ def test_two_workers_two_epochs(two_epoch_run):
 
     epochs = _kinds(records, "epoch")
     assert [e["epoch"] for e in epochs] == [0, 1]
-    assert epochs[1]["loss"] < epochs[0]["loss"], [e["loss"] for e in epochs]
+    # The run is deterministic (seeded data order, augmentation and init; the same losses run after run):
+    # 6.570 -> 6.405 (-2.5 %). No optimizer step gives 6.727 -> 6.936, an lr ten times too small 6.700 -> 6.828.
+    assert epochs[1]["loss"] < 0.99 * epochs[0]["loss"], [e["loss"] for e in epochs]
 
     steps = _kinds(records, "step")
     assert [s["global_step"] for s in steps] == list(range(1, 2 * STEPS_PER_EPOCH + 1))
