@@ -34,12 +34,11 @@ import numpy as np
 
 from core.evaluation import AP_KEYS, format_ap_table
 from pipelines.job_config import JobConfig
-from pipelines.raytrain.run_dir import RunDir
+from pipelines.raytrain.run_dir import MLFLOW_RUN_FILE, RunDir
 
 TENSORBOARD_DIR = "tensorboard"
 MLFLOW_DB = "mlflow.db"
 MLFLOW_ARTIFACTS = "mlartifacts"
-MLFLOW_RUN_FILE = "mlflow_run.json"
 DEFAULT_EXPERIMENT = "deformable-detr"
 
 # The records whose numbers are tracked, and the prefix of their names ("train/loss_ce", "val/AP").
@@ -146,7 +145,13 @@ class MlflowTracker:
         if not path.exists():
             return None
         saved = json.loads(path.read_text())
-        return saved["run_id"] if saved.get("tracking_uri") == uri else None
+        if saved.get("tracking_uri") != uri:
+            return None
+        try:
+            self.client.get_run(saved["run_id"])
+        except Exception:  # a store that lost it (a bucket run resumed on another machine): a new run
+            return None
+        return saved["run_id"]
 
     def log(self, records: Sequence[dict[str, Any]]) -> None:
         from mlflow.entities import Metric
