@@ -102,7 +102,7 @@ class RunDir:
 
     def _pull(self) -> None:
         # Resuming a bucket run: fetch its earlier metrics so the curves cover the whole run (and its
-    # MLflow run's id, so that tracking goes on in it).
+        # MLflow run's id, so that tracking goes on in it).
         fs, path = filesystem_for(self.uri)
         for rel in (METRICS_FILE, CONFIG_FILE, MLFLOW_RUN_FILE):
             info = fs.get_file_info(f"{path}/{rel}")
