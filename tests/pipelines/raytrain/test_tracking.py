@@ -159,6 +159,7 @@ def test_a_store_that_breaks_mid_run_is_one_warning(tmp_path, monkeypatch):
         trackers.log([record])
     trackers.finish(RunSummary(succeeded=True))
     assert len(warnings) == 1 and warnings[0].startswith("mlflow tracking off: "), warnings
+    assert "\n" not in warnings[0] and len(warnings[0]) < 300, warnings[0]
     assert [s for s, _ in _scalars(run_dir)["train/loss"]] == [1, 2]
 
 
