@@ -129,6 +129,23 @@ def test_a_resumed_run_goes_on_in_the_same_mlflow_run(tmp_path, monkeypatch):
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train.loss")] == [1, 2]
 
 
+def test_runs_sharing_a_tracking_uri_are_runs_of_one_experiment(tmp_path, monkeypatch):
+    # A sweep's trials: each its own run directory (named by trial id), one MLFLOW_TRACKING_URI.
+    uri = f"sqlite:///{tmp_path / 'shared.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "sweep")
+    monkeypatch.chdir(tmp_path)  # MLflow's default artifact root for a store it was given: ./mlruns
+    for trial in ("trial_a", "trial_b"):
+        run_dir, job = _run(tmp_path / "trials", "mlflow", name=trial)
+        trackers = Trackers.open(run_dir, job, pytest.fail)
+        trackers.log(RECORDS)
+        trackers.finish(RunSummary(succeeded=True))
+        assert not run_dir.file(MLFLOW_DB).exists()
+    client = mlflow_tracking.MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("sweep").experiment_id])
+    assert sorted(r.info.run_name for r in runs) == ["trial_a", "trial_b"]
+
+
 def _closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
