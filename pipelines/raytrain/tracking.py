@@ -157,7 +157,7 @@ class MlflowTracker:
         from mlflow.entities import Metric
 
         metrics = [
-            Metric(tag.replace("/", "."), value, int(1000 * r.get("time", time.time())), r["global_step"])
+            Metric(tag, value, int(1000 * r.get("time", time.time())), r["global_step"])
             for r in records
             for tag, value in tracked_scalars(r).items()
         ]
