@@ -118,6 +118,9 @@ class MlflowTracker:
             # pump before a server that is down gives its one warning.
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+            retries = logging.getLogger("urllib3.connectionpool")
+            if not any(isinstance(f, _MlflowRetryLines) for f in retries.filters):
+                retries.addFilter(_MlflowRetryLines())
         self.client = MlflowClient(tracking_uri=uri)
         self.run_dir = run_dir
         self.run_id = self._resumed_run(uri)
@@ -246,6 +249,14 @@ def flatten_config(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
         else:
             out[name] = value if isinstance(value, str) else json.dumps(value)
     return out
+
+
+class _MlflowRetryLines(logging.Filter):
+    """Drops urllib3's "Retrying ..." lines of MLflow's requests: if every try fails, the tracker's one
+    warning says so; other requests' lines pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "/mlflow/" not in record.getMessage()
 
 
 def _one_line(e: BaseException) -> str:
