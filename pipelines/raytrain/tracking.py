@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from core.evaluation import AP_KEYS, format_ap_table
 from pipelines.job_config import JobConfig
@@ -93,8 +94,6 @@ class TensorBoardTracker:
         if summary.final_ap is not None:
             self.writer.add_text("val/ap_table", "```\n" + format_ap_table(summary.final_ap) + "\n```")
         for path in summary.images:
-            from PIL import Image
-
             with Image.open(path) as im:
                 pixels = np.asarray(im.convert("RGB"))
             self.writer.add_image(f"val_images/{path.stem}", pixels, dataformats="HWC")
