@@ -156,6 +156,11 @@ class TrainConfig(BaseModel):
     metrics_every_steps: int = Field(
         1, ge=1, description="one metrics.jsonl line per this many optimizer steps (their losses averaged)"
     )
+    loggers: list[Literal["tensorboard", "mlflow"]] = Field(
+        default_factory=list,
+        description="experiment trackers fed the run's metrics on the driver: tensorboard (event files in "
+        "<run dir>/tensorboard), mlflow (MLFLOW_TRACKING_URI, else <run dir>/mlflow.db); needs the tracking extra",
+    )
     ray_log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "WARNING", description="Ray Train's own log level on the driver console"
     )
@@ -175,6 +180,11 @@ class TrainConfig(BaseModel):
         if high < low:
             raise PydanticCustomError("range", "a [min, max] range needs min <= max")
         return value
+
+    @field_validator("loggers", mode="before")
+    @classmethod
+    def _loggers(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value  # --set train.loggers=tensorboard
 
     @field_validator("worker_resources")
     @classmethod

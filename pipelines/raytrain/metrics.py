@@ -6,7 +6,8 @@
 2. ``MetricsSink`` (a zero-CPU actor): buffers them until the driver drains them, so the workers never
    wait on the driver's disk or console; and
 3. ``MetricsPump`` (a thread on the driver): drains the sink every second, appends to ``metrics.jsonl``
-   in the run directory and prints ``format_record``'s line for each record.
+   in the run directory, hands the records to the experiment trackers (``tracking.Trackers``) and prints
+   ``format_record``'s line for each record.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch
 from core.evaluation import format_ap_table
 from pipelines.job_config import TrainConfig
 from pipelines.raytrain.run_dir import RunDir
+from pipelines.raytrain.tracking import Trackers
 from pipelines.raytrain.worker_context import WorkerContext
 
 log = logging.getLogger(__name__)
@@ -197,8 +199,10 @@ class MetricsSink:
 class MetricsPump:
     """Stage 3, on the driver: drains the sink every second on a thread into metrics.jsonl and the console."""
 
-    def __init__(self, sink, run_dir: RunDir | None, out: TextIO | None = sys.stdout) -> None:
-        self.sink, self.run_dir, self.out = sink, run_dir, out
+    def __init__(
+        self, sink, run_dir: RunDir | None, out: TextIO | None = sys.stdout, trackers: Trackers | None = None
+    ) -> None:
+        self.sink, self.run_dir, self.out, self.trackers = sink, run_dir, out, trackers
         self.stop = threading.Event()
         self.last_eval: dict[str, Any] | None = None
         self.thread = threading.Thread(target=self._loop, daemon=True, name="metrics-pump")
@@ -221,6 +225,8 @@ class MetricsPump:
 
     def drain(self) -> None:
         records = ray.get(self.sink.drain.remote())
+        if self.trackers is not None:  # before the sync, which then carries their files too
+            self.trackers.log(records)
         if self.run_dir is not None:  # None: an evaluation, whose outputs are written at the end
             self.run_dir.append_metrics([r for r in records if r.get("kind") not in ("progress", "eval_progress")])
             if any(r.get("kind") == "epoch" for r in records):

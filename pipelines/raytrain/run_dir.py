@@ -10,6 +10,8 @@ Written by one process, the driver, whichever nodes the workers run on. Layout
     ap_table.md        the final COCO AP table
     loss.png, ap.png   curves
     val_images/*.png   validation images, true boxes green, predictions red with scores
+    tensorboard/       train.loggers=tensorboard: event files (``tracking``)
+    mlflow.db, mlartifacts/, mlflow_run.json   train.loggers=mlflow: the local store, the run's id
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ METRICS_FILE = "metrics.jsonl"
 AP_TABLE_FILE = "ap_table.md"
 DATA_REPORT_FILE = "data_report.json"
 STATUS_FILE = "status.json"
+MLFLOW_RUN_FILE = "mlflow_run.json"  # train.loggers=mlflow: the MLflow run a resumed run goes on in
 
 
 class RunDir:
@@ -98,9 +101,10 @@ class RunDir:
         pafs.copy_files(str(self.path), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
 
     def _pull(self) -> None:
-        # Resuming a bucket run: fetch its earlier metrics so the curves cover the whole run.
+        # Resuming a bucket run: fetch its earlier metrics so the curves cover the whole run (and its
+        # MLflow run's id, so that tracking goes on in it).
         fs, path = filesystem_for(self.uri)
-        for rel in (METRICS_FILE, CONFIG_FILE):
+        for rel in (METRICS_FILE, CONFIG_FILE, MLFLOW_RUN_FILE):
             info = fs.get_file_info(f"{path}/{rel}")
             if info.type == pafs.FileType.File and not self.file(rel).exists():
                 with fs.open_input_stream(info.path) as src, open(self.file(rel), "wb") as dst:

@@ -31,9 +31,10 @@ from pipelines.raytrain.preflight import (
 from pipelines.raytrain.run_datasets import DetectionDataConfig, PreparedData, prepare_data
 from pipelines.raytrain.run_dir import AP_TABLE_FILE, DATA_REPORT_FILE, RunDir, write_status
 from pipelines.raytrain.run_plots import write_final_outputs
+from pipelines.raytrain.tracking import RunSummary, Trackers
 from pipelines.raytrain.worker import SCORE_KEY, train_loop_per_worker
 from pipelines.raytrain.worker_config import WorkerConfig
-from pipelines.storage import filesystem_for, is_remote
+from pipelines.storage import filesystem_for, is_remote, join_uri
 
 log = logging.getLogger(__name__)
 
@@ -190,12 +191,13 @@ def run_training(
     # What the annotation and file checks skipped, before any pixel is read.
     _say(out, format_data_report(write_data_report(data, run_dir), job.data.on_bad_input))
 
+    trackers = Trackers.open(run_dir, job, warn=_warner(out))
     sink = MetricsSink.options(**on_driver_node()).remote()
     # Through the object store: every worker gets the weights, on whatever node it runs.
     weights_ref = ray.put(finetune_weights) if finetune_weights is not None else None
     trainer = build_trainer(job, data, sink=sink, weights=weights_ref, callbacks=callbacks)
     result, error = None, None
-    with MetricsPump(sink, run_dir, out=out) as pump:
+    with MetricsPump(sink, run_dir, out=out, trackers=trackers) as pump:
         try:
             result = trainer.fit()
             error = result.error
@@ -213,6 +215,14 @@ def run_training(
         log.warning("could not draw the run's pictures: %s", e)
         written = []
     report = write_data_report(data, run_dir)  # again, now with the images skipped while decoding
+    trackers.finish(
+        RunSummary(
+            succeeded=error is None,
+            final_ap=final_ap,
+            best_checkpoint=best_checkpoint_uri(result, run_dir),
+            images=[p for p in written if p.parent.name == "val_images"],
+        )
+    )
     if error is None:
         write_status(run_dir, "finished")
     else:
@@ -226,6 +236,19 @@ def run_training(
         _say(out, f"curves and images: {', '.join(os.path.relpath(p, run_dir.path) for p in written)}")
     _say(out, f"run directory: {run_dir.uri}")
     return TrainOutcome(run_dir, result, final_ap, error, report)
+
+
+def best_checkpoint_uri(result: ray.train.Result | None, run_dir: RunDir) -> str | None:
+    """The URI of the run's best checkpoint (by SCORE_KEY), beside the run directory's files; None without one."""
+    best = result.get_best_checkpoint(SCORE_KEY, "max") if result is not None and result.best_checkpoints else None
+    return None if best is None else join_uri(run_dir.uri, os.path.basename(best.path.rstrip("/")))
+
+
+def _warner(out) -> Callable[[str], None]:
+    """One warning line: on the console beside the progress lines, or to the log when the run is quiet."""
+    if out is None:
+        return lambda message: log.warning("%s", message)
+    return lambda message: _say(out, f"warning: {message}")
 
 
 def _say(out, text: str) -> None:

@@ -35,7 +35,9 @@ def _final_state(outcome):
 @pytest.fixture(scope="module")
 def two_epoch_run(ray_local, tmp_path_factory, tiny_overrides):
     storage = tmp_path_factory.mktemp("runs")
-    job = load_job_config(preset="tiny", overrides=tiny_overrides(storage, "two_epochs"))
+    job = load_job_config(
+        preset="tiny", overrides=tiny_overrides(storage, "two_epochs", 'train.loggers=["tensorboard"]')
+    )
     return run_training(job)
 
 
@@ -87,6 +89,17 @@ def test_two_workers_two_epochs(two_epoch_run):
     assert report == outcome.data_report
     assert {k: (r["num_images"], r["skipped"]) for k, r in report.items()} == {"train": (16, 0), "val": (5, 0)}
     assert len(list((outcome.run_dir.path / "val_images").glob("*.png"))) == 2
+
+    # train.loggers=["tensorboard"]: rank 0's numbers, each step once, in the run directory's event files.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(outcome.run_dir.path / "tensorboard"), size_guidance={"scalars": 0}).Reload()
+    scalars = {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    for key in ("loss", "loss_ce", "loss_bbox", "loss_giou", "lr", "images_per_s", "max_mem_mb"):
+        assert scalars[f"train/{key}"] == [(s["global_step"], pytest.approx(s[key])) for s in steps], key
+    assert [step for step, _ in scalars["val/AP"]] == [e["global_step"] for e in evals]
+    assert [step for step, _ in scalars["epoch/loss"]] == [STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH]
+    assert len(events.Tags()["images"]) == 2
 
 
 def test_evaluate_reproduces_the_training_ap(two_epoch_run):
