@@ -47,7 +47,7 @@ class ExportableDetector(nn.Module):
     """A DeformableDETR with tensor inputs and outputs only, the form exporters take.
 
     Args:
-        model: a DeformableDETR (its aux outputs are not computed).
+        model: a DeformableDETR; put in eval mode, cast to ``dtype`` and its aux outputs turned off, in place.
         postprocess: also take the original image sizes and return the top-k detections.
         top_k: detections per image with postprocess.
         valid_classes: (C,) bool, head classes that stand for a category; the others never take a
@@ -96,11 +96,16 @@ class ExportableDetector(nn.Module):
         return self.postprocess.select(logits, boxes, target_sizes, self.postprocess.num_select)
 
 
-def example_inputs(detector: ExportableDetector, image_size: int, batch_size: int = 2) -> tuple[Tensor, ...]:
-    """Random inputs of the export: ``batch_size`` images ``image_size`` high and 4/3 as wide."""
+def example_size(image_size: int) -> tuple[int, int]:
+    """(height, width) of the example input: ``image_size`` high, 4/3 as wide, as COCO's photos mostly are."""
     if image_size < MIN_SIDE:
         raise ExportError(f"--image-size must be >= {MIN_SIDE} (the stride-64 map needs 2 pixels), got {image_size}")
-    h, w = image_size, math.ceil(image_size * 4 / 3)
+    return image_size, math.ceil(image_size * 4 / 3)
+
+
+def example_inputs(detector: ExportableDetector, image_size: int, batch_size: int = 2) -> tuple[Tensor, ...]:
+    """Random inputs of the export: ``batch_size`` images ``image_size`` high and 4/3 as wide."""
+    h, w = example_size(image_size)
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(batch_size, 3, h, w, generator=generator)
     mask = torch.zeros(batch_size, h, w, dtype=torch.bool)
@@ -223,10 +228,6 @@ def read_onnx_metadata(model: onnx.ModelProto | Any) -> dict[str, Any]:
 
 def output_names(detector: ExportableDetector) -> list[str]:
     return ["logits", "boxes"] if detector.postprocess is None else ["scores", "labels", "boxes"]
-
-
-def input_names(detector: ExportableDetector) -> list[str]:
-    return ["images", "mask"] if detector.postprocess is None else ["images", "mask", "target_sizes"]
 
 
 def load_exported(path: str, *, threads: int | None = None) -> Callable[..., tuple[Tensor, ...]]:

@@ -80,13 +80,13 @@ def check_inputs(args: argparse.Namespace, detector, input_size) -> list[tuple[s
     example's own with --static) and the given images at the checkpoint's input size."""
     import torch
 
-    from core.export import example_inputs
+    from core.export import example_size
     from core.predictor import prepare_image
     from core.preprocess import pad_and_normalize_batch, to_rgb_array
 
     generator = torch.Generator().manual_seed(1)
     if args.static:
-        cases = [(args.batch_size, args.image_size, example_inputs(detector, args.image_size)[0].shape[-1])]
+        cases = [(args.batch_size, *example_size(args.image_size))]
     else:
         h = args.image_size
         cases = [(1, h + 37, h * 4 // 3 - 21), (3, h * 3 // 4 + 5, h + 11)]
