@@ -37,6 +37,8 @@ MAX_BATCH = 256
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 METADATA_KEY = "deformable_detr"  # ONNX metadata_props key / torch.export extra file name
+RAW_OUTPUTS = ["logits", "boxes"]
+POSTPROCESS_OUTPUTS = ["scores", "labels", "boxes"]
 
 
 class ExportError(ValueError):
@@ -172,7 +174,7 @@ def export_onnx(
     opset = newest_opset() if opset is None else opset
     table = translation_table(msda, opset)  # raises on an old opset or an unknown form
     n_out = len(program.graph_signature.user_outputs)
-    output_names = ["logits", "boxes"] if n_out == 2 else ["scores", "labels", "boxes"]
+    output_names = RAW_OUTPUTS if n_out == len(RAW_OUTPUTS) else POSTPROCESS_OUTPUTS
     try:
         onnx_program = torch.onnx.export(
             program,
@@ -227,7 +229,7 @@ def read_onnx_metadata(model: onnx.ModelProto | Any) -> dict[str, Any]:
 
 
 def output_names(detector: ExportableDetector) -> list[str]:
-    return ["logits", "boxes"] if detector.postprocess is None else ["scores", "labels", "boxes"]
+    return RAW_OUTPUTS if detector.postprocess is None else POSTPROCESS_OUTPUTS
 
 
 def load_exported(path: str, *, threads: int | None = None) -> Callable[..., tuple[Tensor, ...]]:

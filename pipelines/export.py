@@ -24,10 +24,10 @@ if __package__ in (None, ""):  # `python pipelines/export.py`: make the reposito
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import argparse
+import io
+import json
 import time
 from dataclasses import asdict
-
-MIN_OPSET = 16  # GridSample's first opset (ops.onnx.MIN_OPSET; that module needs onnxscript to import)
 
 # Largest |exported - eager| a --check accepts, per dtype (float32: both run the same arithmetic).
 TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 1e-1}
@@ -66,8 +66,11 @@ def validate_args(args: argparse.Namespace) -> None:
         raise ValueError("--dtype bf16 applies to --format torch-export; ONNX runtimes run fp32 or fp16")
     if args.msda == "trt-plugin" and args.check:
         raise ValueError("--check runs the file in onnxruntime, which has no TensorRT plugin; check it in TensorRT")
-    if args.opset is not None and args.opset < MIN_OPSET:
-        raise ValueError(f"--opset {args.opset} is too old: the attention needs GridSample, opset >= {MIN_OPSET}")
+    if args.opset is not None:
+        from ops.onnx import MIN_OPSET
+
+        if args.opset < MIN_OPSET:
+            raise ValueError(f"--opset {args.opset} is too old: the attention needs GridSample, opset >= {MIN_OPSET}")
     if args.batch_size < 1 or args.top_k < 1:
         raise ValueError(f"--batch-size and --top-k must be >= 1, got {args.batch_size} and {args.top_k}")
     suffix = ".onnx" if args.format == "onnx" else ".pt2"
@@ -155,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     from core.checkpoint import load_model_weights
     from core.export import (
         DTYPES,
+        METADATA_KEY,
         ExportableDetector,
         ExportError,
         attach_onnx_metadata,
@@ -165,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     from core.predictor import checkpoint_class_info, checkpoint_input_size
     from pipelines.inference.job import load_checkpoint_for_inference
+    from pipelines.storage import write_bytes
 
     try:
         ckpt = load_checkpoint_for_inference(args.checkpoint)
@@ -190,20 +195,23 @@ def main(argv: list[str] | None = None) -> int:
             msda=args.msda if args.format == "onnx" else None,
         )
         if args.format == "onnx":
+            import onnx
+
             opset = newest_opset() if args.opset is None else args.opset
             onnx_model = export_onnx(program, opset=opset, msda=args.msda)
             attach_onnx_metadata(onnx_model, meta)
-            write_atomically(args.output, lambda tmp: save_onnx(onnx_model, tmp))
+            onnx.checker.check_model(onnx_model)
+            data = onnx_model.SerializeToString()
         else:
-            import json
-
-            extra = {"deformable_detr.json": json.dumps(meta)}
-            write_atomically(args.output, lambda tmp: torch.export.save(program, tmp, extra_files=extra))
+            buffer = io.BytesIO()
+            torch.export.save(program, buffer, extra_files={f"{METADATA_KEY}.json": json.dumps(meta)})
+            data = buffer.getvalue()
+        write_bytes(args.output, data)  # whole or not at all: an earlier file stays until the rename
     except (ExportError, ValueError) as e:
         print(f"export: {e}", file=sys.stderr)
         return 2
     seconds = time.perf_counter() - started
-    size_mb = os.path.getsize(args.output) / 2**20
+    size_mb = len(data) / 2**20
     form = f"onnx opset {opset}, msda {args.msda}" if args.format == "onnx" else "torch.export"
     shape = "static" if args.static else "dynamic batch, height, width"
     print(f"export: wrote {args.output} ({form}, {args.dtype}, {shape}) in {seconds:.1f} s, {size_mb:.1f} MiB")
@@ -211,25 +219,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"export: check failed: differences above {TOLERANCE[args.dtype]:g} ({args.dtype})", file=sys.stderr)
         return 1
     return 0
-
-
-def save_onnx(model, path: str) -> None:
-    import onnx
-
-    onnx.checker.check_model(model)
-    onnx.save(model, path)
-
-
-def write_atomically(path: str, write) -> None:
-    """``write(tmp)`` next to ``path``, then a rename: the output is whole or absent, never half-written."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import torch
 from tiny import tiny_config
 
 from core import build_detector, load_model_weights, read_checkpoint, save_checkpoint
-from core.export import ExportableDetector, load_exported
+from core.export import ExportableDetector, load_exported, output_names
 from core.predictor import checkpoint_class_info
 from pipelines.export import main as export_main
 
@@ -18,10 +18,11 @@ CATEGORIES = {1: "rectangle", 3: "ellipse", 7: "triangle", 8: "diamond"}
 EXPORT_SIZE = 96  # the example's short side; the comparisons run other sizes
 
 
-def write_checkpoint(path: Path, **model) -> Path:
-    """A checkpoint as pipelines/train.py writes one: 4 categories on a 6-way head, tiny model."""
+def write_checkpoint(path: Path, num_classes: int = 6, **model) -> Path:
+    """A checkpoint as pipelines/train.py writes one: contiguous labels of 4 categories on a
+    ``num_classes``-way head (the rest unmapped), tiny model; ``model`` overrides ModelConfig fields."""
     torch.manual_seed(0)
-    cfg = tiny_config(num_classes=6, **model)
+    cfg = tiny_config(num_classes=num_classes, **model)
     detector = build_detector(cfg, load_backbone_weights=False)
     with torch.no_grad():  # scores spread around 0.5 instead of the 0.01 prior
         for layer in detector.class_embed:
@@ -31,7 +32,7 @@ def write_checkpoint(path: Path, **model) -> Path:
             "mode": "contiguous",
             "category_ids": list(CATEGORIES),
             "category_names": dict(CATEGORIES),
-            "label_to_category_id": [*CATEGORIES, -1, -1],
+            "label_to_category_id": [*CATEGORIES] + [-1] * (num_classes - len(CATEGORIES)),
         },
         "job_config": json.dumps({"data": {"val_short_side": 64, "max_size": 100}}),
     }
@@ -72,7 +73,7 @@ def batches(postprocess: bool = False) -> list[tuple[torch.Tensor, ...]]:
 def differences(path, checkpoint, postprocess: bool = False) -> list[dict[str, float]]:
     """Per batch of ``batches``: the largest |exported - eager| of each output (labels: count differing)."""
     run, detector = load_exported(str(path)), eager(checkpoint, postprocess)
-    names = ["scores", "labels", "boxes"] if postprocess else ["logits", "boxes"]
+    names = output_names(detector)
     result = []
     for inputs in batches(postprocess):
         with torch.inference_mode():
