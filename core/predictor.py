@@ -12,6 +12,7 @@ Shapes: N images, Q queries, C classes of the head, k detections kept for one im
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 from collections.abc import Sequence
@@ -100,6 +101,14 @@ class InputSize:
     max_size: int = 1333
     pixel_mean: tuple[float, float, float] = IMAGENET_MEAN
     pixel_std: tuple[float, float, float] = IMAGENET_STD
+
+    def overridden(self, short_side: int | None, max_size: int | None) -> InputSize:
+        """This size with the sides given (not None) replaced."""
+        return dataclasses.replace(
+            self,
+            short_side=self.short_side if short_side is None else short_side,
+            max_size=self.max_size if max_size is None else max_size,
+        )
 
 
 def checkpoint_class_info(ckpt: Checkpoint) -> ClassInfo:
@@ -241,11 +250,7 @@ class Predictor:
             ckpt = read_checkpoint(path, allow_unsafe_pickle=allow_unsafe_pickle)
         model = build_detector(ckpt.config, load_backbone_weights=False)
         load_model_weights(model, ckpt.model)
-        size = checkpoint_input_size(ckpt)
-        if short_side is not None:
-            size.short_side = short_side
-        if max_size is not None:
-            size.max_size = max_size
+        size = checkpoint_input_size(ckpt).overridden(short_side, max_size)
         return cls(model, classes=checkpoint_class_info(ckpt), input_size=size, **kwargs)
 
     @classmethod
@@ -270,11 +275,8 @@ class Predictor:
         from core.export import OnnxDetector
 
         detector = OnnxDetector(source if isinstance(source, bytes) else os.fspath(source), threads=threads)
-        input_size = export_input_size(detector.meta)
-        input_size.short_side = short_side or input_size.short_side
-        input_size.max_size = max_size or input_size.max_size
-        classes = export_class_info(detector.meta)
-        return cls(detector, classes=classes, input_size=input_size, device="cpu", **kwargs)
+        input_size = export_input_size(detector.meta).overridden(short_side, max_size)
+        return cls(detector, classes=export_class_info(detector.meta), input_size=input_size, device="cpu", **kwargs)
 
     def prepare(self, image: Any) -> PreparedImage:
         """Converts and resizes one image (array, PIL image or bytes); CPU work a data pipeline can run apart."""

@@ -21,7 +21,7 @@ import ray
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from core.checkpoint import Checkpoint, read_checkpoint
-from core.predictor import checkpoint_class_info, checkpoint_input_size, export_input_size
+from core.predictor import InputSize, checkpoint_class_info, checkpoint_input_size, export_input_size
 from pipelines.inference.outputs import COCO_FILE, MANIFEST_FILE, OutputDir, part_name
 from pipelines.inference.sources import ImageList, list_images
 from pipelines.inference.steps import DecodeImages, PredictImages
@@ -113,8 +113,9 @@ class InferenceConfig(BaseModel):
         }
 
 
-def load_onnx_for_inference(uri: str) -> bytes:
-    """The ONNX file's bytes, read on the driver and checked to be an export a Predictor runs."""
+def load_onnx_for_inference(uri: str) -> tuple[bytes, InputSize]:
+    """The ONNX file's bytes, read on the driver and checked to be an export a Predictor runs, and the
+    input size it carries."""
     from core.export import ExportError, OnnxDetector
     from pipelines.storage import fetch_file
 
@@ -122,12 +123,12 @@ def load_onnx_for_inference(uri: str) -> bytes:
     try:
         with open(fetch_file(uri, tmp), "rb") as f:
             data = f.read()
-        OnnxDetector(data)
+        input_size = export_input_size(OnnxDetector(data).meta)
     except (OSError, ExportError) as e:
         raise ValueError(f"--model {uri.partition('?')[0]!r} cannot be loaded: {e}") from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return data
+    return data, input_size
 
 
 def load_checkpoint_for_inference(uri: str) -> Checkpoint:
@@ -210,9 +211,11 @@ def run_inference(cfg: InferenceConfig, images: ImageList | None = None) -> dict
     images = images or list_images(cfg.input, cfg.glob)
     if cfg.engine == "torch":
         model: Checkpoint | bytes = load_checkpoint_for_inference(cfg.checkpoint)
+        input_size = checkpoint_input_size(model)
+        checkpoint_class_info(model)  # metadata errors surface here, on the driver, not in every actor
         what = f"checkpoint {model.source_format}"
     else:
-        model = load_onnx_for_inference(cfg.model)
+        model, input_size = load_onnx_for_inference(cfg.model)
         what = "onnxruntime"
     out = OutputDir(cfg.output)
     out.prepare()
@@ -230,7 +233,7 @@ def run_inference(cfg: InferenceConfig, images: ImageList | None = None) -> dict
     if todo:
         started = connect_ray(address=cfg.address)
         try:
-            _run_pipeline(cfg, model, images, todo, out, progress)
+            _run_pipeline(cfg, model, input_size, images, todo, out, progress)
         finally:
             if started:
                 ray.shutdown()
@@ -249,6 +252,7 @@ def run_inference(cfg: InferenceConfig, images: ImageList | None = None) -> dict
 def _run_pipeline(
     cfg: InferenceConfig,
     model: Checkpoint | bytes,
+    input_size: InputSize,
     images: ImageList,
     todo: list[str],
     out: OutputDir,
@@ -261,13 +265,6 @@ def _run_pipeline(
         name = part_name(chunk)
         expected[name] = len(chunk)
         parts.update(dict.fromkeys(chunk, name))
-    if isinstance(model, bytes):
-        from core.export import OnnxDetector
-
-        input_size = export_input_size(OnnxDetector(model).meta)
-    else:
-        input_size = checkpoint_input_size(model)
-        checkpoint_class_info(model)  # metadata errors surface here, on the driver, not in every actor
     if cfg.image_size is not None:
         # An explicit short side scales the long-side cap with it, keeping the checkpoint's ratio (1333/800).
         input_size.max_size = cfg.max_size or round(input_size.max_size * cfg.image_size / input_size.short_side)

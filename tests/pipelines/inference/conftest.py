@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
 
 import pytest
-import torch
-from tiny import tiny_config
+from exports import CATEGORIES, write_checkpoint
 
-from core import build_model, save_checkpoint
 from pipelines.data.synthetic import generate_coco
 
-CATEGORIES = {1: "rectangle", 3: "ellipse", 7: "triangle", 8: "diamond"}
 # The bad files of the image folder and the error kind each must get.
 BAD_FILES = {"empty.jpg": "empty", "truncated.jpg": "truncated", "corrupt.jpg": "corrupt", "notes.txt": "unsupported"}
 
@@ -32,24 +28,7 @@ def categories() -> dict[int, str]:
 @pytest.fixture(scope="session")
 def checkpoint(tmp_path_factory) -> Path:
     """A checkpoint as pipelines/train.py writes one: contiguous labels over 4 categories, a 5-way head."""
-    torch.manual_seed(0)
-    cfg = tiny_config()
-    model, _, _ = build_model(cfg, load_backbone_weights=False)
-    with torch.no_grad():  # scores spread around 0.5 instead of the 0.01 prior, so thresholds matter
-        for layer in model.class_embed:
-            layer.bias.fill_(0.0)
-    meta = {
-        "dataset": {
-            "mode": "contiguous",
-            "category_ids": list(CATEGORIES),
-            "category_names": dict(CATEGORIES),
-            "label_to_category_id": [*CATEGORIES, -1],
-        },
-        "job_config": json.dumps({"data": {"val_short_side": 64, "max_size": 100}}),
-    }
-    path = tmp_path_factory.mktemp("ckpt") / "checkpoint_epoch0001" / "checkpoint.pt"
-    save_checkpoint(path, model, cfg, meta=meta, epoch=1)
-    return path
+    return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "checkpoint_epoch0001" / "checkpoint.pt", num_classes=5)
 
 
 @pytest.fixture(scope="session")
