@@ -22,12 +22,12 @@ if __package__ in (None, ""):  # `python pipelines/evaluate.py`: make the reposi
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import argparse
-import logging
 
 import ray.train
 
 from core.checkpoint import Checkpoint
 from core.evaluation import format_ap_table
+from pipelines.console import console_logging
 from pipelines.job_config import ConfigError, JobConfig, eval_job_config
 from pipelines.raytrain.cluster import quiet_ray_warnings
 from pipelines.raytrain.errors import describe_failure
@@ -76,7 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    console_logging()
     quiet_ray_warnings()
     args = parse_args(argv)
     try:

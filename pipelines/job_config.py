@@ -169,6 +169,12 @@ class TrainConfig(BaseModel):
     )
     max_steps_per_epoch: int | None = Field(None, ge=1, description="cap steps per epoch (smoke runs)")
     preflight_timeout_s: float = Field(30.0, gt=0, description="time allowed to reach the data and storage")
+    first_step_timeout_s: float = Field(
+        120.0,
+        ge=0,
+        description="seconds without a first training step after which the driver prints what Ray has pending "
+        "(tasks, actors, placement groups it cannot place), if anything; 0 = never",
+    )
     fault_injection: FaultInjection | None = Field(None, description="tests only: kill one worker once")
 
     @field_validator("num_workers")

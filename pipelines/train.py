@@ -20,8 +20,8 @@ if __package__ in (None, ""):  # `python pipelines/train.py`: make the repositor
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import argparse
-import logging
 
+from pipelines.console import console_logging
 from pipelines.job_config import PRESETS, ConfigError, JobConfig, load_job_config, resume_job_config
 from pipelines.raytrain.cluster import quiet_ray_warnings
 from pipelines.raytrain.errors import describe_failure
@@ -55,7 +55,7 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    console_logging()
     quiet_ray_warnings()
     args = parse_args(argv)
     try:

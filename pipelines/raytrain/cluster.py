@@ -1,7 +1,8 @@
 """Joining a Ray cluster or starting a local one: the one place a driver calls ``ray.init``.
 
 The console is the project's: the workers' own output and Ray's logs stay in Ray's log files
-(``ray_logs_dir``), and the run's lines reach the driver through the metrics channel. A failed worker's
+(``ray_logs_dir``; the lines Ray prints on a driver's console go to ``driver-console-<pid>.log`` there,
+``pipelines.console``), and the run's lines reach the driver through the metrics channel. A failed worker's
 cause is printed by the entry script in one line (``raytrain.errors.describe_failure``).
 """
 
@@ -16,6 +17,7 @@ import warnings
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from pipelines.console import ray_lines_to_its_logs
 from pipelines.job_config import JobConfig
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -53,6 +55,7 @@ def connect_ray(job: JobConfig | None = None, address: str | None = None) -> boo
         # A submitted job already ships the working dir; a plain driver ships the repository itself.
         runtime_env = None if in_ray_job() else {"working_dir": REPO_ROOT, "excludes": WORKING_DIR_EXCLUDES}
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=False, logging_level=logging.WARNING)
+        ray_lines_to_its_logs(ray_logs_dir())
         return False
     num_cpus = None  # Ray counts the machine's
     if job is not None:
@@ -81,6 +84,7 @@ def connect_ray(job: JobConfig | None = None, address: str | None = None) -> boo
         log_to_driver=False,
         logging_level=logging.WARNING,
     )
+    ray_lines_to_its_logs(ray_logs_dir())
     return True
 
 
@@ -103,6 +107,50 @@ def cluster_autoscales() -> bool:
         log.debug("cluster status unavailable (%s): assuming the cluster autoscales", e)
         return True
     return status.stats.autoscaler_version not in ("", "0")
+
+
+def pending_demands() -> str | None:
+    """What Ray cannot place now on the connected cluster, with what the cluster has (``describe_pending``);
+    None when nothing waits or Ray's status cannot be read."""
+    from ray.autoscaler.v2.sdk import get_cluster_status
+
+    try:
+        status = get_cluster_status(ray.get_runtime_context().gcs_address)
+    except Exception as e:  # noqa: BLE001 - a warning's extra detail must not stop a run
+        log.debug("cluster status unavailable (%s)", e)
+        return None
+    return describe_pending(status)
+
+
+def describe_pending(status) -> str | None:
+    """One phrase of a ``ClusterStatus`` (``ray.autoscaler.v2.schema``; what ``ray status`` shows): its
+    pending task/actor and placement-group demands, then the cluster's resources in use; None without
+    pending demands.
+
+    E.g. "tasks or actors waiting for {CPU: 1} x3; placement group 1a2b3c4d (PACK, PENDING) of
+    {CPU: 1} x2; the cluster: CPU 2 of 2 in use".
+    """
+    demands = status.resource_demands
+    parts = [
+        f"tasks or actors waiting for {_bundle(b.bundle)} x{b.count}"
+        for demand in demands.ray_task_actor_demand
+        for b in demand.bundles_by_count
+    ]
+    for group in demands.placement_group_demand:
+        bundles = " + ".join(f"{_bundle(b.bundle)} x{b.count}" for b in group.bundles_by_count)
+        parts.append(f"placement group {(group.pg_id or '?')[:8]} ({group.strategy}, {group.state}) of {bundles}")
+    if not parts:
+        return None
+    usage = ", ".join(
+        f"{u.resource_name} {u.used:g} of {u.total:g} in use"
+        for u in status.cluster_resource_usage
+        if u.resource_name in ("CPU", "GPU")
+    )
+    return "; ".join(parts) + f"; the cluster: {usage or 'no CPU or GPU'}"
+
+
+def _bundle(resources: dict[str, float]) -> str:
+    return "{" + ", ".join(f"{name}: {amount:g}" for name, amount in sorted(resources.items())) + "}"
 
 
 def quiet_ray_warnings() -> None:

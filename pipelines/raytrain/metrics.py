@@ -7,7 +7,8 @@
    wait on the driver's disk or console; and
 3. ``MetricsPump`` (a thread on the driver): drains the sink every second, appends to ``metrics.jsonl``
    in the run directory, hands the records to the experiment trackers (``tracking.Trackers``) and prints
-   ``format_record``'s line for each record.
+   ``format_record``'s line for each record. Where no step comes within ``train.first_step_timeout_s``
+   while Ray holds demands it cannot place, it says once what is pending (``cluster.pending_demands``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch
 
 from core.evaluation import format_ap_table
 from pipelines.job_config import TrainConfig
+from pipelines.raytrain.cluster import pending_demands
 from pipelines.raytrain.run_dir import RunDir
 from pipelines.raytrain.tracking import Trackers
 from pipelines.raytrain.worker_context import WorkerContext
@@ -34,6 +36,9 @@ log = logging.getLogger(__name__)
 # first steps take 10-100x a steady one), once a few steady steps were timed.
 ETA_WARMUP_STEPS = 5
 ETA_MIN_STEPS = 5
+# Records that show the workers took steps (or finished an epoch's evaluation) on the driver's side.
+STEP_KINDS = ("progress", "epoch", "eval", "eval_progress")
+PENDING_POLL_S = 10.0  # past the first-step timeout, how often Ray's pending demands are read
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -200,12 +205,23 @@ class MetricsPump:
     """Stage 3, on the driver: drains the sink every second on a thread into metrics.jsonl and the console."""
 
     def __init__(
-        self, sink, run_dir: RunDir | None, out: TextIO | None = sys.stdout, trackers: Trackers | None = None
+        self,
+        sink,
+        run_dir: RunDir | None,
+        out: TextIO | None = sys.stdout,
+        trackers: Trackers | None = None,
+        first_step_timeout_s: float = 0.0,
     ) -> None:
+        """``first_step_timeout_s``: 0 never looks for pending demands (an evaluation, a test)."""
         self.sink, self.run_dir, self.out, self.trackers = sink, run_dir, out, trackers
         self.stop = threading.Event()
         self.last_eval: dict[str, Any] | None = None
         self.thread = threading.Thread(target=self._loop, daemon=True, name="metrics-pump")
+        self.first_step_timeout_s = first_step_timeout_s
+        self.started = time.monotonic()
+        self.stepped = False
+        self.pending_said = False
+        self.next_pending_check = self.started + first_step_timeout_s
 
     def __enter__(self) -> MetricsPump:
         self.thread.start()
@@ -220,11 +236,32 @@ class MetricsPump:
         while not self.stop.wait(1.0):
             try:
                 self.drain()
+                self.say_what_is_pending()
             except Exception as e:  # never let logging kill the run
                 log.warning("metrics pump: %s", e)
 
+    def say_what_is_pending(self) -> None:
+        """Past the first-step timeout with no step, one warning with Ray's pending demands, if it has any."""
+        now = time.monotonic()
+        if self.stepped or self.pending_said or not self.first_step_timeout_s or now < self.next_pending_check:
+            return
+        self.next_pending_check = now + PENDING_POLL_S
+        pending = pending_demands()
+        if pending is None:  # slow, not stuck: nothing waits for resources
+            return
+        self.pending_said = True
+        message = (
+            f"no training step in {now - self.started:.0f} s while Ray waits for resources: {pending}. Give the run more CPUs/GPUs, or ask for fewer (train.num_workers, "
+            f"train.cpus_per_worker, data.num_decode_workers); train.first_step_timeout_s sets this wait"
+        )
+        if self.out is None:
+            log.warning("%s", message)
+        else:
+            print(f"warning: {message}", file=self.out, flush=True)
+
     def drain(self) -> None:
         records = ray.get(self.sink.drain.remote())
+        self.stepped = self.stepped or any(r.get("kind") in STEP_KINDS for r in records)
         if self.trackers is not None:  # before the sync, which then carries their files too
             self.trackers.log(records)
         if self.run_dir is not None:  # None: an evaluation, whose outputs are written at the end

@@ -197,7 +197,8 @@ def run_training(
     weights_ref = ray.put(finetune_weights) if finetune_weights is not None else None
     trainer = build_trainer(job, data, sink=sink, weights=weights_ref, callbacks=callbacks)
     result, error = None, None
-    with MetricsPump(sink, run_dir, out=out, trackers=trackers) as pump:
+    pump = MetricsPump(sink, run_dir, out=out, trackers=trackers, first_step_timeout_s=job.train.first_step_timeout_s)
+    with pump:
         try:
             result = trainer.fit()
             error = result.error

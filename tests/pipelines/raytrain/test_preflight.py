@@ -185,27 +185,65 @@ def test_generated_data_presets_leave_a_users_folder_alone(tmp_path, capsys):
     assert sorted(p.relative_to(coco) for p in coco.rglob("*")) == before
 
 
-def test_a_run_that_cannot_get_a_decode_cpu_stops_at_preflight(tmp_path, job_with):
-    """On a 2-CPU cluster with no autoscaler, 2 workers x 1 CPU leave Ray Data's decode tasks nothing:
-    the run would wait forever for its first batch, so it stops before any worker starts, naming the
-    numbers and the setting."""
+@pytest.fixture(scope="module")
+def two_cpus():
+    """A local Ray of 2 CPUs with no autoscaler, as `ray start --head --num-cpus 2` gives."""
     import ray
 
-    from pipelines.raytrain.cluster import cluster_autoscales
-
-    job = job_with("train.num_workers=2", "train.cpus_per_worker=1")
     if ray.is_initialized():
         ray.shutdown()
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        # What run_training does once connected (a shortfall that would hang must raise, not wait).
-        assert not cluster_autoscales()
-        with pytest.raises(PreflightError) as err:
-            check_resources(job, ray.cluster_resources(), strict=not cluster_autoscales())
-    finally:
-        ray.shutdown()
+    yield ray
+    ray.shutdown()
+
+
+def test_a_run_that_cannot_get_a_decode_cpu_stops_at_preflight(two_cpus, job_with):
+    """On a 2-CPU cluster with no autoscaler, 2 workers x 1 CPU leave Ray Data's decode tasks nothing:
+    the run would wait forever for its first batch, so it stops before any worker starts, naming the
+    numbers and the setting."""
+    from pipelines.raytrain.cluster import cluster_autoscales
+
+    job = job_with("train.num_workers=2", "train.cpus_per_worker=1")
+    # What run_training does once connected (a shortfall that would hang must raise, not wait).
+    assert not cluster_autoscales()
+    with pytest.raises(PreflightError) as err:
+        check_resources(job, two_cpus.cluster_resources(), strict=not cluster_autoscales())
     assert "CPU: need 3 (2 workers x 1 + 1 for decoding), cluster has 2" in str(err.value)
     assert "train.num_workers" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_run_with_no_first_step_says_what_ray_has_pending(two_cpus):
+    """Where a check cannot see the shortfall (a joined cluster), the driver says what waits once the first
+    step is overdue: here the issue's case, a worker group's placement group holding both CPUs and a decode
+    task waiting for one. Not before the timeout, and not once a step came."""
+    import io
+
+    from pipelines.raytrain.metrics import MetricsPump, MetricsSink
+
+    ray = two_cpus
+    group = ray.util.placement_group([{"CPU": 1}, {"CPU": 1}])
+    ray.get(group.ready(), timeout=60)
+    decode = ray.remote(num_cpus=1)(lambda: None).remote()
+    sink = MetricsSink.remote()
+    stepped, waiting = io.StringIO(), io.StringIO()
+    try:
+        sink.log.remote([{"kind": "progress"}])  # a step came: nothing to say
+        with MetricsPump(sink, None, out=stepped, first_step_timeout_s=1.0):
+            time.sleep(2.5)
+        with MetricsPump(sink, None, out=waiting, first_step_timeout_s=1.0) as pump:
+            assert pump.pending_said is False  # not before the timeout
+            deadline = time.monotonic() + 30
+            while not pump.pending_said and time.monotonic() < deadline:
+                time.sleep(0.2)
+    finally:
+        ray.cancel(decode, force=True)
+        ray.util.remove_placement_group(group)
+        ray.kill(sink)
+    assert stepped.getvalue() == ""
+    line = waiting.getvalue()
+    assert line.count("\n") == 1 and line.startswith("warning: no training step in "), line
+    assert "tasks or actors waiting for {CPU: 1} x1" in line and "the cluster: CPU 2 of 2 in use" in line, line
+    assert "train.num_workers" in line and "train.first_step_timeout_s" in line, line
 
 
 def test_a_submitted_job_keeps_its_runs_outside_rays_working_dir(tmp_path, tiny_data, monkeypatch):
