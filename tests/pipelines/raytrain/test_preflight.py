@@ -1,4 +1,5 @@
-"""Pre-flight: a bad config, missing data, an unreachable bucket or a wrong checkpoint fail before Ray starts."""
+"""Pre-flight: a bad config, missing data, an unreachable bucket or a wrong checkpoint fail before Ray starts;
+on a cluster too small for the run, the driver says what is short or what waits, and nothing else of Ray's."""
 
 from __future__ import annotations
 
@@ -260,3 +261,25 @@ def test_a_submitted_job_keeps_its_runs_outside_rays_working_dir(tmp_path, tiny_
     monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR")
     job = resolve(load_job_config(preset="tiny", overrides=[*base, "train.storage_path=runs"]))
     assert job.train.storage_path == str(tmp_path / "runs")
+
+
+def test_rays_messages_to_the_driver_go_to_its_log_folder(two_cpus, tmp_path, monkeypatch, capfd):
+    """The raylet's notices (e.g. "8 PYTHON worker processes have been started") reach a driver through
+    Ray's error channel whatever log_to_driver says; they belong in Ray's log folder, not on our console."""
+    import ray._private.worker as ray_worker
+    from ray._private.utils import push_error_to_driver
+
+    import pipelines.console as console
+
+    monkeypatch.setattr(ray_worker, "print_to_stdstream", ray_worker.print_to_stdstream)  # restored afterwards
+    monkeypatch.setattr(console, "_diverted_to", None)
+    kept = tmp_path / f"driver-console-{os.getpid()}.log"
+    assert console.ray_lines_to_its_logs(str(tmp_path)) == str(kept)
+    notice = "WARNING: 8 PYTHON worker processes have been started (test notice)"
+    push_error_to_driver(ray_worker.global_worker, "worker_pool_large", notice)
+    deadline = time.monotonic() + 30
+    while not (kept.is_file() and notice in kept.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert kept.is_file() and notice in kept.read_text()
+    console_text = "".join(capfd.readouterr())
+    assert "worker processes" not in console_text, console_text
