@@ -18,7 +18,7 @@ from urllib.parse import parse_qsl
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipelines.storage import filesystem_for, is_remote
+from pipelines.storage import absolute, filesystem_for, is_absolute, is_remote, join_uri
 
 MANIFEST_SUFFIXES = (".txt", ".parquet")
 
@@ -129,8 +129,7 @@ def _read_manifest(fs: pafs.FileSystem, path: str, base: str, glob: str | None) 
     folder = base.rsplit("/", 1)[0] if "/" in base else "."
     uris, seen, duplicates = [], set(), 0
     for e in entries:
-        uri = e if ("://" in e or e.startswith("/")) else f"{folder}/{e}"
-        uri = os.path.abspath(uri) if "://" not in uri else uri
+        uri = absolute(e if is_absolute(e) else join_uri(folder, e))  # a local path, a file:// URI too: absolute
         if glob is not None and not fnmatch.fnmatch(uri, glob):
             continue
         if uri in seen:

@@ -32,9 +32,12 @@ def test_folder_listing_glob_and_hidden_files(tmp_path):
 
 
 def test_manifests_txt_and_parquet(tmp_path):
-    (tmp_path / "m.txt").write_text("# two images, one twice\na.jpg\n/abs/b.jpg\n\na.jpg\ns3://bucket/c.jpg\n")
+    (tmp_path / "m.txt").write_text(
+        "# five images, one twice\na.jpg\n/abs/b.jpg\n\na.jpg\ns3://bucket/c.jpg\nfile:///abs/d.jpg\nsub/../e.jpg\n"
+    )
     listed = list_images(str(tmp_path / "m.txt"))
-    assert listed.uris == ["/abs/b.jpg", str(tmp_path / "a.jpg"), "s3://bucket/c.jpg"] and listed.duplicates == 1
+    expected = ["/abs/b.jpg", "/abs/d.jpg", str(tmp_path / "a.jpg"), str(tmp_path / "e.jpg"), "s3://bucket/c.jpg"]
+    assert listed.uris == expected and listed.duplicates == 1
     pq.write_table(pa.table({"path": ["a.jpg", "b.png", None]}), tmp_path / "m.parquet")
     assert list_images(str(tmp_path / "m.parquet"), "*.png").uris == [str(tmp_path / "b.png")]
     pq.write_table(pa.table({"name": ["a.jpg"]}), tmp_path / "bad.parquet")
