@@ -218,6 +218,8 @@ __global__ void __launch_bounds__(MSDA_THREADS, kForwardMinBlocks)
         const A coef[4] = {w * hh * hw, w * hh * nb.lw, w * nb.lh * hw, w * nb.lh * nb.lw};
 #pragma unroll
         for (int k = 0; k < 4; ++k) {
+          // A neighbour outside the map is skipped, not read with weight 0: 0 * inf is NaN where the
+          // reference reads 0 (the backward below likewise).
           if (nb.valid & (1u << k)) {
             A s[CPT];
             load_chunk<T, CPT, kVec>(v + static_cast<i64>(nb.row[k]) * d.row_stride, n_valid, s);

@@ -105,7 +105,7 @@ def _special_locations(loc: torch.Tensor, shapes: list) -> torch.Tensor:
     return loc
 
 
-def _expected(value, spatial_shapes, level_start_index, loc, attn, grad_out):
+def expected(value, spatial_shapes, level_start_index, loc, attn, grad_out):
     """Float64 reference output and gradients. Non-finite locations contribute nothing (as in the
     kernel, and as a NaN-free grid_sample would): they are computed with weight 0 at (0, 0), and
     their gradients are 0."""
@@ -146,7 +146,7 @@ def run_case(module, case: Case) -> dict[str, float]:
         loc = _special_locations(loc, case.shapes)
     g = torch.Generator().manual_seed(1)
     grad_out = torch.randn(case.N, case.Lq, case.M * case.D, generator=g, dtype=torch.float64).to(case.dtype)
-    want = _expected(value, spatial_shapes, level_start_index, loc, attn, grad_out)
+    want = expected(value, spatial_shapes, level_start_index, loc, attn, grad_out)
     value_in = _offset_copy(value, case.offset)
     grad_in = _offset_copy(grad_out, case.offset)
     out = cuda_unfused.forward(value_in, spatial_shapes, level_start_index, loc, attn, module=module)

@@ -9,6 +9,7 @@ broken copies of the kernel, which must fail.
 from __future__ import annotations
 
 import ctypes
+import math
 import shutil
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from emulated_cases import Case, all_cases, check_case, run_case
+from emulated_cases import Case, all_cases, check_case, expected, run_case
 
 from ops.cuda import emulation
 from ops.cuda import unfused as cuda_unfused
@@ -111,6 +112,37 @@ def test_no_grad_value_skips_the_atomics(module):
     counts = module.counters()
     assert partial[0].numel() == 0 and counts["atomics"] == counts["wide_atomics"] == 0
     assert torch.equal(partial[1], full[1]) and torch.equal(partial[2], full[2])
+
+
+def _inf_value_under_outside_neighbours(module) -> str | None:
+    """value[0, 0] = inf (row 0, onto which a neighbour outside the map would clamp) and every point of
+    query 0 far outside the map. None when, as in the reference, query 0's output and point gradients
+    are 0 and grad_value is finite; else what differed."""
+    from conftest import make_inputs
+
+    value, *others = make_inputs([[5, 6], [2, 3]], N=1, Lq=2, M=2, D=8, P=2, dtype=torch.float32)
+    value[0, 0] = math.inf
+    others[2][0, 0] = -1e3  # sampling_locations (N, Lq, M, L, P, 2): all of query 0's
+    grad_out = torch.ones(1, 2, 16)
+    out = cuda_unfused.forward(value, *others, module=module)
+    grad_value, grad_loc, grad_attn = cuda_unfused.backward(grad_out, value, *others, module=module)
+    want_out, _, want_loc, want_attn = expected(value, *others, grad_out)
+    for name, got, want in (
+        ("output", out[0, 0], want_out[0, 0]),
+        ("grad_loc", grad_loc[0, 0], want_loc[0, 0]),
+        ("grad_attn", grad_attn[0, 0], want_attn[0, 0]),
+    ):
+        if not torch.equal(got.double(), want) or want.abs().max() != 0:
+            return f"query 0's {name}: {got.flatten()[:6].tolist()}, the reference's {want.flatten()[:6].tolist()}"
+    if not torch.isfinite(grad_value).all():
+        return "grad_value is not finite"
+    return None
+
+
+def test_an_infinite_value_under_neighbours_outside_the_map_reads_zero_both_directions(module):
+    """A neighbour outside the map is skipped, never read with weight 0 (0 * inf = NaN where the reference
+    reads 0), in the forward and the backward kernel."""
+    assert _inf_value_under_outside_neighbours(module) is None
 
 
 def test_more_levels_than_shared_memory_holds_is_a_clear_error():
