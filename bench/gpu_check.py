@@ -11,7 +11,8 @@ process, so that one failing step still leaves the others' figures:
   on the CPU (outputs within 1e-4); bf16 autocast training against fp32 from the same start on
   generated data (loss curves within 1%);
 - throughput: ``bench/train_step.py`` (R50, 800x1066, batch 2; fp32 and bf16, eager and compiled) and
-  ``bench/model.py`` (inference at 800x1333, batch 1 and 8);
+  ``bench/model.py`` (R50 with box refinement, inference at 800x1333, batch 1 and 8, fp32 and bf16,
+  eager and replayed from a CUDA graph, the replay checked against the eager forward);
 - Ray: the demo preset for one epoch on one GPU with Ray Train, then ``pipelines/infer.py`` on its
   checkpoint.
 
@@ -162,20 +163,28 @@ def in_process(name: str, fn, *args) -> Step:
         return Step(name, False, time.perf_counter() - start, f"{type(exc).__name__}: {exc}")
 
 
+def inference(device: str, batch: int) -> list[str]:
+    """bench/model.py's inference timing (fp32, and bf16 on CUDA) of R50 with box refinement."""
+    argv = ["bench/model.py", "--device", device, "--variants", "with_box_refine", "--batch-size", str(batch)]
+    return [*argv, "--skip-flops", "--skip-backward"]
+
+
 def process_steps(dry_run: bool, out: Path) -> list[tuple[str, list[str], int]]:
     """(name, argv, timeout s) of the steps run as processes."""
     # The one-epoch run keeps one checkpoint folder: epoch 0.
     checkpoint = out / "ray_demo" / "checkpoint_epoch0000"
     infer = ["pipelines/infer.py", "--checkpoint", str(checkpoint), "--output", str(out / "detections")]
+    tiny_image, one_iter = ["--height", "64", "--width", "96"], ["--iters", "1", "--warmup", "0"]
     if dry_run:
         train_step = ["bench/train_step.py", "--device", "cpu", "--preset", "tiny", "--batch-size", "1"]
-        train_step += ["--height", "64", "--width", "96", "--iters", "1", "--warmup", "0"]
+        train_step += [*tiny_image, *one_iter]
         demo = ["--preset", "tiny", "--set", "train.epochs=1", "--set", "train.num_workers=1"]
         demo += ["--set", f"train.storage_path={out}", "--set", "train.name=ray_demo"]
         return [
             ("ops info", ["-m", "ops", "info"], 60),
             ("op benchmark (CPU)", ["-m", "ops.bench.cpu", "--reps", "1", "--op-size", "64x96"], 120),
             ("train step fp32", [*train_step, "--amp", "off", "--json", str(out / "train_fp32.json")], 300),
+            ("inference batch 1", [*inference("cpu", 1), "--backbone", "resnet18", *tiny_image, *one_iter], 300),
             ("ray train demo", ["pipelines/train.py", *demo], 600),
             ("infer on its checkpoint", [*infer, "--input", "data/tiny/val"], 300),
         ]
@@ -192,8 +201,7 @@ def process_steps(dry_run: bool, out: Path) -> list[tuple[str, list[str], int]]:
             argv = [*train_step, "--amp", amp, "--json", str(out / f"{tag}.json")] + (["--compile"] if compiled else [])
             steps.append((name, argv, 600))
     for batch in (1, 8):
-        argv = ["bench/model.py", "--device", "cuda", "--batch-size", str(batch), "--skip-flops", "--skip-backward"]
-        steps.append((f"inference batch {batch}", argv, 600))
+        steps.append((f"inference batch {batch}", [*inference("cuda", batch), "--cuda-graph"], 600))
     demo = ["--preset", "demo", "--set", "train.epochs=1", "--set", "train.num_workers=1"]
     demo += ["--set", "train.use_gpu=true", "--set", f"train.storage_path={out}", "--set", "train.name=ray_demo"]
     steps.append(("ray train demo", ["pipelines/train.py", *demo], 900))

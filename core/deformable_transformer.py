@@ -27,11 +27,14 @@ def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:
     return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
 
 
-def level_table(shapes: list[tuple[int, int]]) -> Tensor:
-    """(L, 2) int64 (Hl, Wl) on the CPU, built from the sizes one scalar at a time: under torch.export
+def level_table(shapes: list[tuple[int, int]], device: torch.device | None = None) -> Tensor:
+    """(L, 2) int64 (Hl, Wl) on ``device``, built from the sizes one scalar at a time: under torch.export
     the sizes are symbols that ``torch.as_tensor`` would freeze to the example's values, which makes
-    the exported program accept only the example's image size."""
-    return torch.stack([torch.stack([torch.scalar_tensor(d, dtype=torch.long) for d in hw]) for hw in shapes])
+    the exported program accept only the example's image size. Each scalar is filled on the device, not
+    copied from the host: a CUDA graph's capture forbids such a copy (the forward stays capturable)."""
+    return torch.stack(
+        [torch.stack([torch.scalar_tensor(d, dtype=torch.long, device=device) for d in hw]) for hw in shapes]
+    )
 
 
 def _get_clones(module: nn.Module, n: int) -> nn.ModuleList:
@@ -459,7 +462,7 @@ class DeformableTransformer(nn.Module):
         src_flatten = torch.cat(src_flatten, 1)  # (N, S, d_model)
         mask_flatten = torch.cat(mask_flatten, 1)  # (N, S)
         lvl_pos_embed_flatten = torch.cat(lvl_pos_embed_flatten, 1)  # (N, S, d_model)
-        spatial_shapes = level_table(shapes).to(src_flatten.device)  # (L, 2)
+        spatial_shapes = level_table(shapes, src_flatten.device)  # (L, 2)
         level_start_index = torch.cat((spatial_shapes.new_zeros((1,)), spatial_shapes.prod(1).cumsum(0)[:-1]))
         valid_ratios = torch.stack([self.get_valid_ratio(m) for m in masks], 1)  # (N, L, 2)
 
