@@ -39,7 +39,9 @@ class InferenceConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     checkpoint: str | None = Field(
-        None, description="checkpoint file or run checkpoint folder: local, http(s), s3://, gs:// (engine torch)"
+        None,
+        description="checkpoint file, checkpoint folder, or run directory (its best checkpoint, else its latest): "
+        "local, http(s), s3://, gs:// (engine torch)",
     )
     engine: Literal["torch", "onnxruntime"] = Field("torch", description="what runs the model in the actors")
     model: str | None = Field(
@@ -131,6 +133,21 @@ def load_onnx_for_inference(uri: str) -> tuple[bytes, InputSize]:
     return data, input_size
 
 
+def _with_resolved_checkpoint(cfg: InferenceConfig) -> InferenceConfig:
+    """``cfg`` with a run directory given as --checkpoint replaced by its best (else latest) checkpoint, so
+    that the output records the checkpoint its rows came from."""
+    from pipelines.raytrain.state import resolve_checkpoint
+
+    try:
+        resolved = resolve_checkpoint(cfg.checkpoint)
+    except ValueError as e:
+        raise ValueError(f"--checkpoint {cfg.checkpoint.partition('?')[0]!r}: {e}") from e
+    if resolved == cfg.checkpoint:
+        return cfg
+    print(f"infer: --checkpoint is a run directory; using {resolved.partition('?')[0]}", flush=True)
+    return cfg.model_copy(update={"checkpoint": resolved})
+
+
 def load_checkpoint_for_inference(uri: str) -> Checkpoint:
     """The checkpoint's config, weights and metadata (no optimizer state), read on the driver."""
     from pipelines.raytrain.state import fetch_checkpoint_file
@@ -210,6 +227,7 @@ def run_inference(cfg: InferenceConfig, images: ImageList | None = None) -> dict
     """
     images = images or list_images(cfg.input, cfg.glob)
     if cfg.engine == "torch":
+        cfg = _with_resolved_checkpoint(cfg)
         model: Checkpoint | bytes = load_checkpoint_for_inference(cfg.checkpoint)
         input_size = checkpoint_input_size(model)
         checkpoint_class_info(model)  # metadata errors surface here, on the driver, not in every actor
