@@ -3,6 +3,7 @@ carry (an account id, a region, a bucket, a registry) is replaced by the user's,
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import shutil
 import tempfile
@@ -23,20 +24,32 @@ EXAMPLES = {
     ("aws", "account_id"): "123456789012",
     ("aws", "region"): "us-east-1",
     ("aws", "bucket"): "my-bucket",
+    ("aws", "ssh_cidr"): "198.51.100.0/24",
     ("gcp", "zone"): "us-central1-a",
     ("gcp", "region"): "us-central1",
     ("gcp", "project"): "ddetr-project",
     ("gcp", "data_bucket"): "ddetr-data",
     ("gcp", "runs_bucket"): "ddetr-runs",
     ("gcp", "registry"): "ghcr.io/your-org",
+    ("gcp", "ssh_cidr"): "203.0.113.0/24",
 }
+# Values that are address ranges: the only place SSH is admitted from, so never the whole internet.
+CIDRS = {("aws", "ssh_cidr"), ("gcp", "ssh_cidr")}
 # Values whose example is a fine choice (the regions and zones): left out, the example stays.
 DEFAULTED = {("aws", "availability_zones"), ("aws", "region"), ("gcp", "zone"), ("gcp", "region")}
 # The files each section's values go into, relative to cluster/.
 FILES = {
-    "aws": ["aws.yaml", "aws-iam/ddetr-ray-head.json", "aws-iam/ddetr-ray-worker.json", "aws-iam/trust-ec2.json"],
+    "aws": [
+        "aws.yaml",
+        "once-aws.sh",
+        "aws-iam/ddetr-ray-head.json",
+        "aws-iam/ddetr-ray-worker.json",
+        "aws-iam/trust-ec2.json",
+    ],
     "gcp": [
         "gcp.yaml",
+        "once-gcp.sh",
+        "gcp-iam/ddetr-ray-head-role.yaml",
         "kuberay/raycluster.yaml",
         "kuberay/rayjob-train.yaml",
         "kuberay/rayjob-sweep.yaml",
@@ -79,11 +92,25 @@ def load_settings(path: Path) -> dict[str, dict[str, str]]:
                 unset.append(f"{section}.{key}")
             elif value == example and (section, key) not in DEFAULTED:
                 unset.append(f"{section}.{key}")
+            elif (section, key) in CIDRS:
+                check_ssh_cidr(path, f"{section}.{key}", value)
     if unset:
         raise SettingsError(
             f"{path}: placeholders left unset (missing, empty or still the example): {', '.join(unset)}"
         )
     return settings
+
+
+def check_ssh_cidr(path: Path, name: str, value: str) -> None:
+    """An IPv4 or IPv6 address range in CIDR form that is not the whole internet."""
+    try:
+        network = ipaddress.ip_network(value, strict=False)
+    except ValueError as e:
+        raise SettingsError(f"{path}: {name} {value!r} is not an address range such as 198.51.100.7/32 ({e})") from e
+    if network.prefixlen == 0:
+        raise SettingsError(
+            f"{path}: {name} {value!r} admits SSH from the whole internet; give your own range, e.g. <your IP>/32"
+        )
 
 
 def render(settings_path: Path, out: Path) -> list[Path]:

@@ -1,6 +1,6 @@
 """The AWS roles of cluster/aws-iam/: valid IAM policy documents, least privilege (no wildcard action,
 `*` resources only where EC2 has no resource-level permission, PassRole on the workers' role only), every
-call Ray's AWS node provider makes from the head allowed, and cluster/aws.yaml and the README using the
+call Ray's AWS node provider makes from the head allowed, and cluster/aws.yaml and cluster/once-aws.sh using the
 roles these files define.
 
 A small evaluator of Allow statements (actions, resources and StringEquals conditions, with IAM's `*` and
@@ -310,9 +310,9 @@ def test_aws_yaml_and_readme_use_the_roles_defined_here(aws_cfg):
     for node_type, profile in profiles.items():
         assert (IAM / f"{profile}.json").is_file(), f"{node_type}: no cluster/aws-iam/{profile}.json for its profile"
     assert profiles[aws_cfg["head_node_type"]] not in _worker_roles(aws_cfg), "the head and the workers share a role"
-    readme = (REPO_ROOT / "README.md").read_text()
-    loop = re.search(r"for role in ([\w\- ]+); do(.*?)done", readme, re.DOTALL)
-    assert loop, "README: the once-per-account loop that creates the roles is missing"
+    script = (REPO_ROOT / "cluster" / "once-aws.sh").read_text()
+    loop = re.search(r"for role in ([\w\- ]+); do(.*?)done", script, re.DOTALL)
+    assert loop, "cluster/once-aws.sh: the loop that creates the roles is missing"
     assert set(loop.group(1).split()) == set(profiles.values()), (loop.group(1), set(profiles.values()))
-    for step in ("create-role", "put-role-policy", "file://cluster/aws-iam/$role.json", "create-instance-profile"):
-        assert step in loop.group(2), f"README's role loop lacks {step}"
+    for step in ("create-role", "put-role-policy", "file://$here/aws-iam/$role.json", "create-instance-profile"):
+        assert step in loop.group(2), f"once-aws.sh's role loop lacks {step}"

@@ -5,6 +5,7 @@ left; a placeholder left unset is refused in one line that names it; a failed re
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -24,12 +25,14 @@ account_id = "210987654321"
 region = "eu-west-1"
 availability_zones = "eu-west-1a,eu-west-1b"
 bucket = "acme-detr"
+ssh_cidr = "192.0.2.17/32"
 
 [gcp]
 project = "acme-vision"
 data_bucket = "acme-coco"
 runs_bucket = "acme-runs"
 registry = "europe-docker.pkg.dev/acme-vision/ml"
+ssh_cidr = "192.0.2.0/28"
 """
 
 
@@ -47,6 +50,9 @@ def test_render_substitutes_every_placeholder_and_stays_valid(tmp_path):
     for name in ("aws.yaml", "gcp.yaml"):
         validate_config(prepare_config(yaml.safe_load((out / name).read_text())))
     aws = yaml.safe_load((out / "aws.yaml").read_text())
+    # SSH only from the ranges set: in the security group (AWS) and the firewall rule (GCP) made once.
+    assert "--port 22 --cidr 192.0.2.17/32" in (out / "once-aws.sh").read_text()
+    assert "--allow tcp:22 --source-ranges 192.0.2.0/28" in (out / "once-gcp.sh").read_text()
     assert aws["provider"]["region"] == "eu-west-1" and aws["provider"]["availability_zone"] == "eu-west-1a,eu-west-1b"
     head = json.loads((out / "aws-iam" / "ddetr-ray-head.json").read_text())
     resources = [
@@ -89,6 +95,10 @@ def test_an_unset_placeholder_is_refused_by_name(tmp_path):
     assert "aws.account_id" in proc.stderr and "gcp.registry" in proc.stderr
     assert not (tmp_path / "o").exists()
     settings = tmp_path / "settings.toml"
+    for cidr, text in (("0.0.0.0/0", "whole internet"), ("::/0", "whole internet"), ("my laptop", "not an address")):
+        settings.write_text(SAMPLE.replace('"192.0.2.17/32"', f'"{cidr}"'))
+        with pytest.raises(SettingsError, match=rf"aws\.ssh_cidr '{re.escape(cidr)}' .*{text}"):
+            render(settings, tmp_path / "o")
     settings.write_text(SAMPLE.replace('bucket = "acme-detr"', 'bucket = ""'))
     with pytest.raises(SettingsError, match=r"unset .*: aws\.bucket$"):
         render(settings, tmp_path / "o")
