@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Once per AWS account, before the first `ray up` (README "First deploy: AWS"): the head's and the workers'
-# roles and instance profiles, EC2's spot service-linked role, and the security group of the cluster.
+# roles and instance profiles, EC2's spot service-linked role, the security group of the cluster, and the
+# ECR repository of the image built from cluster/Dockerfile.
 # Run the rendered copy (`python -m cluster render` fills in the account, region, bucket and SSH range):
 #
 #   bash rendered/once-aws.sh
@@ -46,3 +47,6 @@ sg=$(aws ec2 describe-security-groups --region $region --filters Name=vpc-id,Val
   --query 'SecurityGroups[0].GroupId' --output text)
 once aws ec2 authorize-security-group-ingress --region $region --group-id "$sg" --protocol tcp --port 22 --cidr 198.51.100.0/24
 once aws ec2 authorize-security-group-ingress --region $region --group-id "$sg" --protocol=-1 --source-group "$sg"
+
+# The image's repository (aws.yaml's docker.image); the nodes pull it with their roles' ECR rights.
+once aws ecr create-repository --region $region --repository-name ray-deformable-detr

@@ -12,6 +12,7 @@ project=ddetr-project
 region=us-central1
 head=ddetr-ray-head@$project.iam.gserviceaccount.com
 worker=ddetr-ray-worker@$project.iam.gserviceaccount.com
+registry=us-central1-docker.pkg.dev/ddetr-project/ddetr
 
 # Runs a create command; "already exists" is fine, any other error stops the script.
 once() {
@@ -26,7 +27,8 @@ once() {
   fi
 }
 
-gcloud services enable compute.googleapis.com iam.googleapis.com container.googleapis.com --project $project
+gcloud services enable compute.googleapis.com iam.googleapis.com container.googleapis.com \
+  artifactregistry.googleapis.com --project $project
 
 # The head starts, labels and deletes the workers (a custom role: gcp-iam/ddetr-ray-head-role.yaml, not
 # roles/compute.admin) and passes them their account (roles/iam.serviceAccountUser on that one account,
@@ -60,3 +62,17 @@ once gcloud compute firewall-rules create ddetr-ray-ssh --project $project --net
 once gcloud compute routers create ddetr-ray --project $project --network ddetr-ray --region $region
 once gcloud compute routers nats create ddetr-ray --project $project --router ddetr-ray --region $region \
   --auto-allocate-nat-external-ips --nat-all-subnet-ip-ranges
+
+# The image's repository, when the registry is Artifact Registry (<location>-docker.pkg.dev/<project>/<repo>):
+# the launcher's nodes pull with their accounts, GKE's nodes with the project's default compute account.
+if [[ $registry == *-docker.pkg.dev/* ]]; then
+  location=${registry%%-docker.pkg.dev/*}
+  repository=${registry##*/}
+  once gcloud artifacts repositories create "$repository" --project $project --location "$location" \
+    --repository-format docker
+  number=$(gcloud projects describe $project --format 'value(projectNumber)')
+  for account in "$head" "$worker" "$number-compute@developer.gserviceaccount.com"; do
+    gcloud artifacts repositories add-iam-policy-binding "$repository" --project $project --location "$location" \
+      --member "serviceAccount:$account" --role roles/artifactregistry.reader
+  done
+fi

@@ -41,7 +41,7 @@ def test_render_substitutes_every_placeholder_and_stays_valid(tmp_path):
     settings.write_text(SAMPLE)
     out = tmp_path / "rendered"
     written = render(settings, out)
-    assert sorted(written) == sorted(out / name for names in FILES.values() for name in names)
+    assert sorted(written) == sorted({out / name for names in FILES.values() for name in names})
     kept = {EXAMPLES[("gcp", "zone")], EXAMPLES[("gcp", "region")]}  # left out of SAMPLE: the defaults
     for path in written:
         text = path.read_text()
@@ -103,3 +103,20 @@ def test_an_unset_placeholder_is_refused_by_name(tmp_path):
     with pytest.raises(SettingsError, match=r"unset .*: aws\.bucket$"):
         render(settings, tmp_path / "o")
     assert not (tmp_path / "o").exists()
+
+
+def test_a_value_put_in_is_not_rewritten(tmp_path):
+    """One pass over each file: a registry in another region keeps its region, though the region's example
+    is replaced everywhere else."""
+    settings = tmp_path / "settings.toml"
+    registry = "us-central1-docker.pkg.dev/acme-vision/ml"
+    settings.write_text(
+        SAMPLE.split("[gcp]")[0] + f'[gcp]\nproject = "acme-vision"\nregion = "europe-west4"\n'
+        f'zone = "europe-west4-a"\ndata_bucket = "d"\nruns_bucket = "r"\nregistry = "{registry}"\n'
+        'ssh_cidr = "192.0.2.0/28"\n'
+    )
+    out = tmp_path / "rendered"
+    render(settings, out)
+    gcp = yaml.safe_load((out / "gcp.yaml").read_text())
+    assert gcp["docker"]["image"].startswith(registry + "/ray-deformable-detr:")
+    assert gcp["provider"]["region"] == "europe-west4"
