@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Once per AWS account, before the first `ray up` (README "First deploy: AWS"): the head's and the workers'
+# Once per AWS account, before the first `ray up` (README "First deploy"): the head's and the workers'
 # roles and instance profiles, EC2's spot service-linked role, the security group of the cluster, and the
 # ECR repository of the image built from cluster/Dockerfile.
 # Run the rendered copy (`python -m cluster render` fills in the account, region, bucket and SSH range):

@@ -346,3 +346,9 @@ def test_every_service_account_used_is_defined():
     found = "\n".join(service_account_problems(manifests, renamed))
     for text in ("raycluster.yaml: spec runs as service account 'ddetr-ray'", "no Workload Identity annotation"):
         assert text in found, f"{text!r} not reported in:\n{found}"
+
+
+def test_the_readme_makes_the_head_pool():
+    """The GKE cluster of the README's commands has the CPU pool HEAD_POOL that the heads are sized for."""
+    readme = (REPO_ROOT / "README.md").read_text()
+    assert f"--machine-type {HEAD_POOL['machine']} --num-nodes 1" in readme.replace("\\\n  ", "")

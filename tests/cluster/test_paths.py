@@ -8,6 +8,8 @@ import glob
 import re
 from pathlib import Path
 
+import yaml
+
 from cluster.render import FILES
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -58,3 +60,22 @@ def test_every_path_named_exists():
         "pipelines/trian.py: no such file or folder",
         "python -m cluster.spot_watcher: no such module",
     ]
+
+
+def image_problems(readme: str, images: set[str]) -> list[str]:
+    """Images the README builds or pushes that no launcher config or manifest runs."""
+    named = re.findall(r"docker (?:build .*?-t|push) (\S+)", readme)
+    problems = [f"the README builds or pushes {image}, which no config runs" for image in named if image not in images]
+    return problems + [f"the README never builds {image}" for image in sorted(images - set(named))]
+
+
+def test_the_readme_builds_the_images_the_configs_run():
+    images = {
+        yaml.safe_load((REPO_ROOT / "cluster" / f"{c}.yaml").read_text())["docker"]["image"] for c in ("aws", "gcp")
+    }
+    for manifest in (REPO_ROOT / "cluster" / "kuberay").glob("ray*.yaml"):
+        images |= set(re.findall(r"image: (\S+)", manifest.read_text()))
+    readme = (REPO_ROOT / "README.md").read_text()
+    assert image_problems(readme, images) == []
+    found = image_problems(readme.replace("ray-deformable-detr:0.1.0-", "ray-deformable-detr:0.2.0-"), images)
+    assert found and all("0.2.0" in p or "never builds" in p for p in found)
