@@ -171,3 +171,10 @@ def start_seaweedfs(work: Path) -> S3Server:
     server = S3Server("seaweedfs", proc, s3, log, tuple(ports))
     server.wait_ready(60)
     return server
+
+
+def object_parts(fs: pafs.FileSystem, path: str) -> int:
+    """How many parts the server put an object together from, read off its ETag (``"<md5>-N"``)."""
+    with fs.open_input_stream(path) as f:  # a HEAD
+        etag = f.metadata()["ETag"].decode().strip('"')
+    return int(etag.rpartition("-")[2]) if "-" in etag else 1
