@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from core.checkpoint import Checkpoint, read_checkpoint
 from core.predictor import InputSize, checkpoint_class_info, checkpoint_input_size, export_input_size
-from pipelines.inference.outputs import COCO_FILE, MANIFEST_FILE, OutputDir, part_name
+from pipelines.inference.outputs import COCO_FILE, MANIFEST_FILE, OutputDir, OutputError, part_name
 from pipelines.inference.sources import ImageList, list_images
 from pipelines.inference.steps import DecodeImages, PredictImages
 from pipelines.raytrain.cluster import connect_ray, ray_data_lines_to_its_log
@@ -236,9 +236,12 @@ def run_inference(cfg: InferenceConfig, images: ImageList | None = None) -> dict
         model, input_size = load_onnx_for_inference(cfg.model)
         what = "onnxruntime"
     out = OutputDir(cfg.output)
-    out.prepare()
-    out.check_job(cfg.settings())
-    done = out.done_uris()
+    try:
+        out.prepare()
+        out.check_job(cfg.settings())
+        done = out.done_uris()
+    except OSError as e:  # an unreachable endpoint, missing credentials, a folder not ours to write
+        raise OutputError(f"--output {out.base!r} cannot be read or written: {e}") from e
     todo = [u for u in images.uris if u not in done]
     progress = Progress(len(images.uris), len(images.uris) - len(todo), cfg.progress_every_s)
     print(

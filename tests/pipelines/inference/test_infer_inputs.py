@@ -8,6 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from run_dirs import write_run
+from s3_servers import CREDENTIALS, free_ports
 
 from pipelines.infer import main
 from pipelines.inference.outputs import OutputDir, OutputError, part_name
@@ -107,6 +108,31 @@ def test_a_run_directory_is_read_through_its_best_checkpoint(tmp_path, capsys):
         == f"infer: --checkpoint '{empty}': {empty}: a run directory with no checkpoint yet (checkpoint_manager_snapshot.json lists none)"
     )
     assert not out.exists()
+
+
+def test_an_unreachable_endpoint_is_one_line_and_loses_nothing(tmp_path, capsys, monkeypatch, checkpoint, coco):
+    """Input, checkpoint and output on a bucket whose endpoint does not answer: one line naming the
+    option and the endpoint; the local output of an earlier run stays as it was."""
+    for name, value in CREDENTIALS.items():
+        monkeypatch.setenv(name, value)  # a user with credentials, and the endpoint down
+    (port,) = free_ports(1)
+    bucket = "s3://nowhere/{}?endpoint_override=127.0.0.1:" + f"{port}&scheme=http"
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "part-earlier.parquet").write_bytes(b"rows of an earlier run")
+    images, ckpt = os.path.join(coco["root"], coco["val_images"]), str(checkpoint.parent)
+    runs = {
+        "--input": ["--checkpoint", ckpt, "--input", bucket.format("images"), "--output", str(out)],
+        "--checkpoint": ["--checkpoint", bucket.format("ckpt"), "--input", images, "--output", str(out)],
+        "--output": ["--checkpoint", ckpt, "--input", images, "--output", bucket.format("out")],
+    }
+    for option, argv in runs.items():
+        assert main(argv) == 2, option
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"infer: {option} 's3://nowhere/") and "\n" not in err, err
+        assert f"127.0.0.1:{port}" in err, err
+        assert os.listdir(out) == ["part-earlier.parquet"]
+        assert (out / "part-earlier.parquet").read_bytes() == b"rows of an earlier run"
 
 
 def test_settings_are_fixed_once_rows_exist(tmp_path):
