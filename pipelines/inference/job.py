@@ -140,7 +140,7 @@ def _with_resolved_checkpoint(cfg: InferenceConfig) -> InferenceConfig:
 
     try:
         resolved = resolve_checkpoint(cfg.checkpoint)
-    except ValueError as e:
+    except (OSError, ValueError) as e:  # OSError: an unreachable endpoint, missing credentials
         raise ValueError(f"--checkpoint {cfg.checkpoint.partition('?')[0]!r}: {e}") from e
     if resolved == cfg.checkpoint:
         return cfg
