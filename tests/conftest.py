@@ -183,11 +183,17 @@ class LocalCluster:
         ports = _ray_start([f"--address={self.gcs_address}", *base, *args], self.env, flags, self.temp_dir)
         return ports["node-manager-port"]
 
-    def kill_node(self, node_manager_port: int, missing_ok: bool = False) -> list[int]:
+    def kill_node(self, node: int | str, missing_ok: bool = False) -> list[int]:
         """SIGKILLs a node's raylet and everything it started, as a reclaimed cloud VM disappears.
-        ``missing_ok``: a node already gone is no error (nothing is killed)."""
-        raylets = [pid for pid in _pids_using(f"--node_manager_port={node_manager_port}") if "raylet" in _cmdline(pid)]
-        assert raylets or missing_ok, f"no raylet with node manager port {node_manager_port}"
+
+        Args:
+            node: the node manager port of a node from ``add_node``, or the hex id of any node (the
+                autoscaler's nodes pick their port at start: their command line does not name it).
+            missing_ok: a node already gone is no error (nothing is killed).
+        """
+        marker = f"--node_manager_port={node}" if isinstance(node, int) else f"--node_id={node}"
+        raylets = [pid for pid in _pids_using(marker) if "raylet" in _cmdline(pid)]
+        assert raylets or missing_ok, f"no raylet with {marker}"
         victims = [p for r in raylets for p in (*_descendants(r), r)]
         for pid in victims:
             try:
