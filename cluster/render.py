@@ -3,7 +3,9 @@ carry (an account id, a region, a bucket, a registry) is replaced by the user's,
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -16,27 +18,41 @@ except ModuleNotFoundError:  # Python 3.10: the same parser, published as tomli 
 
 CLUSTER = Path(__file__).resolve().parent
 
-# (section, key) -> the example value written in the committed files. Longer values come first where one
-# contains another (a zone contains its region), so that they are replaced whole.
+# (section, key) -> the example value written in the committed files. Each file is rewritten in one pass,
+# longest example first where one contains another (a zone its region, the registry its region and
+# project), so a value is replaced whole and a value put in is never rewritten again.
 EXAMPLES = {
+    ("gcp", "registry"): "us-central1-docker.pkg.dev/ddetr-project/ddetr",
     ("aws", "availability_zones"): "us-east-1a,us-east-1b,us-east-1c,us-east-1d",
     ("aws", "account_id"): "123456789012",
     ("aws", "region"): "us-east-1",
     ("aws", "bucket"): "my-bucket",
+    ("aws", "ssh_cidr"): "198.51.100.0/24",
     ("gcp", "zone"): "us-central1-a",
     ("gcp", "region"): "us-central1",
     ("gcp", "project"): "ddetr-project",
     ("gcp", "data_bucket"): "ddetr-data",
     ("gcp", "runs_bucket"): "ddetr-runs",
-    ("gcp", "registry"): "ghcr.io/your-org",
+    ("gcp", "ssh_cidr"): "203.0.113.0/24",
 }
+# Values that are address ranges: the only place SSH is admitted from, so never the whole internet.
+CIDRS = {("aws", "ssh_cidr"), ("gcp", "ssh_cidr")}
 # Values whose example is a fine choice (the regions and zones): left out, the example stays.
 DEFAULTED = {("aws", "availability_zones"), ("aws", "region"), ("gcp", "zone"), ("gcp", "region")}
 # The files each section's values go into, relative to cluster/.
 FILES = {
-    "aws": ["aws.yaml", "aws-iam/ddetr-ray-head.json", "aws-iam/ddetr-ray-worker.json", "aws-iam/trust-ec2.json"],
+    "aws": [
+        "aws.yaml",
+        "once-aws.sh",
+        "aws-iam/ddetr-ray-head.json",
+        "aws-iam/ddetr-ray-worker.json",
+        "aws-iam/trust-ec2.json",
+        "Dockerfile",
+    ],
     "gcp": [
         "gcp.yaml",
+        "once-gcp.sh",
+        "gcp-iam/ddetr-ray-head-role.yaml",
         "kuberay/raycluster.yaml",
         "kuberay/rayjob-train.yaml",
         "kuberay/rayjob-sweep.yaml",
@@ -79,11 +95,25 @@ def load_settings(path: Path) -> dict[str, dict[str, str]]:
                 unset.append(f"{section}.{key}")
             elif value == example and (section, key) not in DEFAULTED:
                 unset.append(f"{section}.{key}")
+            elif (section, key) in CIDRS:
+                check_ssh_cidr(path, f"{section}.{key}", value)
     if unset:
         raise SettingsError(
             f"{path}: placeholders left unset (missing, empty or still the example): {', '.join(unset)}"
         )
     return settings
+
+
+def check_ssh_cidr(path: Path, name: str, value: str) -> None:
+    """An IPv4 or IPv6 address range in CIDR form that is not the whole internet."""
+    try:
+        network = ipaddress.ip_network(value, strict=False)
+    except ValueError as e:
+        raise SettingsError(f"{path}: {name} {value!r} is not an address range such as 198.51.100.7/32 ({e})") from e
+    if network.prefixlen == 0:
+        raise SettingsError(
+            f"{path}: {name} {value!r} admits SSH from the whole internet; give your own range, e.g. <your IP>/32"
+        )
 
 
 def render(settings_path: Path, out: Path) -> list[Path]:
@@ -92,22 +122,19 @@ def render(settings_path: Path, out: Path) -> list[Path]:
     settings = load_settings(settings_path)
     if out.exists():
         raise SettingsError(f"--out {out}: already exists; give a new folder")
-    replacements = [
-        (example, settings[section][key]) for (section, key), example in EXAMPLES.items() if section in settings
-    ]
+    values = {example: settings[section][key] for (section, key), example in EXAMPLES.items() if section in settings}
+    pattern = re.compile("|".join(re.escape(e) for e in sorted(values, key=len, reverse=True)))
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".render-", dir=out.parent))
+    names = list(dict.fromkeys(name for section in settings for name in FILES[section]))  # Dockerfile: both
     try:
         written = []
-        for section in settings:
-            for name in FILES[section]:
-                text = (CLUSTER / name).read_text()
-                for example, value in replacements:
-                    text = text.replace(example, value)
-                target = staging / name
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_text(text)
-                written.append(out / name)
+        for name in names:
+            text = pattern.sub(lambda m: values[m.group(0)], (CLUSTER / name).read_text())
+            target = staging / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(text)
+            written.append(out / name)
         os.replace(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -1,6 +1,7 @@
 """Batch inference over an image folder, a bucket prefix or a manifest, on a Ray actor pool; resumable.
 
     python pipelines/infer.py --checkpoint runs/demo/checkpoint_epoch0011 --input data/demo/val --output out/
+    python pipelines/infer.py --checkpoint runs/demo --input data/demo/val --output out/   # the run's best
     python pipelines/infer.py --checkpoint r50_deformable_detr-checkpoint.pth --input s3://bucket/images \\
         --output s3://bucket/detections --actors 4 --gpus-per-actor 1 --bf16 --glob '*.jpg'
     ray job submit --working-dir . -- python pipelines/infer.py --checkpoint s3://... --input manifest.txt ...
@@ -26,7 +27,11 @@ from pydantic import ValidationError
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--checkpoint", help="checkpoint file or run checkpoint folder (local, s3, gs, http)")
+    p.add_argument(
+        "--checkpoint",
+        help="checkpoint file, checkpoint folder, or a run directory for its best checkpoint, else its latest "
+        "(local, s3, gs, http)",
+    )
     p.add_argument(
         "--engine",
         choices=["torch", "onnxruntime"],

@@ -117,24 +117,41 @@ def _not_found(e: OSError) -> bool:
 
 
 def read_bytes(uri: str, storage_options: Mapping[str, Any] | None = None, *, retries: int = 3) -> bytes:
-    """All bytes of one file. Transient object-store errors are retried; a missing file is not.
+    """All bytes of one file, one whole version of it. Transient object-store errors are retried; a missing
+    file is not.
+
+    pyarrow reads an object as a HEAD (its size and ETag) and ranged GETs: a writer overwriting it in
+    between would hand the reader a mix of two versions, or the new one cut at the old one's size. The
+    ETag is asked again after the read; a file that changed meanwhile is read again.
 
     Raises:
         FileNotFoundError: no such file (the message names ``uri``).
-        OSError: still failing after ``retries`` attempts.
+        OSError: still failing (or changing) after ``retries`` attempts.
     """
     fs, path = filesystem_for(uri, storage_options)
     for attempt in range(retries):
         try:
-            with fs.open_input_stream(path) as f:  # a stream: one GET, no HEAD first
-                return f.read()
+            with fs.open_input_stream(path) as f:
+                version = f.metadata().get("ETag")  # object stores only; local reads are one file
+                data = f.read()
+            if version is None or _etag(fs, path) == version:
+                return data
+            problem: object = "it changed while being read"
         except OSError as e:
             if _not_found(e):
                 raise FileNotFoundError(f"{uri}: no such file") from e
-            if attempt == retries - 1:
-                raise OSError(f"cannot read {uri} after {retries} attempts: {e}") from e
-            time.sleep(0.2 * 2**attempt)
+            problem = e
+        if attempt == retries - 1:
+            raise OSError(f"cannot read {uri} after {retries} attempts: {problem}") from (
+                problem if isinstance(problem, OSError) else None
+            )
+        time.sleep(0.2 * 2**attempt)
     raise AssertionError("unreachable")
+
+
+def _etag(fs: pafs.FileSystem, path: str) -> bytes | None:
+    with fs.open_input_stream(path) as f:  # a HEAD, nothing read
+        return f.metadata().get("ETag")
 
 
 def read_many(

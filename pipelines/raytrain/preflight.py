@@ -20,13 +20,12 @@ import pyarrow.fs as pafs
 
 from pipelines.job_config import JobConfig
 from pipelines.raytrain.cluster import in_ray_job
+from pipelines.raytrain.run_dir import SNAPSHOT_FILE
 from pipelines.storage import absolute, file_type, filesystem_for, has_scheme, is_remote, join_uri, local_path
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train V2's record of the registered checkpoints
 
 
 class PreflightError(RuntimeError):

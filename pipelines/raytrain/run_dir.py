@@ -35,6 +35,7 @@ METRICS_FILE = "metrics.jsonl"
 AP_TABLE_FILE = "ap_table.md"
 DATA_REPORT_FILE = "data_report.json"
 STATUS_FILE = "status.json"
+SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train V2's record of the registered checkpoints
 MLFLOW_RUN_FILE = "mlflow_run.json"  # train.loggers=mlflow: the MLflow run a resumed run goes on in
 
 

@@ -7,11 +7,13 @@ into that epoch a mid-epoch checkpoint was written (steps and images), the per-e
 whole JobConfig as JSON in ``meta``.
 
 Each checkpoint is a folder of its own: ``checkpoint_epochNNNN`` after epoch NNNN (0-based),
-``checkpoint_stepNNNNNNNN`` at global optimizer step NNNNNNNN in the middle of an epoch.
+``checkpoint_stepNNNNNNNN`` at global optimizer step NNNNNNNN in the middle of an epoch. A run directory
+stands for its best checkpoint, else its latest (``resolve_checkpoint``).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -25,11 +27,59 @@ from torch import nn
 
 from core.checkpoint import load_model_weights, read_checkpoint, save_checkpoint
 from pipelines.job_config import JobConfig
-from pipelines.storage import fetch_file, file_type, is_remote, join_uri
+from pipelines.raytrain.run_dir import SNAPSHOT_FILE
+from pipelines.storage import fetch_file, file_type, has_scheme, is_remote, join_uri, read_bytes
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "checkpoint.pt"
+SCORE_KEY = "checkpoint_score"  # AP, or -loss in runs without evaluation: what keep_checkpoints ranks by
+# The score of a checkpoint without one (an epoch not evaluated, a mid-epoch checkpoint): below any AP or
+# -loss, and finite, because Ray's checkpoint snapshot (pydantic JSON) writes NaN and inf as null, which
+# its restore then cannot rank. Among equal scores Ray keeps the later checkpoints.
+UNSCORED = -1e30
+
+
+def resolve_checkpoint(uri: str) -> str:
+    """The checkpoint ``uri`` names: itself, or for a run directory its best checkpoint, else its latest.
+
+    A run directory (``<storage_path>/<train.name>``, holding Ray Train's snapshot of the checkpoints it
+    kept) stands for the kept checkpoint of the highest SCORE_KEY (AP, or -loss without evaluation); when
+    none has a score (mid-epoch checkpoints only), the latest one. A file or a checkpoint folder is
+    returned as it is.
+
+    Raises:
+        ValueError: a run directory without a checkpoint yet, or with an unreadable snapshot.
+    """
+    import pyarrow.fs as pafs
+
+    if has_scheme(uri) and not is_remote(uri) and not uri.startswith("file://"):
+        return uri  # http(s): a file
+    if file_type(uri) != pafs.FileType.Directory or file_type(join_uri(uri, CHECKPOINT_FILE)) == pafs.FileType.File:
+        return uri
+    snapshot_uri = join_uri(uri, SNAPSHOT_FILE)
+    if file_type(snapshot_uri) != pafs.FileType.File:
+        return uri  # not a run directory: fetch_checkpoint_file names the missing checkpoint.pt
+    try:
+        snapshot = json.loads(read_bytes(snapshot_uri))
+        kept = [
+            (r["checkpoint_dir_name"], r["metrics"].get(SCORE_KEY, UNSCORED)) for r in snapshot["checkpoint_results"]
+        ]
+        latest = (snapshot.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{snapshot_uri.partition('?')[0]}: not a readable Ray Train checkpoint snapshot ({e})") from e
+    scored = [(score, name) for name, score in kept if isinstance(score, (int, float)) and score > UNSCORED]
+    if scored:
+        best = max(score for score, _ in scored)
+        ties = [name for score, name in scored if score == best]
+        name = latest if latest in ties else ties[-1]
+    elif latest is not None:
+        name = latest
+    else:
+        raise ValueError(
+            f"{uri.partition('?')[0]}: a run directory with no checkpoint yet ({SNAPSHOT_FILE} lists none)"
+        )
+    return join_uri(uri, name)
 
 
 def fetch_checkpoint_file(uri: str, dest_dir: str) -> str:

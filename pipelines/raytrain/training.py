@@ -31,8 +31,9 @@ from pipelines.raytrain.preflight import (
 from pipelines.raytrain.run_datasets import DetectionDataConfig, PreparedData, prepare_data
 from pipelines.raytrain.run_dir import AP_TABLE_FILE, DATA_REPORT_FILE, RunDir, write_status
 from pipelines.raytrain.run_plots import write_final_outputs
+from pipelines.raytrain.state import SCORE_KEY
 from pipelines.raytrain.tracking import RunSummary, Trackers
-from pipelines.raytrain.worker import SCORE_KEY, train_loop_per_worker
+from pipelines.raytrain.worker import train_loop_per_worker
 from pipelines.raytrain.worker_config import WorkerConfig
 from pipelines.storage import filesystem_for, is_remote, join_uri
 

@@ -40,7 +40,7 @@ from pipelines.engine import (
 )
 from pipelines.job_config import JobConfig
 from pipelines.raytrain.metrics import StepReporter, peak_memory_mb
-from pipelines.raytrain.state import TrainState
+from pipelines.raytrain.state import SCORE_KEY, UNSCORED, TrainState
 from pipelines.raytrain.step_checkpoints import STEP_CHECKPOINT_KEY, StepCheckpoints, resume_step
 from pipelines.raytrain.worker_config import WorkerConfig
 from pipelines.raytrain.worker_context import (
@@ -53,12 +53,6 @@ from pipelines.raytrain.worker_context import (
 from pipelines.raytrain.worker_eval import distributed_evaluate, load_val_ground_truth
 
 log = logging.getLogger(__name__)
-
-SCORE_KEY = "checkpoint_score"  # AP, or -loss in runs without evaluation: what keep_checkpoints ranks by
-# The score of a checkpoint without one (an epoch not evaluated, a mid-epoch checkpoint): below any AP or
-# -loss, and finite, because Ray's checkpoint snapshot (pydantic JSON) writes NaN and inf as null, which
-# its restore then cannot rank. Among equal scores Ray keeps the later checkpoints.
-UNSCORED = -1e30
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:

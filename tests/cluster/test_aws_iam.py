@@ -1,6 +1,6 @@
 """The AWS roles of cluster/aws-iam/: valid IAM policy documents, least privilege (no wildcard action,
 `*` resources only where EC2 has no resource-level permission, PassRole on the workers' role only), every
-call Ray's AWS node provider makes from the head allowed, and cluster/aws.yaml and the README using the
+call Ray's AWS node provider makes from the head allowed, and cluster/aws.yaml and cluster/once-aws.sh using the
 roles these files define.
 
 A small evaluator of Allow statements (actions, resources and StringEquals conditions, with IAM's `*` and
@@ -41,8 +41,16 @@ BOTO_CALLS = {
 }
 # Calls made only when the config asks for them: stopped-node caching, the CloudWatch agent.
 CONDITIONAL = {"ec2:StopInstances", "ec2:StartInstances", "ec2:DescribeImages"}
-# EC2 read actions that support no resource-level permission: the only ones allowed on Resource "*".
-UNSCOPED_READS = {"ec2:DescribeInstances", "ec2:DescribeInstanceTypes", "ec2:DescribeImages"}
+# Actions that support no resource-level permission: EC2 reads, and the ECR login that lets a node's Docker
+# pull the image. The only ones allowed on Resource "*".
+UNSCOPED_READS = {
+    "ec2:DescribeInstances",
+    "ec2:DescribeInstanceTypes",
+    "ec2:DescribeImages",
+    "ecr:GetAuthorizationToken",
+}
+# What a node's `docker pull` of the image from its ECR repository needs.
+ECR_PULL = {"ecr:BatchGetImage", "ecr:GetDownloadUrlForLayer", "ecr:BatchCheckLayerAvailability"}
 
 
 def load_policy(name: str) -> dict:
@@ -100,7 +108,7 @@ def policy_problems(name: str, policy: dict, worker_roles: set[str]) -> list[str
         if "*" in resources:
             broad = sorted(set(actions) - UNSCOPED_READS)
             if broad:
-                problems.append(f"{where}: {broad} on Resource '*' (only unscoped EC2 reads may be)")
+                problems.append(f"{where}: {broad} on Resource '*' (only actions without resource-level permission)")
             elif not st.get("Condition", {}).get("StringEquals", {}).get("aws:RequestedRegion"):
                 problems.append(f"{where}: Resource '*' must be held to the region (aws:RequestedRegion)")
         if "iam:PassRole" in actions:
@@ -181,7 +189,27 @@ def _bucket_arns(policy: dict) -> set[str]:
     return {r for st in policy["Statement"] for r in _as_list(st["Resource"]) if r.startswith("arn:aws:s3:::")}
 
 
-def worker_problems(policy: dict, bucket: str) -> list[str]:
+def image_repository(cfg: dict) -> tuple[str, str]:
+    """(region, repository ARN) of aws.yaml's docker.image, an ECR image."""
+    match = re.fullmatch(r"(\d{12})\.dkr\.ecr\.([a-z0-9-]+)\.amazonaws\.com/([\w./-]+):[\w.-]+", cfg["docker"]["image"])
+    assert match, f"aws.yaml's docker.image {cfg['docker']['image']!r} is not an ECR image"
+    account, region, name = match.groups()
+    return region, f"arn:aws:ecr:{region}:{account}:repository/{name}"
+
+
+def pull_problems(role: str, policy: dict, cfg: dict) -> list[str]:
+    """The node's Docker may log in to ECR and pull aws.yaml's image."""
+    region, repository = image_repository(cfg)
+    needs = [("ecr:GetAuthorizationToken", "*", {"aws:RequestedRegion": region})]
+    needs += [(action, repository, {}) for action in sorted(ECR_PULL)]
+    return [
+        f"the {role} may not {action} on {resource}: its Docker cannot pull the image"
+        for action, resource, context in needs
+        if not allows(policy, action, resource, context)
+    ]
+
+
+def worker_problems(policy: dict, bucket: str, repository: str) -> list[str]:
     problems = [
         f"the worker may not {action} on {resource}"
         for action, resource in (
@@ -193,11 +221,13 @@ def worker_problems(policy: dict, bucket: str) -> list[str]:
     ]
     for st in policy["Statement"]:
         for action in _as_list(st["Action"]):
-            if not action.startswith("s3:"):
-                problems.append(f"the worker may {action}: its role is the bucket and nothing else")
+            if not action.startswith("s3:") and action not in ECR_PULL | {"ecr:GetAuthorizationToken"}:
+                problems.append(f"the worker may {action}: its role is the bucket and the image, nothing else")
         for resource in _as_list(st["Resource"]):
-            if resource not in (f"arn:aws:s3:::{bucket}", f"arn:aws:s3:::{bucket}/*"):
-                problems.append(f"the worker's role reaches {resource}, beyond the bucket {bucket}")
+            if resource not in (f"arn:aws:s3:::{bucket}", f"arn:aws:s3:::{bucket}/*", repository) and not (
+                resource == "*" and _as_list(st["Action"]) == ["ecr:GetAuthorizationToken"]
+            ):
+                problems.append(f"the worker's role reaches {resource}, beyond the bucket {bucket} and the image")
     return problems
 
 
@@ -271,17 +301,30 @@ def test_the_head_may_run_the_cluster_and_nothing_more(aws_cfg):
     assert "may not ec2:StopInstances" in "\n".join(head_problems(head, cached, account))
 
 
-def test_the_worker_reads_and_writes_the_bucket_only():
+def test_the_worker_reads_and_writes_the_bucket_only(aws_cfg):
     worker = load_policy("ddetr-ray-worker")
     bucket = next(iter(_bucket_arns(worker))).split(":::")[1].split("/")[0]
     assert bucket == next(iter(_bucket_arns(load_policy("ddetr-ray-head")))).split(":::")[1].split("/")[0]
-    assert worker_problems(worker, bucket) == []
+    _, repository = image_repository(aws_cfg)
+    assert worker_problems(worker, bucket, repository) == []
     broken = copy.deepcopy(worker)
     broken["Statement"].append({"Effect": "Allow", "Action": "ec2:DescribeInstances", "Resource": "arn:aws:s3:::*"})
     broken["Statement"][1]["Action"] = ["s3:GetObject"]
-    found = "\n".join(worker_problems(broken, bucket))
+    found = "\n".join(worker_problems(broken, bucket, repository))
     for text in ("may not s3:PutObject", "may ec2:DescribeInstances", "reaches arn:aws:s3:::*"):
         assert text in found, f"{text!r} not reported in:\n{found}"
+
+
+def test_every_node_may_pull_the_image(aws_cfg):
+    """aws.yaml's nodes run the image from the account's ECR: both roles log in and pull that repository."""
+    for role in ("ddetr-ray-head", "ddetr-ray-worker"):
+        assert pull_problems(role, load_policy(role), aws_cfg) == []
+    broken = copy.deepcopy(load_policy("ddetr-ray-worker"))
+    for st in broken["Statement"]:
+        if st.get("Sid") == "PullTheImage":
+            st["Resource"] = st["Resource"].replace("ray-deformable-detr", "other")
+    found = "\n".join(pull_problems("worker", broken, aws_cfg))
+    assert "may not ecr:BatchGetImage" in found, found
 
 
 def test_the_autoscaler_calls_are_known(aws_cfg):
@@ -310,9 +353,9 @@ def test_aws_yaml_and_readme_use_the_roles_defined_here(aws_cfg):
     for node_type, profile in profiles.items():
         assert (IAM / f"{profile}.json").is_file(), f"{node_type}: no cluster/aws-iam/{profile}.json for its profile"
     assert profiles[aws_cfg["head_node_type"]] not in _worker_roles(aws_cfg), "the head and the workers share a role"
-    readme = (REPO_ROOT / "README.md").read_text()
-    loop = re.search(r"for role in ([\w\- ]+); do(.*?)done", readme, re.DOTALL)
-    assert loop, "README: the once-per-account loop that creates the roles is missing"
+    script = (REPO_ROOT / "cluster" / "once-aws.sh").read_text()
+    loop = re.search(r"for role in ([\w\- ]+); do(.*?)done", script, re.DOTALL)
+    assert loop, "cluster/once-aws.sh: the loop that creates the roles is missing"
     assert set(loop.group(1).split()) == set(profiles.values()), (loop.group(1), set(profiles.values()))
-    for step in ("create-role", "put-role-policy", "file://cluster/aws-iam/$role.json", "create-instance-profile"):
-        assert step in loop.group(2), f"README's role loop lacks {step}"
+    for step in ("create-role", "put-role-policy", "file://$here/aws-iam/$role.json", "create-instance-profile"):
+        assert step in loop.group(2), f"once-aws.sh's role loop lacks {step}"

@@ -1,6 +1,7 @@
 """The KubeRay manifests (cluster/kuberay/): KubeRay v1.7's strict schemas, the operator's rules those
 schemas leave out, and what the project relies on (autoscaler v2, token auth, GPU groups from zero with
-limits and tolerations, a head without GPUs, no public Service, the image pinned like the launcher's).
+limits, tolerations and a /dev/shm, a head without GPUs, off spot nodes, never evicted and sized for the
+CPU pool, no public Service, RayJob deadlines, the image pinned like the launcher's).
 
 Each check returns the problems it finds; each runs on the real manifests (none) and on a broken copy.
 """
@@ -52,6 +53,85 @@ def cluster_specs(doc: dict) -> list[tuple[str, dict]]:
     return [("spec.rayClusterSpec", doc["spec"]["rayClusterSpec"])] if "rayClusterSpec" in doc["spec"] else []
 
 
+# The CPU node pool the README's GKE commands make for the head, and what GKE leaves a pod of one node:
+# the vCPUs less 6% of the first core, 1% of the second, 0.5% of the next two and 0.25% of the rest, and
+# the memory less 25% of the first 4 GiB, 20% of the next 4, 10% of the next 8 and 6% up to 128, less
+# the 100 MiB eviction threshold; of that, DAEMONS for GKE's own per-node pods.
+HEAD_POOL = {"machine": "n2-standard-8", "cpus": 8, "memory_gib": 32}
+DAEMONS = {"cpu": 1.0, "memory_gib": 2.0}
+# The autoscaler's sidecar beside the head container (autoscalerOptions.resources, else KubeRay's default).
+SIDECAR_DEFAULT = {"cpu": 0.5, "memory_gib": 0.5}
+
+
+def allocatable(cpus: int, memory_gib: float) -> tuple[float, float]:
+    """GKE's allocatable CPUs and GiB on one node of ``cpus`` vCPUs and ``memory_gib`` GiB."""
+    cpu_reserved = 0.06 + 0.01 * (cpus > 1) + 0.005 * min(max(cpus - 2, 0), 2) + 0.0025 * max(cpus - 4, 0)
+    tiers = [(4, 0.25), (4, 0.20), (8, 0.10), (112, 0.06)]
+    left, mem_reserved = memory_gib, 0.0
+    for size, share in tiers:
+        mem_reserved += min(left, size) * share
+        left = max(left - size, 0)
+    return cpus - cpu_reserved, memory_gib - mem_reserved - 100 / 1024
+
+
+def quantity(value: str | int | float) -> float:
+    """A Kubernetes CPU (``500m``, ``"6"``) or memory (``22Gi``, ``512Mi``) quantity, in cores or GiB."""
+    text = str(value)
+    for suffix, scale in (("m", 1e-3), ("Gi", 1.0), ("Mi", 1 / 1024), ("Ki", 1 / 1024**2)):
+        if text.endswith(suffix):
+            return float(text[: -len(suffix)]) * scale
+    return float(text)
+
+
+def head_placement_problems(where: str, spec: dict) -> list[str]:
+    """The head off spot nodes, never evicted by the cluster autoscaler, and small enough for HEAD_POOL."""
+    problems = []
+    template = spec["headGroupSpec"]["template"]
+    annotations = template.get("metadata", {}).get("annotations", {})
+    if annotations.get("cluster-autoscaler.kubernetes.io/safe-to-evict") != "false":
+        problems.append(
+            f'{where}.headGroupSpec: needs the annotation cluster-autoscaler.kubernetes.io/safe-to-evict: "false"'
+        )
+    pod = template["spec"]
+    terms = (
+        pod.get("affinity", {})
+        .get("nodeAffinity", {})
+        .get("requiredDuringSchedulingIgnoredDuringExecution", {})
+        .get("nodeSelectorTerms", [])
+    )
+    off_spot = terms and all(
+        {"key": "cloud.google.com/gke-spot", "operator": "DoesNotExist"} in t.get("matchExpressions", []) for t in terms
+    )
+    if not off_spot or pod.get("nodeSelector", {}).get("cloud.google.com/gke-spot") == "true":
+        problems.append(f"{where}.headGroupSpec: the head must require nodes without cloud.google.com/gke-spot")
+    sidecar = spec.get("autoscalerOptions", {}).get("resources", {}).get("requests", {})
+    cpu = quantity(sidecar.get("cpu", SIDECAR_DEFAULT["cpu"]))
+    memory = quantity(sidecar.get("memory", f"{SIDECAR_DEFAULT['memory_gib']}Gi"))
+    for c in pod["containers"]:
+        requests = c.get("resources", {}).get("requests", {})
+        cpu += quantity(requests.get("cpu", 0))
+        memory += quantity(requests.get("memory", 0))
+    free_cpu, free_memory = allocatable(HEAD_POOL["cpus"], HEAD_POOL["memory_gib"])
+    free_cpu, free_memory = free_cpu - DAEMONS["cpu"], free_memory - DAEMONS["memory_gib"]
+    if cpu > free_cpu or memory > free_memory:
+        problems.append(
+            f"{where}.headGroupSpec: the head pod asks {cpu:g} CPUs and {memory:g} GiB, one {HEAD_POOL['machine']} "
+            f"node has {free_cpu:.2f} CPUs and {free_memory:.1f} GiB for it"
+        )
+    return problems
+
+
+def shm_problems(where: str, pod: dict) -> list[str]:
+    """A GPU pod mounts a memory-backed /dev/shm of bounded size (the container's default is 64 MiB)."""
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    for c in pod["containers"]:
+        for mount in c.get("volumeMounts", []):
+            empty_dir = volumes.get(mount["name"], {}).get("emptyDir", {})
+            if mount["mountPath"] == "/dev/shm" and empty_dir.get("medium") == "Memory" and empty_dir.get("sizeLimit"):
+                return []
+    return [f"{where}: no /dev/shm (an emptyDir of medium Memory with a sizeLimit)"]
+
+
 def _env(container: dict) -> dict[str, str]:
     return {e["name"]: e.get("value") for e in container.get("env", [])}
 
@@ -73,6 +153,7 @@ def cluster_problems(where: str, spec: dict, pins: dict[str, str]) -> list[str]:
         problems.append(f"{where}.headGroupSpec: the head Service must stay ClusterIP without ingress")
     if head.get("rayStartParams", {}).get("num-gpus") != "0":
         problems.append(f'{where}.headGroupSpec.rayStartParams: num-gpus must be "0" (the head runs no training)')
+    problems += head_placement_problems(where, spec)
     pods = [(f"{where}.headGroupSpec", head["template"]["spec"], False)]
     names = [g["groupName"] for g in spec.get("workerGroupSpecs", [])]
     if len(set(names)) != len(names):
@@ -91,6 +172,7 @@ def cluster_problems(where: str, spec: dict, pins: dict[str, str]) -> list[str]:
             problems.append(f"{gw}: GPU pods must tolerate the nvidia.com/gpu taint")
         if spot and pod.get("nodeSelector", {}).get("cloud.google.com/gke-spot") != "true":
             problems.append(f"{gw}: a spot group must select spot nodes")
+        problems += shm_problems(gw, pod)
         pods.append((gw, pod, True))
     for pw, pod, gpu in pods:
         if pod.get("restartPolicy") not in (None, "Never"):
@@ -124,6 +206,12 @@ def job_problems(doc: dict) -> list[str]:
     ):
         problems.append(
             "spec: a job's own cluster must be deleted after it (shutdownAfterJobFinishes, ttlSecondsAfterFinished)"
+        )
+    pre, active = spec.get("preRunningDeadlineSeconds"), spec.get("activeDeadlineSeconds")
+    if not (isinstance(pre, int) and isinstance(active, int) and 0 < pre < active):
+        problems.append(
+            "spec: preRunningDeadlineSeconds and activeDeadlineSeconds are required, the first below the second "
+            f"(a job that never starts or never ends bills its nodes), got {pre} and {active}"
         )
     for path in re.findall(r"(?:storage_path|root)=(\S+)", str(spec.get("entrypoint", ""))):
         if not re.match(r"(gs|s3)://", path):
@@ -173,6 +261,11 @@ def test_cluster_spec(name, pins):
     worker = group["template"]["spec"]["containers"][0]
     del worker["resources"]["limits"]["nvidia.com/gpu"]
     worker["env"] = []
+    del worker["volumeMounts"]
+    head = broken["headGroupSpec"]["template"]
+    del head["metadata"]["annotations"]
+    del head["spec"]["affinity"]
+    head["spec"]["containers"][0]["resources"]["requests"]["memory"] = "26Gi"
     found = "\n".join(cluster_problems(where, broken, pins))
     for text in (
         "version v2",
@@ -183,6 +276,10 @@ def test_cluster_spec(name, pins):
         "restartPolicy 'Always'",
         "GPU limits",
         "MSDA_BACKEND=cuda",
+        "no /dev/shm",
+        "safe-to-evict",
+        "without cloud.google.com/gke-spot",
+        "26.5 GiB, one n2-standard-8 node",
     ):
         assert text in found, f"{text!r} not reported in:\n{found}"
 
@@ -196,8 +293,9 @@ def test_rayjob_rules(name):
     broken["spec"]["clusterSelector"] = {"ray.io/cluster": "ddetr"}
     broken["spec"]["shutdownAfterJobFinishes"] = False
     broken["spec"]["entrypoint"] += " --set train.storage_path=/tmp/runs"
+    del broken["spec"]["preRunningDeadlineSeconds"]
     found = "\n".join(job_problems(broken))
-    for text in ("exactly one of", "must be deleted after it", "'/tmp/runs' is a pod's local disk"):
+    for text in ("exactly one of", "must be deleted after it", "'/tmp/runs' is a pod's local disk", "got None and"):
         assert text in found, f"{text!r} not reported in:\n{found}"
 
 
@@ -248,3 +346,9 @@ def test_every_service_account_used_is_defined():
     found = "\n".join(service_account_problems(manifests, renamed))
     for text in ("raycluster.yaml: spec runs as service account 'ddetr-ray'", "no Workload Identity annotation"):
         assert text in found, f"{text!r} not reported in:\n{found}"
+
+
+def test_the_readme_makes_the_head_pool():
+    """The GKE cluster of the README's commands has the CPU pool HEAD_POOL that the heads are sized for."""
+    readme = (REPO_ROOT / "README.md").read_text()
+    assert f"--machine-type {HEAD_POOL['machine']} --num-nodes 1" in readme.replace("\\\n  ", "")

@@ -5,6 +5,7 @@ left; a placeholder left unset is refused in one line that names it; a failed re
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -24,12 +25,14 @@ account_id = "210987654321"
 region = "eu-west-1"
 availability_zones = "eu-west-1a,eu-west-1b"
 bucket = "acme-detr"
+ssh_cidr = "192.0.2.17/32"
 
 [gcp]
 project = "acme-vision"
 data_bucket = "acme-coco"
 runs_bucket = "acme-runs"
 registry = "europe-docker.pkg.dev/acme-vision/ml"
+ssh_cidr = "192.0.2.0/28"
 """
 
 
@@ -38,7 +41,7 @@ def test_render_substitutes_every_placeholder_and_stays_valid(tmp_path):
     settings.write_text(SAMPLE)
     out = tmp_path / "rendered"
     written = render(settings, out)
-    assert sorted(written) == sorted(out / name for names in FILES.values() for name in names)
+    assert sorted(written) == sorted({out / name for names in FILES.values() for name in names})
     kept = {EXAMPLES[("gcp", "zone")], EXAMPLES[("gcp", "region")]}  # left out of SAMPLE: the defaults
     for path in written:
         text = path.read_text()
@@ -47,6 +50,9 @@ def test_render_substitutes_every_placeholder_and_stays_valid(tmp_path):
     for name in ("aws.yaml", "gcp.yaml"):
         validate_config(prepare_config(yaml.safe_load((out / name).read_text())))
     aws = yaml.safe_load((out / "aws.yaml").read_text())
+    # SSH only from the ranges set: in the security group (AWS) and the firewall rule (GCP) made once.
+    assert "--port 22 --cidr 192.0.2.17/32" in (out / "once-aws.sh").read_text()
+    assert "--allow tcp:22 --source-ranges 192.0.2.0/28" in (out / "once-gcp.sh").read_text()
     assert aws["provider"]["region"] == "eu-west-1" and aws["provider"]["availability_zone"] == "eu-west-1a,eu-west-1b"
     head = json.loads((out / "aws-iam" / "ddetr-ray-head.json").read_text())
     resources = [
@@ -89,7 +95,28 @@ def test_an_unset_placeholder_is_refused_by_name(tmp_path):
     assert "aws.account_id" in proc.stderr and "gcp.registry" in proc.stderr
     assert not (tmp_path / "o").exists()
     settings = tmp_path / "settings.toml"
+    for cidr, text in (("0.0.0.0/0", "whole internet"), ("::/0", "whole internet"), ("my laptop", "not an address")):
+        settings.write_text(SAMPLE.replace('"192.0.2.17/32"', f'"{cidr}"'))
+        with pytest.raises(SettingsError, match=rf"aws\.ssh_cidr '{re.escape(cidr)}' .*{text}"):
+            render(settings, tmp_path / "o")
     settings.write_text(SAMPLE.replace('bucket = "acme-detr"', 'bucket = ""'))
     with pytest.raises(SettingsError, match=r"unset .*: aws\.bucket$"):
         render(settings, tmp_path / "o")
     assert not (tmp_path / "o").exists()
+
+
+def test_a_value_put_in_is_not_rewritten(tmp_path):
+    """One pass over each file: a registry in another region keeps its region, though the region's example
+    is replaced everywhere else."""
+    settings = tmp_path / "settings.toml"
+    registry = "us-central1-docker.pkg.dev/acme-vision/ml"
+    settings.write_text(
+        SAMPLE.split("[gcp]")[0] + f'[gcp]\nproject = "acme-vision"\nregion = "europe-west4"\n'
+        f'zone = "europe-west4-a"\ndata_bucket = "d"\nruns_bucket = "r"\nregistry = "{registry}"\n'
+        'ssh_cidr = "192.0.2.0/28"\n'
+    )
+    out = tmp_path / "rendered"
+    render(settings, out)
+    gcp = yaml.safe_load((out / "gcp.yaml").read_text())
+    assert gcp["docker"]["image"].startswith(registry + "/ray-deformable-detr:")
+    assert gcp["provider"]["region"] == "europe-west4"

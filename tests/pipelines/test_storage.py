@@ -1,4 +1,4 @@
-"""Storage: local paths and s3:// (moto's server on loopback) through the one storage module."""
+"""Storage: local paths and s3:// (moto's mock and a real SeaweedFS server on loopback) through the one storage module."""
 
 from __future__ import annotations
 

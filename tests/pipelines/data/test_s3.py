@@ -1,4 +1,4 @@
-"""Reading COCO from s3:// for real, against moto's S3 server started on loopback."""
+"""Reading COCO from s3:// for real, against moto's mock and a real S3 server (SeaweedFS) on loopback."""
 
 from __future__ import annotations
 

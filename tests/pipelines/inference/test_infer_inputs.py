@@ -7,6 +7,8 @@ import os
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from run_dirs import write_run
+from s3_servers import CREDENTIALS, free_ports
 
 from pipelines.infer import main
 from pipelines.inference.outputs import OutputDir, OutputError, part_name
@@ -86,6 +88,51 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"infer: --checkpoint '{tmp_path / 'c.pt'}' cannot be loaded") and "\n" not in err
     assert not (tmp_path / "o").exists(), "a failed start must not write into the output"
+
+
+def test_a_run_directory_is_read_through_its_best_checkpoint(tmp_path, capsys):
+    """--checkpoint <run directory> loads the best kept checkpoint (unreadable here, so the one-line error
+    names the folder it resolved to), and a run with none yet is refused by name; nothing is written."""
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "x.jpg").write_bytes(b"1")
+    out = tmp_path / "o"
+    best = "checkpoint_epoch0001"
+    run_dir = write_run(tmp_path / "run", [("checkpoint_epoch0000", 0.2), (best, 0.4)], latest="checkpoint_epoch0000")
+    assert main(["--checkpoint", str(run_dir), "--input", str(tmp_path / "in"), "--output", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"infer: --checkpoint '{run_dir / best}' cannot be loaded") and "\n" not in err
+    empty = write_run(tmp_path / "empty", [], latest=None)
+    assert main(["--checkpoint", str(empty), "--input", str(tmp_path / "in"), "--output", str(out)]) == 2
+    assert (
+        capsys.readouterr().err.strip()
+        == f"infer: --checkpoint '{empty}': {empty}: a run directory with no checkpoint yet (checkpoint_manager_snapshot.json lists none)"
+    )
+    assert not out.exists()
+
+
+def test_an_unreachable_endpoint_is_one_line_and_loses_nothing(tmp_path, capsys, monkeypatch, checkpoint, coco):
+    """Input, checkpoint and output on a bucket whose endpoint does not answer: one line naming the
+    option and the endpoint; the local output of an earlier run stays as it was."""
+    for name, value in CREDENTIALS.items():
+        monkeypatch.setenv(name, value)  # a user with credentials, and the endpoint down
+    (port,) = free_ports(1)
+    bucket = "s3://nowhere/{}?endpoint_override=127.0.0.1:" + f"{port}&scheme=http"
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "part-earlier.parquet").write_bytes(b"rows of an earlier run")
+    images, ckpt = os.path.join(coco["root"], coco["val_images"]), str(checkpoint.parent)
+    runs = {
+        "--input": ["--checkpoint", ckpt, "--input", bucket.format("images"), "--output", str(out)],
+        "--checkpoint": ["--checkpoint", bucket.format("ckpt"), "--input", images, "--output", str(out)],
+        "--output": ["--checkpoint", ckpt, "--input", images, "--output", bucket.format("out")],
+    }
+    for option, argv in runs.items():
+        assert main(argv) == 2, option
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"infer: {option} 's3://nowhere/") and "\n" not in err, err
+        assert f"127.0.0.1:{port}" in err, err
+        assert os.listdir(out) == ["part-earlier.parquet"]
+        assert (out / "part-earlier.parquet").read_bytes() == b"rows of an earlier run"
 
 
 def test_settings_are_fixed_once_rows_exist(tmp_path):

@@ -1,4 +1,7 @@
-"""Batch inference from and to s3:// (input prefix, checkpoint and output), against the local moto S3 server."""
+"""Batch inference from and to s3:// (input prefix, checkpoint and output), against a real S3 server (SeaweedFS).
+
+A Ray job of its own: run on the real server only, not again on moto's mock.
+"""
 
 from __future__ import annotations
 
@@ -20,7 +23,8 @@ pytestmark = pytest.mark.ray
 BUCKET = "infer-test"
 
 
-def test_s3_input_checkpoint_and_output(ray_local, s3_options, checkpoint, image_dir, bad_files):
+def test_s3_input_checkpoint_and_output(ray_local, seaweedfs_server, checkpoint, image_dir, bad_files):
+    s3_options = seaweedfs_server.options
     fs = pafs.S3FileSystem(**s3_options, allow_bucket_creation=True)
     fs.create_dir(BUCKET)
     for p in sorted(image_dir.iterdir()):

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+from s3_servers import CREDENTIALS
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 
@@ -48,7 +49,9 @@ def ray_local():
         address="local",  # never join another cluster running on this machine
         num_cpus=4,
         object_store_memory=200 * 2**20,
-        runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT)}},
+        # The test buckets' credentials, as a user exports them before starting Ray: a bucket storage
+        # path's workers and Train controller upload checkpoints with them.
+        runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT), **CREDENTIALS}},
         log_to_driver=False,
     )
     yield ray

@@ -5,16 +5,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 
 import pytest
 import torch
+from s3_servers import CREDENTIALS, object_parts
 
 from core.checkpoint import FORMAT, read_checkpoint
 from core.predictor import Predictor
 from pipelines.job_config import load_job_config
 from pipelines.raytrain.run_dir import latest_history
-from pipelines.raytrain.state import CHECKPOINT_FILE
+from pipelines.raytrain.state import CHECKPOINT_FILE, fetch_checkpoint_file
 from pipelines.raytrain.training import run_training
+from pipelines.storage import filesystem_for, join_uri, list_file_sizes
 from pipelines.train import config_from_args
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -29,7 +32,8 @@ def _kinds(records, kind):
 def _final_state(outcome):
     ckpt = outcome.result.checkpoint
     assert ckpt is not None
-    return read_checkpoint(os.path.join(ckpt.path, CHECKPOINT_FILE))
+    with ckpt.as_directory() as d:  # the folder itself, or a local copy of a bucket's
+        return read_checkpoint(os.path.join(d, CHECKPOINT_FILE))
 
 
 @pytest.fixture(scope="module")
@@ -132,8 +136,18 @@ def _assert_same_weights(outcome, reference):
     assert not differ, f"{len(differ)} of {len(want)} tensors differ from the uninterrupted run's, e.g. {differ[:3]}"
 
 
-def test_resume_continues_where_the_run_stopped(ray_local, tmp_path, tiny_overrides, two_epoch_run):
-    base = tiny_overrides(tmp_path / "runs", "resume", "train.checkpoint_every_steps=2")
+def test_resume_continues_where_the_run_stopped(
+    ray_local, seaweedfs_server, monkeypatch, tmp_path, tiny_overrides, two_epoch_run
+):
+    """On a bucket of a real S3 server: the run stops, its driver's local files go, and `--resume
+    s3://...` continues it from the checkpoint in the bucket. (Local run directories resume through the
+    same Ray Train restore that the killed-worker test below takes.)"""
+    for name, value in CREDENTIALS.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # RunDir stages a bucket run under ~/.cache
+    seaweedfs_server.create_bucket("runs")
+    base = tiny_overrides(f"s3://runs/resume-test{seaweedfs_server.endpoint_query}", "resume")
+    base.append("train.checkpoint_every_steps=2")
     # The first attempt dies at step 3 of its second epoch and may not retry: the run stops with its
     # checkpoint of step 2 of that epoch (global step 6) as the latest.
     kill = STEPS_PER_EPOCH + 3
@@ -144,16 +158,24 @@ def test_resume_continues_where_the_run_stopped(ray_local, tmp_path, tiny_overri
     checkpoints = [r for r in _kinds(stopped.run_dir.read_metrics(), "event") if r["event"] == "checkpoint"]
     assert [(c["epoch"], c["epoch_step"], c["global_step"]) for c in checkpoints] == [(0, 2, 2), (1, 2, 6)]
     # The mid-epoch one (no score) is kept as the latest beside the best epoch's; step 2's was let go.
-    ckpt_dirs = sorted(p.name for p in stopped.run_dir.path.glob("checkpoint_*") if p.is_dir())
-    assert ckpt_dirs == ["checkpoint_epoch0000", "checkpoint_step00000006"]
-    mid = stopped.run_dir.path / "checkpoint_step00000006"
-    saved = read_checkpoint(mid / CHECKPOINT_FILE)
+    files = list_file_sizes(stopped.run_dir.uri)
+    assert sorted({rel.split("/")[0] for rel in files if rel.startswith("checkpoint_") and "/" in rel}) == [
+        "checkpoint_epoch0000",
+        "checkpoint_step00000006",
+    ]
+    mid = join_uri(stopped.run_dir.uri, "checkpoint_step00000006")
+    # Ray Train uploaded the checkpoint in parts (pyarrow's are 10 MiB): the server put them together.
+    assert object_parts(*filesystem_for(join_uri(mid, CHECKPOINT_FILE))) >= 2
+    local_mid = fetch_checkpoint_file(mid, str(tmp_path))
+    saved = read_checkpoint(local_mid)
     assert (saved.extra["epoch"], saved.extra["data_epoch"], saved.extra["epoch_step"]) == (0, 1, 2)
     assert (saved.extra["global_step"], saved.extra["epoch_images"]) == (6, 2 * 2 * 2)
-    assert Predictor.from_checkpoint(str(mid)).model is not None  # inference reads it like any other
+    assert Predictor.from_checkpoint(local_mid).model is not None  # inference reads it like any other
+    # The driver is gone with its machine: the resumed run has only what the bucket holds.
+    shutil.rmtree(stopped.run_dir.path)
 
     # Resume the stopped run from its directory, as a user would.
-    args = argparse.Namespace(resume=str(stopped.run_dir.path), config=None, preset=None, overrides=[])
+    args = argparse.Namespace(resume=stopped.run_dir.uri, config=None, preset=None, overrides=[])
     job = config_from_args(args)
     assert job.train.name == "resume" and job.train.epochs == 2
     resumed = run_training(job)

@@ -1,0 +1,95 @@
+"""What a mock S3 hides, on a real server (SeaweedFS) through the project's own bucket code: listings
+past one page, multipart uploads, reads racing an overwrite."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import urlencode
+
+import pyarrow.fs as pafs
+
+from pipelines.inference.sources import list_images
+from pipelines.storage import fetch_file, filesystem_for, join_uri, list_file_sizes, read_bytes, write_bytes
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+BUCKET = "hidden-by-mocks"
+PAGE = 1000  # S3's ListObjectsV2 answers at most this many keys; the rest take continuation requests
+PART = 10 * 2**20  # pyarrow's S3 upload part: every write is a multipart upload, of one part up to here
+
+
+def _base(server) -> str:
+    server.create_bucket(BUCKET)
+    return f"s3://{BUCKET}?" + urlencode(server.options)
+
+
+def _etag(uri: str) -> str:
+    fs, path = filesystem_for(uri)
+    with fs.open_input_stream(path) as f:
+        return f.metadata()["ETag"].decode().strip('"')
+
+
+def test_listings_go_past_the_first_page(seaweedfs_server):
+    base = join_uri(_base(seaweedfs_server), "many")
+    names = [f"img{i:05d}.jpg" for i in range(PAGE + 3)]
+    # One PUT per object (no multipart start and end): 1003 uploads in a couple of seconds.
+    fs = pafs.S3FileSystem(**seaweedfs_server.options, allow_delayed_open=True)
+
+    def put(name: str) -> None:
+        with fs.open_output_stream(f"{BUCKET}/many/{name}") as f:
+            f.write(b"x" * (1 + len(name) % 7))
+
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(put, names))
+    sizes = list_file_sizes(base)  # the data reader's one listing of an image folder
+    assert sorted(sizes) == names and sizes[names[-1]] == 1 + len(names[-1]) % 7
+    listed = list_images(base)  # the inference job's listing of its input prefix
+    assert listed.uris == [f"s3://{BUCKET}/many/{n}" for n in names]
+
+
+def test_an_upload_of_several_parts_reads_back_whole(seaweedfs_server, tmp_path):
+    uri = join_uri(_base(seaweedfs_server), "runs", "big", "checkpoint.pt")
+    data = os.urandom(PART + 1)
+    write_bytes(uri, data)
+    assert _etag(uri).endswith("-2")  # the server assembled two parts
+    assert read_bytes(uri) == data
+    with open(fetch_file(uri, str(tmp_path)), "rb") as f:
+        assert f.read() == data
+
+
+def _version(i: int) -> bytes:
+    """Version i of the object: every byte i, and a size of its own (a cut or a mix shows)."""
+    return bytes([i]) * (2**20 + i * 2**16)
+
+
+def test_a_read_racing_an_overwrite_gets_one_whole_version(seaweedfs_server):
+    uri = join_uri(_base(seaweedfs_server), "overwritten.bin")
+    write_bytes(uri, _version(0))
+    versions = 40
+    writer = (
+        "import sys, time\n"
+        "from pipelines.storage import write_bytes\n"
+        f"for i in range(1, {versions}):\n"
+        "    write_bytes(sys.argv[1], bytes([i]) * (2**20 + i * 2**16))\n"
+        "    time.sleep(0.05)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": REPO_ROOT}
+    proc = subprocess.Popen([sys.executable, "-c", writer, uri], env=env)
+    seen, changing = [], 0
+    try:
+        while proc.poll() is None:
+            try:
+                data = read_bytes(uri)
+            except OSError as e:
+                assert "changed while being read" in str(e), e
+                changing += 1
+                continue
+            assert data == _version(data[0]), f"read {len(data)} bytes, not one whole version {data[0]}"
+            seen.append(data[0])
+    finally:
+        proc.wait()
+    assert proc.returncode == 0
+    assert len(set(seen)) >= 3, (seen, changing)  # the reads overlapped the writes
+    assert read_bytes(uri) == _version(versions - 1)
