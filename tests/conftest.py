@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -10,7 +11,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from s3_servers import S3Server, start_moto, start_seaweedfs, weed_binary
@@ -92,13 +95,17 @@ def _stop_cluster(temp_dir: str) -> None:
             time.sleep(0.5)
 
 
-def _ray_start(args: list[str], env: dict[str, str], flags: tuple[str, ...], temp_dir: str) -> dict[str, int]:
+def _ray_start(
+    args: list[str] | Callable[[dict[str, int]], list[str]], env: dict[str, str], flags: tuple[str, ...], temp_dir: str
+) -> dict[str, int]:
     """`ray start ARGS` with fresh ports for ``flags``; returns the ports. Another Ray on this machine may
-    take a port between picking it and binding it: a failed start is cleaned up and tried again."""
+    take a port between picking it and binding it: a failed start is cleaned up and tried again.
+    ``args`` may be a function of the ports (for arguments that name one of them)."""
     for _ in range(3):
         ports = {flag: _free_port() for flag in flags}
+        argv = args(ports) if callable(args) else args
         proc = subprocess.run(
-            [str(BIN / "ray"), "start", *args, *[f"--{f}={p}" for f, p in ports.items()], "--disable-usage-stats"],
+            [str(BIN / "ray"), "start", *argv, *[f"--{f}={p}" for f, p in ports.items()], "--disable-usage-stats"],
             env=env,
             capture_output=True,
             text=True,
@@ -106,9 +113,9 @@ def _ray_start(args: list[str], env: dict[str, str], flags: tuple[str, ...], tem
         )
         if proc.returncode == 0:
             return ports
-        if "--head" in args:
+        if "--head" in argv:
             _stop_cluster(temp_dir)  # whatever the failed head left running
-    raise RuntimeError(f"ray start {' '.join(args)} failed 3 times:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+    raise RuntimeError(f"ray start {' '.join(argv)} failed 3 times:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
 
 
 def _descendants(pid: int) -> list[int]:
@@ -130,9 +137,20 @@ def _descendants(pid: int) -> list[int]:
 
 class LocalCluster:
     """A `ray start --head` on loopback with ports of its own (other Ray instances may run on this
-    machine), and optionally more nodes on the same machine."""
+    machine), and optionally more nodes on the same machine.
 
-    def __init__(self, head_args: list[str], env_extra: dict[str, str] | None = None) -> None:
+    With ``autoscaling_config`` (a launcher config whose provider is Ray's `fake_multinode`), the head runs
+    the autoscaler on it: worker nodes are raylets on this machine that the autoscaler starts and stops.
+    The config is written to ``autoscaling_config_path`` with the provider pointed at this head's GCS;
+    the autoscaler reads that file again at every update, so a test may rewrite it.
+    """
+
+    def __init__(
+        self,
+        head_args: list[str],
+        env_extra: dict[str, str] | None = None,
+        autoscaling_config: dict[str, Any] | None = None,
+    ) -> None:
         self.temp_dir = tempfile.mkdtemp(prefix="rjc", dir="/tmp")  # short: Ray's socket paths have a length limit
         self.env = dict(os.environ, RAY_AUTH_MODE="disabled", PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
         self.env.pop("RAY_ADDRESS", None)
@@ -141,9 +159,24 @@ class LocalCluster:
         flags += ("runtime-env-agent-port", "metrics-export-port", "ray-client-server-port")
         base = ["--node-ip-address=127.0.0.1", "--object-store-memory=200000000"]
         head = ["--head", "--dashboard-host=127.0.0.1", f"--temp-dir={self.temp_dir}", *base, *head_args]
-        ports = _ray_start(head, self.env, flags, self.temp_dir)
+        self.autoscaling_config_path = Path(self.temp_dir) / "autoscaling.json"
+
+        def head_argv(ports: dict[str, int]) -> list[str]:
+            if autoscaling_config is None:
+                return head
+            provider = {**autoscaling_config["provider"], "gcs_address": f"127.0.0.1:{ports['port']}"}
+            self.write_autoscaling_config({**autoscaling_config, "provider": provider})
+            return [*head, f"--autoscaling-config={self.autoscaling_config_path}"]
+
+        ports = _ray_start(head_argv, self.env, flags, self.temp_dir)
         self.gcs_address = f"127.0.0.1:{ports['port']}"
         self.address = f"http://127.0.0.1:{ports['dashboard-port']}"  # the job API
+
+    def write_autoscaling_config(self, config: dict[str, Any]) -> None:
+        """Replaces the autoscaler's config whole (its next update reads the new one)."""
+        tmp = self.autoscaling_config_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(config))
+        os.replace(tmp, self.autoscaling_config_path)
 
     def add_node(self, args: list[str]) -> int:
         """Starts one more node (a second raylet on this machine); returns its node manager port."""
@@ -153,10 +186,17 @@ class LocalCluster:
         ports = _ray_start([f"--address={self.gcs_address}", *base, *args], self.env, flags, self.temp_dir)
         return ports["node-manager-port"]
 
-    def kill_node(self, node_manager_port: int) -> list[int]:
-        """SIGKILLs a node's raylet and everything it started, as a reclaimed cloud VM disappears."""
-        raylets = [pid for pid in _pids_using(f"--node_manager_port={node_manager_port}") if "raylet" in _cmdline(pid)]
-        assert raylets, f"no raylet with node manager port {node_manager_port}"
+    def kill_node(self, node: int | str, missing_ok: bool = False) -> list[int]:
+        """SIGKILLs a node's raylet and everything it started, as a reclaimed cloud VM disappears.
+
+        Args:
+            node: the node manager port of a node from ``add_node``, or the hex id of any node (the
+                autoscaler's nodes pick their port at start: their command line does not name it).
+            missing_ok: a node already gone is no error (nothing is killed).
+        """
+        marker = f"--node_manager_port={node}" if isinstance(node, int) else f"--node_id={node}"
+        raylets = [pid for pid in _pids_using(marker) if "raylet" in _cmdline(pid)]
+        assert raylets or missing_ok, f"no raylet with {marker}"
         victims = [p for r in raylets for p in (*_descendants(r), r)]
         for pid in victims:
             try:
@@ -179,11 +219,13 @@ def _cmdline(pid: int) -> str:
 
 @pytest.fixture
 def local_cluster_factory():
-    """Makes LocalCluster(head_args, env_extra) instances, stopped at the end of the test."""
+    """Makes LocalCluster(head_args, env_extra, autoscaling_config) instances, stopped at the end of the test."""
     made: list[LocalCluster] = []
 
-    def make(head_args: list[str], env_extra: dict[str, str] | None = None) -> LocalCluster:
-        made.append(LocalCluster(head_args, env_extra))
+    def make(
+        head_args: list[str], env_extra: dict[str, str] | None = None, autoscaling_config: dict[str, Any] | None = None
+    ) -> LocalCluster:
+        made.append(LocalCluster(head_args, env_extra, autoscaling_config))
         return made[-1]
 
     yield make

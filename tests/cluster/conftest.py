@@ -1,9 +1,12 @@
 """Shared fixtures of the cluster tests: the project's pins read from pyproject.toml, the image tag rule,
-a local `ray start --head` to submit jobs to."""
+a local `ray start --head` to submit jobs to, a stand-in for EC2's instance metadata service."""
 
 from __future__ import annotations
 
+import http.server
+import json
 import re
+import threading
 from pathlib import Path
 
 import pytest
@@ -66,3 +69,42 @@ def ray_head(local_cluster_factory):
     advertise: ``address`` (the job API) and ``env`` (to run `ray` and `python` with)."""
     cluster = local_cluster_factory(["--num-cpus=4", '--resources={"spot": 4}'])
     return {"address": cluster.address, "env": cluster.env}
+
+
+class FakeImds(http.server.BaseHTTPRequestHandler):
+    """EC2's metadata endpoint (IMDSv2: a PUT for the token, then the `spot/instance-action` notice):
+    ``server.notice`` is None (404) until the test posts a reclamation."""
+
+    def do_PUT(self):  # noqa: N802 (http.server's name)
+        assert self.path == "/latest/api/token" and self.headers["X-aws-ec2-metadata-token-ttl-seconds"]
+        self._reply(200, b"imds-token")
+
+    def do_GET(self):  # noqa: N802
+        self.server.polls += 1
+        if self.path != "/latest/meta-data/spot/instance-action" or self.headers["X-aws-ec2-metadata-token"] != (
+            "imds-token"
+        ):
+            self._reply(401, b"")
+        elif self.server.notice is None:
+            self._reply(404, b"")
+        else:
+            self._reply(200, json.dumps(self.server.notice).encode())
+
+    def _reply(self, code: int, body: bytes) -> None:
+        self.send_response(code)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def imds():
+    """A FakeImds server on 127.0.0.1 (a free port); post a notice by setting ``imds.notice``."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeImds)
+    server.notice, server.polls = None, 0
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server
+    server.shutdown()

@@ -1,14 +1,11 @@
 """The spot watcher against a real local Ray node and a tiny HTTP server standing in for EC2's instance
-metadata service (IMDSv2: a PUT for the token, then the `spot/instance-action` notice, 404 until posted)."""
+metadata service (the `imds` fixture of conftest.py)."""
 
 from __future__ import annotations
 
 import datetime
-import http.server
-import json
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
@@ -16,43 +13,6 @@ import pytest
 from cluster.spot_watch import find_node
 
 pytestmark = [pytest.mark.ray]
-
-
-class FakeImds(http.server.BaseHTTPRequestHandler):
-    """EC2's metadata endpoint: ``server.notice`` is None (404) until the test posts a reclamation."""
-
-    def do_PUT(self):  # noqa: N802 (http.server's name)
-        assert self.path == "/latest/api/token" and self.headers["X-aws-ec2-metadata-token-ttl-seconds"]
-        self._reply(200, b"imds-token")
-
-    def do_GET(self):  # noqa: N802
-        self.server.polls += 1
-        if self.path != "/latest/meta-data/spot/instance-action" or self.headers["X-aws-ec2-metadata-token"] != (
-            "imds-token"
-        ):
-            self._reply(401, b"")
-        elif self.server.notice is None:
-            self._reply(404, b"")
-        else:
-            self._reply(200, json.dumps(self.server.notice).encode())
-
-    def _reply(self, code: int, body: bytes) -> None:
-        self.send_response(code)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture
-def imds():
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeImds)
-    server.notice, server.polls = None, 0
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield server
-    server.shutdown()
 
 
 def _watch(cluster, imds, port: int) -> subprocess.Popen:
