@@ -16,14 +16,16 @@ import os
 
 import torch
 
-from core import DetrConfig, build_model
+from core import DetrConfig, ModelConfig, build_model
 from core.backbone import FrozenBatchNorm2d
 from ops.bench.cpu import PATHS, prepare, report, size, time_paths
+from pipelines.presets import PRESETS
 
 
-def _model(batch_size: int, height: int, width: int):
+def _model(batch_size: int, height: int, width: int, smoke: bool):
     torch.manual_seed(0)
-    model, criterion, _ = build_model(DetrConfig())
+    cfg = DetrConfig(model=ModelConfig(**PRESETS["tiny"]["model"])) if smoke else DetrConfig()
+    model, criterion, _ = build_model(cfg)
     g = torch.Generator().manual_seed(0)
     images = torch.randn(batch_size, 3, height, width, generator=g)
     mask = torch.zeros(batch_size, height, width, dtype=torch.bool)
@@ -31,12 +33,13 @@ def _model(batch_size: int, height: int, width: int):
     for _ in range(batch_size):  # 7 boxes, COCO's mean
         centers = torch.rand(7, 2, generator=g) * 0.6 + 0.2
         sizes = torch.rand(7, 2, generator=g) * 0.3 + 0.05
-        targets.append({"boxes": torch.cat([centers, sizes], 1), "labels": torch.randint(0, 91, (7,), generator=g)})
+        labels = torch.randint(0, cfg.model.num_classes, (7,), generator=g)
+        targets.append({"boxes": torch.cat([centers, sizes], 1), "labels": labels})
     return model, criterion, images, mask, targets
 
 
-def bench_model(height: int, width: int, batch_size: int, reps: int) -> None:
-    model, _, images, mask, _ = _model(batch_size, height, width)
+def bench_model(height: int, width: int, batch_size: int, reps: int, smoke: bool) -> None:
+    model, _, images, mask, _ = _model(batch_size, height, width, smoke)
     model.eval()
     print(f"model forward (R50, inference) at {height}x{width}, batch {batch_size}", flush=True)
 
@@ -47,8 +50,8 @@ def bench_model(height: int, width: int, batch_size: int, reps: int) -> None:
     report("  model forward", time_paths({p: forward for p in PATHS}, reps, FrozenBatchNorm2d))
 
 
-def bench_train(height: int, width: int, batch_size: int, reps: int) -> None:
-    model, criterion, images, mask, targets = _model(batch_size, height, width)
+def bench_train(height: int, width: int, batch_size: int, reps: int, smoke: bool) -> None:
+    model, criterion, images, mask, targets = _model(batch_size, height, width, smoke)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     print(f"training step (R50: forward, loss, backward, AdamW) at {height}x{width}, batch {batch_size}", flush=True)
@@ -70,15 +73,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--model-size", type=size, default=(800, 1066), help="HxW of the inference forward")
     parser.add_argument("--train-size", type=size, default=(512, 683), help="HxW of the training step")
+    parser.add_argument("--smoke", action="store_true", help="the tiny preset's model, 64x96, 1 rep: checks it runs")
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.model_size, args.train_size, args.reps = (64, 96), (64, 96), 1
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     if set(sections) - {"model", "train"}:
         parser.error(f"--sections must be a comma list of model, train; got {args.sections!r}")
     prepare(args.threads)
     if "model" in sections:
-        bench_model(*args.model_size, args.batch_size, args.reps)
+        bench_model(*args.model_size, args.batch_size, args.reps, args.smoke)
     if "train" in sections:
-        bench_train(*args.train_size, args.batch_size, args.reps)
+        bench_train(*args.train_size, args.batch_size, args.reps, args.smoke)
     print(f"load average at the end {', '.join(f'{v:.2f}' for v in os.getloadavg())}", flush=True)
 
 

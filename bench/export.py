@@ -20,6 +20,7 @@ from core.build import build_detector
 from core.config import DetrConfig, ModelConfig
 from core.export import ExportableDetector, attach_onnx_metadata, export_onnx, export_program, load_exported, metadata
 from ops import cpu_kernel_available
+from pipelines.presets import PRESETS
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -29,7 +30,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--width", type=int, default=1066)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=3, help="timed calls of each, alternating")
-    return p.parse_args(argv)
+    p.add_argument("--smoke", action="store_true", help="the tiny preset's model, 96x128, 1 round: checks it runs")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.height, args.width, args.rounds = 96, 128, 1
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -38,7 +43,8 @@ def main(argv: list[str] | None = None) -> None:
     ok, why = cpu_kernel_available()
     print(f"bench/export: PyTorch CPU path {'with the C++ kernel' if ok else 'on the reference (' + why + ')'}")
     torch.manual_seed(0)
-    model = build_detector(DetrConfig(model=ModelConfig(backbone=args.backbone)), load_backbone_weights=False)
+    model_cfg = ModelConfig(**(PRESETS["tiny"]["model"] if args.smoke else {"backbone": args.backbone}))
+    model = build_detector(DetrConfig(model=model_cfg), load_backbone_weights=False)
     detector = ExportableDetector(model)
     started = time.perf_counter()
     onnx_model = export_onnx(export_program(detector, image_size=args.height))
@@ -67,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
                 times[name].append(time.perf_counter() - t)
     best = {k: min(v) for k, v in times.items()}
     print(
-        f"bench/export: {args.backbone} {args.height}x{args.width} batch 1, {args.threads} threads, "
+        f"bench/export: {model_cfg.backbone} {args.height}x{args.width} batch 1, {args.threads} threads, "
         f"best of {args.rounds}: PyTorch {best['pytorch']:.2f} s/image, onnxruntime {best['onnxruntime']:.2f} s/image, "
         f"ratio {best['pytorch'] / best['onnxruntime']:.2f}x; export {export_s:.0f} s, {size_mb:.0f} MiB; "
         f"max |diff| {diff:.1e}"

@@ -36,6 +36,7 @@ from core import DetrConfig, ModelConfig, build_model, save_checkpoint
 from core.predictor import InputSize, Predictor, prepare_image
 from pipelines.data.decode import decode_image
 from pipelines.data.synthetic import generate_coco
+from pipelines.presets import PRESETS
 from pipelines.storage import read_bytes
 
 
@@ -194,7 +195,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--rounds", type=int, default=2, help="job and loop rounds, alternating")
     p.add_argument("--json", help="also write the figures here")
+    p.add_argument(
+        "--smoke", action="store_true", help="the tiny preset's model, 4 images of 64x96, 1 round: checks it runs"
+    )
     args = p.parse_args(argv)
+    if args.smoke:
+        args.num_images, args.size, args.image_size, args.max_size, args.rounds = 4, "64x96", 64, 96, 1
 
     import ray
 
@@ -207,7 +213,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         files = sorted(str(f) for f in Path(images).iterdir())
         for f in files:  # warm the page cache: neither side should pay the first disk read
             Path(f).read_bytes()
-        cfg = DetrConfig(model=ModelConfig(backbone=args.backbone, num_classes=91))
+        sizes = PRESETS["tiny"]["model"] if args.smoke else {"backbone": args.backbone, "num_classes": 91}
+        cfg = DetrConfig(model=ModelConfig(**sizes))
         model, _, _ = build_model(cfg, load_backbone_weights=False)
         checkpoint = os.path.join(tmp, "checkpoint.pt")
         save_checkpoint(checkpoint, model, cfg)
@@ -250,7 +257,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "cores": args.cores,
         "num_images": args.num_images,
         "image_size": [args.image_size, args.max_size],
-        "backbone": args.backbone,
+        "backbone": cfg.model.backbone,
         "batch_size": args.batch_size,
         "loop_images_per_s": med(loops, "images_per_s"),
         "job_images_per_s": med(jobs, "images_per_s"),
@@ -268,7 +275,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     figures["steady_ratio"] = figures["job_steady_images_per_s"] / figures["loop_steady_images_per_s"]
     figures["same_detections"] = all(j["detections_this_run"] == loops[0]["detections"] for j in jobs)
     print(
-        f"batch inference, {args.num_images} images {args.size} -> {args.image_size}px, {args.backbone}, {device}, "
+        f"batch inference, {args.num_images} images {args.size} -> {args.image_size}px, {cfg.model.backbone}, {device}, "
         f"{args.cores} cores: loop {figures['loop_images_per_s']:.2f} images/s; job "
         f"{figures['job_images_per_s']:.2f} images/s ({figures['ratio']:.2f}x the loop); after the first rows "
         f"(the job's at {figures['job_first_rows_s']:.1f} s): {figures['steady_ratio']:.2f}x; "

@@ -24,6 +24,7 @@ from core.build import build_model
 from core.config import DetrConfig, ModelConfig
 from core.detector import DeformableDETR
 from ops import MSDeformAttn, cuda_kernel_available
+from pipelines.presets import PRESETS
 
 VARIANTS: dict[str, dict[str, bool | int]] = {
     "plain": {},
@@ -67,9 +68,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--cuda-graph", action="store_true", help="also time inference replayed from a CUDA graph (--device cuda)"
     )
+    p.add_argument("--smoke", action="store_true", help="the tiny preset's model, 64x96, 1 iteration: checks it runs")
     args = p.parse_args(argv)
     if args.cuda_graph and args.device != "cuda":
         p.error(f"--cuda-graph needs --device cuda, got --device {args.device}")
+    if args.smoke:
+        args.height, args.width, args.iters, args.warmup = 64, 96, 1, 0
     if min(args.height, args.width) < 32:
         p.error(f"--height and --width must be >= 32, got {args.height}x{args.width}")
     if args.batch_size < 1 or args.iters < 1 or args.warmup < 0:
@@ -168,13 +172,15 @@ def capture_inference(
     return graph.replay, err
 
 
-def _random_targets(batch_size: int, device: torch.device, num_boxes: int = 8) -> list[dict[str, torch.Tensor]]:
+def _random_targets(
+    batch_size: int, num_classes: int, device: torch.device, num_boxes: int = 8
+) -> list[dict[str, torch.Tensor]]:
     g = torch.Generator().manual_seed(0)
     targets = []
     for _ in range(batch_size):
         centers = torch.rand(num_boxes, 2, generator=g) * 0.6 + 0.2
         sizes = torch.rand(num_boxes, 2, generator=g) * 0.3 + 0.05
-        labels = torch.randint(1, 91, (num_boxes,), generator=g)
+        labels = torch.randint(1, num_classes, (num_boxes,), generator=g)
         targets.append({"boxes": torch.cat([centers, sizes], 1).to(device), "labels": labels.to(device)})
     return targets
 
@@ -182,7 +188,8 @@ def _random_targets(batch_size: int, device: torch.device, num_boxes: int = 8) -
 def benchmark_variant(name: str, opts: argparse.Namespace) -> dict[str, object]:
     """All measurements of one variant as a flat dict (times in seconds per image)."""
     device = torch.device(opts.device)
-    cfg = DetrConfig(model=ModelConfig(backbone=opts.backbone, **VARIANTS[name]))
+    sizes = PRESETS["tiny"]["model"] if opts.smoke else {"backbone": opts.backbone}
+    cfg = DetrConfig(model=ModelConfig(**{**sizes, **VARIANTS[name]}))
     model, criterion, _ = build_model(cfg)
     model.to(device)
     total, trainable = count_parameters(model)
@@ -191,7 +198,7 @@ def benchmark_variant(name: str, opts: argparse.Namespace) -> dict[str, object]:
     g = torch.Generator().manual_seed(0)
     images = torch.randn(opts.batch_size, 3, opts.height, opts.width, generator=g).to(device)
     mask = torch.zeros(opts.batch_size, opts.height, opts.width, dtype=torch.bool, device=device)
-    targets = _random_targets(opts.batch_size, device)
+    targets = _random_targets(opts.batch_size, cfg.model.num_classes, device)
 
     if not opts.skip_flops:
         model.eval()

@@ -8,8 +8,9 @@ Like the CUDA kernel (``ops/cuda/``): no torch C++ extension machinery. ``c++ -s
 (default ``~/.cache/msda_ops``), ctypes loads it, and tensors cross as raw pointers. The compiler is
 ``$CXX`` when set, else ``c++``, ``g++`` or ``clang++`` on PATH. The library is built for the
 architecture's baseline (no ``-march=native``: the cache may be shared by different CPUs); on x86-64
-with GCC the kernel carries an AVX2/FMA copy that the loader picks on CPUs that have it. Nothing
-happens at import time.
+with GCC the kernel carries an AVX2/FMA copy that the loader picks on CPUs that have it;
+``MSDA_CPU_ISA=baseline`` builds it without that copy (its own cache entry), so that the copy every
+other CPU runs can be run and tested on an AVX2 machine. Nothing happens at import time.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ HEADERS = (CSRC / "bilinear.h",)
 ABI_VERSION = 1
 # Part of the cache key, so changing them rebuilds.
 CXX_FLAGS = ("-O3", "-shared", "-fPIC", "-std=c++17", "-pthread")
+# $MSDA_CPU_ISA: "auto" keeps the x86-64-v3 copy; "baseline" leaves it out (the copy non-AVX2 CPUs run).
+ISA_FLAGS = {"auto": (), "baseline": ("-DMSDA_CPU_BASELINE",)}
 
 
 _lock = threading.Lock()
@@ -61,7 +64,15 @@ def compiler_version(cxx: str) -> str:
     return proc.stdout
 
 
-def cache_key(cxx: str, version_text: str) -> str:
+def cxx_flags() -> tuple[str, ...]:
+    """The compiler flags: ``CXX_FLAGS`` and those of ``$MSDA_CPU_ISA`` (read on each call)."""
+    isa = os.environ.get("MSDA_CPU_ISA", "auto").strip().lower() or "auto"
+    if isa not in ISA_FLAGS:
+        raise RuntimeError(f"MSDA_CPU_ISA must be one of {', '.join(ISA_FLAGS)}, got {isa!r}")
+    return (*CXX_FLAGS, *ISA_FLAGS[isa])
+
+
+def cache_key(cxx: str, version_text: str, flags: tuple[str, ...]) -> str:
     """The cache entry of the library: sources, compiler, flags and machine architecture."""
     return "cpu-" + _cache.content_key(
         (
@@ -69,7 +80,7 @@ def cache_key(cxx: str, version_text: str) -> str:
             *(h.read_bytes() for h in HEADERS),
             cxx,
             version_text,
-            "\0".join(CXX_FLAGS),
+            "\0".join(flags),
             platform.machine(),
         )
     )
@@ -85,15 +96,17 @@ def build(cxx: str | None = None) -> Path:
         cxx: compiler path; defaults to ``find_compiler()``.
 
     Raises:
-        RuntimeError: no compiler, or the compiler fails (the message holds its stderr).
+        RuntimeError: no compiler, the compiler fails (the message holds its stderr), or ``$MSDA_CPU_ISA``
+            is not auto or baseline.
     """
+    flags = cxx_flags()
     if cxx is None:
         cxx, reason = find_compiler()
         if cxx is None:
             raise RuntimeError(reason)
 
     def produce(tmp: Path) -> None:
-        cmd = [cxx, *CXX_FLAGS, "-o", str(tmp), str(SOURCE)]
+        cmd = [cxx, *flags, "-o", str(tmp), str(SOURCE)]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if proc.returncode != 0:
             raise RuntimeError(
@@ -102,7 +115,7 @@ def build(cxx: str | None = None) -> Path:
             )
         os.chmod(tmp, 0o755)
 
-    return _cache.cached(cache_key(cxx, compiler_version(cxx)), "libmsda_cpu.so", produce)
+    return _cache.cached(cache_key(cxx, compiler_version(cxx), flags), "libmsda_cpu.so", produce)
 
 
 def bind(lib: ctypes.CDLL) -> ctypes.CDLL:

@@ -25,7 +25,9 @@
 // query order, so there are no write conflicts and the result does not depend on the thread
 // count. The loops over D are written so the compiler vectorizes them; on x86-64 with GCC each
 // entry point is also built for x86-64-v3 (AVX2, FMA) and chosen at load time by the CPU
-// (target_clones), so one cached library serves every x86-64 machine.
+// (target_clones), so one cached library serves every x86-64 machine. MSDA_CPU_BASELINE
+// (MSDA_CPU_ISA=baseline in ops/cpu/build.py) leaves the x86-64-v3 copy out: the library then holds
+// only the "default" copy, which CPUs without AVX2 run, and runs it on any CPU.
 //
 // Every function returns 0 on success, 1 for sizes the kernel cannot index or an unknown dtype,
 // 2 when scratch memory could not be allocated. The kernel trusts the level table: spatial_shapes
@@ -44,7 +46,8 @@
 #define MSDA_CPU_ABI_VERSION 1
 
 // ifunc-based clones need glibc (musl has no ifunc) and GCC 12 for the arch= form.
-#if defined(__x86_64__) && defined(__GLIBC__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
+#if defined(__x86_64__) && defined(__GLIBC__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12 && \
+    !defined(MSDA_CPU_BASELINE)
 #define MSDA_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
 #else
 #define MSDA_CLONES

@@ -3,6 +3,7 @@ its build cache, and the reference path it replaces (plain autograd; the fallbac
 
 import collections
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -171,12 +172,72 @@ def test_backward_samples_nothing_again(inputs_factory, backend, backend_name):
 
 
 def test_cache_key_depends_on_sources_compiler_and_flags(monkeypatch):
-    key = cpu_build.cache_key("/usr/bin/g++", "g++ 12.2.0")
-    assert key == cpu_build.cache_key("/usr/bin/g++", "g++ 12.2.0")
-    assert key != cpu_build.cache_key("/usr/bin/g++", "g++ 13.1.0")
-    assert key != cpu_build.cache_key("/usr/bin/clang++", "g++ 12.2.0")
-    monkeypatch.setattr(cpu_build, "CXX_FLAGS", (*cpu_build.CXX_FLAGS, "-DEXTRA"))
-    assert key != cpu_build.cache_key("/usr/bin/g++", "g++ 12.2.0")
+    flags = cpu_build.cxx_flags()
+    key = cpu_build.cache_key("/usr/bin/g++", "g++ 12.2.0", flags)
+    assert key == cpu_build.cache_key("/usr/bin/g++", "g++ 12.2.0", flags)
+    assert key != cpu_build.cache_key("/usr/bin/g++", "g++ 13.1.0", flags)
+    assert key != cpu_build.cache_key("/usr/bin/clang++", "g++ 12.2.0", flags)
+    assert key != cpu_build.cache_key("/usr/bin/g++", "g++ 12.2.0", (*flags, "-DEXTRA"))
+    monkeypatch.setenv("MSDA_CPU_ISA", "baseline")
+    assert cpu_build.cxx_flags() == (*flags, "-DMSDA_CPU_BASELINE")
+    monkeypatch.setenv("MSDA_CPU_ISA", "avx512")
+    with pytest.raises(RuntimeError, match="MSDA_CPU_ISA must be one of auto, baseline, got 'avx512'"):
+        cpu_build.cxx_flags()
+
+
+_BASELINE_SCRIPT = textwrap.dedent(
+    """\
+    import sys
+    sys.path.insert(0, sys.argv[1])
+    sys.path.insert(0, sys.argv[2])
+    import torch
+    import ops
+    from conftest import make_inputs
+    from ops.cpu import build
+    from ops.reference import ms_deform_attn_reference
+    ops.set_backend("cpu")  # an error, not the reference path, if the kernel does not build
+    for dtype, tol in ((torch.float64, 1e-9), (torch.float32, 1e-4)):
+        for shapes in ([[3, 4], [2, 2]], [[5, 6], [3, 3], [1, 1]]):
+            value, ss, lsi, loc, attn = make_inputs(shapes, D=30, dtype=dtype)
+            ins = [t.clone().requires_grad_(True) for t in (value, loc, attn)]
+            ref = [t.detach().double().requires_grad_(True) for t in (value, loc, attn)]
+            out = ops.ms_deform_attn(ins[0], ss, lsi, ins[1], ins[2])
+            want = ms_deform_attn_reference(ref[0], ss, lsi, ref[1], ref[2])
+            grad = torch.linspace(-1, 1, want.numel(), dtype=torch.float64).view_as(want)
+            out.backward(grad.to(dtype))
+            want.backward(grad)
+            for g, w in zip([out] + [t.grad for t in ins], [want] + [t.grad for t in ref]):
+                torch.testing.assert_close(g.double(), w, rtol=tol, atol=tol)
+    print(build.build())
+    """
+)
+
+
+def clone_symbols(library: Path) -> list[str]:
+    nm = subprocess.run(["nm", str(library)], capture_output=True, text=True, check=True).stdout
+    return [line.split()[-1] for line in nm.splitlines() if "forward_f32" in line]
+
+
+@pytest.mark.skipif(shutil.which("nm") is None, reason="nm (binutils) not installed")
+def test_baseline_copy_matches_the_reference(tmp_path):
+    """MSDA_CPU_ISA=baseline: the copy that CPUs without AVX2 run, run here against the float64 reference."""
+    env = {**os.environ, "MSDA_CPU_ISA": "baseline"}
+    env.pop("MSDA_BACKEND", None)
+    proc = subprocess.run(
+        [sys.executable, "-c", _BASELINE_SCRIPT, str(REPO), str(Path(__file__).parent)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    baseline = Path(proc.stdout.strip().splitlines()[-1])
+    assert baseline != cpu_build.build()
+    # The default library holds an x86-64-v3 copy where GCC builds clones; the baseline one never does.
+    assert not [s for s in clone_symbols(baseline) if "x86_64_v3" in s]
+    default = clone_symbols(cpu_build.build())
+    if any(s.endswith(".default") for s in default):
+        assert any(s.endswith(".arch_x86_64_v3") for s in default)
 
 
 def test_build_compiles_once_under_concurrent_builders(tmp_path, monkeypatch):
@@ -263,6 +324,6 @@ def test_no_compiler_falls_back_to_the_reference_with_one_log_line(tmp_path):
 
 def test_kernel_compiles_without_warnings(tmp_path):
     cxx, _ = cpu_build.find_compiler()
-    cmd = [cxx, *cpu_build.CXX_FLAGS, "-Wall", "-Wextra", "-o", str(tmp_path / "lib.so"), str(cpu_build.SOURCE)]
+    cmd = [cxx, *cpu_build.cxx_flags(), "-Wall", "-Wextra", "-o", str(tmp_path / "lib.so"), str(cpu_build.SOURCE)]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     assert proc.returncode == 0 and not proc.stderr.strip(), proc.stderr

@@ -28,13 +28,18 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 def test_killed_driver_resumes_without_rerunning_finished_trials(tmp_path, sweep_overrides):
     """The sweep's own process (and the local Ray it started) is killed once the first trial has
     finished and the second has a checkpoint; the same command then finishes the sweep. One training
-    worker per trial: two-worker trials are the module sweep's, and each worker is a process to start."""
+    worker per trial: two-worker trials are the module sweep's, and each worker is a process to start.
+
+    ASHA runs, its one rung at 2 epochs done: the resumed trial's report there is Tune's first iteration
+    of the restored run, and ASHA reads it at its epochs done. (Tune restores ASHA with empty rungs: the
+    reports from before the kill are compared with nothing after it, so that no trial is stopped here.)"""
     overrides = sweep_overrides(
         tmp_path,
         "resume",
         'space={"train": {"lr": {"grid": [1e-3, 5e-4]}}}',
         "num_trials=1",
-        "scheduler.kind=none",
+        "max_concurrent_trials=1",
+        "scheduler.grace_period=2",
         epochs=2,
         num_workers=1,
     )
@@ -81,6 +86,9 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(tmp_path, sweep
     table = pq.read_table(tmp_path / "resume" / TABLE_PARQUET).to_pylist()
     assert sorted(r["train.lr"] for r in table) == [5e-4, 1e-3]
     assert all(r["status"] == "done" and r["epochs_run"] == 2 for r in table), table
+    # What the scheduler read: the resumed trial's clock went on from the kill, Tune's restarted.
+    reports = [json.loads(line) for line in (tmp_path / "resume" / f"trial_{second.name}" / "result.json").open()]
+    assert [(r["epochs_done"], r["training_iteration"]) for r in reports][-1] == (2, 1), reports
 
 
 @pytest.fixture(scope="module")
