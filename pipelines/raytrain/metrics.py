@@ -74,8 +74,11 @@ class StepReporter:
     def event(self, event: str, epoch: int, global_step: int, **extra: Any) -> None:
         """The run (re)started ("start" or "resume" at ``epoch``), or a mid-epoch "checkpoint" in ``epoch``.
 
-        ``extra``: ``epoch_step`` (steps done in the epoch), ``reason`` of a checkpoint.
+        ``extra``: ``epoch_step`` (steps done in the epoch), ``reason`` of a checkpoint. The steps' records
+        held back until now go first: a group stopped after a checkpoint then loses none of the steps the
+        checkpoint holds, since a resumed run starts after them.
         """
+        self.flush()
         record = {
             "kind": "event",
             "time": time.time(),

@@ -18,11 +18,6 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 TINY_STEP = ["--preset", "tiny", "--batch-size", "1", "--height", "64", "--width", "96", "--iters", "1"]
-# The sweep of the tiny preset: one trial of one epoch over lr alone (the benchmark's own space drops
-# the lr at epoch 2 or 3).
-TINY_SWEEP = ["base_preset=tiny", "num_trials=1", "base.train.epochs=1", "base.train.num_workers=1"]
-TINY_SWEEP += ['space={"train": {"lr": {"loguniform": [1e-4, 2e-3]}}}', "scheduler.kind=none"]
-
 # (command as the README writes it, the smoke's arguments)
 SMOKES = [
     pytest.param("bench/model.py", ["--smoke", "--device", "cpu", "--variants", "plain", "with_box_refine_two_stage"]),
@@ -35,11 +30,6 @@ SMOKES = [
         marks=pytest.mark.ray,
     ),
     pytest.param("bench/infer.py", ["--smoke", "--cores", "2"], marks=pytest.mark.ray),
-    pytest.param(
-        "bench/sweep.py",
-        [arg for item in TINY_SWEEP for arg in ("--set", item)],
-        marks=[pytest.mark.ray, pytest.mark.slow],
-    ),
     pytest.param("ops.bench.cpu", ["--reps", "1", "--op-size", "64x96"]),
     # GPU-only, with no CPU path and no smaller sizes: on a GPU the whole check and benchmark (minutes).
     pytest.param(
@@ -55,6 +45,7 @@ SMOKES = [
 # Quoted by the README but not run here, and why.
 NOT_RUN = {
     "bench/gpu_check.py": "its --dry-run runs the scripts above (each smoked here) and a Ray training run: 6 min",
+    "bench/sweep.py": "a plain run and a one-trial sweep on a local Ray (90 s); tests/tune/ runs the sweep it times",
     "ops.bench.sass": "NVRTC compiles every kernel instantiation (90 s); ops/tests/test_sass.py runs that compile",
 }
 

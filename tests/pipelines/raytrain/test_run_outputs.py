@@ -118,3 +118,31 @@ def test_eta_waits_for_the_steady_rate():
     etas = [r["eta_s"] for r in sent if r["kind"] == "progress"]
     assert etas[:-1] == [None] * (len(etas) - 1)
     assert etas[-1] == pytest.approx(100 - (ETA_WARMUP_STEPS + ETA_MIN_STEPS))  # steps left x 1 s
+
+
+def test_a_checkpoint_event_follows_every_step_it_holds():
+    """Step records held back for the next flush go out before a checkpoint's event: a group stopped right
+    after the checkpoint loses none of the steps a resumed run will not train again."""
+    import torch
+
+    from pipelines.job_config import TrainConfig
+    from pipelines.raytrain.metrics import StepReporter
+    from pipelines.raytrain.worker_context import WorkerContext
+
+    sent = []
+
+    class Sink:  # the metrics sink actor's one method, as the reporter calls it
+        class log:
+            remote = staticmethod(sent.extend)
+
+    train = TrainConfig(epochs=1, log_every_s=3600, metrics_every_steps=1)
+    reporter = StepReporter(Sink(), train, WorkerContext(0, 1, torch.device("cpu"), None), steps_per_epoch=50)
+    for step in (1, 2):
+        record = {"step": step, "step_time_s": 1.0, "step_images": 2, "loss": 1.0, "lr": 1e-4}
+        reporter.on_step(record, epoch=0, global_step=step)
+    reporter.event("checkpoint", 0, 2, epoch_step=2, reason="steps")
+    assert [(r["kind"], r.get("global_step")) for r in sent if r["kind"] != "progress"] == [
+        ("step", 1),
+        ("step", 2),
+        ("event", 2),
+    ]
