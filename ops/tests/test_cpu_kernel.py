@@ -213,6 +213,20 @@ _BASELINE_SCRIPT = textwrap.dedent(
 )
 
 
+def run_script(script: str, **env: str) -> subprocess.CompletedProcess:
+    """``script`` in a fresh Python (argv: the repository, this folder), with ``env`` added to the
+    environment and no MSDA_BACKEND: what the process picks is the script's to say."""
+    env = {**os.environ, **env}
+    env.pop("MSDA_BACKEND", None)
+    return subprocess.run(
+        [sys.executable, "-c", script, str(REPO), str(Path(__file__).parent)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+
+
 def clone_symbols(library: Path) -> list[str]:
     nm = subprocess.run(["nm", str(library)], capture_output=True, text=True, check=True).stdout
     return [line.split()[-1] for line in nm.splitlines() if "forward_f32" in line]
@@ -221,15 +235,7 @@ def clone_symbols(library: Path) -> list[str]:
 @pytest.mark.skipif(shutil.which("nm") is None, reason="nm (binutils) not installed")
 def test_baseline_copy_matches_the_reference(tmp_path):
     """MSDA_CPU_ISA=baseline: the copy that CPUs without AVX2 run, run here against the float64 reference."""
-    env = {**os.environ, "MSDA_CPU_ISA": "baseline"}
-    env.pop("MSDA_BACKEND", None)
-    proc = subprocess.run(
-        [sys.executable, "-c", _BASELINE_SCRIPT, str(REPO), str(Path(__file__).parent)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
+    proc = run_script(_BASELINE_SCRIPT, MSDA_CPU_ISA="baseline")
     assert proc.returncode == 0, proc.stderr
     baseline = Path(proc.stdout.strip().splitlines()[-1])
     assert baseline != cpu_build.build()
@@ -302,15 +308,8 @@ _FALLBACK_SCRIPT = textwrap.dedent(
 
 
 def test_no_compiler_falls_back_to_the_reference_with_one_log_line(tmp_path):
-    env = {**os.environ, "CXX": str(tmp_path / "missing" / "c++"), "MSDA_CACHE_DIR": str(tmp_path / "cache")}
-    env.pop("MSDA_BACKEND", None)
-    proc = subprocess.run(
-        [sys.executable, "-c", _FALLBACK_SCRIPT, str(REPO), str(Path(__file__).parent)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
+    cxx = str(tmp_path / "missing" / "c++")
+    proc = run_script(_FALLBACK_SCRIPT, CXX=cxx, MSDA_CACHE_DIR=str(tmp_path / "cache"))
     assert proc.returncode == 0, proc.stderr
     grads, forced = proc.stdout.strip().splitlines()
     assert grads == "grads True"
@@ -318,7 +317,7 @@ def test_no_compiler_falls_back_to_the_reference_with_one_log_line(tmp_path):
     lines = [line for line in proc.stderr.splitlines() if "MSDeformAttn" in line]
     assert lines == [
         f"WARNING ops.backend: MSDeformAttn CPU kernel unavailable (building or loading the CPU kernel failed: "
-        f"C++ compiler $CXX={env['CXX']!r} not found); using the PyTorch reference path"
+        f"C++ compiler $CXX={cxx!r} not found); using the PyTorch reference path"
     ], proc.stderr
 
 
