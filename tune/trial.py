@@ -16,6 +16,7 @@ from ray.util.placement_group import NODE_ID_LABEL_KEY
 
 from pipelines.job_config import JobConfig, validate_job_config
 from pipelines.raytrain.step_checkpoints import STEP_CHECKPOINT_KEY
+from pipelines.raytrain.tracking import MlflowTarget
 from tune.space import apply_params
 
 log = logging.getLogger(__name__)
@@ -66,13 +67,16 @@ def trial_job(base: dict[str, Any], params: dict[str, Any], trials_uri: str, tri
     return validate_job_config(data)
 
 
-def run_trial(config: dict[str, Any], *, base: dict[str, Any], trials_uri: str) -> None:
+def run_trial(
+    config: dict[str, Any], *, base: dict[str, Any], trials_uri: str, mlflow: MlflowTarget | None = None
+) -> None:
     """The Tune function of every trial.
 
     Args:
         config: the trial's sampled parameters, by dotted training-config name.
         base: the sweep's resolved base training config (JSON dict).
         trials_uri: where the trials' Train runs live (``<sweep dir>/trials``).
+        mlflow: the sweep's MLflow experiment (``tune.tuner.sweep_experiment``), when it has one.
     """
     import ray.tune
 
@@ -83,6 +87,6 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], trials_uri: str) 
     job = trial_job(base, config, trials_uri, trial_id)
     # Built here, inside the trial: the callback talks to this trial's Tune session. The run's own
     # lines go to its run directory (metrics.jsonl); the sweep's driver prints the sweep's progress.
-    outcome = run_training(job, callbacks=[EpochReportCallback()], quiet=True)
+    outcome = run_training(job, callbacks=[EpochReportCallback()], quiet=True, mlflow=mlflow)
     if outcome.error is not None:
         raise RuntimeError(f"trial {trial_id}: training failed: {describe_failure(outcome.error)}")

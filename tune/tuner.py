@@ -5,6 +5,7 @@ Sweep directory (``<storage_path>/<name>/``, also Tune's experiment directory)::
     sweep_config.json, base_config.json   the sweep config and its resolved base training config
     trial_<id>/                           Tune's per-trial folder (progress, the driver's stdout/stderr)
     trials/<id>/                          each trial's Ray Train run: checkpoints, metrics.jsonl, curves
+    mlflow.db, mlartifacts/               train.loggers=mlflow: the trials' experiment (``sweep_experiment``)
     trials.csv, trials.parquet, best_config.json, best_trial.json, metric_vs_params.png, metric_curves.png
 """
 
@@ -15,6 +16,8 @@ import itertools
 import json
 import logging
 import math
+import os
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -23,6 +26,14 @@ from ray import tune
 from pipelines.job_config import ConfigError, JobConfig, validate_job_config
 from pipelines.raytrain.cluster import connect_ray
 from pipelines.raytrain.preflight import PreflightError, preflight
+from pipelines.raytrain.tracking import (
+    MLFLOW_ARTIFACTS,
+    MLFLOW_DB,
+    MlflowTarget,
+    end_unfinished_runs,
+    open_experiment,
+    tracking_off,
+)
 from pipelines.storage import absolute, filesystem_for, is_remote, join_uri, write_bytes
 from tune.progress import SweepProgress
 from tune.results import (
@@ -208,8 +219,9 @@ def run_sweep(
         write_bytes(join_uri(sweep_uri, SWEEP_CONFIG_FILE), (cfg.model_dump_json(indent=2) + "\n").encode())
         write_bytes(join_uri(sweep_uri, BASE_CONFIG_FILE), (json.dumps(base, indent=2) + "\n").encode())
     trials_uri = join_uri(sweep_uri, TRIALS_DIR)
+    mlflow = sweep_experiment(job, sweep_uri, cfg.sweep_name)
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, base=base, trials_uri=trials_uri), trial_driver_resources()
+        tune.with_parameters(run_trial, base=base, trials_uri=trials_uri, mlflow=mlflow), trial_driver_resources()
     )
     epochs = job.train.epochs
     storage_path, storage_fs = _tune_storage(storage)
@@ -253,7 +265,55 @@ def run_sweep(
     grid = tuner.fit()
     outcome = write_outputs(sweep_uri, grid, cfg, job, space, resumed)
     outcome.concurrency = concurrency
+    if mlflow is not None:
+        end_trial_runs(mlflow, outcome.summaries)
     return outcome
+
+
+def sweep_experiment(job: JobConfig, sweep_uri: str, name: str) -> MlflowTarget | None:
+    """With ``train.loggers`` naming mlflow: the one experiment whose runs are the sweep's trials.
+
+    The store is ``MLFLOW_TRACKING_URI`` as this driver sees it (the trials are told, wherever they run),
+    else ``<sweep dir>/mlflow.db`` with artifacts in ``<sweep dir>/mlartifacts``; the experiment is
+    ``MLFLOW_EXPERIMENT_NAME``, else the sweep's name. Each trial's run is named by its trial id and
+    tagged ``sweep`` with the sweep directory. A sweep in a bucket without a tracking URI has no file for
+    SQLite: its trials keep their runs in their own run directories, as a store that cannot be opened
+    here leaves them to try on their own.
+    """
+    if "mlflow" not in job.train.loggers:
+        return None
+    uri, artifacts = os.environ.get("MLFLOW_TRACKING_URI"), None
+    if uri is None:
+        if is_remote(sweep_uri):
+            print(
+                "mlflow: each trial's run stays in its own run directory (a sweep in a bucket); "
+                "export MLFLOW_TRACKING_URI for one experiment of them all",
+                flush=True,
+            )
+            return None
+        uri = f"sqlite:///{Path(sweep_uri, MLFLOW_DB)}"
+        artifacts = Path(sweep_uri, MLFLOW_ARTIFACTS).as_uri()
+    experiment = os.environ.get("MLFLOW_EXPERIMENT_NAME") or name
+    try:
+        open_experiment(uri, experiment, artifacts)
+    except Exception as e:
+        log.warning("%s", tracking_off("mlflow", e))
+        return None
+    print(f"mlflow: the trials are runs of experiment {experiment!r} in {uri}", flush=True)
+    return MlflowTarget(uri, experiment, {"sweep": sweep_uri})
+
+
+# A trial's status in the sweep's table -> its MLflow run's, where the trial could not end it itself.
+RUN_STATUSES = {"stopped early": "KILLED", "error": "FAILED"}
+
+
+def end_trial_runs(target: MlflowTarget, summaries: list[TrialSummary]) -> None:
+    """The MLflow runs of trials that the scheduler stopped (or that crashed) end KILLED (FAILED)."""
+    statuses = {s.trial_id: RUN_STATUSES[s.status] for s in summaries if s.status in RUN_STATUSES}
+    try:
+        end_unfinished_runs(target, statuses)
+    except Exception as e:
+        log.warning("%s", tracking_off("mlflow", e))
 
 
 def write_outputs(sweep_uri: str, grid, cfg: SweepConfig, job: JobConfig, space: SearchSpace, resumed: bool):

@@ -153,8 +153,14 @@ class StepReporter:
             self.sink.log_vis.remote(vis)
 
     def send_epoch(self, metrics: dict[str, Any], drawn_epochs: set[int]) -> None:
-        """The epoch's report; data_epochs: the epochs rank 0's augmentation was drawn for (its own, or a bug)."""
-        self.send([{"kind": "epoch", "time": time.time(), **metrics, "data_epochs": sorted(drawn_epochs)}])
+        """The epoch's report; data_epochs: the epochs rank 0's augmentation was drawn for (its own, or a bug).
+
+        Waits until the sink holds it: the epoch's ``ray.train.report`` follows, and ``RecordsWritten``
+        holds that report back until the driver wrote what the sink holds.
+        """
+        if self.sink is not None:
+            record = {"kind": "epoch", "time": time.time(), **metrics, "data_epochs": sorted(drawn_epochs)}
+            ray.get(self.sink.log.remote([record]))
 
     def _line(self, records: list[dict[str, Any]], epoch: int, global_step: int) -> dict[str, Any]:
         """One metrics line for the last len(records) steps: numbers averaged, lr and counters as of the last."""
@@ -189,16 +195,28 @@ class MetricsSink:
     def __init__(self) -> None:
         self._records: list[dict[str, Any]] = []
         self._vis: list[dict[str, Any]] = []
+        # Records logged, drained, and written by the driver (``written``): counts since the start.
+        self._logged = self._drained = self._written = 0
 
     def log(self, records: list[dict[str, Any]]) -> None:
         self._records.extend(records)
+        self._logged += len(records)
 
     def log_vis(self, vis: list[dict[str, Any]]) -> None:
         self._vis = list(vis)
 
     def drain(self) -> list[dict[str, Any]]:
         out, self._records = self._records, []
+        self._drained = self._logged
         return out
+
+    def written(self) -> None:
+        """The driver wrote every record of its last ``drain``."""
+        self._written = self._drained
+
+    def unwritten(self) -> int:
+        """Records logged that the driver has not written yet."""
+        return self._logged - self._written
 
     def vis(self) -> list[dict[str, Any]]:
         return self._vis
@@ -264,6 +282,10 @@ class MetricsPump:
 
     def drain(self) -> None:
         records = ray.get(self.sink.drain.remote())
+        self._write(records)
+        self.sink.written.remote()
+
+    def _write(self, records: list[dict[str, Any]]) -> None:
         self.stepped = self.stepped or any(r.get("kind") in STEP_KINDS for r in records)
         if self.trackers is not None:  # before the sync, which then carries their files too
             self.trackers.log(records)
@@ -284,6 +306,25 @@ class MetricsPump:
         if r.get("kind") == "eval":
             self.last_eval = r
         return format_record(r)
+
+
+class RecordsWritten(ray.train.UserCallback):
+    """Holds each report back from the callbacks after it until the driver has written the sink's records.
+
+    For runs whose reports go on to someone who may stop the run at once (a Tune trial's scheduler):
+    without it the trial's process can end before its pump drains the epoch's records, and its
+    ``metrics.jsonl`` and trackers never see that epoch. Waits at most ``timeout_s``.
+    """
+
+    def __init__(self, sink, timeout_s: float = 30.0) -> None:
+        self.sink = sink
+        self.timeout_s = timeout_s
+
+    def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
+        # Runs on Train's controller, an asyncio actor: a future's result, not ray.get (which warns there).
+        deadline = time.monotonic() + self.timeout_s
+        while time.monotonic() < deadline and self.sink.unwritten.remote().future().result(timeout=self.timeout_s):
+            time.sleep(0.1)
 
 
 def format_record(r: dict[str, Any]) -> str | None:

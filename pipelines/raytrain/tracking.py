@@ -12,7 +12,8 @@ whichever nodes the workers run on (a bucket run's staging folder, synced with t
   plain ``./mlruns`` folder store in maintenance mode and refuses it by default) with artifacts in
   ``<run dir>/mlartifacts``; params = the resolved config flattened, metrics as for TensorBoard, the AP
   table, curves and drawn images as artifacts, the best checkpoint's URI as a tag. A resumed run goes on
-  in the same MLflow run (its id is kept in ``<run dir>/mlflow_run.json``).
+  in the same MLflow run (its id is kept in ``<run dir>/mlflow_run.json``). A sweep's trials are runs of
+  one experiment that the sweep's driver names (``MlflowTarget``).
 
 Ray's own integrations do not fit here: ``setup_mlflow`` runs inside the workers (which may sit on
 another node than the run directory), and its logger callbacks are Tune callbacks, not Train V2 ones.
@@ -22,11 +23,12 @@ A tracker that fails (package missing, server down) is switched off with one war
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -100,42 +102,78 @@ class TensorBoardTracker:
         self.writer.close()
 
 
+@dataclasses.dataclass(frozen=True)
+class MlflowTarget:
+    """The experiment of runs that share one, not their run directories' stores: a sweep's trials.
+
+    Whoever makes one opens the experiment first (``open_experiment``), so that runs starting together
+    never race to set up the store; each run is named after its run and carries ``tags``.
+    """
+
+    tracking_uri: str
+    experiment: str
+    tags: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+def open_experiment(tracking_uri: str, name: str, artifact_location: str | None = None) -> str:
+    """The id of the experiment ``name`` in the store, created (with its artifact location) if new."""
+    from mlflow.tracking import MlflowClient
+
+    _quiet_mlflow(tracking_uri)
+    client = MlflowClient(tracking_uri=tracking_uri)
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    return client.create_experiment(name, artifact_location=artifact_location)
+
+
+def end_unfinished_runs(target: MlflowTarget, statuses: Mapping[str, str]) -> list[str]:
+    """Ends the target's runs that are still RUNNING with their status by run name (FAILED, KILLED):
+    runs whose process was stopped (a sweep's scheduler stops trials) never ended them. Returns their names.
+    """
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=target.tracking_uri)
+    experiment = client.get_experiment_by_name(target.experiment)
+    if experiment is None:
+        return []
+    ended = []
+    running = client.search_runs([experiment.experiment_id], "attributes.status = 'RUNNING'", max_results=10_000)
+    for run in running:
+        status = statuses.get(run.info.run_name)
+        if status is not None and all(run.data.tags.get(k) == v for k, v in target.tags.items()):
+            client.set_terminated(run.info.run_id, status=status)
+            ended.append(run.info.run_name)
+    return sorted(ended)
+
+
 class MlflowTracker:
-    """One MLflow run: ``MLFLOW_TRACKING_URI``, else a SQLite store in the run directory."""
+    """One MLflow run: in ``target``, else ``MLFLOW_TRACKING_URI``, else a SQLite store in the run directory."""
 
     name = "mlflow"
 
-    def __init__(self, run_dir: RunDir, job: JobConfig) -> None:
+    def __init__(self, run_dir: RunDir, job: JobConfig, target: MlflowTarget | None = None) -> None:
         from mlflow.entities import Param
         from mlflow.tracking import MlflowClient
 
-        for noisy in ("mlflow", "alembic"):  # the store's schema set-up lines, at INFO
-            logging.getLogger(noisy).setLevel(logging.WARNING)
-        uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{run_dir.file(MLFLOW_DB)}"
-        if uri.startswith(("http://", "https://")):
-            # MLflow's default is 7 retries with exponential backoff: minutes of a stalled metrics
-            # pump before a server that is down gives its one warning.
-            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-            retries = logging.getLogger("urllib3.connectionpool")
-            if not any(isinstance(f, _MlflowRetryLines) for f in retries.filters):
-                retries.addFilter(_MlflowRetryLines())
+        artifacts = None
+        if target is not None:
+            uri, experiment, tags = target.tracking_uri, target.experiment, target.tags
+        else:
+            uri = os.environ.get("MLFLOW_TRACKING_URI")
+            experiment, tags = os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT, {}
+            if uri is None:
+                uri = f"sqlite:///{run_dir.file(MLFLOW_DB)}"
+                artifacts = run_dir.file(MLFLOW_ARTIFACTS).resolve().as_uri()
+        _quiet_mlflow(uri)
         self.client = MlflowClient(tracking_uri=uri)
         self.run_dir = run_dir
         self.run_id = self._resumed_run(uri)
         if self.run_id is not None:
             self.client.update_run(self.run_id, status="RUNNING")
             return
-        experiment = os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
-        found = self.client.get_experiment_by_name(experiment)
-        if found is not None:
-            experiment_id = found.experiment_id
-        elif "MLFLOW_TRACKING_URI" in os.environ:
-            experiment_id = self.client.create_experiment(experiment)
-        else:
-            artifacts = run_dir.file(MLFLOW_ARTIFACTS).resolve().as_uri()
-            experiment_id = self.client.create_experiment(experiment, artifact_location=artifacts)
-        run = self.client.create_run(experiment_id, run_name=job.train.name, tags={"run_dir": run_dir.uri})
+        experiment_id = open_experiment(uri, experiment, artifacts)
+        run = self.client.create_run(experiment_id, run_name=job.train.name, tags={"run_dir": run_dir.uri, **tags})
         self.run_id = run.info.run_id
         run_dir.write_json(MLFLOW_RUN_FILE, {"tracking_uri": uri, "run_id": self.run_id})
         params = [Param(k, v) for k, v in flatten_config(job.model_dump(mode="json")).items()]
@@ -194,10 +232,6 @@ class RunSummary:
         self.images = sorted(images)
 
 
-TRACKERS: dict[str, Callable[[RunDir, JobConfig], Any]] = {
-    "tensorboard": TensorBoardTracker,
-    "mlflow": MlflowTracker,
-}
 TRACKING_HINT = "pip install 'ray-deformable-detr[tracking]'"
 
 
@@ -209,15 +243,20 @@ class Trackers:
         self.warn = warn
 
     @classmethod
-    def open(cls, run_dir: RunDir, job: JobConfig, warn: Callable[[str], None]) -> Trackers:
+    def open(
+        cls, run_dir: RunDir, job: JobConfig, warn: Callable[[str], None], mlflow: MlflowTarget | None = None
+    ) -> Trackers:
+        """The trackers of ``job.train.loggers``; ``mlflow``: the shared experiment of a sweep's trials."""
+        factories: dict[str, Callable[[], Any]] = {
+            "tensorboard": lambda: TensorBoardTracker(run_dir, job),
+            "mlflow": lambda: MlflowTracker(run_dir, job, mlflow),
+        }
         trackers = []
         for name in dict.fromkeys(job.train.loggers):  # each once
             try:
-                trackers.append(TRACKERS[name](run_dir, job))
-            except ImportError as e:
-                warn(f"{name} tracking off: {e} ({TRACKING_HINT})")
+                trackers.append(factories[name]())
             except Exception as e:
-                warn(f"{name} tracking off: {_one_line(e)}")
+                warn(tracking_off(name, e))
         return cls(trackers, warn)
 
     def log(self, records: Sequence[dict[str, Any]]) -> None:
@@ -235,7 +274,7 @@ class Trackers:
             getattr(tracker, method)(arg)
         except Exception as e:  # tracking never fails a run
             self.active.remove(tracker)
-            self.warn(f"{tracker.name} tracking off: {_one_line(e)}")
+            self.warn(tracking_off(tracker.name, e))
 
 
 def flatten_config(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -258,7 +297,24 @@ class _MlflowRetryLines(logging.Filter):
         return "/mlflow/" not in record.getMessage()
 
 
-def _one_line(e: BaseException) -> str:
+def _quiet_mlflow(uri: str) -> None:
+    """MLflow's store set-up lines off; for a server, few and short retries of its requests, not logged."""
+    for noisy in ("mlflow", "alembic"):  # the store's schema set-up lines, at INFO
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if uri.startswith(("http://", "https://")):
+        # MLflow's default is 7 retries with exponential backoff: minutes of a stalled metrics
+        # pump before a server that is down gives its one warning.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        retries = logging.getLogger("urllib3.connectionpool")
+        if not any(isinstance(f, _MlflowRetryLines) for f in retries.filters):
+            retries.addFilter(_MlflowRetryLines())
+
+
+def tracking_off(name: str, e: BaseException) -> str:
+    """The one warning line of a tracker that cannot work: what failed, and the extra when a package is missing."""
+    if isinstance(e, ImportError):
+        return f"{name} tracking off: {e} ({TRACKING_HINT})"
     text = str(e).strip().splitlines()
     first = text[0] if text else ""
-    return f"{type(e).__name__}: {first[:200]}"
+    return f"{name} tracking off: {type(e).__name__}: {first[:200]}"

@@ -20,7 +20,7 @@ from pipelines.data.report import data_report, format_data_report
 from pipelines.job_config import CONFIG_FILE, JobConfig
 from pipelines.raytrain.cluster import cluster_autoscales, connect_ray, on_driver_node, ray_logs_dir
 from pipelines.raytrain.errors import describe_failure
-from pipelines.raytrain.metrics import MetricsPump, MetricsSink
+from pipelines.raytrain.metrics import MetricsPump, MetricsSink, RecordsWritten
 from pipelines.raytrain.preflight import (
     check_resources,
     fetch_backbone_weights,
@@ -32,7 +32,7 @@ from pipelines.raytrain.run_datasets import DetectionDataConfig, PreparedData, p
 from pipelines.raytrain.run_dir import AP_TABLE_FILE, DATA_REPORT_FILE, RunDir, write_status
 from pipelines.raytrain.run_plots import write_final_outputs
 from pipelines.raytrain.state import SCORE_KEY
-from pipelines.raytrain.tracking import RunSummary, Trackers
+from pipelines.raytrain.tracking import MlflowTarget, RunSummary, Trackers
 from pipelines.raytrain.worker import train_loop_per_worker
 from pipelines.raytrain.worker_config import WorkerConfig
 from pipelines.storage import filesystem_for, is_remote, join_uri
@@ -149,6 +149,7 @@ def run_training(
     address: str | None = None,
     callbacks: Sequence[Any] = (),
     quiet: bool = False,
+    mlflow: MlflowTarget | None = None,
 ) -> TrainOutcome:
     """Pre-flight, datasets, fit, outputs. ``job`` is validated; nothing starts when a check fails.
 
@@ -157,6 +158,8 @@ def run_training(
         address: Ray cluster to join (default RAY_ADDRESS, else joined or started by ``connect_ray``).
         callbacks: extra Ray Train ``RunConfig`` callbacks (a Tune trial's ``TuneReportCallback``).
         quiet: print nothing (the run directory still gets every file); for Tune trials.
+        mlflow: with ``train.loggers`` naming mlflow, the experiment this run is one run of (a sweep's),
+            instead of ``MLFLOW_TRACKING_URI`` or the run directory's store.
 
     Raises:
         PreflightError: a check failed (before any worker started).
@@ -192,11 +195,13 @@ def run_training(
     # What the annotation and file checks skipped, before any pixel is read.
     _say(out, format_data_report(write_data_report(data, run_dir), job.data.on_bad_input))
 
-    trackers = Trackers.open(run_dir, job, warn=_warner(out))
+    trackers = Trackers.open(run_dir, job, warn=_warner(out), mlflow=mlflow)
     sink = MetricsSink.options(**on_driver_node()).remote()
     # Through the object store: every worker gets the weights, on whatever node it runs.
     weights_ref = ray.put(finetune_weights) if finetune_weights is not None else None
-    trainer = build_trainer(job, data, sink=sink, weights=weights_ref, callbacks=callbacks)
+    # Whoever gets the reports after us sees an epoch only once its records are written.
+    listeners = [RecordsWritten(sink), *callbacks] if callbacks else []
+    trainer = build_trainer(job, data, sink=sink, weights=weights_ref, callbacks=listeners)
     result, error = None, None
     pump = MetricsPump(sink, run_dir, out=out, trackers=trackers, first_step_timeout_s=job.train.first_step_timeout_s)
     with pump:

@@ -15,6 +15,7 @@ import pytest
 from core.checkpoint import read_checkpoint
 from pipelines.raytrain.run_dir import read_metrics
 from pipelines.raytrain.state import CHECKPOINT_FILE
+from pipelines.raytrain.tracking import MLFLOW_DB
 from pipelines.train import main as train_main
 from tune.results import BEST_CONFIG_FILE, BEST_TRIAL_FILE, TABLE_CSV, TABLE_PARQUET
 from tune.sweep_config import load_sweep_config
@@ -93,10 +94,11 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(tmp_path, sweep
 
 @pytest.fixture(scope="module")
 def asha_sweep(ray_local, tmp_path_factory, sweep_overrides):
-    """One sweep that the two tests below read (each trial is a Ray Train run of its own: half a minute
+    """One sweep that the three tests below read (each trial is a Ray Train run of its own: half a minute
     of start-up on a 2-core machine). Two trials in grid order, one at a time, each with a sampled lr and
     backbone multiplier: the second is scored on a val split without objects, which pycocotools scores
-    -1, below the first trial's AP at the first rung, whatever it is: the trial that must lose."""
+    -1, below the first trial's AP at the first rung, whatever it is: the trial that must lose. The
+    trials log to MLflow, with no tracking URI set: the sweep directory's store."""
     storage = tmp_path_factory.mktemp("sweep")
     space = {
         "data": {"val_ann": {"grid": ["instances_val.json", "instances_val_empty.json"]}},
@@ -110,7 +112,9 @@ def asha_sweep(ray_local, tmp_path_factory, sweep_overrides):
         "scheduler.grace_period=1",
         "scheduler.reduction_factor=2",
         epochs=2,
+        loggers=["mlflow"],
     )
+    assert "MLFLOW_TRACKING_URI" not in os.environ
     cfg, job, space = load_sweep_config(overrides=overrides)
     return storage, run_sweep(cfg, job, space, progress_every_s=5)
 
@@ -159,3 +163,23 @@ def test_asha_stops_the_trial_that_must_lose(asha_sweep):
     assert loser["stopped_early"] and loser["epochs_run"] == 1 and loser["AP"] == -1.0
     curves = {s.params["data.val_ann"]: s.curve for s in outcome.summaries}
     assert [e for e, _ in curves["instances_val_empty.json"]] == [1]
+
+
+def test_the_trials_are_runs_of_one_mlflow_experiment(asha_sweep):
+    from mlflow.tracking import MlflowClient
+
+    storage, outcome = asha_sweep
+    sweep = storage / "asha"
+    client = MlflowClient(tracking_uri=f"sqlite:///{sweep / MLFLOW_DB}")
+    runs = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("asha").experiment_id])}
+    rows = {r["trial_id"]: r for r in outcome.rows}
+    assert sorted(runs) == sorted(rows)
+    for trial_id, row in rows.items():
+        run = runs[trial_id]
+        assert run.data.tags["sweep"] == str(sweep)
+        assert float(run.data.params["train.lr"]) == pytest.approx(row["train.lr"])
+        aps = [m.value for m in client.get_metric_history(run.info.run_id, "val/AP")]
+        assert len(aps) == row["epochs_run"] and max(aps) == pytest.approx(row["AP"]), (aps, row)
+        # The trial ASHA stopped could not end its run: the sweep's driver did.
+        assert run.info.status == ("KILLED" if row["stopped_early"] else "FINISHED"), row
+        assert not (sweep / TRIALS_DIR / trial_id / MLFLOW_DB).exists()

@@ -1,5 +1,6 @@
 """Pre-flight: a bad config, missing data, an unreachable bucket or a wrong checkpoint fail before Ray starts;
-on a cluster too small for the run, the driver says what is short or what waits, and nothing else of Ray's."""
+on a cluster too small for the run, the driver says what is short or what waits, and nothing else of Ray's;
+the driver's metrics pump writes a report's records before the report goes on."""
 
 from __future__ import annotations
 
@@ -245,6 +246,30 @@ def test_a_run_with_no_first_step_says_what_ray_has_pending(two_cpus):
     assert line.count("\n") == 1 and line.startswith("warning: no training step in "), line
     assert "tasks or actors waiting for {CPU: 1} x1" in line and "the cluster: CPU 2 of 2 in use" in line, line
     assert "train.num_workers" in line and "train.first_step_timeout_s" in line, line
+
+
+def test_a_report_reaches_the_next_callback_once_its_records_are_written(two_cpus, tmp_path):
+    """A sweep's scheduler may stop a trial as soon as it sees the trial's epoch report, ending the
+    trial's process: the report waits in ``RecordsWritten`` until the driver's pump has written what the
+    sink holds (here the pump drains 1.5 s late), so the epoch is in metrics.jsonl and the trackers."""
+    import threading
+
+    from pipelines.raytrain.metrics import MetricsPump, MetricsSink, RecordsWritten
+    from pipelines.raytrain.run_dir import METRICS_FILE, RunDir, read_metrics
+
+    sink = MetricsSink.remote()
+    run_dir = RunDir(str(tmp_path), "run").mkdir()
+    pump = MetricsPump(sink, run_dir, out=None)
+    two_cpus.get(sink.log.remote([{"kind": "epoch", "time": 0.0, "epoch": 0, "global_step": 2, "loss": 1.0}]))
+    late = threading.Timer(1.5, pump.drain)
+    late.start()
+    try:
+        RecordsWritten(sink, timeout_s=30).after_report(None, [{}], None)
+        assert run_dir.file(METRICS_FILE).exists()
+        assert [r["kind"] for r in read_metrics(run_dir.file(METRICS_FILE))] == ["epoch"]
+    finally:
+        late.join()
+        two_cpus.kill(sink)
 
 
 def test_a_submitted_job_keeps_its_runs_outside_rays_working_dir(tmp_path, tiny_data, monkeypatch):
