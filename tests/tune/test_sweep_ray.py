@@ -1,9 +1,12 @@
-"""Sweeps of tiny trials on local Ray: resume after a killed driver, results and best config, ASHA stopping a sure loser."""
+"""Sweeps of tiny trials on local Ray: a sweep in a bucket resumed after its driver was killed; results,
+best config, ASHA stopping a sure loser and the trials in MLflow."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,11 +14,13 @@ import time
 
 import pyarrow.parquet as pq
 import pytest
+from s3_servers import CREDENTIALS
 
 from core.checkpoint import read_checkpoint
 from pipelines.raytrain.run_dir import read_metrics
 from pipelines.raytrain.state import CHECKPOINT_FILE
 from pipelines.raytrain.tracking import MLFLOW_DB
+from pipelines.storage import join_uri, list_file_sizes, read_bytes
 from pipelines.train import main as train_main
 from tune.results import BEST_CONFIG_FILE, BEST_TRIAL_FILE, TABLE_CSV, TABLE_PARQUET
 from tune.sweep_config import load_sweep_config
@@ -26,16 +31,23 @@ from .conftest import REPO_ROOT
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
-def test_killed_driver_resumes_without_rerunning_finished_trials(tmp_path, sweep_overrides):
-    """The sweep's own process (and the local Ray it started) is killed once the first trial has
-    finished and the second has a checkpoint; the same command then finishes the sweep. One training
-    worker per trial: two-worker trials are the module sweep's, and each worker is a process to start.
+def test_killed_driver_resumes_without_rerunning_finished_trials(
+    tmp_path, monkeypatch, sweep_overrides, seaweedfs_server
+):
+    """A sweep in a bucket of a real S3 server: its own process (and the local Ray it started) is killed
+    once the first trial has finished and the second has a checkpoint; the same command then finishes the
+    sweep from what the bucket holds. One training worker per trial: two-worker trials are the module
+    sweep's, and each worker is a process to start.
 
     ASHA runs, its one rung at 2 epochs done: the resumed trial's report there is Tune's first iteration
     of the restored run, and ASHA reads it at its epochs done. (Tune restores ASHA with empty rungs: the
     reports from before the kill are compared with nothing after it, so that no trial is stopped here.)"""
+    for name, value in CREDENTIALS.items():  # this process reads the bucket too
+        monkeypatch.setenv(name, value)
+    seaweedfs_server.create_bucket("sweeps")
+    storage = f"s3://sweeps/{tmp_path.name}{seaweedfs_server.endpoint_query}"
     overrides = sweep_overrides(
-        tmp_path,
+        storage,
         "resume",
         'space={"train": {"lr": {"grid": [1e-3, 5e-4]}}}',
         "num_trials=1",
@@ -45,20 +57,27 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(tmp_path, sweep
         num_workers=1,
     )
     cmd = [sys.executable, "tune/sweep.py", *(f"--set={o}" for o in overrides)]
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    trials = tmp_path / "resume" / TRIALS_DIR
+    # The bucket's credentials, and a home of its own: a bucket run stages its files under ~/.cache.
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "HOME": str(tmp_path / "home")}
+    sweep = join_uri(storage, "resume")
+    trials = join_uri(sweep, TRIALS_DIR)
 
-    def run_dirs():
-        return sorted(p for p in trials.iterdir() if p.is_dir()) if trials.is_dir() else []
+    def trial_ids() -> list[str]:
+        files = list_file_sizes(trials) or {}
+        return sorted({rel.split("/")[0] for rel in files if "/" in rel})
+
+    def checkpointed(trial_id: str) -> bool:
+        files = list_file_sizes(join_uri(trials, trial_id)) or {}
+        return any(rel.startswith("checkpoint_epoch0000/") for rel in files)
 
     log = open(tmp_path / "first.log", "w")
     proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline and proc.poll() is None:
-            dirs = run_dirs()
             first_done = "finished" in (tmp_path / "first.log").read_text()
-            if first_done and len(dirs) == 2 and (dirs[1] / "checkpoint_epoch0000").is_dir():
+            ids = trial_ids() if first_done else []
+            if len(ids) == 2 and checkpointed(ids[1]):
                 break
             time.sleep(1)
         else:
@@ -70,25 +89,27 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(tmp_path, sweep
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         log.close()
-    first, second = run_dirs()
-    first_metrics = (first / "metrics.jsonl").read_text()
+    first, second = trial_ids()
+    first_metrics = read_bytes(join_uri(trials, first, "metrics.jsonl"))
+    # The driver is gone with its machine: the resumed sweep has only what the bucket holds.
+    shutil.rmtree(tmp_path / "home")
 
     again = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "resuming sweep" in again.stdout
     # The finished trial did not run again; the interrupted one continued from its checkpoint.
-    assert (first / "metrics.jsonl").read_text() == first_metrics
-    records = read_metrics(second / "metrics.jsonl")
+    assert read_bytes(join_uri(trials, first, "metrics.jsonl")) == first_metrics
+    records = [json.loads(line) for line in read_bytes(join_uri(trials, second, "metrics.jsonl")).splitlines()]
     events = [r for r in records if r["kind"] == "event"]
     assert [e["event"] for e in events] == ["start", "resume"] and events[1]["epoch"] >= 1
     # Epoch 0 ran once; epoch 1 may have run twice if the kill came between its end and its checkpoint.
     epochs = [r["epoch"] for r in records if r["kind"] == "epoch"]
     assert epochs.count(0) == 1 and epochs[-1] == 1, epochs
-    table = pq.read_table(tmp_path / "resume" / TABLE_PARQUET).to_pylist()
+    table = pq.read_table(io.BytesIO(read_bytes(join_uri(sweep, TABLE_PARQUET)))).to_pylist()
     assert sorted(r["train.lr"] for r in table) == [5e-4, 1e-3]
     assert all(r["status"] == "done" and r["epochs_run"] == 2 for r in table), table
     # What the scheduler read: the resumed trial's clock went on from the kill, Tune's restarted.
-    reports = [json.loads(line) for line in (tmp_path / "resume" / f"trial_{second.name}" / "result.json").open()]
+    reports = [json.loads(line) for line in read_bytes(join_uri(sweep, f"trial_{second}", "result.json")).splitlines()]
     assert [(r["epochs_done"], r["training_iteration"]) for r in reports][-1] == (2, 1), reports
 
 
