@@ -1,6 +1,6 @@
 """COCO AP of any checkpoint core/ can load (ours or the authors') on a COCO-format split (entry script).
 
-    python pipelines/evaluate.py --checkpoint runs/demo-.../checkpoint_epoch0011 --data data/demo \\
+    python pipelines/evaluate.py --checkpoint runs/demo-... --data data/demo \\
         --set data.val_ann=instances_val.json --set data.val_images=val
     python pipelines/evaluate.py --checkpoint r50_deformable_detr-checkpoint.pth \\
         --data /data/coco --num-workers 4 --use-gpu
@@ -31,7 +31,7 @@ from pipelines.console import console_logging
 from pipelines.job_config import ConfigError, JobConfig, eval_job_config
 from pipelines.raytrain.cluster import quiet_ray_warnings
 from pipelines.raytrain.errors import describe_failure
-from pipelines.raytrain.evaluation import load_for_eval, run_evaluation
+from pipelines.raytrain.evaluation import load_for_eval, resolve_for_eval, run_evaluation
 from pipelines.raytrain.preflight import PreflightError
 
 
@@ -53,7 +53,9 @@ def config_from_args(ckpt: Checkpoint, args: argparse.Namespace) -> JobConfig:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="COCO AP of a checkpoint on a COCO-format split, on Ray workers.")
     p.add_argument(
-        "--checkpoint", required=True, help="checkpoint file or run checkpoint folder: path, http(s), s3://, gs://"
+        "--checkpoint",
+        required=True,
+        help="checkpoint file, checkpoint folder, or run directory (its best checkpoint): path, http(s), s3://, gs://",
     )
     p.add_argument("--data", help="dataset root (data.root); val_ann and val_images resolve against it")
     p.add_argument("--ann", help="instances JSON of the split (data.val_ann)")
@@ -80,10 +82,13 @@ def main(argv: list[str] | None = None) -> int:
     quiet_ray_warnings()
     args = parse_args(argv)
     try:
-        ckpt = load_for_eval(args.checkpoint)
+        checkpoint = resolve_for_eval(args.checkpoint)
+        if checkpoint != args.checkpoint:
+            print(f"--checkpoint is a run directory; using {checkpoint.partition('?')[0]}", flush=True)
+        ckpt = load_for_eval(checkpoint)
         job = config_from_args(ckpt, args)
         print(
-            f"checkpoint {args.checkpoint}: {ckpt.source_format}, {ckpt.config.variant()} "
+            f"checkpoint {checkpoint.partition('?')[0]}: {ckpt.source_format}, {ckpt.config.variant()} "
             f"{job.model.backbone}, {job.model.num_classes} classes",
             flush=True,
         )

@@ -19,10 +19,19 @@ from pipelines.raytrain.preflight import PreflightError, check_data, with_timeou
 from pipelines.raytrain.run_datasets import prepare_data
 from pipelines.raytrain.run_dir import AP_TABLE_FILE, DATA_REPORT_FILE, RunDir
 from pipelines.raytrain.run_plots import draw_detections
-from pipelines.raytrain.state import fetch_checkpoint_file
+from pipelines.raytrain.state import fetch_checkpoint_file, resolve_checkpoint
 from pipelines.raytrain.training import build_trainer
 from pipelines.raytrain.worker_eval import eval_loop_per_worker
 from pipelines.storage import absolute
+
+
+def resolve_for_eval(uri: str, timeout_s: float = 120.0) -> str:
+    """The checkpoint ``--checkpoint`` names: a run directory stands for its best checkpoint, else its
+    latest (``resolve_checkpoint``); anything else for itself."""
+    try:
+        return with_timeout(lambda: resolve_checkpoint(uri), timeout_s, f"--checkpoint {uri!r}")
+    except (OSError, ValueError) as e:
+        raise PreflightError(f"--checkpoint {uri!r}: {e}") from e
 
 
 def load_for_eval(uri: str, timeout_s: float = 120.0) -> Checkpoint:

@@ -107,18 +107,22 @@ def test_two_workers_two_epochs(two_epoch_run):
 
 
 def test_evaluate_reproduces_the_training_ap(two_epoch_run):
+    """Given the run directory, evaluation scores its best epoch's checkpoint (ties: the later epoch)."""
     from pipelines.evaluate import config_from_args as eval_config_from_args
     from pipelines.evaluate import parse_args
-    from pipelines.raytrain.evaluation import load_for_eval, run_evaluation
+    from pipelines.raytrain.evaluation import load_for_eval, resolve_for_eval, run_evaluation
 
-    ckpt_dir = two_epoch_run.result.checkpoint.path
+    evals = _kinds(two_epoch_run.run_dir.read_metrics(), "eval")
+    best = max(evals, key=lambda r: (r["AP"], r["epoch"]))
     out = two_epoch_run.run_dir.path / "eval_out"
-    args = parse_args(["--checkpoint", ckpt_dir, "--num-workers", "2", "--out", str(out)])
-    ckpt = load_for_eval(args.checkpoint)
+    args = parse_args(["--checkpoint", str(two_epoch_run.run_dir.path), "--num-workers", "2", "--out", str(out)])
+    checkpoint = resolve_for_eval(args.checkpoint)
+    assert checkpoint == str(two_epoch_run.run_dir.path / f"checkpoint_epoch{best['epoch']:04d}")
+    ckpt = load_for_eval(checkpoint)
     stats = run_evaluation(eval_config_from_args(ckpt, args), ckpt, out_dir=args.out)
     assert stats["num_eval_images"] == 5
-    for k, v in two_epoch_run.final_ap.items():
-        assert stats[k] == pytest.approx(v, abs=1e-6), k
+    for k in two_epoch_run.final_ap:
+        assert stats[k] == pytest.approx(best[k], abs=1e-6), k
     assert (out / "ap_table.md").is_file() and list((out / "val_images").glob("*.png"))
     assert json.loads((out / "data_report.json").read_text())["val"]["num_images"] == 5
 
