@@ -23,7 +23,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from core.build import build_model
 from core.config import DetrConfig, ModelConfig
 from core.detector import DeformableDETR
-from ops import MSDeformAttn, cuda_kernel_available
+from ops import MSDeformAttn, cpu_kernel_available, cuda_kernel_available, get_backend
 from pipelines.presets import PRESETS
 
 VARIANTS: dict[str, dict[str, bool | int]] = {
@@ -254,9 +254,14 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, object]]:
     torch.backends.cudnn.benchmark = True
     if device.type == "cuda":
         kernel_ok, reason = cuda_kernel_available()
-        where = f"{torch.cuda.get_device_name(device)}; deformable attention: {'CUDA kernel' if kernel_ok else 'PyTorch reference (' + reason + ')'}"
+        where = f"{torch.cuda.get_device_name(device)}"
     else:
-        where = f"CPU, {torch.get_num_threads()} threads; deformable attention: PyTorch reference"
+        kernel_ok, reason = cpu_kernel_available()
+        where = f"CPU, {torch.get_num_threads()} threads"
+    if get_backend() == "reference":
+        kernel_ok, reason = False, "MSDA_BACKEND=reference"
+    kernel = f"{device.type.upper()} kernel" if kernel_ok else f"PyTorch reference ({reason})"
+    where += f"; deformable attention: {kernel}"
     print(
         f"device: {where}; input {opts.batch_size}x3x{opts.height}x{opts.width}; {opts.iters} timed iters after "
         f"{opts.warmup} warmup; torch {torch.__version__}{'; torch.compile' if opts.compile else ''}"
