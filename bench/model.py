@@ -24,6 +24,7 @@ from core.build import build_model
 from core.config import DetrConfig, ModelConfig
 from core.detector import DeformableDETR
 from ops import MSDeformAttn, cpu_kernel_available, cuda_kernel_available, get_backend
+from ops.bench.common import capture_graph, rel_err
 from pipelines.presets import PRESETS
 
 VARIANTS: dict[str, dict[str, bool | int]] = {
@@ -139,9 +140,9 @@ def capture_inference(
 ) -> tuple[Callable[[], None], float]:
     """One no-grad forward at these (static) inputs captured in a CUDA graph.
 
-    Warm-up calls run on a side stream first, as ``torch.cuda.graph`` asks (cuDNN's autotuning, the
-    deformable-attention kernels' first loads and the op's level-table check happen there, outside the
-    capture); autocast's weight cache is off, since cached casts would not survive into the replay.
+    Three warm-up calls run outside the capture (``capture_graph``): cuDNN's autotuning, the
+    deformable-attention kernels' first loads and the op's level-table check; autocast's weight cache is
+    off, since cached casts would not survive into the replay.
 
     Returns:
         (the graph's replay, the largest |replay - eager| of pred_logits and pred_boxes relative to the
@@ -153,22 +154,11 @@ def capture_inference(
         with torch.no_grad(), torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32, cache_enabled=False):
             return run(images, mask)
 
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            forward()
-    torch.cuda.current_stream(device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = forward()
+    graph, captured = capture_graph(device, forward, warmups=3)
     graph.replay()
     eager = forward()
     torch.cuda.synchronize(device)
-    err = max(
-        ((captured[k].double() - eager[k].double()).abs().max() / eager[k].double().abs().max().clamp(min=1.0)).item()
-        for k in ("pred_logits", "pred_boxes")
-    )
+    err = max(rel_err(captured[k], eager[k]) for k in ("pred_logits", "pred_boxes"))
     return graph.replay, err
 
 

@@ -10,8 +10,11 @@ from __future__ import annotations
 import statistics
 import traceback
 from collections.abc import Callable
+from typing import TypeVar
 
 import torch
+
+T = TypeVar("T")
 
 # Deformable DETR at 800x1200 input: strides 8, 16, 32, 64.
 ENCODER_SHAPES = [[100, 150], [50, 75], [25, 38], [13, 19]]
@@ -65,6 +68,24 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got - want).abs().max() / want.abs().max().clamp(min=1.0)).item()
 
 
+def capture_graph(device: torch.device, step: Callable[[], T], warmups: int) -> tuple[torch.cuda.CUDAGraph, T]:
+    """``step`` captured in a CUDA graph: the graph, and the outputs its replays write.
+
+    ``warmups`` calls run on a side stream first, as ``torch.cuda.graph`` asks: first loads, autotuning
+    and one-time checks happen there, outside the capture.
+    """
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(warmups):
+            step()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    return graph, captured
+
+
 def check_graph_replay(
     device: torch.device,
     step: Callable[[], tuple[torch.Tensor, ...]],
@@ -73,15 +94,7 @@ def check_graph_replay(
 ) -> tuple[bool, str]:
     """Captures ``step`` in a CUDA graph, copies ``new_values()`` into its ``static`` inputs, replays it,
     and compares the replay's outputs with an eager ``step`` on the same inputs."""
-    side = torch.cuda.Stream(device)  # warm up off the capture stream, as torch.cuda.graph asks
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream(device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = step()
+    graph, captured = capture_graph(device, step, warmups=2)
     with torch.no_grad():
         for s, t in zip(static, new_values()):
             s.copy_(t)
