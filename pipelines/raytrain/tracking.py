@@ -107,7 +107,7 @@ class MlflowTarget:
     """The experiment of runs that share one, not their run directories' stores: a sweep's trials.
 
     Whoever makes one opens the experiment first (``open_experiment``), so that runs starting together
-    never race to set up the store; each run is named after its run and carries ``tags``.
+    never race to set up the store. Each run is named by ``train.name`` and carries ``tags``.
     """
 
     tracking_uri: str
@@ -127,24 +127,20 @@ def open_experiment(tracking_uri: str, name: str, artifact_location: str | None 
     return client.create_experiment(name, artifact_location=artifact_location)
 
 
-def end_unfinished_runs(target: MlflowTarget, statuses: Mapping[str, str]) -> list[str]:
+def end_unfinished_runs(target: MlflowTarget, statuses: Mapping[str, str]) -> None:
     """Ends the target's runs that are still RUNNING with their status by run name (FAILED, KILLED):
-    runs whose process was stopped (a sweep's scheduler stops trials) never ended them. Returns their names.
-    """
+    runs whose process was stopped (a sweep's scheduler stops trials) never ended them."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=target.tracking_uri)
     experiment = client.get_experiment_by_name(target.experiment)
     if experiment is None:
-        return []
-    ended = []
+        return
     running = client.search_runs([experiment.experiment_id], "attributes.status = 'RUNNING'", max_results=10_000)
     for run in running:
         status = statuses.get(run.info.run_name)
         if status is not None and all(run.data.tags.get(k) == v for k, v in target.tags.items()):
             client.set_terminated(run.info.run_id, status=status)
-            ended.append(run.info.run_name)
-    return sorted(ended)
 
 
 class MlflowTracker:
