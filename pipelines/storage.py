@@ -13,12 +13,14 @@ import secrets
 import shutil
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import parse_qsl
 
 import pyarrow.fs as pafs
+
+T = TypeVar("T")
 
 REMOTE_SCHEMES = ("s3://", "gs://", "gcs://")
 
@@ -117,25 +119,31 @@ def _not_found(e: OSError) -> bool:
 
 
 def read_bytes(uri: str, storage_options: Mapping[str, Any] | None = None, *, retries: int = 3) -> bytes:
-    """All bytes of one file, one whole version of it. Transient object-store errors are retried; a missing
-    file is not.
-
-    pyarrow reads an object as a HEAD (its size and ETag) and ranged GETs: a writer overwriting it in
-    between would hand the reader a mix of two versions, or the new one cut at the old one's size. The
-    ETag is asked again after the read; a file that changed meanwhile is read again.
+    """All bytes of one file, one whole version of it (``_one_version``).
 
     Raises:
         FileNotFoundError: no such file (the message names ``uri``).
         OSError: still failing (or changing) after ``retries`` attempts.
     """
     fs, path = filesystem_for(uri, storage_options)
+    return _one_version(uri, fs, path, lambda f: f.read(), retries)
+
+
+def _one_version(uri: str, fs: pafs.FileSystem, path: str, read: Callable[[Any], T], retries: int = 3) -> T:
+    """``read`` of one file's input stream, over one whole version of it. Transient object-store errors
+    are retried; a missing file is not.
+
+    pyarrow reads an object as a HEAD (its size and ETag) and ranged GETs: a writer overwriting it in
+    between would hand the reader a mix of two versions, or the new one cut at the old one's size. The
+    ETag is asked again after the read; a file that changed meanwhile is read again.
+    """
     for attempt in range(retries):
         try:
             with fs.open_input_stream(path) as f:
                 version = f.metadata().get("ETag")  # object stores only; local reads are one file
-                data = f.read()
+                result = read(f)
             if version is None or _etag(fs, path) == version:
-                return data
+                return result
             problem: object = "it changed while being read"
         except OSError as e:
             if _not_found(e):
@@ -228,14 +236,13 @@ def fetch_file(uri: str, dest_dir: str, storage_options: Mapping[str, Any] | Non
     if is_remote(uri):
         fs, path = filesystem_for(uri, storage_options)
         local = os.path.join(dest_dir, os.path.basename(path))
-        try:
-            with fs.open_input_stream(path) as src, open(local, "wb") as dst:
+
+        def copy(src) -> None:
+            with open(local, "wb") as dst:
                 # Big reads: an object-store stream may answer each read with its own ranged GET.
                 shutil.copyfileobj(src, dst, length=16 * 1024**2)
-        except OSError as e:
-            if _not_found(e):
-                raise FileNotFoundError(f"{uri}: no such file") from e
-            raise
+
+        _one_version(uri, fs, path, copy)  # one whole version, as read_bytes
         return local
     if uri.startswith(("http://", "https://")):
         return uri

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from urllib.parse import urlencode
 
 import pyarrow.fs as pafs
@@ -64,10 +65,12 @@ def _version(i: int) -> bytes:
     return bytes([i]) * (2**20 + i * 2**16)
 
 
-def test_a_read_racing_an_overwrite_gets_one_whole_version(seaweedfs_server):
+def test_a_read_racing_an_overwrite_gets_one_whole_version(seaweedfs_server, tmp_path):
+    """Both ways of reading an object: into memory (read_bytes) and into a local file (fetch_file, which
+    checkpoints and exported models take)."""
     uri = join_uri(_base(seaweedfs_server), "overwritten.bin")
     write_bytes(uri, _version(0))
-    versions = 40
+    versions = 80
     writer = (
         "import sys, time\n"
         "from pipelines.storage import write_bytes\n"
@@ -77,19 +80,22 @@ def test_a_read_racing_an_overwrite_gets_one_whole_version(seaweedfs_server):
     )
     env = {**os.environ, "PYTHONPATH": REPO_ROOT}
     proc = subprocess.Popen([sys.executable, "-c", writer, uri], env=env)
-    seen, changing = [], 0
+    readers = {"read_bytes": read_bytes, "fetch_file": lambda u: Path(fetch_file(u, str(tmp_path))).read_bytes()}
+    seen, changing = {name: [] for name in readers}, 0
     try:
         while proc.poll() is None:
-            try:
-                data = read_bytes(uri)
-            except OSError as e:
-                assert "changed while being read" in str(e), e
-                changing += 1
-                continue
-            assert data == _version(data[0]), f"read {len(data)} bytes, not one whole version {data[0]}"
-            seen.append(data[0])
+            for name, read in readers.items():
+                try:
+                    data = read(uri)
+                except OSError as e:
+                    assert "changed while being read" in str(e), e
+                    changing += 1
+                    continue
+                assert data == _version(data[0]), f"{name}: {len(data)} bytes, not one whole version {data[0]}"
+                seen[name].append(data[0])
     finally:
         proc.wait()
     assert proc.returncode == 0
-    assert len(set(seen)) >= 3, (seen, changing)  # the reads overlapped the writes
+    for versions_read in seen.values():  # the reads overlapped the writes
+        assert len(set(versions_read)) >= 3, (seen, changing)
     assert read_bytes(uri) == _version(versions - 1)
