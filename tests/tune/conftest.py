@@ -31,10 +31,10 @@ def tiny_data(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def sweep_overrides(tiny_data):
-    """``--set`` items of a tiny sweep on the session's dataset, writing under ``storage`` as ``name``;
-    keyword arguments are more ``train`` settings of the base config."""
+    """``--set`` items of a tiny sweep on the session's dataset, writing under ``storage`` (a folder or a
+    bucket URI) as ``name``; keyword arguments are more ``train`` settings of the base config."""
 
-    def make(storage: Path, name: str, *extra: str, epochs: int = 1, **train) -> list[str]:
+    def make(storage: Path | str, name: str, *extra: str, epochs: int = 1, **train) -> list[str]:
         base = {
             "data": {"root": tiny_data},
             "demo_data": None,

@@ -57,7 +57,7 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(
         num_workers=1,
     )
     cmd = [sys.executable, "tune/sweep.py", *(f"--set={o}" for o in overrides)]
-    # The bucket's credentials, and a home of its own: a bucket run stages its files under ~/.cache.
+    # The bucket's credentials (set above), and a home of its own: a bucket run stages its files under ~/.cache.
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "HOME": str(tmp_path / "home")}
     sweep = join_uri(storage, "resume")
     trials = join_uri(sweep, TRIALS_DIR)
