@@ -214,9 +214,9 @@ class MetricsSink:
         """The driver wrote every record of its last ``drain``."""
         self._written = self._drained
 
-    def unwritten(self) -> int:
-        """Records logged that the driver has not written yet."""
-        return self._logged - self._written
+    def counts(self) -> tuple[int, int]:
+        """(records logged, records the driver has written), since the start."""
+        return self._logged, self._written
 
     def vis(self) -> list[dict[str, Any]]:
         return self._vis
@@ -309,7 +309,8 @@ class MetricsPump:
 
 
 class RecordsWritten(ray.train.UserCallback):
-    """Holds each report back from the callbacks after it until the driver has written the sink's records.
+    """Holds each report back from the callbacks after it until the driver has written the records the
+    sink held when the report came.
 
     For runs whose reports go on to someone who may stop the run at once (a Tune trial's scheduler):
     without it the trial's process can end before its pump drains the epoch's records, and its
@@ -321,10 +322,16 @@ class RecordsWritten(ray.train.UserCallback):
         self.timeout_s = timeout_s
 
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
-        # Runs on Train's controller, an asyncio actor: a future's result, not ray.get (which warns there).
+        # Only the records logged before now: the workers go on logging while this waits.
         deadline = time.monotonic() + self.timeout_s
-        while time.monotonic() < deadline and self.sink.unwritten.remote().future().result(timeout=self.timeout_s):
+        logged, written = self._counts()
+        while written < logged and time.monotonic() < deadline:
             time.sleep(0.1)
+            _, written = self._counts()
+
+    def _counts(self) -> tuple[int, int]:
+        # Runs on Train's controller, an asyncio actor: a future's result, not ray.get (which warns there).
+        return self.sink.counts.remote().future().result(timeout=self.timeout_s)
 
 
 def format_record(r: dict[str, Any]) -> str | None:

@@ -251,7 +251,8 @@ def test_a_run_with_no_first_step_says_what_ray_has_pending(two_cpus):
 def test_a_report_reaches_the_next_callback_once_its_records_are_written(two_cpus, tmp_path):
     """A sweep's scheduler may stop a trial as soon as it sees the trial's epoch report, ending the
     trial's process: the report waits in ``RecordsWritten`` until the driver's pump has written what the
-    sink holds (here the pump drains 1.5 s late), so the epoch is in metrics.jsonl and the trackers."""
+    sink held when it came (here the pump drains once, 1.5 s late), so the epoch is in metrics.jsonl and
+    the trackers. Records logged after the report (the workers go on) do not hold it back."""
     import threading
 
     from pipelines.raytrain.metrics import MetricsPump, MetricsSink, RecordsWritten
@@ -261,14 +262,27 @@ def test_a_report_reaches_the_next_callback_once_its_records_are_written(two_cpu
     run_dir = RunDir(str(tmp_path), "run").mkdir()
     pump = MetricsPump(sink, run_dir, out=None)
     two_cpus.get(sink.log.remote([{"kind": "epoch", "time": 0.0, "epoch": 0, "global_step": 2, "loss": 1.0}]))
-    late = threading.Timer(1.5, pump.drain)
-    late.start()
+    going_on = threading.Event()
+
+    def next_epoch() -> None:
+        while not going_on.wait(0.05):
+            sink.log.remote([{"kind": "progress", "time": 0.0}])
+
+    threads = [threading.Thread(target=next_epoch), threading.Timer(1.5, pump.drain)]
+    callback = threading.Thread(
+        target=RecordsWritten(sink, timeout_s=600).after_report, args=(None, [{}], None), daemon=True
+    )
+    for t in [*threads, callback]:
+        t.start()
     try:
-        RecordsWritten(sink, timeout_s=30).after_report(None, [{}], None)
+        callback.join(timeout=120)
+        assert not callback.is_alive(), "the report waited for records logged after it"
         assert run_dir.file(METRICS_FILE).exists()
         assert [r["kind"] for r in read_metrics(run_dir.file(METRICS_FILE))] == ["epoch"]
     finally:
-        late.join()
+        going_on.set()
+        for t in threads:
+            t.join()
         two_cpus.kill(sink)
 
 
