@@ -156,7 +156,7 @@ class StepReporter:
         """The epoch's report; data_epochs: the epochs rank 0's augmentation was drawn for (its own, or a bug).
 
         Waits until the sink holds it: the epoch's ``ray.train.report`` follows, and ``RecordsWritten``
-        holds that report back until the driver wrote what the sink holds.
+        holds that report back until the driver has written the record.
         """
         if self.sink is not None:
             record = {"kind": "epoch", "time": time.time(), **metrics, "data_epochs": sorted(drawn_epochs)}
