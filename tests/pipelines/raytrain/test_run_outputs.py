@@ -95,22 +95,30 @@ def test_one_evaluation_and_no_prediction_are_said(tmp_path):
     assert (banner == 255).all(axis=-1).any() and ((banner[..., 0] > 200) & (banner[..., 1] < 80)).any()
 
 
-def test_eta_waits_for_the_steady_rate():
-    """Warm-up steps 30x slower than the rest give no ETA, and leave no trace in the one that follows."""
+def _reporter(**train) -> tuple[object, list[dict]]:
+    """Rank 0's StepReporter of a 50-step epoch, one metrics line a step, and the records it sends."""
     import torch
 
     from pipelines.job_config import TrainConfig
-    from pipelines.raytrain.metrics import ETA_MIN_STEPS, ETA_WARMUP_STEPS, StepReporter
+    from pipelines.raytrain.metrics import StepReporter
     from pipelines.raytrain.worker_context import WorkerContext
 
-    sent = []
+    sent: list[dict] = []
 
     class Sink:  # the metrics sink actor's one method, as the reporter calls it
         class log:
             remote = staticmethod(sent.extend)
 
-    train = TrainConfig(epochs=2, log_every_s=1e-9, metrics_every_steps=1)
-    reporter = StepReporter(Sink(), train, WorkerContext(0, 1, torch.device("cpu"), None), steps_per_epoch=50)
+    config = TrainConfig(metrics_every_steps=1, **train)
+    ctx = WorkerContext(0, 1, torch.device("cpu"), None)
+    return StepReporter(Sink(), config, ctx, steps_per_epoch=50), sent
+
+
+def test_eta_waits_for_the_steady_rate():
+    """Warm-up steps 30x slower than the rest give no ETA, and leave no trace in the one that follows."""
+    from pipelines.raytrain.metrics import ETA_MIN_STEPS, ETA_WARMUP_STEPS
+
+    reporter, sent = _reporter(epochs=2, log_every_s=1e-9)
     for step in range(1, ETA_WARMUP_STEPS + ETA_MIN_STEPS + 1):
         step_s = 30.0 if step <= ETA_WARMUP_STEPS else 1.0
         record = {"step": step, "step_time_s": step_s, "step_images": 2, "loss": 1.0, "lr": 1e-4}
@@ -123,20 +131,7 @@ def test_eta_waits_for_the_steady_rate():
 def test_a_checkpoint_event_follows_every_step_it_holds():
     """Step records held back for the next flush go out before a checkpoint's event: a group stopped right
     after the checkpoint loses none of the steps a resumed run will not train again."""
-    import torch
-
-    from pipelines.job_config import TrainConfig
-    from pipelines.raytrain.metrics import StepReporter
-    from pipelines.raytrain.worker_context import WorkerContext
-
-    sent = []
-
-    class Sink:  # the metrics sink actor's one method, as the reporter calls it
-        class log:
-            remote = staticmethod(sent.extend)
-
-    train = TrainConfig(epochs=1, log_every_s=3600, metrics_every_steps=1)
-    reporter = StepReporter(Sink(), train, WorkerContext(0, 1, torch.device("cpu"), None), steps_per_epoch=50)
+    reporter, sent = _reporter(epochs=1, log_every_s=3600)
     for step in (1, 2):
         record = {"step": step, "step_time_s": 1.0, "step_images": 2, "loss": 1.0, "lr": 1e-4}
         reporter.on_step(record, epoch=0, global_step=step)
