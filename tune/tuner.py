@@ -26,14 +26,7 @@ from ray import tune
 from pipelines.job_config import ConfigError, JobConfig, validate_job_config
 from pipelines.raytrain.cluster import connect_ray
 from pipelines.raytrain.preflight import PreflightError, preflight
-from pipelines.raytrain.tracking import (
-    MLFLOW_ARTIFACTS,
-    MLFLOW_DB,
-    MlflowTarget,
-    end_unfinished_runs,
-    open_experiment,
-    tracking_off,
-)
+from pipelines.raytrain.tracking import MlflowTarget, end_unfinished_runs, local_store, open_experiment, tracking_off
 from pipelines.storage import absolute, filesystem_for, is_remote, join_uri, write_bytes
 from tune.progress import SweepProgress
 from tune.results import (
@@ -291,8 +284,7 @@ def sweep_experiment(job: JobConfig, sweep_uri: str, name: str) -> MlflowTarget 
                 flush=True,
             )
             return None
-        uri = f"sqlite:///{Path(sweep_uri, MLFLOW_DB)}"
-        artifacts = Path(sweep_uri, MLFLOW_ARTIFACTS).as_uri()
+        uri, artifacts = local_store(Path(sweep_uri))
     experiment = os.environ.get("MLFLOW_EXPERIMENT_NAME") or name
     try:
         open_experiment(uri, experiment, artifacts)

@@ -115,6 +115,11 @@ class MlflowTarget:
     tags: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
+def local_store(folder: Path) -> tuple[str, str]:
+    """(tracking URI, artifact location) of the SQLite store kept in ``folder``."""
+    return f"sqlite:///{folder / MLFLOW_DB}", (folder / MLFLOW_ARTIFACTS).resolve().as_uri()
+
+
 def open_experiment(tracking_uri: str, name: str, artifact_location: str | None = None) -> str:
     """The id of the experiment ``name`` in the store, created (with its artifact location) if new."""
     from mlflow.tracking import MlflowClient
@@ -159,8 +164,7 @@ class MlflowTracker:
             uri = os.environ.get("MLFLOW_TRACKING_URI")
             experiment, tags = os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT, {}
             if uri is None:
-                uri = f"sqlite:///{run_dir.file(MLFLOW_DB)}"
-                artifacts = run_dir.file(MLFLOW_ARTIFACTS).resolve().as_uri()
+                uri, artifacts = local_store(run_dir.path)
         _quiet_mlflow(uri)
         self.client = MlflowClient(tracking_uri=uri)
         self.run_dir = run_dir

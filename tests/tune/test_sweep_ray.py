@@ -20,7 +20,7 @@ from core.checkpoint import read_checkpoint
 from pipelines.raytrain.run_dir import read_metrics
 from pipelines.raytrain.state import CHECKPOINT_FILE
 from pipelines.raytrain.tracking import MLFLOW_DB
-from pipelines.storage import join_uri, list_file_sizes, read_bytes
+from pipelines.storage import fetch_file, join_uri, list_file_sizes, read_bytes
 from pipelines.train import main as train_main
 from tune.results import BEST_CONFIG_FILE, BEST_TRIAL_FILE, TABLE_CSV, TABLE_PARQUET
 from tune.sweep_config import load_sweep_config
@@ -99,7 +99,7 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(
     assert "resuming sweep" in again.stdout
     # The finished trial did not run again; the interrupted one continued from its checkpoint.
     assert read_bytes(join_uri(trials, first, "metrics.jsonl")) == first_metrics
-    records = [json.loads(line) for line in read_bytes(join_uri(trials, second, "metrics.jsonl")).splitlines()]
+    records = read_metrics(fetch_file(join_uri(trials, second, "metrics.jsonl"), str(tmp_path)))
     events = [r for r in records if r["kind"] == "event"]
     assert [e["event"] for e in events] == ["start", "resume"] and events[1]["epoch"] >= 1
     # Epoch 0 ran once; epoch 1 may have run twice if the kill came between its end and its checkpoint.
