@@ -10,22 +10,32 @@ process, so that one failing step still leaves the others' figures:
 - model: R50 with box refinement, random weights, on CUDA in fp32 against the same weights in float64
   on the CPU (outputs within 1e-4); bf16 autocast training against fp32 from the same start on
   generated data (loss curves within 1%);
-- throughput: ``bench/train_step.py`` (R50, 800x1066, batch 2; fp32 and bf16, eager and compiled) and
-  ``bench/model.py`` (R50 with box refinement, inference at 800x1333, batch 1 and 8, fp32 and bf16,
-  eager and replayed from a CUDA graph, the replay checked against the eager forward);
+- throughput: ``bench/model.py`` (R50 with box refinement, inference at 800x1333, batch 1 and 8, fp32
+  and bf16, eager and replayed from a CUDA graph, the replay checked against the eager forward) and
+  ``bench/train_step.py`` (R50, 800x1066, batch 2; fp32 and bf16, eager, then compiled);
 - Ray: the demo preset for one epoch on one GPU with Ray Train, then ``pipelines/infer.py`` on its
   checkpoint.
 
-Writes ``gpu_report/report.md`` and ``gpu_report/report.json`` and prints the table; exit status 1 if a
-step failed. ``--dry-run`` runs the same steps on the CPU with tiny shapes and no MSDA_BACKEND (about 6
-minutes on 2 cores); the GPU-only op benchmark is replaced by the CPU op benchmark there. Nothing is downloaded: backbones start from random weights.
+The steps run in that order, the compiled training steps last (their compile is the slowest part), within
+a time budget (``--budget-s``, 8 minutes): a step the budget does not reach is reported NOT RUN, and a step
+still running when it ends is stopped with its processes. ``gpu_report/report.md`` and ``report.json`` are
+rewritten whole after every step (with one log per step beside them), so a run stopped from outside keeps
+what it finished; the table is printed at the end; exit status 1 if a step failed or did not run.
+``--dry-run`` runs the same steps on the CPU with tiny shapes and no MSDA_BACKEND, the CPU op benchmark in
+place of the GPU one, and first parses the GPU steps' arguments with their scripts' own parsers. Nothing is
+downloaded: backbones start from random weights.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib
+import importlib.util
+import io
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -39,35 +49,87 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
 # The model-level targets of the issue: fp32 parity against float64, bf16 loss against fp32.
 PARITY_TOL = 1e-4
 LOSS_CURVE_TOL = 0.01
+# A step is not started with less than this left of the budget.
+MIN_STEP_S = 15
 
 
 @dataclass
 class Step:
-    """One row of the report."""
+    """One row of the report: PASS, FAIL, or NOT RUN (``ran`` False)."""
 
     name: str
     ok: bool
     seconds: float
     summary: str
     details: dict = field(default_factory=dict)
+    ran: bool = True
+
+    @property
+    def result(self) -> str:
+        return "NOT RUN" if not self.ran else "PASS" if self.ok else "FAIL"
 
 
-def run_process(name: str, argv: list[str], env: dict[str, str], log_dir: Path, timeout_s: int) -> Step:
-    """Runs ``argv`` (a Python script or module of this repository), its output in ``log_dir/name.log``."""
+@dataclass
+class Spec:
+    """A step to run: ``python ARGV`` from the repository root, stopped after ``timeout_s``."""
+
+    name: str
+    argv: list[str]
+    timeout_s: int
+
+    @property
+    def slug(self) -> str:
+        return self.name.replace(" ", "_").replace("(", "").replace(")", "")
+
+
+class Stopped(Exception):
+    """SIGTERM reached the check (an outer time limit): the running step is stopped, the report written."""
+
+    step: Step | None = None  # the step it stopped
+
+
+def _stop(signum, frame):
+    raise Stopped(f"stopped by signal {signum}")
+
+
+def run_step(spec: Spec, env: dict[str, str], out: Path, timeout_s: float) -> Step:
+    """Runs one step in its own process group (Ray's processes included), its output in ``out/SLUG.log``;
+    a step that prints a JSON file with ``--json PATH`` has that file's content as its details."""
     start = time.perf_counter()
-    log = log_dir / f"{name.replace(' ', '_')}.log"
-    try:
-        proc = subprocess.run(
-            [sys.executable, *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout_s
+    log = out / f"{spec.slug}.log"
+    with log.open("w") as sink:
+        proc = subprocess.Popen(
+            [sys.executable, *spec.argv],
+            cwd=ROOT,
+            env=env,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
-        output, ok = proc.stdout + proc.stderr, proc.returncode == 0
-        last = (output.strip().splitlines() or ["(no output)"])[-1]
-        summary = last if ok else f"exit {proc.returncode}: {last}"
-    except subprocess.TimeoutExpired as exc:
-        output = (exc.stdout or b"").decode(errors="replace") if isinstance(exc.stdout, bytes) else exc.stdout or ""
-        ok, summary = False, f"timed out after {timeout_s} s"
-    log.write_text(output)
-    return Step(name, ok, time.perf_counter() - start, summary, {"command": " ".join(argv), "log": str(log)})
+        stopped = None
+        try:
+            code = proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            code, reason = None, f"timed out after {timeout_s:.0f} s"
+        except Stopped as exc:
+            code, reason, stopped = None, str(exc), exc
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    last = (log.read_text(errors="replace").strip().splitlines() or ["(no output)"])[-1]
+    details: dict = {"command": " ".join(spec.argv), "log": str(log)}
+    if "--json" in spec.argv and code is not None:
+        path = Path(spec.argv[spec.argv.index("--json") + 1])
+        if path.is_file():
+            details["result"] = json.loads(path.read_text())
+    ok = code == 0
+    summary = last if ok else f"{reason}: {last}" if code is None else f"exit {code}: {last}"
+    step = Step(spec.name, ok, time.perf_counter() - start, summary, details)
+    if stopped is not None:
+        stopped.step = step
+        raise stopped
+    return step
 
 
 def model_config(dry_run: bool):
@@ -98,13 +160,12 @@ def generated_batch(n: int, height: int, width: int, num_classes: int, seed: int
     return images, mask, targets
 
 
-def model_parity(device: str, dry_run: bool) -> Step:
+def model_parity(device: str, dry_run: bool) -> tuple[bool, str, dict]:
     """The model on ``device`` in fp32 against the same weights in float64 on the CPU."""
     import torch
 
     from core.build import build_detector
 
-    start = time.perf_counter()
     cfg = model_config(dry_run)
     torch.manual_seed(0)
     model = build_detector(cfg).eval()
@@ -116,17 +177,16 @@ def model_parity(device: str, dry_run: bool) -> Step:
     errors = {k: (got[k].double().cpu() - want[k]).abs().max().item() for k in ("pred_logits", "pred_boxes")}
     worst = max(errors.values())
     summary = f"{device} fp32 vs CPU float64: max abs diff {worst:.2e} (target {PARITY_TOL:g})"
-    return Step("model parity", worst <= PARITY_TOL, time.perf_counter() - start, summary, errors)
+    return worst <= PARITY_TOL, summary, errors
 
 
-def loss_curves(device: str, dry_run: bool) -> Step:
+def loss_curves(device: str, dry_run: bool) -> tuple[bool, str, dict]:
     """bf16 autocast training against fp32 from the same weights and batches; the relative gap of the
     loss averaged over windows of 20 steps (single steps are noisy in both)."""
     import torch
 
     from core.build import build_criterion, build_detector
 
-    start = time.perf_counter()
     cfg = model_config(dry_run)
     steps, window = (4, 2) if dry_run else (200, 20)
     height, width = (64, 96) if dry_run else (512, 683)
@@ -152,15 +212,56 @@ def loss_curves(device: str, dry_run: bool) -> Step:
     means = {k: [sum(v[i : i + window]) / window for i in range(0, steps, window)] for k, v in curves.items()}
     gap = max(abs(b - f) / abs(f) for f, b in zip(means["fp32"], means["bf16"]))
     summary = f"bf16 vs fp32 loss over {steps} steps: worst {window}-step mean gap {gap:.2%} (target 1%)"
-    return Step("bf16 loss curve", gap <= LOSS_CURVE_TOL, time.perf_counter() - start, summary, curves)
+    return gap <= LOSS_CURVE_TOL, summary, curves
 
 
-def in_process(name: str, fn, *args) -> Step:
-    start = time.perf_counter()
-    try:
-        return fn(*args)
-    except Exception as exc:  # a failing step is a report row, the others still run
-        return Step(name, False, time.perf_counter() - start, f"{type(exc).__name__}: {exc}")
+def _load(target: list[str]):
+    """The module a step runs: ``["-m", NAME, ...]`` or ``["path/script.py", ...]``."""
+    if target[0] == "-m":
+        return importlib.import_module(target[1])
+    path = ROOT / target[0]
+    spec = importlib.util.spec_from_file_location(f"_checked_{path.stem}", path)
+    module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # dataclasses look it up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def check_arguments(specs: list[Spec]) -> tuple[bool, str, dict]:
+    """Parses each step's arguments with its script's own ``parse_args`` and builds the job config they
+    name, running nothing: a renamed option or config field fails here, not on a lent GPU."""
+    from pipelines.job_config import load_job_config
+
+    problems = {}
+    checked = 0
+    for spec in specs:
+        split = 2 if spec.argv[0] == "-m" else 1
+        script, args = spec.argv[:split], spec.argv[split:]
+        module = _load(script)
+        if not hasattr(module, "parse_args"):
+            continue  # `-m ops info` and gpu_check's own steps: no options of their own to check
+        stderr = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(stderr):
+                ns = module.parse_args(args)
+            if hasattr(module, "config_from_args"):
+                module.config_from_args(ns)
+            elif hasattr(ns, "preset") and hasattr(ns, "overrides"):
+                load_job_config(preset=ns.preset, overrides=ns.overrides)
+            checked += 1
+        except SystemExit:
+            problems[spec.name] = stderr.getvalue().strip().splitlines()[-1]
+        except Exception as exc:  # a config error, which names the field
+            problems[spec.name] = " ".join(f"{type(exc).__name__}: {exc}".split())
+    if problems:
+        return False, "; ".join(f"{k}: {v}" for k, v in problems.items()), problems
+    return True, f"the arguments of {checked} GPU steps parse and their configs build", {}
+
+
+def own_step(name: str, dry_run: bool, out: Path) -> Spec:
+    """A step that runs a function of this file in its own process (``--step``)."""
+    timeout_s = {"GPU step arguments": 120, "model parity": 300, "bf16 loss curve": 400}[name]
+    argv = ["bench/gpu_check.py", "--step", name, "--json", str(out / f"{Spec(name, [], 0).slug}.json")]
+    return Spec(name, argv + ["--dry-run"] * dry_run, timeout_s)
 
 
 def inference(device: str, batch: int) -> list[str]:
@@ -169,84 +270,129 @@ def inference(device: str, batch: int) -> list[str]:
     return [*argv, "--skip-flops", "--skip-backward"]
 
 
-def process_steps(dry_run: bool, out: Path) -> list[tuple[str, list[str], int]]:
-    """(name, argv, timeout s) of the steps run as processes."""
+def specs(dry_run: bool, out: Path) -> list[Spec]:
+    """The steps, in the order they run."""
     # The one-epoch run keeps one checkpoint folder: epoch 0.
     checkpoint = out / "ray_demo" / "checkpoint_epoch0000"
     infer = ["pipelines/infer.py", "--checkpoint", str(checkpoint), "--output", str(out / "detections")]
-    tiny_image, one_iter = ["--height", "64", "--width", "96"], ["--iters", "1", "--warmup", "0"]
+    model_steps = [own_step("model parity", dry_run, out), own_step("bf16 loss curve", dry_run, out)]
     if dry_run:
+        tiny_image, one_iter = ["--height", "64", "--width", "96"], ["--iters", "1", "--warmup", "0"]
         train_step = ["bench/train_step.py", "--device", "cpu", "--preset", "tiny", "--batch-size", "1"]
         train_step += [*tiny_image, *one_iter]
         demo = ["--preset", "tiny", "--set", "train.epochs=1", "--set", "train.num_workers=1"]
         demo += ["--set", f"train.storage_path={out}", "--set", "train.name=ray_demo"]
         return [
-            ("ops info", ["-m", "ops", "info"], 60),
-            ("op benchmark (CPU)", ["-m", "ops.bench.cpu", "--reps", "1", "--op-size", "64x96"], 120),
-            ("train step fp32", [*train_step, "--amp", "off", "--json", str(out / "train_fp32.json")], 300),
-            ("inference batch 1", [*inference("cpu", 1), "--backbone", "resnet18", *tiny_image, *one_iter], 300),
-            ("ray train demo", ["pipelines/train.py", *demo], 600),
-            ("infer on its checkpoint", [*infer, "--input", "data/tiny/val"], 300),
+            own_step("GPU step arguments", dry_run, out),
+            Spec("ops info", ["-m", "ops", "info"], 60),
+            Spec("op benchmark (CPU)", ["-m", "ops.bench.cpu", "--reps", "1", "--op-size", "64x96"], 120),
+            *model_steps,
+            Spec("inference batch 1", [*inference("cpu", 1), "--backbone", "resnet18", *tiny_image, *one_iter], 300),
+            Spec("train step fp32", [*train_step, "--amp", "off", "--json", str(out / "train_fp32.json")], 300),
+            Spec("ray train demo", ["pipelines/train.py", *demo], 600),
+            Spec("infer on its checkpoint", [*infer, "--input", "data/tiny/val"], 300),
         ]
+    steps = [
+        Spec("ops info", ["-m", "ops", "info"], 60),
+        Spec("op checks and benchmark", ["-m", "ops.bench.gpu", "--json", str(out / "ops.json")], 400),
+        *model_steps,
+    ]
+    for batch in (1, 8):
+        steps.append(Spec(f"inference batch {batch}", [*inference("cuda", batch), "--cuda-graph"], 300))
     train_step = ["bench/train_step.py", "--device", "cuda", "--preset", "r50", "--batch-size", "2"]
     train_step += ["--set", "model.backbone_weights=null"]
-    steps = [
-        ("ops info", ["-m", "ops", "info"], 60),
-        ("op checks and benchmark", ["-m", "ops.bench.gpu", "--json", str(out / "ops.json")], 900),
-    ]
+    compiled = []
     for amp in ("off", "bf16"):
-        for compiled in (False, True):
-            name = f"train step {'fp32' if amp == 'off' else amp}{' compiled' if compiled else ''}"
-            tag = name.replace(" ", "_")
-            argv = [*train_step, "--amp", amp, "--json", str(out / f"{tag}.json")] + (["--compile"] if compiled else [])
-            steps.append((name, argv, 600))
-    for batch in (1, 8):
-        steps.append((f"inference batch {batch}", [*inference("cuda", batch), "--cuda-graph"], 600))
+        for compile_ in (False, True):
+            name = f"train step {'fp32' if amp == 'off' else amp}{' compiled' if compile_ else ''}"
+            argv = [*train_step, "--amp", amp, "--json", str(out / f"{name.replace(' ', '_')}.json")]
+            (compiled if compile_ else steps).append(Spec(name, argv + ["--compile"] * compile_, 400))
     demo = ["--preset", "demo", "--set", "train.epochs=1", "--set", "train.num_workers=1"]
     demo += ["--set", "train.use_gpu=true", "--set", f"train.storage_path={out}", "--set", "train.name=ray_demo"]
-    steps.append(("ray train demo", ["pipelines/train.py", *demo], 900))
-    steps.append(("infer on its checkpoint", [*infer, "--input", "data/demo/val", "--gpus-per-actor", "1"], 600))
-    return steps
+    steps.append(Spec("ray train demo", ["pipelines/train.py", *demo], 400))
+    steps.append(Spec("infer on its checkpoint", [*infer, "--input", "data/demo/val", "--gpus-per-actor", "1"], 300))
+    return steps + compiled
+
+
+def run_own_step(name: str, dry_run: bool, out: Path, json_path: str) -> int:
+    """``--step NAME --json PATH``: one of this file's own steps, in this process; its details to PATH."""
+    device = "cpu" if dry_run else "cuda"
+    if name == "GPU step arguments":
+        ok, summary, details = check_arguments(specs(False, out))
+    elif name == "model parity":
+        ok, summary, details = model_parity(device, dry_run)
+    elif name == "bf16 loss curve":
+        ok, summary, details = loss_curves(device, dry_run)
+    else:
+        print(f"bench/gpu_check.py: unknown --step {name!r}", file=sys.stderr)
+        return 2
+    Path(json_path).write_text(json.dumps(details, indent=2))
+    print(summary)
+    return 0 if ok else 1
 
 
 def markdown(steps: list[Step], device: str) -> str:
     lines = [f"# GPU check on {device}", "", "| step | result | seconds | summary |", "|---|---|---:|---|"]
     for s in steps:
-        lines.append(f"| {s.name} | {'PASS' if s.ok else 'FAIL'} | {s.seconds:.0f} | {s.summary} |")
+        lines.append(f"| {s.name} | {s.result} | {s.seconds:.0f} | {s.summary} |")
     return "\n".join(lines) + "\n"
+
+
+def write_report(out: Path, steps: list[Step], device: str, budget_s: float) -> str:
+    """report.md and report.json, each replaced whole (written beside, then renamed)."""
+    table = markdown(steps, device)
+    report = {"device": device, "budget_s": budget_s, "steps": [{**asdict(s), "result": s.result} for s in steps]}
+    for name, text in (("report.md", table), ("report.json", json.dumps(report, indent=2))):
+        tmp = out / f".{name}.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, out / name)
+    return table
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dry-run", action="store_true", help="the same steps on the CPU with tiny shapes")
     p.add_argument("--out", default="gpu_report", help="report folder (default gpu_report)")
+    p.add_argument("--budget-s", type=float, default=480, help="seconds for all the steps (default 480)")
+    # One of this file's own steps, run by the check itself in its own process.
+    p.add_argument("--step", help=argparse.SUPPRESS)
+    p.add_argument("--json", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    out = (ROOT / args.out) if not Path(args.out).is_absolute() else Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.step:
+        return run_own_step(args.step, args.dry_run, out, args.json)
 
     import torch
 
     if not args.dry_run and not torch.cuda.is_available():
         print("bench/gpu_check.py: no CUDA device here (torch.cuda.is_available() is False); --dry-run runs on the CPU")
         return 2
-    device = "cpu" if args.dry_run else "cuda"
-    name = "CPU (dry run)" if args.dry_run else torch.cuda.get_device_name()
-    out = (ROOT / args.out) if not Path(args.out).is_absolute() else Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    device = "CPU (dry run)" if args.dry_run else torch.cuda.get_device_name()
     env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     if not args.dry_run:
-        import ops
-
         env["MSDA_BACKEND"] = "cuda"
-        ops.set_backend("cuda")  # the in-process model steps too
 
-    steps = [run_process(n, a, env, out, t) for n, a, t in process_steps(args.dry_run, out)[:2]]
-    steps.append(in_process("model parity", model_parity, device, args.dry_run))
-    steps.append(in_process("bf16 loss curve", loss_curves, device, args.dry_run))
-    steps += [run_process(n, a, env, out, t) for n, a, t in process_steps(args.dry_run, out)[2:]]
-
-    table = markdown(steps, name)
-    (out / "report.md").write_text(table)
-    (out / "report.json").write_text(json.dumps({"device": name, "steps": [asdict(s) for s in steps]}, indent=2))
+    deadline = time.monotonic() + args.budget_s
+    todo = specs(args.dry_run, out)
+    steps: list[Step] = []
+    previous = signal.signal(signal.SIGTERM, _stop)
+    try:
+        for i, spec in enumerate(todo):
+            left = deadline - time.monotonic()
+            if left < MIN_STEP_S:
+                summary = f"the {args.budget_s:.0f} s budget was spent"
+                steps += [Step(s.name, False, 0.0, summary, ran=False) for s in todo[i:]]
+                break
+            steps.append(run_step(spec, env, out, min(spec.timeout_s, left)))
+            write_report(out, steps, device, args.budget_s)
+    except Stopped as exc:
+        steps += [exc.step] if exc.step else []
+        steps += [Step(s.name, False, 0.0, str(exc), ran=False) for s in todo[len(steps) :]]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    table = write_report(out, steps, device, args.budget_s)
     print(table)
     print(f"wrote {out / 'report.md'} and {out / 'report.json'}")
     return 0 if all(s.ok for s in steps) else 1

@@ -13,6 +13,7 @@ Deformable DETR against the reference and against the memory-traffic floor, and 
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 
@@ -416,15 +417,15 @@ def print_build_info(device: torch.device) -> None:
         print(f"registers {name}: {module.registers(name)}")
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m ops.bench.gpu", description=__doc__.splitlines()[0])
+    p.add_argument("--json", metavar="PATH", help="also write the checks, rows and targets to this file")
+    return p.parse_args(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the checks and the benchmark; 0 when every check passed, 1 otherwise, 2 without a GPU."""
-    argv = sys.argv[1:] if argv is None else argv
-    json_path = None
-    if argv:
-        if len(argv) != 2 or argv[0] != "--json":
-            print("usage: python -m ops.bench.gpu [--json PATH]", file=sys.stderr)
-            return 2
-        json_path = argv[1]
+    json_path = parse_args(argv).json
     if not torch.cuda.is_available():
         print("No CUDA device: this benchmark needs a GPU (torch.cuda.is_available() is False).", file=sys.stderr)
         return 2

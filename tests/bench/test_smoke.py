@@ -1,4 +1,5 @@
-"""Every benchmark the README quotes runs here at tiny sizes, one round, so no figure's command can rot.
+"""Every benchmark the README quotes runs at tiny sizes, one round, here or in ``./dev gpu --dry-run`` (its
+own test), so no figure's command can rot.
 
 Each runs as its own process from an empty folder (what it writes stays there), its figures unchecked:
 this catches a script that no longer starts, parses, builds or finishes, not a slow one.
@@ -17,11 +18,9 @@ import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
-TINY_STEP = ["--preset", "tiny", "--batch-size", "1", "--height", "64", "--width", "96", "--iters", "1"]
 # (command as the README writes it, the smoke's arguments)
 SMOKES = [
     pytest.param("bench/model.py", ["--smoke", "--device", "cpu", "--variants", "plain", "with_box_refine_two_stage"]),
-    pytest.param("bench/train_step.py", ["--device", "cpu", *TINY_STEP, "--warmup", "0", "--amp", "off"]),
     pytest.param("bench/cpu_kernel.py", ["--smoke"]),
     pytest.param("bench/export.py", ["--smoke"], marks=pytest.mark.slow),
     pytest.param(
@@ -30,7 +29,6 @@ SMOKES = [
         marks=pytest.mark.ray,
     ),
     pytest.param("bench/infer.py", ["--smoke", "--cores", "2"], marks=pytest.mark.ray),
-    pytest.param("ops.bench.cpu", ["--reps", "1", "--op-size", "64x96"]),
     # GPU-only, with no CPU path and no smaller sizes: on a GPU the whole check and benchmark (minutes).
     pytest.param(
         "ops.bench.gpu",
@@ -42,9 +40,12 @@ SMOKES = [
         ],
     ),
 ]
-# Quoted by the README but not run here, and why.
+# Quoted by the README but not run here: where they run, or why not.
 NOT_RUN = {
-    "bench/gpu_check.py": "its --dry-run runs the scripts above (each smoked here) and a Ray training run: 6 min",
+    "bench/gpu_check.py": "tests/bench/test_gpu_check.py runs its --dry-run",
+    # The dry run runs these two with the arguments a smoke here would use.
+    "bench/train_step.py": "./dev gpu --dry-run runs it at tiny sizes (tests/bench/test_gpu_check.py)",
+    "ops.bench.cpu": "./dev gpu --dry-run runs it at 64x96 (tests/bench/test_gpu_check.py)",
     "bench/sweep.py": "a plain run and a one-trial sweep on a local Ray (90 s); tests/tune/ runs the sweep it times",
     "ops.bench.sass": "NVRTC compiles every kernel instantiation (90 s); ops/tests/test_sass.py runs that compile",
 }
