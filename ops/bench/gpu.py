@@ -390,8 +390,9 @@ def evaluate_targets(report: Report) -> None:
 
 
 def print_build_info(device: torch.device) -> None:
-    """NVRTC's version, a fresh (uncached) compile time per architecture, and the registers per
-    thread ptxas chose for each kernel on this device."""
+    """NVRTC's version, a fresh (uncached) compile time for this device's architecture (the first call's
+    cost; ``python -m ops build ARCH`` times the others), and the registers per thread ptxas chose for
+    each kernel on this device."""
     import os
     import tempfile
     import time
@@ -403,10 +404,10 @@ def print_build_info(device: torch.device) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["MSDA_CACHE_DIR"] = tmp  # an empty cache: every build compiles
         try:
-            for arch in ("sm_80", "sm_90", "sm_100", "sm_120"):
-                start = time.perf_counter()
-                cuda_unfused.build(arch)
-                print(f"NVRTC compile {arch} (16 kernels, uncached): {time.perf_counter() - start:.2f} s")
+            arch = cuda_unfused.arch_for_capability(torch.cuda.get_device_capability(device))
+            start = time.perf_counter()
+            cuda_unfused.build(arch)
+            print(f"NVRTC compile {arch} (16 kernels, uncached): {time.perf_counter() - start:.2f} s")
         finally:
             if previous is None:
                 del os.environ["MSDA_CACHE_DIR"]
