@@ -93,8 +93,9 @@ def _stop(signum, frame):
 
 
 def run_step(spec: Spec, env: dict[str, str], out: Path, timeout_s: float) -> Step:
-    """Runs one step in its own process group (Ray's processes included), its output in ``out/SLUG.log``;
-    a step that prints a JSON file with ``--json PATH`` has that file's content as its details."""
+    """Runs one step in its own process group, its output in ``out/SLUG.log``; whatever of the group is
+    left when it ends or is stopped (a Ray cluster it started, say) is killed. A step that writes a JSON
+    file with ``--json PATH`` has that file's content in its details."""
     start = time.perf_counter()
     log = out / f"{spec.slug}.log"
     with log.open("w") as sink:
@@ -114,15 +115,17 @@ def run_step(spec: Spec, env: dict[str, str], out: Path, timeout_s: float) -> St
         except Stopped as exc:
             code, reason, stopped = None, str(exc), exc
         finally:
-            if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):  # none of the group is left
                 os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+            proc.wait()
     last = (log.read_text(errors="replace").strip().splitlines() or ["(no output)"])[-1]
     details: dict = {"command": " ".join(spec.argv), "log": str(log)}
     if "--json" in spec.argv and code is not None:
         path = Path(spec.argv[spec.argv.index("--json") + 1])
-        if path.is_file():
+        try:
             details["result"] = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:  # not written, or cut short
+            details["result"] = f"unreadable: {exc}"
     ok = code == 0
     summary = last if ok else f"{reason}: {last}" if code is None else f"exit {code}: {last}"
     step = Step(spec.name, ok, time.perf_counter() - start, summary, details)

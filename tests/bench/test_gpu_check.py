@@ -1,5 +1,5 @@
 """``./dev gpu --dry-run``: the GPU check's steps on the CPU, so that the script cannot rot while no GPU is
-lent; its time budget, its report after a SIGTERM, and the process groups of the steps it stops."""
+lent; its time budget, its report after a SIGTERM, and the processes a step leaves behind."""
 
 from __future__ import annotations
 
@@ -125,11 +125,17 @@ def _alive(marker: str) -> list[int]:
     return pids
 
 
-def test_a_step_past_its_time_is_stopped_with_the_processes_it_started(tmp_path):
+@pytest.mark.parametrize("step_ends", ["past its time", "by itself"])
+def test_a_step_leaves_no_process_behind(step_ends, tmp_path):
     marker = f"{time.time_ns() % 10**6 + 3000}"  # a sleep only this test starts
-    code = f"import subprocess, time; subprocess.Popen(['sleep', '{marker}']); print('started', flush=True); time.sleep(600)"
+    code = f"import subprocess, time; subprocess.Popen(['sleep', '{marker}']); print('started', flush=True)"
+    if step_ends == "past its time":
+        code += "; time.sleep(600)"
     step = gpu_check.run_step(gpu_check.Spec("sleeper", ["-c", code], 600), _env(), tmp_path, timeout_s=3)
-    assert not step.ok and step.summary == "timed out after 3 s: started"
+    if step_ends == "past its time":
+        assert not step.ok and step.summary == "timed out after 3 s: started"
+    else:
+        assert step.ok and step.summary == "started"
     deadline = time.monotonic() + 10
     while _alive(f"sleep {marker}") and time.monotonic() < deadline:
         time.sleep(0.1)
