@@ -54,7 +54,7 @@ NOT_RUN = {
 def quoted_benchmarks() -> set[str]:
     """The scripts and modules the README names, ``./dev gpu`` read as the script it runs."""
     readme = (REPO_ROOT / "README.md").read_text().replace("./dev gpu", "bench/gpu_check.py")
-    return set(re.findall(r"\bbench/\w+\.py|\bops\.bench\.\w+", readme))
+    return set(re.findall(r"(?<![\w/])bench/\w+\.py|\bops\.bench\.\w+", readme))
 
 
 def test_every_quoted_benchmark_has_a_smoke_run():
