@@ -21,6 +21,7 @@ a time budget (``--budget-s``, 8 minutes): a step the budget does not reach is r
 still running when it ends is stopped with its processes. ``gpu_report/report.md`` and ``report.json`` are
 rewritten whole after every step (with one log per step beside them), so a run stopped from outside keeps
 what it finished; the table is printed at the end; exit status 1 if a step failed or did not run.
+``--only STEP ...`` runs the named steps alone (a failed one again, say), the report keeping its other rows.
 ``--dry-run`` runs the same steps on the CPU with tiny shapes and no MSDA_BACKEND, the CPU op benchmark in
 place of the GPU one, and first parses the GPU steps' arguments with their scripts' own parsers. Nothing is
 downloaded: backbones start from random weights.
@@ -39,7 +40,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -356,6 +357,18 @@ def markdown(steps: list[Step], device: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def earlier_steps(out: Path, device: str) -> dict[str, Step]:
+    """The rows of the report already in ``out`` (on this device), by step name, for ``--only``."""
+    path = out / "report.json"
+    if not path.is_file():
+        return {}
+    report = json.loads(path.read_text())
+    if report.get("device") != device:
+        return {}
+    names = {f.name for f in fields(Step)}
+    return {s["name"]: Step(**{k: v for k, v in s.items() if k in names}) for s in report["steps"]}
+
+
 def write_report(out: Path, steps: list[Step], device: str, budget_s: float) -> str:
     """report.md and report.json, each replaced whole (written beside, then renamed)."""
     table = markdown(steps, device)
@@ -372,6 +385,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dry-run", action="store_true", help="the same steps on the CPU with tiny shapes")
     p.add_argument("--out", default="gpu_report", help="report folder (default gpu_report)")
     p.add_argument("--budget-s", type=float, default=480, help="seconds for all the steps (default 480)")
+    p.add_argument(
+        "--only",
+        nargs="+",
+        metavar="STEP",
+        help="run these steps alone (names as in the table); the report keeps the other rows it had",
+    )
     # One of this file's own steps, run by the check itself in its own process.
     p.add_argument("--step", help=argparse.SUPPRESS)
     p.add_argument("--json", help=argparse.SUPPRESS)
@@ -392,8 +411,21 @@ def main(argv: list[str] | None = None) -> int:
     if not args.dry_run:
         env["MSDA_BACKEND"] = "cuda"
 
-    deadline = time.monotonic() + args.budget_s
     todo = specs(args.dry_run, out)
+    kept: dict[str, Step] = {}
+    if args.only:
+        unknown = sorted(set(args.only) - {s.name for s in todo})
+        if unknown:
+            p.error(f"--only: no step named {', '.join(map(repr, unknown))}; the steps: {[s.name for s in todo]}")
+        kept = {n: s for n, s in earlier_steps(out, device).items() if n not in args.only}
+        todo = [s for s in todo if s.name in args.only]
+
+    def report() -> str:
+        ran = {s.name: s for s in steps}
+        rows = [ran.get(s.name) or kept.get(s.name) for s in specs(args.dry_run, out)]
+        return write_report(out, [r for r in rows if r is not None], device, args.budget_s)
+
+    deadline = time.monotonic() + args.budget_s
     steps: list[Step] = []
     previous = signal.signal(signal.SIGTERM, _stop)
     try:
@@ -404,13 +436,13 @@ def main(argv: list[str] | None = None) -> int:
                 steps += [Step(s.name, False, 0.0, summary, ran=False) for s in todo[i:]]
                 break
             steps.append(run_step(spec, env, out, min(spec.timeout_s, left)))
-            write_report(out, steps, device, args.budget_s)
+            report()
     except Stopped as exc:
         steps += [exc.step] if exc.step else []
         steps += [Step(s.name, False, 0.0, str(exc), ran=False) for s in todo[len(steps) :]]
     finally:
         signal.signal(signal.SIGTERM, previous)
-    table = write_report(out, steps, device, args.budget_s)
+    table = report()
     print(table)
     print(f"wrote {out / 'report.md'} and {out / 'report.json'}")
     return 0 if all(s.ok for s in steps) else 1

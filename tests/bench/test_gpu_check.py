@@ -82,6 +82,24 @@ def test_the_budget_leaves_the_later_steps_not_run(tmp_path):
     assert "| NOT RUN |" in (out / "report.md").read_text()
 
 
+def test_only_reruns_the_named_steps_and_keeps_the_other_rows(tmp_path):
+    out = tmp_path / "report"
+
+    def check(*only: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, str(SCRIPT), "--dry-run", "--out", str(out), "--only", *only]
+        return subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+
+    assert check("model parity").returncode == 0
+    first = _report(out)
+    assert [s["name"] for s in first] == ["model parity"]
+    assert check("ops info").returncode == 0
+    assert [s["name"] for s in _report(out)] == ["ops info", "model parity"]  # the check's own order
+    assert _report(out)[1] == first[0]
+    proc = check("ops info", "model parity ")
+    assert proc.returncode == 2 and "--only: no step named 'model parity '" in proc.stderr
+    assert [s["name"] for s in _report(out)] == ["ops info", "model parity"]
+
+
 def test_sigterm_stops_the_running_step_and_leaves_a_whole_report(tmp_path):
     out = tmp_path / "report"
     proc = subprocess.Popen(
