@@ -350,8 +350,27 @@ def run_own_step(name: str, dry_run: bool, out: Path, json_path: str) -> int:
     return 0 if ok else 1
 
 
-def markdown(steps: list[Step], device: str) -> str:
-    lines = [f"# GPU check on {device}", "", "| step | result | seconds | summary |", "|---|---|---:|---|"]
+def environment() -> dict[str, str]:
+    """What the figures ran on beside the device: Python, torch, and on a GPU CUDA, cuDNN and the driver."""
+    import platform
+
+    import torch
+
+    found = {"python": platform.python_version(), "torch": torch.__version__}
+    if torch.cuda.is_available():
+        found.update(cuda=str(torch.version.cuda), cudnn=str(torch.backends.cudnn.version()))
+        try:
+            from ops.cuda import build
+
+            found["driver"] = build.driver_status()[1]
+        except Exception as exc:  # no NVRTC: `ops info`, the first step, says why
+            found["driver"] = f"unknown ({type(exc).__name__}: {exc})"
+    return found
+
+
+def markdown(steps: list[Step], device: str, env: dict[str, str]) -> str:
+    lines = [f"# GPU check on {device}", "", ", ".join(f"{k} {v}" for k, v in env.items()), ""]
+    lines += ["| step | result | seconds | summary |", "|---|---|---:|---|"]
     for s in steps:
         lines.append(f"| {s.name} | {s.result} | {s.seconds:.0f} | {s.summary} |")
     return "\n".join(lines) + "\n"
@@ -369,10 +388,11 @@ def earlier_steps(out: Path, device: str) -> dict[str, Step]:
     return {s["name"]: Step(**{k: v for k, v in s.items() if k in names}) for s in report["steps"]}
 
 
-def write_report(out: Path, steps: list[Step], device: str, budget_s: float) -> str:
+def write_report(out: Path, steps: list[Step], device: str, env: dict[str, str], budget_s: float) -> str:
     """report.md and report.json, each replaced whole (written beside, then renamed)."""
-    table = markdown(steps, device)
-    report = {"device": device, "budget_s": budget_s, "steps": [{**asdict(s), "result": s.result} for s in steps]}
+    table = markdown(steps, device, env)
+    report = {"device": device, "environment": env, "budget_s": budget_s}
+    report["steps"] = [{**asdict(s), "result": s.result} for s in steps]
     for name, text in (("report.md", table), ("report.json", json.dumps(report, indent=2))):
         tmp = out / f".{name}.tmp"
         tmp.write_text(text)
@@ -406,6 +426,7 @@ def main(argv: list[str] | None = None) -> int:
         print("bench/gpu_check.py: no CUDA device here (torch.cuda.is_available() is False); --dry-run runs on the CPU")
         return 2
     device = "CPU (dry run)" if args.dry_run else torch.cuda.get_device_name()
+    found = environment()
     env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     if not args.dry_run:
@@ -423,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     def report() -> str:
         ran = {s.name: s for s in steps}
         rows = [ran.get(s.name) or kept.get(s.name) for s in specs(args.dry_run, out)]
-        return write_report(out, [r for r in rows if r is not None], device, args.budget_s)
+        return write_report(out, [r for r in rows if r is not None], device, found, args.budget_s)
 
     deadline = time.monotonic() + args.budget_s
     steps: list[Step] = []

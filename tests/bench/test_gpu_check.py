@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = REPO_ROOT / "bench" / "gpu_check.py"
@@ -48,6 +49,7 @@ def test_dry_run_passes_every_step(tmp_path):
     assert [s["name"] for s in steps] == [s.name for s in gpu_check.specs(True, out)]
     assert all(s["result"] == "PASS" for s in steps), steps
     assert (out / "report.md").read_text() in proc.stdout
+    assert json.loads((out / "report.json").read_text())["environment"]["torch"] == torch.__version__
     by_name = {s["name"]: s for s in steps}
     assert "of 9 GPU steps parse" in by_name["GPU step arguments"]["summary"]
     assert set(by_name["bf16 loss curve"]["details"]["result"]) == {"fp32", "bf16"}
