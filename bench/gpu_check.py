@@ -80,7 +80,12 @@ class Spec:
 
     @property
     def slug(self) -> str:
-        return self.name.replace(" ", "_").replace("(", "").replace(")", "")
+        return slug(self.name)
+
+
+def slug(name: str) -> str:
+    """A step's name as a file name: ``op benchmark (CPU)`` -> ``op_benchmark_CPU``."""
+    return name.replace(" ", "_").replace("(", "").replace(")", "")
 
 
 class Stopped(Exception):
@@ -279,7 +284,7 @@ def check_arguments(specs: list[Spec]) -> tuple[bool, str, dict]:
 def own_step(name: str, dry_run: bool, out: Path) -> Spec:
     """A step that runs a function of this file in its own process (``--step``)."""
     timeout_s = {"GPU step arguments": 120, "model parity": 300, "bf16 loss curve": 400}[name]
-    argv = ["bench/gpu_check.py", "--step", name, "--json", str(out / f"{Spec(name, [], 0).slug}.json")]
+    argv = ["bench/gpu_check.py", "--step", name, "--json", str(out / f"{slug(name)}.json")]
     return Spec(name, argv + ["--dry-run"] * dry_run, timeout_s)
 
 
@@ -324,7 +329,7 @@ def specs(dry_run: bool, out: Path) -> list[Spec]:
     for amp in ("off", "bf16"):
         for compile_ in (False, True):
             name = f"train step {'fp32' if amp == 'off' else amp}{' compiled' if compile_ else ''}"
-            argv = [*train_step, "--amp", amp, "--json", str(out / f"{name.replace(' ', '_')}.json")]
+            argv = [*train_step, "--amp", amp, "--json", str(out / f"{slug(name)}.json")]
             (compiled if compile_ else steps).append(Spec(name, argv + ["--compile"] * compile_, 400))
     demo = ["--preset", "demo", "--set", "train.epochs=1", "--set", "train.num_workers=1"]
     demo += ["--set", "train.use_gpu=true", "--set", f"train.storage_path={out}", "--set", "train.name=ray_demo"]
