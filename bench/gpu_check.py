@@ -88,14 +88,14 @@ def slug(name: str) -> str:
     return name.replace(" ", "_").replace("(", "").replace(")", "")
 
 
-class Stopped(Exception):
-    """SIGTERM reached the check (an outer time limit): the running step is stopped, the report written."""
+# The SIGTERM that reached the check (an outer time limit, say): the running step is stopped, no other
+# starts, and the report is written.
+_stop_signal: int | None = None
 
-    step: Step | None = None  # the step it stopped
 
-
-def _stop(signum, frame):
-    raise Stopped(f"stopped by signal {signum}")
+def _request_stop(signum, frame) -> None:
+    global _stop_signal
+    _stop_signal = signum
 
 
 def run_step(spec: Spec, env: dict[str, str], out: Path, timeout_s: float) -> Step:
@@ -113,13 +113,10 @@ def run_step(spec: Spec, env: dict[str, str], out: Path, timeout_s: float) -> St
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        stopped = None
+        deadline = time.monotonic() + timeout_s
         try:
-            code = proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            code, reason = None, f"timed out after {timeout_s:.0f} s"
-        except Stopped as exc:
-            code, reason, stopped = None, str(exc), exc
+            while (code := proc.poll()) is None and _stop_signal is None and time.monotonic() < deadline:
+                time.sleep(0.1)
         finally:
             with contextlib.suppress(ProcessLookupError):  # none of the group is left
                 os.killpg(proc.pid, signal.SIGKILL)
@@ -132,13 +129,12 @@ def run_step(spec: Spec, env: dict[str, str], out: Path, timeout_s: float) -> St
             details["result"] = json.loads(path.read_text())
         except (OSError, ValueError) as exc:  # not written, or cut short
             details["result"] = f"unreadable: {exc}"
-    ok = code == 0
-    summary = last if ok else f"{reason}: {last}" if code is None else f"exit {code}: {last}"
-    step = Step(spec.name, ok, time.perf_counter() - start, summary, details)
-    if stopped is not None:
-        stopped.step = step
-        raise stopped
-    return step
+    if code is None:
+        reason = f"stopped by signal {_stop_signal}" if _stop_signal else f"timed out after {timeout_s:.0f} s"
+        summary = f"{reason}: {last}"
+    else:
+        summary = last if code == 0 else f"exit {code}: {last}"
+    return Step(spec.name, code == 0, time.perf_counter() - start, summary, details)
 
 
 def model_config(dry_run: bool):
@@ -453,21 +449,15 @@ def main(argv: list[str] | None = None) -> int:
 
     deadline = time.monotonic() + args.budget_s
     steps: list[Step] = []
-    previous = signal.signal(signal.SIGTERM, _stop)
-    try:
-        for i, spec in enumerate(todo):
-            left = deadline - time.monotonic()
-            if left < MIN_STEP_S:
-                summary = f"the {args.budget_s:.0f} s budget was spent"
-                steps += [Step(s.name, False, 0.0, summary, ran=False) for s in todo[i:]]
-                break
-            steps.append(run_step(spec, env, out, min(spec.timeout_s, left)))
-            report()
-    except Stopped as exc:
-        steps += [exc.step] if exc.step else []
-        steps += [Step(s.name, False, 0.0, str(exc), ran=False) for s in todo[len(steps) :]]
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    signal.signal(signal.SIGTERM, _request_stop)
+    for i, spec in enumerate(todo):
+        left = deadline - time.monotonic()
+        if _stop_signal is not None or left < MIN_STEP_S:
+            why = f"stopped by signal {_stop_signal}" if _stop_signal else f"the {args.budget_s:.0f} s budget was spent"
+            steps += [Step(s.name, False, 0.0, why, ran=False) for s in todo[i:]]
+            break
+        steps.append(run_step(spec, env, out, min(spec.timeout_s, left)))
+        report()
     table = report()
     print(table)
     print(f"wrote {out / 'report.md'} and {out / 'report.json'}")
