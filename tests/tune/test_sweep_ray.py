@@ -167,9 +167,10 @@ def test_sweep_table_best_config_and_training_from_it(asha_sweep):
     assert config["train"]["lr_backbone"] == pytest.approx(
         best["params"]["train.lr"] * best["params"]["train.lr_backbone_mult"]
     )
-    code = train_main(
-        ["--config", str(sweep / BEST_CONFIG_FILE), f"--set=train.storage_path={tmp_path}", "--set=train.name=again"]
-    )
+    # One worker: the best config is what is tested here; two-worker training is the trials' (and
+    # tests/pipelines/raytrain's), and each worker is a process to start.
+    where = [f"--set=train.storage_path={tmp_path}", "--set=train.name=again", "--set=train.num_workers=1"]
+    code = train_main(["--config", str(sweep / BEST_CONFIG_FILE), *where])
     assert code == 0
     again = json.loads((tmp_path / "again" / "config.json").read_text())
     assert again["train"]["lr"] == config["train"]["lr"] and again["model"] == config["model"]

@@ -259,6 +259,8 @@ def test_evaluate_an_authors_checkpoint(ray_local, tmp_path, tiny_data):
             "data.val_short_side=96",
             "--set",
             "data.max_size=96",
+            "--num-workers",  # the format is tested here; two-worker evaluation is the test above's
+            "1",
         ]
     )
     ckpt = load_for_eval(args.checkpoint)
