@@ -26,9 +26,14 @@ from typing import Any
 import torch
 
 from core.build import build_model
-from pipelines.engine import build_optimizer, freeze_zero_lr_params, resolve_amp_dtype, train_one_epoch
+from pipelines.engine import (
+    build_optimizer,
+    freeze_zero_lr_params,
+    peak_memory_mb,
+    resolve_amp_dtype,
+    train_one_epoch,
+)
 from pipelines.job_config import PRESETS, ConfigError, load_job_config
-from pipelines.raytrain.metrics import peak_memory_mb
 
 
 def synthetic_batches(

@@ -14,16 +14,15 @@
 from __future__ import annotations
 
 import logging
-import resource
 import sys
 import threading
 import time
 from typing import Any, TextIO
 
 import ray
-import torch
 
 from core.evaluation import format_ap_table
+from pipelines.engine import peak_memory_mb
 from pipelines.job_config import TrainConfig
 from pipelines.raytrain.cluster import pending_demands
 from pipelines.raytrain.run_dir import RunDir
@@ -39,13 +38,6 @@ ETA_MIN_STEPS = 5
 # Records that show the workers took steps (or finished an epoch's evaluation) on the driver's side.
 STEP_KINDS = ("progress", "epoch", "eval", "eval_progress")
 PENDING_POLL_S = 10.0  # past the first-step timeout, how often Ray's pending demands are read
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak memory of this process: CUDA allocator peak on GPUs, max resident set size on the CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 class StepReporter:

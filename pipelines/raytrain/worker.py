@@ -34,12 +34,13 @@ from pipelines.engine import (
     build_optimizer,
     freeze_zero_lr_params,
     live_lr_scale,
+    peak_memory_mb,
     realign_lr_scheduler,
     steps_per_epoch,
     train_one_epoch,
 )
 from pipelines.job_config import JobConfig
-from pipelines.raytrain.metrics import StepReporter, peak_memory_mb
+from pipelines.raytrain.metrics import StepReporter
 from pipelines.raytrain.state import SCORE_KEY, UNSCORED, TrainState
 from pipelines.raytrain.step_checkpoints import STEP_CHECKPOINT_KEY, StepCheckpoints, resume_step
 from pipelines.raytrain.worker_config import WorkerConfig
