@@ -14,6 +14,7 @@ and every criterion term, ``lr``, ``images_per_s``, ``max_mem_mb``, ``epoch_time
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import time
@@ -156,6 +157,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         state.report(metrics, job, cfg.dataset.model_dump(mode="json"), ctx.rank)
 
 
+def no_forward_buffer_sync(ddp: type = torch.nn.parallel.DistributedDataParallel) -> dict[str, bool]:
+    """DDP's option that stops it broadcasting buffers before every forward: FrozenBatchNorm's never change.
+    torch 2.13 renamed ``broadcast_buffers`` to ``forward_sync_buffers`` (the old name warns there, the new
+    one is a TypeError before). Every rank builds the same buffers, so the old name's skipped sync at wrap
+    time changes nothing."""
+    new = "forward_sync_buffers" in inspect.signature(ddp.__init__).parameters
+    return {"forward_sync_buffers" if new else "broadcast_buffers": False}
+
+
 def build_train_state(
     cfg: WorkerConfig, ctx: WorkerContext, epoch_steps: int
 ) -> tuple[TrainState, SetCriterion, PostProcess, list[str]]:
@@ -179,8 +189,7 @@ def build_train_state(
         load_model_weights(model, ray.get(cfg.weights))
         log.info("rank %d fine-tunes from %s", ctx.rank, job.train.finetune_from)
     freeze_zero_lr_params(model, job.train)  # before DDP, which hooks every parameter that wants a gradient
-    # FrozenBatchNorm buffers never change: synced once at wrap time, not before every forward.
-    model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"forward_sync_buffers": False})
+    model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs=no_forward_buffer_sync())
     lr_scale = live_lr_scale(ctx.world_size, job.train)
     if lr_scale != 1 and ctx.rank == 0:
         log.warning("training on %d of %d workers: lr scaled by %.3g", ctx.world_size, job.train.max_workers, lr_scale)
