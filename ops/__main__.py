@@ -1,5 +1,6 @@
 """``python -m ops build ARCH ...`` compiles the kernels into the cache ahead of time (e.g. in an image
-build, for sm_80 and sm_90; no GPU needed); ``python -m ops info`` says which path the op takes here."""
+build, for sm_80 and sm_90; no GPU needed); ``python -m ops info`` says which path the op takes here (exit status 1 where MSDA_BACKEND=cuda asks for
+kernels it cannot have)."""
 
 import sys
 import time
@@ -39,17 +40,21 @@ def main(argv: list[str]) -> int:
             nvrtc = f"unavailable ({exc}); pip install 'msda-ops[cuda]'"
             driver = "unknown (no NVRTC)"
         ok, reason = cuda_kernel_available()
-        print(f"backend setting: {get_backend()}")
+        backend = get_backend()
+        print(f"backend setting: {backend}")
         print(f"compiler: {nvrtc}")
         print(f"driver: {driver}")
         print(f"cache: {_cache.cache_root()}")
         print("CUDA kernel: available" if ok else f"CUDA kernel: unavailable ({reason}); the PyTorch reference runs")
-        ok, reason = cuda_fused.is_available()
+        fused_ok, reason = cuda_fused.is_available()
         print(
             "fused kernel: available"
-            if ok
+            if fused_ok
             else f"fused kernel: unavailable ({reason}); softmax and locations run in PyTorch"
         )
+        if backend == "cuda" and not (ok and fused_ok):  # what the op would refuse at its first call
+            print("MSDA_BACKEND=cuda asks for the CUDA kernels and they are unavailable here", file=sys.stderr)
+            return 1
         return 0
     print("usage: python -m ops {info|build [ARCH ...]}", file=sys.stderr)
     return 2

@@ -391,8 +391,8 @@ def evaluate_targets(report: Report) -> None:
         print(f"TARGET {'MET' if met else 'MISSED'} {name}: {detail}")
 
 
-def print_build_info(device: torch.device) -> None:
-    """NVRTC's version, a fresh (uncached) compile time for this device's architecture (the first call's
+def build_info(device: torch.device) -> tuple[bool, str]:
+    """Prints NVRTC's version, a fresh (uncached) compile time for this device's architecture (the first call's
     cost; ``python -m ops build ARCH`` times the others), and the registers per thread ptxas chose for
     each kernel on this device."""
     import os
@@ -409,7 +409,8 @@ def print_build_info(device: torch.device) -> None:
             arch = cuda_unfused.arch_for_capability(torch.cuda.get_device_capability(device))
             start = time.perf_counter()
             cuda_unfused.build(arch)
-            print(f"NVRTC compile {arch} (16 kernels, uncached): {time.perf_counter() - start:.2f} s")
+            seconds = time.perf_counter() - start
+            print(f"NVRTC compile {arch} (16 kernels, uncached): {seconds:.2f} s")
         finally:
             if previous is None:
                 del os.environ["MSDA_CACHE_DIR"]
@@ -418,6 +419,27 @@ def print_build_info(device: torch.device) -> None:
     module = cuda_unfused.device_module(device)
     for name in module.names:
         print(f"registers {name}: {module.registers(name)}")
+    return True, "NVRTC {}.{}, {} compiled in {:.1f} s".format(*nvrtc.version(), arch, seconds)
+
+
+def run_all_benchmarks(report: Report, device: torch.device, measured: dict) -> tuple[bool, str]:
+    """The unfused and fused benchmarks against the copy-bandwidth floor, their table and targets."""
+    bandwidth = copy_bandwidth(device)
+    measured["copy_bandwidth_GBps"] = bandwidth / 1e9
+    print(f"device-to-device copy bandwidth: {bandwidth / 1e9:.0f} GB/s")
+    run_benchmark(report, device, bandwidth)
+    run_fused_benchmark(report, device, bandwidth)
+    print()
+    print(markdown_table(report.rows))
+    print()
+    print(
+        "floor = (inputs read once + outputs written once) / copy bandwidth; speed-up vs the reference path "
+        "(grid_sample); bwd = backward alone over a retained graph; "
+        "sampling locations = reference point + ~2 px Gaussian offsets, N=2, M=8, D=32, L=4, P=4"
+    )
+    evaluate_targets(report)
+    evaluate_fused_targets(report)
+    return True, f"{len(report.rows)} rows; copy bandwidth {bandwidth / 1e9:.0f} GB/s"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -439,44 +461,23 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda", torch.cuda.current_device())
     props = torch.cuda.get_device_properties(device)
     print(f"device: {props.name} (sm_{props.major}{props.minor}), torch {torch.__version__}, ops {ops.__version__}")
-    print_build_info(device)
     previous_backend = ops.get_backend()
     ops.set_backend("cuda")  # the op must run the kernel, never fall back silently
-    report = Report()
+    report, measured = Report(), {}
     try:
+        report.run_check("NVRTC compile and registers", lambda: build_info(device))
         run_checks(report, device)
         run_fused_checks(report, device)
-        bandwidth = copy_bandwidth(device)
-        print(f"device-to-device copy bandwidth: {bandwidth / 1e9:.0f} GB/s")
-        run_benchmark(report, device, bandwidth)
-        run_fused_benchmark(report, device, bandwidth)
+        # A crash in the timing (out of memory, say) is one FAIL line; the checks above stay recorded.
+        report.run_check("benchmark", lambda: run_all_benchmarks(report, device, measured))
     finally:
         ops.set_backend(previous_backend)
-    print()
-    print(markdown_table(report.rows))
-    print()
-    print(
-        "floor = (inputs read once + outputs written once) / copy bandwidth; speed-up vs the reference path "
-        "(grid_sample); bwd = backward alone over a retained graph; "
-        "sampling locations = reference point + ~2 px Gaussian offsets, N=2, M=8, D=32, L=4, P=4"
-    )
-    evaluate_targets(report)
-    evaluate_fused_targets(report)
-    if json_path:
-        with open(json_path, "w") as f:
-            json.dump(
-                {
-                    "device": props.name,
-                    "torch": torch.__version__,
-                    "copy_bandwidth_GBps": bandwidth / 1e9,
-                    "checks": report.checks,
-                    "rows": report.rows,
-                    "targets": report.targets,
-                },
-                f,
-                indent=2,
-            )
-        print(f"wrote {json_path}")
+        if json_path:  # whatever ran, also when a check or the benchmark crashed
+            result = {"device": props.name, "torch": torch.__version__, **measured}
+            result.update(checks=report.checks, rows=report.rows, targets=report.targets)
+            with open(json_path, "w") as f:
+                json.dump(result, f, indent=2)
+            print(f"wrote {json_path}")
     skipped = sum(c["status"] == SKIP for c in report.checks)
     print("FAILED" if report.failed else "ALL CHECKS PASSED" + (f" ({skipped} skipped)" if skipped else ""))
     return 1 if report.failed else 0

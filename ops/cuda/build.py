@@ -56,8 +56,8 @@ def version() -> tuple[int, int]:
     return tuple(_check_nvrtc(nvrtc.nvrtcVersion()))
 
 
-# The oldest NVRTC that compiles the kernels (C++17, __match_any_sync, cuda_bf16.h's conversions).
-MIN_NVRTC = (12, 0)
+# The oldest NVRTC that compiles the kernels: sm_90's float4 atomicAdd arrived in CUDA 12.4's headers.
+MIN_NVRTC = (12, 4)
 # CUDA's headers the kernels include (the cache key holds their content, not only their folder).
 CUDA_HEADERS = ("cuda_fp16.h", "cuda_fp16.hpp", "cuda_bf16.h", "cuda_bf16.hpp")
 
@@ -318,20 +318,25 @@ class GpuModule:
 
     def registers(self, name: str) -> int:
         """Registers per thread of kernel ``name`` (what ptxas settled on)."""
+        self._make_current()
         attr = driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_NUM_REGS
         return _check_driver(driver.cuFuncGetAttribute(attr, self._functions[name]), name)
+
+    def _make_current(self) -> None:
+        """Makes this device's primary context current on the calling thread. PyTorch binds it to a
+        thread lazily (autograd's device threads, a fresh thread, a process that has not touched the
+        GPU yet); a launch or a query of a kernel needs it current."""
+        if int(_check_driver(driver.cuCtxGetCurrent(), "cuCtxGetCurrent")) != int(self._context):
+            _check_driver(driver.cuCtxSetCurrent(self._context), "cuCtxSetCurrent")
 
     def launch(self, name, grid, block, shared_bytes, args: KernelArgs, stream: int = 0) -> None:
         """Queue kernel ``name`` on ``stream`` (a cudaStream_t as int) of this device."""
         function = self._functions.get(name)
         if function is None:
             raise KeyError(f"no kernel {name!r} in this module; it holds {sorted(self._functions)}")
+        self._make_current()
         if name not in self._checked:
             self._check_arguments(name, function, args)
-        # PyTorch binds the primary context to a thread lazily (autograd's device threads, a fresh
-        # thread); a launch needs it current.
-        if int(_check_driver(driver.cuCtxGetCurrent(), "cuCtxGetCurrent")) != int(self._context):
-            _check_driver(driver.cuCtxSetCurrent(self._context), "cuCtxSetCurrent")
         _check_driver(
             driver.cuLaunchKernel(function, *grid, *block, shared_bytes, driver.CUstream(stream), args.address, 0),
             f"launching {name} (grid {tuple(grid)}, block {tuple(block)})",

@@ -169,9 +169,19 @@ def test_is_available_without_cuda_says_why(monkeypatch):
     )
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the answer on a machine without CUDA")
+def test_ops_info_fails_where_msda_backend_cuda_cannot_have_its_kernels(monkeypatch, capsys):
+    from ops.__main__ import main
+
+    assert main(["info"]) == 0  # auto: the reference runs, which info reports
+    monkeypatch.setenv("MSDA_BACKEND", "cuda")
+    assert main(["info"]) == 1
+    assert capsys.readouterr().err == "MSDA_BACKEND=cuda asks for the CUDA kernels and they are unavailable here\n"
+
+
 def test_an_nvrtc_older_than_the_kernels_need_is_one_clear_error(monkeypatch):
-    monkeypatch.setattr(nvrtc, "version", lambda: (11, 8))
-    with pytest.raises(RuntimeError, match=r"NVRTC 11\.8 is older than the kernels need \(12\.0\)"):
+    monkeypatch.setattr(nvrtc, "version", lambda: (12, 3))  # compiles, but lacks sm_90's float4 atomicAdd
+    with pytest.raises(RuntimeError, match=r"NVRTC 12\.3 is older than the kernels need \(12\.4\)"):
         nvrtc.compile_source(cuda_unfused.SOURCE, cuda_unfused.KERNEL_NAMES, "sm_80")
 
 
