@@ -23,7 +23,7 @@ import json
 import os
 import re
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -162,8 +162,7 @@ def compile_source(source: Path, names: Sequence[str], arch: str) -> tuple[str, 
             if kind == "cubin"
             else (nvrtc.nvrtcGetPTXSize, nvrtc.nvrtcGetPTX)
         )
-        code = b" " * _check_nvrtc(get_size(program))
-        _check_nvrtc(get(program, code))
+        code = _output(program, get_size, get)
         if kind == "ptx":
             code = code.rstrip(b"\0")
         return kind, code, _lowered_names(program, names), log
@@ -178,8 +177,7 @@ def compile_with_report(source: Path, names: Sequence[str], arch: str) -> tuple[
     """
     options = [f"--gpu-architecture={arch}", f"--std={STD}", f"--include-path={source.parent}", "--ptxas-options=-v"]
     with _compiled(source, names, options, arch) as (program, log):
-        ptx = b" " * _check_nvrtc(nvrtc.nvrtcGetPTXSize(program))
-        _check_nvrtc(nvrtc.nvrtcGetPTX(program, ptx))
+        ptx = _output(program, nvrtc.nvrtcGetPTXSize, nvrtc.nvrtcGetPTX)
         return ptx.rstrip(b"\0").decode(), log, _lowered_names(program, names)
 
 
@@ -197,14 +195,23 @@ def _compiled(source: Path, names: Sequence[str], options: list[str], arch: str)
         for name in names:
             _check_nvrtc(nvrtc.nvrtcAddNameExpression(program, name.encode()))
         (result,) = nvrtc.nvrtcCompileProgram(program, len(options), [o.encode() for o in options])
-        log = b" " * _check_nvrtc(nvrtc.nvrtcGetProgramLogSize(program))
-        _check_nvrtc(nvrtc.nvrtcGetProgramLog(program, log))
+        log = _output(program, nvrtc.nvrtcGetProgramLogSize, nvrtc.nvrtcGetProgramLog)
         log = log.rstrip(b"\0 ").decode(errors="replace")
         if result != nvrtc.nvrtcResult.NVRTC_SUCCESS:
             raise RuntimeError(f"NVRTC failed compiling {source.name} for {arch} ({result!r}):\n{log}")
         yield program, log
     finally:
         nvrtc.nvrtcDestroyProgram(program)
+
+
+def _output(program: Any, get_size: Callable, get: Callable) -> bytes:
+    """One of NVRTC's outputs of ``program`` (code or log), as NVRTC wrote it. NVRTC writes into the
+    buffer it is handed, so that is a bytearray: a ``bytes`` would be written in place, and for an empty
+    log (size 1) ``b" " * 1`` is CPython's shared one-byte object, after which every ``b" "`` of the
+    process reads as ``b"\\0"`` (pickle then reads a tensor's size 32 as 0, and torch.load fails)."""
+    buffer = bytearray(_check_nvrtc(get_size(program)))
+    _check_nvrtc(get(program, buffer))
+    return bytes(buffer)
 
 
 def _lowered_names(program: Any, names: Sequence[str]) -> dict[str, str]:

@@ -7,6 +7,7 @@ Needs the ``cuda`` extra (cuda-bindings, nvidia-cuda-nvrtc, nvidia-cuda-runtime)
 
 from __future__ import annotations
 
+import io
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -90,6 +91,16 @@ def test_python_m_ops_build_and_info(built, monkeypatch, capsys):
     assert main(["info"]) == 0
     out = capsys.readouterr().out
     assert "compiler: NVRTC 1" in out and f"cache: {cache}" in out and "CUDA kernel: " in out
+
+
+def test_a_compile_leaves_the_process_s_one_byte_objects_alone(tmp_path):
+    """NVRTC writes its outputs into the buffers it is handed; into ``b" " * 1`` (an empty log's size)
+    that was CPython's shared b" ", and a tensor of 32 elements came back from torch.load as 0."""
+    log = nvrtc.compile_source(cuda_unfused.SOURCE, cuda_unfused.KERNEL_NAMES[:1], "sm_80")[3]
+    assert log == ""  # the size-1 buffer of the bug
+    assert io.BytesIO(bytes([32])).read(1)[0] == 32
+    torch.save(torch.zeros(32), tmp_path / "t.pt")
+    assert torch.load(tmp_path / "t.pt", weights_only=True).numel() == 32
 
 
 def test_architecture_choice():
