@@ -13,10 +13,12 @@ from pipelines.raytrain.worker import no_forward_buffer_sync
 def test_this_torchs_ddp_takes_the_option_without_a_deprecation_warning():
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
+        options = no_forward_buffer_sync()
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # the deprecated name warns on torch >= 2.13
-            ddp = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(2, 2), **no_forward_buffer_sync())
-        assert ddp.forward_sync_buffers is False
+            ddp = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(2, 2), **options)
+        (name,) = options  # DDP keeps the setting under the option's name
+        assert getattr(ddp, name) is False
     finally:
         dist.destroy_process_group()
 
