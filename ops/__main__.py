@@ -1,6 +1,6 @@
 """``python -m ops build ARCH ...`` compiles the kernels into the cache ahead of time (e.g. in an image
-build, for sm_80 and sm_90; no GPU needed); ``python -m ops info`` says which path the op takes here (exit status 1 where MSDA_BACKEND=cuda asks for
-kernels it cannot have)."""
+build, for sm_80 and sm_90; no GPU needed); ``python -m ops info`` says which path the op takes here
+(exit status 1 where MSDA_BACKEND=cuda asks for kernels it cannot have)."""
 
 import sys
 import time

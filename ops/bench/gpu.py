@@ -392,9 +392,9 @@ def evaluate_targets(report: Report) -> None:
 
 
 def build_info(device: torch.device) -> tuple[bool, str]:
-    """Prints NVRTC's version, a fresh (uncached) compile time for this device's architecture (the first call's
-    cost; ``python -m ops build ARCH`` times the others), and the registers per thread ptxas chose for
-    each kernel on this device."""
+    """Prints NVRTC's version, a fresh (uncached) compile time for this device's architecture (the first
+    call's cost; ``python -m ops build ARCH`` times the others), and the registers per thread ptxas chose
+    for each kernel on this device; a check's (ok, summary)."""
     import os
     import tempfile
     import time
