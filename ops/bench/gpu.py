@@ -401,7 +401,8 @@ def build_info(device: torch.device) -> tuple[bool, str]:
 
     from ops.cuda import build as nvrtc
 
-    print("NVRTC {}.{}".format(*nvrtc.version()))
+    compiler = "NVRTC {}.{}".format(*nvrtc.version())
+    print(compiler)
     previous = os.environ.get("MSDA_CACHE_DIR")
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["MSDA_CACHE_DIR"] = tmp  # an empty cache: every build compiles
@@ -419,7 +420,7 @@ def build_info(device: torch.device) -> tuple[bool, str]:
     module = cuda_unfused.device_module(device)
     for name in module.names:
         print(f"registers {name}: {module.registers(name)}")
-    return True, "NVRTC {}.{}, {} compiled in {:.1f} s".format(*nvrtc.version(), arch, seconds)
+    return True, f"{compiler}, {arch} compiled in {seconds:.1f} s"
 
 
 def run_all_benchmarks(report: Report, device: torch.device, measured: dict) -> tuple[bool, str]:
