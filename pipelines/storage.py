@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl
 
@@ -23,6 +24,42 @@ import pyarrow.fs as pafs
 T = TypeVar("T")
 
 REMOTE_SCHEMES = ("s3://", "gs://", "gcs://")
+
+_TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
+
+
+def _flag(text: str) -> bool:
+    if text.lower() in _TRUE + _FALSE:
+        return text.lower() in _TRUE
+    raise ValueError("expected true or false")
+
+
+def _seconds(text: str) -> timedelta:
+    return timedelta(seconds=float(text))
+
+
+_EXPECTED = {_flag: "true or false", float: "a number", int: "a whole number", _seconds: "a number of seconds"}
+
+# The options a bucket URI's query or ``storage_options`` may give pyarrow's S3FileSystem / GcsFileSystem,
+# each with what makes its value from a query's text. pyarrow's own checks would take "false" for True.
+_FLAG_S3 = ("anonymous", "background_writes", "allow_delayed_open", "allow_bucket_creation", "allow_bucket_deletion")
+_FLAG_S3 += ("check_directory_existence_before_creation", "force_virtual_addressing")
+_TEXT_S3 = ("region", "access_key", "secret_key", "session_token", "role_arn", "session_name", "external_id")
+_TEXT_S3 += ("proxy_options", "tls_ca_file_path")
+_TEXT_GS = ("default_bucket_location", "project_id", "target_service_account")
+_FS_OPTIONS: dict[str, dict[str, Callable[[str], Any]]] = {
+    "s3": {
+        **dict.fromkeys(_FLAG_S3, _flag),
+        **dict.fromkeys(("request_timeout", "connect_timeout"), float),
+        "load_frequency": int,
+        **dict.fromkeys(("scheme", "endpoint_override", *_TEXT_S3), str),
+    },
+    "gs": {
+        "anonymous": _flag,
+        "retry_time_limit": _seconds,
+        **dict.fromkeys(("scheme", "endpoint_override", *_TEXT_GS), str),
+    },
+}
 
 _FS_CACHE: dict[tuple, pafs.FileSystem] = {}
 _FS_LOCK = threading.Lock()
@@ -68,11 +105,13 @@ def filesystem_for(
     """The pyarrow filesystem for ``uri`` and the path inside it (``bucket/key`` for object stores).
 
     Options come from ``storage_options`` and, for bucket URIs, from the URI's ``?key=value`` query
-    (which wins). Filesystems are built explicitly rather than with ``FileSystem.from_uri``, which
-    makes a network call to find an S3 bucket's region, and cached per process and options.
+    (which wins); text values are read as the option's type (``anonymous=false``, ``connect_timeout=5``).
+    Filesystems are built explicitly rather than with ``FileSystem.from_uri``, which makes a network call
+    to find an S3 bucket's region, and cached per process and options.
 
     Raises:
-        ValueError: an unsupported scheme (http, ftp, ...).
+        ValueError: an unsupported scheme (http, ftp, ...), or an option the scheme's filesystem does not
+            take or a value it cannot read (the message names the option and the URI).
     """
     uri = str(uri)
     opts = dict(storage_options or {})
@@ -81,6 +120,7 @@ def filesystem_for(
         opts.update(parse_qsl(query))
         scheme = "s3" if base.startswith("s3://") else "gs"
         path = base.split("://", 1)[1]
+        opts = _typed_options(scheme, opts, uri)
     elif has_scheme(uri) and not uri.startswith("file://"):
         raise ValueError(f"unsupported URI scheme in {uri!r}: expected a local path, s3:// or gs://")
     else:
@@ -97,6 +137,23 @@ def filesystem_for(
                 fs = pafs.LocalFileSystem()
             _FS_CACHE[key] = fs
     return fs, path.rstrip("/") if len(path) > 1 else path
+
+
+def _typed_options(scheme: str, opts: dict[str, Any], uri: str) -> dict[str, Any]:
+    """``opts`` with each text value read as its option's type (``_FS_OPTIONS[scheme]``)."""
+    known = _FS_OPTIONS[scheme]
+    typed = {}
+    for name, value in opts.items():
+        if name not in known:
+            written = uri.split("://", 1)[0]
+            raise ValueError(f"{uri}: {written}:// has no option {name!r}; it has {', '.join(sorted(known))}")
+        if isinstance(value, str):
+            try:
+                value = known[name](value)
+            except ValueError as e:
+                raise ValueError(f"{uri}: option {name}={value!r}: expected {_EXPECTED[known[name]]}") from e
+        typed[name] = value
+    return typed
 
 
 def join_uri(base: str, *parts: str) -> str:

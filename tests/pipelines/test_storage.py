@@ -7,6 +7,7 @@ from urllib.parse import urlencode
 
 import pyarrow.fs as pafs
 import pytest
+from s3_servers import CREDENTIALS
 
 from pipelines.storage import (
     absolute,
@@ -67,3 +68,26 @@ def test_s3_round_trip_with_options_in_the_uri(s3_options, tmp_path):
     assert local == str(tmp_path / "weights.pt") and open(local, "rb").read() == b"\x00\x01weights"
     with pytest.raises(FileNotFoundError, match="missing.pt"):
         read_bytes(join_uri(base, "missing.pt"))
+
+
+def test_uri_options_are_read_as_their_types(seaweedfs_server, monkeypatch):
+    """``anonymous=false`` in a URI signs the requests: pyarrow alone takes the text "false" for True, and
+    the server refuses an unsigned read. A number is a number; an option the filesystem does not have, or a
+    value it cannot read, is an error that names both."""
+    for name, value in CREDENTIALS.items():  # signed requests take their keys from the environment
+        monkeypatch.setenv(name, value)
+    seaweedfs_server.create_bucket("typed-options")
+    base = "s3://typed-options/k" + seaweedfs_server.endpoint_query
+    write_bytes(base, b"signed")
+    assert read_bytes(f"{base}&anonymous=false") == b"signed"
+    assert read_bytes(f"{base}&connect_timeout=5&load_frequency=60") == b"signed"
+    with pytest.raises(OSError, match="ACCESS_DENIED"):
+        read_bytes(f"{base}&anonymous=true", retries=1)
+    with pytest.raises(
+        ValueError, match=r"^s3://b/k\?endpoint=h:9: s3:// has no option 'endpoint'; it has access_key, "
+    ):
+        filesystem_for("s3://b/k?endpoint=h:9")
+    with pytest.raises(ValueError, match=r"option anonymous='maybe': expected true or false"):
+        filesystem_for("gs://b/k?anonymous=maybe")
+    with pytest.raises(ValueError, match=r"option connect_timeout='soon': expected a number"):
+        filesystem_for("s3://b/k", {"connect_timeout": "soon"})
