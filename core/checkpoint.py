@@ -13,6 +13,7 @@ class falls back to ``weights_only=False`` only when the caller passes ``allow_u
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
@@ -145,7 +146,8 @@ def save_checkpoint(
 
 
 def _local_file(source: str | os.PathLike) -> str:
-    """A local path for ``source``; an http(s) URL is downloaded once into torch.hub's cache."""
+    """A local path for ``source``; an http(s) URL is downloaded once into torch.hub's cache, under its
+    file name after a digest of the whole URL (two runs' ``checkpoint.pt`` are two files there)."""
     source = os.fspath(source)
     if not source.startswith(("http://", "https://")):
         if not os.path.isfile(source):
@@ -153,7 +155,8 @@ def _local_file(source: str | os.PathLike) -> str:
         return source
     cache_dir = Path(torch.hub.get_dir()) / "checkpoints"
     cache_dir.mkdir(parents=True, exist_ok=True)
-    target = cache_dir / os.path.basename(source.split("?")[0])
+    digest = hashlib.sha256(source.encode()).hexdigest()[:16]
+    target = cache_dir / f"{digest}-{os.path.basename(source.split('?')[0])}"
     if not target.exists():
         torch.hub.download_url_to_file(source, str(target), progress=False)
     return str(target)
