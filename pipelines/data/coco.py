@@ -16,7 +16,7 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 
-from pipelines.storage import list_file_sizes, read_bytes, read_many
+from pipelines.storage import join_uri, list_file_sizes, read_bytes, read_many
 
 META_SCHEMA = pa.schema(
     [
@@ -351,8 +351,8 @@ def attach_image_bytes(
     """
     names = meta.column("file_name").to_pylist()
     ids = meta.column("image_id").to_pylist()
-    base = images_uri.rstrip("/")
-    datas = read_many([f"{base}/{n}" for n in names], storage_options, threads)
+    base = images_uri.partition("?")[0].rstrip("/")  # for messages; reads keep the URI's options
+    datas = read_many([join_uri(images_uri, n) for n in names], storage_options, threads)
     bad: list[tuple[str, str]] = []
     keep = np.ones(len(names), dtype=bool)
     for i, (d, name, iid) in enumerate(zip(datas, names, ids)):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from urllib.parse import urlencode
 
 import numpy as np
 import pyarrow.fs as pafs
@@ -46,6 +47,9 @@ def test_read_folder_and_parquet_from_s3(ray_local, s3_options, coco_paths, make
     assert [x[0] for x in a] == [x[0] for x in b]
     for (_, ia, ba), (_, ib, bb) in zip(a, b):
         assert (ia == ib).all() and (ba == bb).all()
+    # The same bucket with its options in the URI: each image's path goes before the query.
+    c, _ = _val_samples(make_config(root=f"s3://{BUCKET}/coco?" + urlencode(s3_options)))
+    assert [x[0] for x in c] == [x[0] for x in a] and all((x[1] == y[1]).all() for x, y in zip(a, c))
 
     pq = remote.model_copy(update={"parquet_dir": f"s3://{BUCKET}/parquet"})
     assert prepare_parquet(pq, "val") == f"s3://{BUCKET}/parquet/val_manifest.json"
