@@ -29,7 +29,7 @@ from pydantic_core import PydanticCustomError
 from core.config import DetrConfig, LossConfig, MatcherConfig, ModelConfig
 from pipelines.data.data_config import DataConfig
 from pipelines.presets import PRESETS, R50_IMAGENET  # noqa: F401  (part of this module's interface)
-from pipelines.storage import join_uri, read_bytes, split_uri
+from pipelines.storage import absolute, has_scheme, join_uri, read_bytes, split_uri
 
 try:
     import tomllib
@@ -377,6 +377,9 @@ def resume_job_config(run: str, overrides: Sequence[str] = ()) -> JobConfig:
     Raises:
         ConfigError: no readable config.json at ``run``, or invalid fields.
     """
+    if not has_scheme(run):  # "runs/x/" names x; ".", from inside the run directory, names it too
+        run = os.path.normpath(run)
+        run = absolute(run) if os.path.basename(run) in (".", "..") else run
     storage, name = split_uri(run)
     try:
         data = json.loads(read_bytes(join_uri(run, CONFIG_FILE)))

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
-from pipelines.job_config import PRESETS, ConfigError, JobConfig, load_job_config, parse_override
+from pipelines.job_config import PRESETS, ConfigError, JobConfig, load_job_config, parse_override, resume_job_config
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
@@ -129,3 +130,17 @@ def test_toml_files_read_without_tomllib(tmp_path, monkeypatch):
     (tmp_path / "run.toml").write_text("[train]\nlr = 3e-4\n")
     assert fresh["pipelines/job_config.py"].read_config_file(tmp_path / "run.toml") == {"train": {"lr": 3e-4}}
     assert fresh["cluster/render.py"].tomllib is tomllib
+
+
+def test_resume_names_the_run_however_its_folder_is_written(tmp_path, monkeypatch):
+    run = tmp_path / "runs" / "exp1"
+    run.mkdir(parents=True)
+    (run / "config.json").write_text(load_job_config(preset="tiny").model_dump_json())
+    monkeypatch.chdir(tmp_path)
+    for written in ("runs/exp1", "runs/exp1/", str(run)):
+        train = resume_job_config(written).train
+        assert (train.name, os.path.abspath(train.storage_path)) == ("exp1", str(tmp_path / "runs")), written
+    monkeypatch.chdir(run)
+    for written in (".", "./"):  # from inside the run directory
+        train = resume_job_config(written).train
+        assert (train.name, train.storage_path) == ("exp1", str(tmp_path / "runs")), written
