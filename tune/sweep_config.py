@@ -145,8 +145,15 @@ def check_sweep(cfg: SweepConfig, job: JobConfig) -> SearchSpace:
         space = parse_space(cfg.space, job.model_dump(mode="json"))
     except SpaceError as e:
         raise ConfigError(str(e)) from None
-    if "train.epochs" in space.domains:
+    # Searched or fixed in the space, these would leave the trials training past the scheduler's budget
+    # or reporting epochs without the metric.
+    if "train.epochs" in {*space.domains, *space.fixed}:
         raise ConfigError("space.train.epochs: the epoch budget is the scheduler's; set base.train.epochs instead")
+    if "train.eval_every" in {*space.domains, *space.fixed}:
+        raise ConfigError(
+            f"space.train.eval_every: trials evaluate every epoch (the scheduler and searcher read {cfg.metric}); "
+            "leave it out of the space"
+        )
     if space.uses_grid and cfg.searcher.kind != "random":
         raise ConfigError(f"space: grid domains need searcher.kind=random, got {cfg.searcher.kind!r}")
     if not space.domains:
