@@ -154,6 +154,8 @@ def check_data(job: JobConfig, splits: tuple[str, ...] | None = None) -> None:
                     pafs.FileType.File,
                 )
             )
+        if "val" in splits:  # pycocotools' ground truth: the annotation file, not the shards
+            checks.append(("data.val_ann", data.ann_uri("val"), pafs.FileType.File))
     else:
         for split in splits:
             checks.append((f"data.{split}_ann", data.ann_uri(split), pafs.FileType.File))

@@ -37,6 +37,14 @@ def test_missing_annotations_name_the_field(tmp_path, job_with):
     job = job_with(f"data.root={tmp_path / 'absent'}")
     with pytest.raises(PreflightError, match=r"data.train_ann: file not found"):
         preflight(job)
+    # Read from Parquet shards, the run still scores against data.val_ann's ground truth.
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for split in ("train", "val"):
+        (shards / f"{split}_manifest.json").write_text("{}")
+    job = job_with(f"data.parquet_dir={shards}", "data.val_ann=nope/instances_val.json")
+    with pytest.raises(PreflightError, match=r"data.val_ann: file not found: .*nope/instances_val.json"):
+        preflight(job)
 
 
 def test_unreachable_bucket_fails_fast(tmp_path, job_with):
