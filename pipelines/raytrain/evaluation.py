@@ -21,6 +21,7 @@ from pipelines.raytrain.run_dir import AP_TABLE_FILE, DATA_REPORT_FILE, RunDir
 from pipelines.raytrain.run_plots import draw_detections
 from pipelines.raytrain.state import fetch_checkpoint_file, resolve_checkpoint
 from pipelines.raytrain.training import build_trainer
+from pipelines.raytrain.worker_config import DatasetFacts
 from pipelines.raytrain.worker_eval import eval_loop_per_worker
 from pipelines.storage import absolute
 
@@ -46,6 +47,16 @@ def load_for_eval(uri: str, timeout_s: float = 120.0) -> Checkpoint:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def trained_label_map(facts: DatasetFacts, ckpt: Checkpoint) -> DatasetFacts:
+    """``facts`` of the val split with the label map that ``ckpt`` was trained with, where it has one
+    (ours, data.category_ids=contiguous): a head's labels name the categories of its training set, and
+    a val file that lists other categories (only those it uses, say) would shift every label's id."""
+    saved = (ckpt.meta.get("dataset") or {}).get("label_to_category_id")
+    if saved is None or facts.mode != "contiguous":
+        return facts
+    return facts.model_copy(update={"label_to_category_id": [int(c) for c in saved]})
+
+
 def run_evaluation(
     job: JobConfig, ckpt: Checkpoint, *, out_dir: str | None = None, address: str | None = None
 ) -> dict[str, float]:
@@ -65,6 +76,7 @@ def run_evaluation(
     check_data(job, splits=("val",))
     connect_ray(job, address)
     data = prepare_data(job, splits=("val",))
+    data.facts = trained_label_map(data.facts, ckpt)
     sink = MetricsSink.options(**on_driver_node()).remote()
     # Ray Train's run state only: the outputs go to out_dir.
     storage = tempfile.mkdtemp(prefix="ddetr-eval-")
