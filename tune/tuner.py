@@ -25,9 +25,9 @@ from ray import tune
 
 from pipelines.job_config import ConfigError, JobConfig, validate_job_config
 from pipelines.raytrain.cluster import connect_ray
-from pipelines.raytrain.preflight import PreflightError, preflight
+from pipelines.raytrain.preflight import PreflightError, preflight, storage_root
 from pipelines.raytrain.tracking import MlflowTarget, end_unfinished_runs, local_store, open_experiment, tracking_off
-from pipelines.storage import absolute, filesystem_for, is_remote, join_uri, write_bytes
+from pipelines.storage import filesystem_for, is_remote, join_uri, write_bytes
 from tune.progress import SweepProgress
 from tune.results import (
     TrialSummary,
@@ -201,7 +201,7 @@ def run_sweep(
     # Once, before any trial: absolute paths (trials run in other directories), the demo data
     # generated (concurrent trials would race to write it), the data and storage reachable.
     job = preflight(job)
-    storage = absolute(cfg.storage_path)
+    storage = storage_root(cfg.storage_path)  # as a run's: under `ray job submit`, outside Ray's working dir
     sweep_uri = join_uri(storage, cfg.sweep_name)
     same = _check_same_sweep(sweep_uri, cfg)
     started_local = connect_ray(job, address)

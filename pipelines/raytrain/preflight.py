@@ -64,22 +64,27 @@ def default_run_name(job: JobConfig) -> str:
 SUBMITTED_RUNS_HOME = "~/ray-deformable-detr"
 
 
-def resolve(job: JobConfig) -> JobConfig:
-    """The config with a run name and absolute local paths (workers may run in another directory).
+def storage_root(storage_path: str) -> str:
+    """Where the runs (or sweeps) of ``storage_path`` go: a bucket URI as it is; a relative local path
+    from the current directory, except in a job sent with ``ray job submit``: there under
+    SUBMITTED_RUNS_HOME, which outlives the job (Ray deletes its copy of the working directory)."""
+    if is_remote(storage_path):
+        return storage_path
+    storage = os.path.expanduser(storage_path.removeprefix("file://"))
+    if in_ray_job() and not os.path.isabs(storage):
+        storage = os.path.join(SUBMITTED_RUNS_HOME, storage)
+    return local_path(storage)
 
-    A relative local ``train.storage_path`` is taken from the current directory, except in a job sent
-    with ``ray job submit``: there it goes under SUBMITTED_RUNS_HOME, which outlives the job.
-    """
+
+def resolve(job: JobConfig) -> JobConfig:
+    """The config with a run name and absolute local paths (workers may run in another directory); the
+    storage path as ``storage_root`` places it."""
     data = job.data.model_copy()
     data.root = absolute(data.root)
     train = job.train.model_copy()
     if train.name is None:
         train.name = default_run_name(job)
-    if not is_remote(train.storage_path):
-        storage = os.path.expanduser(train.storage_path.removeprefix("file://"))
-        if in_ray_job() and not os.path.isabs(storage):
-            storage = os.path.join(SUBMITTED_RUNS_HOME, storage)
-        train.storage_path = local_path(storage)
+    train.storage_path = storage_root(train.storage_path)
     if train.finetune_from:
         train.finetune_from = absolute(train.finetune_from)
     model = job.model.model_copy()

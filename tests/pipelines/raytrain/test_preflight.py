@@ -19,6 +19,7 @@ from pipelines.raytrain.preflight import (
     load_finetune_weights,
     preflight,
     resolve,
+    storage_root,
 )
 
 
@@ -303,6 +304,7 @@ def test_a_submitted_job_keeps_its_runs_outside_rays_working_dir(tmp_path, tiny_
     base = [f"data.root={tiny_data['root']}", "demo_data=null"]
     job = resolve(load_job_config(preset="tiny", overrides=[*base, "train.storage_path=runs"]))
     assert job.train.storage_path == str(tmp_path / "home" / "ray-deformable-detr" / "runs")
+    assert storage_root("sweeps") == str(tmp_path / "home" / "ray-deformable-detr" / "sweeps")  # a sweep's
     job = resolve(load_job_config(preset="tiny", overrides=[*base, f"train.storage_path={tmp_path}/mine"]))
     assert job.train.storage_path == str(tmp_path / "mine")
     monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR")
