@@ -130,7 +130,12 @@ class TrainState:
         ckpt = read_checkpoint(path)
         load_model_weights(self.model, ckpt.model)
         s = ckpt.extra
+        # The moments and step counts are the checkpoint's, the weight decay this run's config (a resume's
+        # --set train.weight_decay=... holds); the lr is the scheduler's (engine.realign_lr_scheduler).
+        decay = [group["weight_decay"] for group in self.optimizer.param_groups]
         self.optimizer.load_state_dict(s["optimizer"])
+        for group, wd in zip(self.optimizer.param_groups, decay):
+            group["weight_decay"] = wd
         self.scheduler.load_state_dict(s["scheduler"])
         if self.scaler is not None and s.get("scaler"):
             self.scaler.load_state_dict(s["scaler"])

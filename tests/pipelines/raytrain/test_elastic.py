@@ -120,3 +120,30 @@ def test_build_trainer_hands_ray_the_range_and_the_preemption_budget():
     assert (failure.max_failures, failure.max_preemption_failures) == (1, 7)
     fixed = load_job_config(preset="tiny", overrides=["train.name=fixed"])
     assert build_trainer(fixed, data).scaling_config.num_workers == 2
+
+
+def test_a_resume_trains_with_its_own_weight_decay(tmp_path):
+    """`--resume RUN --set train.weight_decay=X` trains with X: the optimizer's moments come from the
+    checkpoint, its weight decay from this run's config."""
+    from tiny import tiny_config
+
+    from core import build_model
+    from pipelines.raytrain.state import TrainState
+
+    def state(weight_decay: float) -> tuple[TrainState, object]:
+        job = load_job_config(preset="tiny", overrides=[f"train.weight_decay={weight_decay}"])
+        model = build_model(tiny_config())[0]
+        optimizer = build_optimizer(model, job.train, 1.0)
+        return TrainState(model, optimizer, build_lr_scheduler(optimizer, job.train, 4)), job
+
+    before, job = state(1e-4)
+    for p in before.model.parameters():
+        p.grad = torch.ones_like(p)
+    before.optimizer.step()
+    path = str(tmp_path / "checkpoint.pt")
+    before.save(path, job, {})
+    after, _ = state(0.05)
+    after.restore(path)
+    assert {g["weight_decay"] for g in after.optimizer.param_groups} == {0.05}
+    moments = [after.optimizer.state[p]["exp_avg"] for p in after.model.parameters() if p.requires_grad]
+    assert moments and all(bool((m != 0).all()) for m in moments)  # the checkpoint's
