@@ -16,6 +16,7 @@ Written by one process, the driver, whichever nodes the workers run on. Layout
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -56,8 +57,9 @@ class RunDir:
         self.name = name
         if is_remote(storage_path):
             root = staging_root or os.path.join(os.path.expanduser("~"), ".cache", "ray-deformable-detr", "runs")
-            self.path = Path(root) / name
             self.uri = join_uri(storage_path, name)
+            # One staging folder per bucket location: runs of one name in two buckets never share one.
+            self.path = Path(root) / f"{name}-{hashlib.sha256(self.uri.partition('?')[0].encode()).hexdigest()[:12]}"
         else:
             self.path = Path(local_path(storage_path)) / name
             self.uri = str(self.path)
@@ -103,13 +105,16 @@ class RunDir:
 
     def _pull(self) -> None:
         # Resuming a bucket run: fetch its earlier metrics so the curves cover the whole run (and its
-        # MLflow run's id, so that tracking goes on in it).
+        # MLflow run's id, so that tracking goes on in it). The bucket is the record, not a staging
+        # folder left here: another machine may have gone on with the run since this one staged it.
         fs, path = filesystem_for(self.uri)
         for rel in (METRICS_FILE, CONFIG_FILE, MLFLOW_RUN_FILE):
             info = fs.get_file_info(f"{path}/{rel}")
-            if info.type == pafs.FileType.File and not self.file(rel).exists():
+            if info.type == pafs.FileType.File:
                 with fs.open_input_stream(info.path) as src, open(self.file(rel), "wb") as dst:
                     shutil.copyfileobj(src, dst)
+            else:
+                self.file(rel).unlink(missing_ok=True)
 
 
 def _json_default(obj: Any) -> Any:

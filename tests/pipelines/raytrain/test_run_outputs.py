@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
+from urllib.parse import urlencode
+
 import numpy as np
 import pyarrow.fs as pafs
 import pytest
 
-from pipelines.raytrain.run_dir import RunDir, latest_history, read_metrics
+from pipelines.raytrain.run_dir import METRICS_FILE, RunDir, latest_history, read_metrics
 from pipelines.raytrain.run_plots import draw_detections, plot_curves
-from pipelines.storage import filesystem_for, join_uri, split_uri
+from pipelines.storage import filesystem_for, join_uri, read_bytes, split_uri, write_bytes
 
 
 def test_latest_history_keeps_the_replayed_attempt():
@@ -141,3 +144,31 @@ def test_a_checkpoint_event_follows_every_step_it_holds():
         ("step", 2),
         ("event", 2),
     ]
+
+
+def test_bucket_runs_of_one_name_stage_apart_and_the_bucket_is_the_record(moto_server, tmp_path):
+    """Runs of one name in two buckets stage in two folders on the driver's machine; a run staged here
+    earlier and gone on with elsewhere resumes from the bucket's metrics, not from this staging folder's."""
+    query = "?" + urlencode(moto_server.options)
+    fs = pafs.S3FileSystem(**moto_server.options, allow_bucket_creation=True)
+    for bucket in ("stage-a", "stage-b"):
+        fs.create_dir(bucket)
+    staging = str(tmp_path / "staging")
+
+    def run(storage: str, who: str, step: int) -> RunDir:
+        run_dir = RunDir(storage + query, "exp1", staging_root=staging).mkdir()
+        run_dir.append_metrics([{"kind": "step", "run": who, "global_step": step}])
+        run_dir.sync()
+        return run_dir
+
+    a = run("s3://stage-a/runs", "a", 1)
+    b = run("s3://stage-b/experiments", "b", 1)
+    assert [r["run"] for r in json_lines(read_bytes(join_uri(b.uri, METRICS_FILE)))] == ["b"]
+    elsewhere = read_bytes(join_uri(a.uri, METRICS_FILE)) + b'{"kind": "step", "run": "a", "global_step": 2}\n'
+    write_bytes(join_uri(a.uri, METRICS_FILE), elsewhere)  # another machine resumed run a and went on
+    again = run("s3://stage-a/runs", "a", 3)
+    assert [r["global_step"] for r in again.read_metrics()] == [1, 2, 3]
+
+
+def json_lines(data: bytes) -> list[dict]:
+    return [json.loads(line) for line in data.splitlines() if line.strip()]
