@@ -7,6 +7,7 @@ the output stops. See ``outputs`` for the folder's layout and guarantees.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -26,6 +27,7 @@ from pipelines.inference.outputs import COCO_FILE, MANIFEST_FILE, OutputDir, Out
 from pipelines.inference.sources import ImageList, list_images
 from pipelines.inference.steps import DecodeImages, PredictImages
 from pipelines.raytrain.cluster import connect_ray, ray_data_lines_to_its_log
+from pipelines.storage import absolute
 
 log = logging.getLogger(__name__)
 
@@ -236,6 +238,9 @@ def run_inference(cfg: InferenceConfig, images: ImageList | None = None) -> dict
         model, input_size = load_onnx_for_inference(cfg.model)
         what = "onnxruntime"
     out = OutputDir(cfg.output)
+    # An output folder inside the input folder: its parts and records are the job's, not its images.
+    inside = absolute(out.base).rstrip("/") + "/"
+    images = dataclasses.replace(images, uris=[u for u in images.uris if not u.startswith(inside)])
     try:
         out.prepare()
         out.check_job(cfg.settings())

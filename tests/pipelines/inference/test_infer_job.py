@@ -164,6 +164,19 @@ def test_rerun_over_finished_output_changes_nothing(folder_run, checkpoint, imag
     assert snapshot(out) == before
 
 
+def test_an_output_inside_the_input_folder_is_not_read_as_input(ray_local, checkpoint, image_dir, tmp_path):
+    d = tmp_path / "imgs"
+    d.mkdir()
+    for name in ("000000000001.jpg", "000000000002.jpg"):
+        shutil.copy(image_dir / name, d / name)
+    first = run(checkpoint, d, d / "detections")
+    assert first["images_total"] == 2 and first["failed_this_run"] == {}
+    before = snapshot(d / "detections")
+    again = run(checkpoint, d, d / "detections")  # its parts, _job.json and _manifest.json are no images
+    assert again["images_total"] == 2 and again["images_this_run"] == 0
+    assert snapshot(d / "detections") == before
+
+
 def test_rerun_with_other_settings_is_refused(folder_run, checkpoint, image_dir):
     out, _ = folder_run
     with pytest.raises(OutputError, match=r"score_threshold: output 0.3, now 0.5"):
