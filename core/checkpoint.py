@@ -224,7 +224,12 @@ def read_checkpoint(
         Checkpoint.
     """
     path = _local_file(source)
-    obj = _torch_load(path, map_location, allow_unsafe_pickle)
+    try:
+        obj = _torch_load(path, map_location, allow_unsafe_pickle)
+    except (OSError, ValueError):
+        raise
+    except Exception as e:  # a text or empty file: the legacy unpickler's KeyError, EOFError, ...
+        raise ValueError(f"{source} is not a checkpoint torch.load can read ({type(e).__name__}: {e})") from e
     if not isinstance(obj, dict) or "model" not in obj:
         raise ValueError(f"{source} is not a checkpoint: expected a dict with a 'model' entry")
     if obj.get("format") == FORMAT:

@@ -248,6 +248,12 @@ def test_not_a_checkpoint(tmp_path):
         read_checkpoint(tmp_path / "x.pt")
     with pytest.raises(FileNotFoundError):
         read_checkpoint(tmp_path / "missing.pt")
+    # A text file, an empty one: ValueErrors that name the file.
+    (tmp_path / "notes.pt").write_text("hello, not a checkpoint\n")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    for name in ("notes.pt", "empty.pt"):
+        with pytest.raises(ValueError, match=rf"{name} is not a checkpoint torch.load can read"):
+            read_checkpoint(tmp_path / name)
 
 
 class _QuietFiles(http.server.SimpleHTTPRequestHandler):
