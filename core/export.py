@@ -317,6 +317,12 @@ class OnnxDetector:
             raise ExportError(
                 f"{path} holds TensorRT plugin nodes (--msda {self.meta['msda']}): build a TensorRT engine from it"
             )
+        images = self.session.get_inputs()[0]
+        if any(isinstance(d, int) for d in images.shape[2:]):
+            raise ExportError(
+                f"{path} is a static export ({images.name} of shape {tuple(images.shape)}); a Predictor sizes "
+                "each image as it comes: export it without --static"
+            )
         self.num_classes = int(self.meta["num_classes"])
 
     def __call__(self, images: Tensor, mask: Tensor) -> dict[str, Tensor]:

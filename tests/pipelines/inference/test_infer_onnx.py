@@ -6,10 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pyarrow.parquet as pq
 import pytest
 from exports import differences, export
 
+from core.export import ExportError
 from core.predictor import Predictor
 from pipelines.data.decode import decode_image
 from pipelines.inference.job import InferenceConfig, run_inference
@@ -73,3 +75,14 @@ def test_batch_inference_with_onnxruntime_gives_the_torch_detections(
         assert row["error"] is None and (row["labels"], row["names"]) == (want.labels.tolist(), want.names)
         np.testing.assert_allclose(row["scores"], want.scores, rtol=0, atol=1e-5)
         np.testing.assert_allclose(np.asarray(row["boxes"]).reshape(-1, 4), want.boxes, rtol=0, atol=1e-3)
+
+
+def test_a_static_export_is_refused_in_one_line(onnx_file, tmp_path):
+    """A --static export takes one image size; a Predictor (and batch inference) sizes each image as it comes."""
+    model = onnx.load(str(onnx_file))
+    for axis, size in ((0, 1), (2, 96), (3, 128)):
+        model.graph.input[0].type.tensor_type.shape.dim[axis].dim_value = size
+    static = tmp_path / "static.onnx"
+    onnx.save(model, str(static))
+    with pytest.raises(ExportError, match=r"static.onnx is a static export \(images of shape \(1, 3, 96, 128\)\)"):
+        Predictor.from_onnx(static)
