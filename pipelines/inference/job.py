@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -125,10 +126,16 @@ def load_onnx_for_inference(uri: str) -> tuple[bytes, InputSize]:
 
     tmp = tempfile.mkdtemp(prefix="ddetr-infer-onnx-")
     try:
-        with open(fetch_file(uri, tmp), "rb") as f:
+        local = fetch_file(uri, tmp)
+        if local.startswith(("http://", "https://")):  # fetch_file leaves a URL to its reader
+            import torch
+
+            url, local = local, os.path.join(tmp, "model.onnx")
+            torch.hub.download_url_to_file(url, local, progress=False)
+        with open(local, "rb") as f:
             data = f.read()
         input_size = export_input_size(OnnxDetector(data).meta)
-    except (OSError, ExportError) as e:
+    except (OSError, ExportError) as e:  # urllib's HTTPError and URLError are OSErrors
         raise ValueError(f"--model {uri.partition('?')[0]!r} cannot be loaded: {e}") from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

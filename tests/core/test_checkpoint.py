@@ -2,17 +2,15 @@
 
 import argparse
 import fractions
-import functools
-import http.server
 import logging
 import math
 import os
 import pickle
 import stat
-import threading
 
 import pytest
 import torch
+from http_files import serve_folder
 from tiny import TINY_SIZES, tiny_config
 
 from core import (
@@ -256,11 +254,6 @@ def test_not_a_checkpoint(tmp_path):
             read_checkpoint(tmp_path / name)
 
 
-class _QuietFiles(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args):  # no access log on the test's stderr
-        pass
-
-
 def test_two_urls_with_one_file_name_are_two_checkpoints(tmp_path, monkeypatch):
     """A checkpoint read from http(s) is downloaded once into torch.hub's cache. Two runs' URLs that end in
     the same file name are two files there, not the first run's file twice."""
@@ -270,15 +263,8 @@ def test_two_urls_with_one_file_name_are_two_checkpoints(tmp_path, monkeypatch):
         cfg = tiny_config(num_queries=queries)
         (served / run).mkdir(parents=True)
         save_checkpoint(served / run / "checkpoint.pt", build_model(cfg)[0], cfg, epoch=1)
-    handler = functools.partial(_QuietFiles, directory=str(served))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    base = f"http://127.0.0.1:{server.server_port}"
-    try:
+    with serve_folder(served) as base:
         read = [read_checkpoint(f"{base}/{run}/checkpoint.pt").config.model.num_queries for run in ("run1", "run2")]
-    finally:
-        server.shutdown()
-        server.server_close()
     assert read == [10, 12]
     # Read again with the server gone: from the cache.
     assert read_checkpoint(f"{base}/run2/checkpoint.pt").config.model.num_queries == 12

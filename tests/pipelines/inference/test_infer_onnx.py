@@ -10,11 +10,12 @@ import onnx
 import pyarrow.parquet as pq
 import pytest
 from exports import differences, export
+from http_files import serve_folder
 
 from core.export import ExportError
 from core.predictor import Predictor
 from pipelines.data.decode import decode_image
-from pipelines.inference.job import InferenceConfig, run_inference
+from pipelines.inference.job import InferenceConfig, load_onnx_for_inference, run_inference
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -86,3 +87,11 @@ def test_a_static_export_is_refused_in_one_line(onnx_file, tmp_path):
     onnx.save(model, str(static))
     with pytest.raises(ExportError, match=r"static.onnx is a static export \(images of shape \(1, 3, 96, 128\)\)"):
         Predictor.from_onnx(static)
+
+
+def test_the_model_can_be_an_http_url(onnx_file):
+    with serve_folder(onnx_file.parent) as base:
+        data, _ = load_onnx_for_inference(f"{base}/{onnx_file.name}")
+        with pytest.raises(ValueError, match=r"--model 'http://.*/missing.onnx' cannot be loaded: HTTP Error 404"):
+            load_onnx_for_inference(f"{base}/missing.onnx")
+    assert data == onnx_file.read_bytes()
