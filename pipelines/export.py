@@ -71,6 +71,11 @@ def validate_args(args: argparse.Namespace) -> None:
 
         if args.opset < MIN_OPSET:
             raise ValueError(f"--opset {args.opset} is too old: the attention needs GridSample, opset >= {MIN_OPSET}")
+    if args.check_images and args.static:
+        raise ValueError("--check-images needs a dynamic export: a --static one takes only its example's size")
+    for path in args.check_images:
+        if not os.path.isfile(path):
+            raise ValueError(f"--check-images {path!r}: no such file")
     if args.batch_size < 1 or args.top_k < 1:
         raise ValueError(f"--batch-size and --top-k must be >= 1, got {args.batch_size} and {args.top_k}")
     suffix = ".onnx" if args.format == "onnx" else ".pt2"
@@ -83,7 +88,7 @@ def check_inputs(args: argparse.Namespace, detector, input_size) -> list[tuple[s
     example's own with --static) and the given images at the checkpoint's input size."""
     import torch
 
-    from core.export import example_size
+    from core.export import MIN_SIDE, example_size
     from core.predictor import prepare_image
     from core.preprocess import pad_and_normalize_batch, to_rgb_array
 
@@ -92,7 +97,7 @@ def check_inputs(args: argparse.Namespace, detector, input_size) -> list[tuple[s
         cases = [(args.batch_size, *example_size(args.image_size))]
     else:
         h = args.image_size
-        cases = [(1, h + 37, h * 4 // 3 - 21), (3, h * 3 // 4 + 5, h + 11)]
+        cases = [(1, h + 37, h * 4 // 3 - 21), (3, max(h * 3 // 4 + 5, MIN_SIDE), h + 11)]
     runs = []
     for n, h, w in cases:
         images = torch.randn(n, 3, h, w, generator=generator)
@@ -215,9 +220,15 @@ def main(argv: list[str] | None = None) -> int:
     form = f"onnx opset {opset}, msda {args.msda}" if args.format == "onnx" else "torch.export"
     shape = "static" if args.static else "dynamic batch, height, width"
     print(f"export: wrote {args.output} ({form}, {args.dtype}, {shape}) in {seconds:.1f} s, {size_mb:.1f} MiB")
-    if args.check and not run_check(args, detector, input_size):
-        print(f"export: check failed: differences above {TOLERANCE[args.dtype]:g} ({args.dtype})", file=sys.stderr)
-        return 1
+    if args.check:
+        try:
+            ok = run_check(args, detector, input_size)
+        except (ExportError, ValueError, OSError) as e:  # an image that does not decode, say
+            print(f"export: check failed: {e}", file=sys.stderr)
+            return 1
+        if not ok:
+            print(f"export: check failed: differences above {TOLERANCE[args.dtype]:g} ({args.dtype})", file=sys.stderr)
+            return 1
     return 0
 
 

@@ -85,6 +85,11 @@ def test_bad_input_is_one_line_and_leaves_the_output_as_it_was(checkpoints, tmp_
     assert "bf16" in one_error_line(capsys)
     assert export_main(["--checkpoint", "x.pt", *base, "--msda", "trt-plugin", "--check"]) == 2
     assert "TensorRT" in one_error_line(capsys)
+    assert export_main(["--checkpoint", "x.pt", *base, "--check", "--check-images", str(tmp_path / "gone.jpg")]) == 2
+    assert "--check-images" in one_error_line(capsys) and out.read_bytes() == b"an earlier export"
+    static = ["--checkpoint", "x.pt", "--format", "torch-export", "--output", str(tmp_path / "m.pt2"), "--static"]
+    assert export_main([*static, "--check", "--check-images", str(not_a_checkpoint)]) == 2
+    assert "--check-images needs a dynamic export" in one_error_line(capsys)
     left = [p.name for p in tmp_path.iterdir() if p.name not in {"model.onnx", "notes.pt"}]
     assert not left, f"files left behind: {left}"
 
