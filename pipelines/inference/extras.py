@@ -18,10 +18,20 @@ from pipelines.storage import read_bytes
 
 
 def image_ids_from_annotations(ann_uri: str) -> dict[str, int]:
-    """file_name -> image id of a COCO instances JSON (its ``images`` list)."""
+    """file_name -> image id of a COCO instances JSON (its ``images`` list).
+
+    Raises:
+        ValueError: the file is missing, not JSON, or has no ``images`` list of ``file_name``/``id`` entries.
+    """
     base, options = split_options(ann_uri)
-    doc = load_json(base, options)
-    return {str(im["file_name"]): int(im["id"]) for im in doc.get("images", [])}
+    doc = load_json(base, options)  # BadInputError (a ValueError) names a missing or malformed file
+    images = doc.get("images") if isinstance(doc, dict) else None
+    if not isinstance(images, list):
+        raise ValueError(f"--coco-ann {base}: expected a COCO instances JSON with an 'images' list")
+    try:
+        return {str(im["file_name"]): int(im["id"]) for im in images}
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"--coco-ann {base}: every entry of 'images' needs a file_name and an integer id") from e
 
 
 def _image_id(uri: str, by_name: dict[str, int] | None) -> int | None:
@@ -85,14 +95,19 @@ def draw_images(out: OutputDir, count: int, threshold: float, storage_options: d
     with tempfile.TemporaryDirectory(prefix="ddetr-draw-") as tmp:
         for r in rows:
             stem = os.path.splitext(r["uri"].rsplit("/", 1)[-1])[0]
-            rel = f"{DRAWN_DIR}/{stem}-{hashlib.sha1(r['uri'].encode()).hexdigest()[:8]}.png"
+            # One drawing per image and threshold: a rerun at another threshold draws again.
+            key = hashlib.sha1(f"{r['uri']}@{threshold:g}".encode()).hexdigest()[:8]
+            rel = f"{DRAWN_DIR}/{stem}-{key}.png"
             if out.read(rel) is not None:
                 continue  # drawn by an earlier run from the same rows
+            try:
+                image = decode_image(read_bytes(r["uri"], storage_options), name=r["uri"])
+            except (OSError, ValueError) as e:  # moved or changed since its row was written
+                print(f"infer: not drawn, {r['uri']} cannot be read again: {e}")
+                continue
             keep = [i for i, s in enumerate(r["scores"]) if s >= threshold]
             item = {
-                "image": apply_exif_orientation(
-                    decode_image(read_bytes(r["uri"], storage_options), name=r["uri"]), r["exif_orientation"]
-                ),
+                "image": apply_exif_orientation(image, r["exif_orientation"]),
                 "true_boxes": np.zeros((0, 4), np.float32),
                 "true_labels": np.zeros((0,), np.int64),
                 "pred_boxes": np.asarray([r["boxes"][i] for i in keep], np.float32).reshape(-1, 4),

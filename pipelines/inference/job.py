@@ -244,6 +244,10 @@ def run_inference(cfg: InferenceConfig, images: ImageList | None = None) -> dict
     else:
         model, input_size = load_onnx_for_inference(cfg.model)
         what = "onnxruntime"
+    if cfg.coco_ann:  # read at the end; a bad file is refused before the job
+        from pipelines.inference.extras import image_ids_from_annotations
+
+        image_ids_from_annotations(cfg.coco_ann)
     out = OutputDir(cfg.output)
     # An output folder inside the input folder: its parts and records are the job's, not its images.
     inside = absolute(out.base).rstrip("/") + "/"

@@ -177,6 +177,31 @@ def test_an_output_inside_the_input_folder_is_not_read_as_input(ray_local, check
     assert snapshot(d / "detections") == before
 
 
+def test_drawings_follow_the_threshold_and_skip_an_image_gone_since(ray_local, checkpoint, image_dir, tmp_path, capsys):
+    d = tmp_path / "imgs"
+    d.mkdir()
+    for name in ("000000000001.jpg", "000000000002.jpg"):
+        shutil.copy(image_dir / name, d / name)
+    out = tmp_path / "out"
+    run(checkpoint, d, out, draw=2, draw_threshold=0.9)
+    first = sorted(p.name for p in (out / DRAWN_DIR).glob("*.png"))
+    assert len(first) == 2
+    (d / "000000000002.jpg").unlink()
+    run(checkpoint, d, out, draw=2, draw_threshold=0.2)  # the row of the gone image stays; it is not drawn
+    assert "not drawn, " in capsys.readouterr().out
+    again = sorted(p.name for p in (out / DRAWN_DIR).glob("*.png"))
+    assert len(again) == 3 and set(first) < set(again)
+
+
+def test_a_bad_coco_ann_is_refused_before_the_job(checkpoint, image_dir, tmp_path):
+    for text, named in (("[]", "'images' list"), ('{"images": [{"id": 1}]}', "file_name and an integer id")):
+        ann = tmp_path / "ann.json"
+        ann.write_text(text)
+        with pytest.raises(ValueError, match=f"--coco-ann .*ann.json: .*{named}"):
+            run(checkpoint, image_dir, tmp_path / "out", coco_json=True, coco_ann=str(ann))
+        assert not (tmp_path / "out").exists()
+
+
 def test_rerun_with_other_settings_is_refused(folder_run, checkpoint, image_dir):
     out, _ = folder_run
     with pytest.raises(OutputError, match=r"score_threshold: output 0.3, now 0.5"):
