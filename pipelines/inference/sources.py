@@ -79,11 +79,11 @@ def list_images(input_uri: str, glob: str | None = None) -> ImageList:
         raise InputError(f"--input {base!r} does not exist")
     scheme = _scheme(base)
     try:
-        selector = pafs.FileSelector(path, recursive=True, allow_not_found=True)
-        infos = fs.get_file_info(selector)
-        files = [fi.path for fi in infos if fi.type == pafs.FileType.File]
         if scheme is None:
-            files += _dangling_links([path] + [fi.path for fi in infos if fi.type == pafs.FileType.Directory])
+            files = _local_files(path)
+        else:
+            infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+            files = [fi.path for fi in infos if fi.type == pafs.FileType.File]
     except OSError as e:
         raise InputError(f"--input {base!r} cannot be listed: {e}") from e
     uris = []
@@ -99,9 +99,23 @@ def list_images(input_uri: str, glob: str | None = None) -> ImageList:
     return ImageList(sorted(uris), options)
 
 
-def _dangling_links(folders: list[str]) -> list[str]:
-    """Symlinks of these folders whose target is gone: pyarrow's listing leaves them out, yet each is a row."""
-    return [e.path for d in folders for e in os.scandir(d) if e.is_symlink() and not os.path.exists(e.path)]
+def _local_files(folder: str) -> list[str]:
+    """Every file under ``folder``, through linked folders, each real folder once: a link back up the tree
+    would list it over and over. A link whose target is gone is a file too (its row says unreadable)."""
+
+    def fail(e: OSError) -> None:
+        raise e
+
+    seen, files = set(), []
+    for root, dirs, names in os.walk(folder, onerror=fail, followlinks=True):
+        st = os.stat(root)
+        if (st.st_dev, st.st_ino) in seen:
+            dirs[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        dirs.sort()  # a folder reached twice is listed under the first path in name order
+        files += [os.path.join(root, name) for name in names]
+    return files
 
 
 def _read_manifest(fs: pafs.FileSystem, path: str, base: str, glob: str | None) -> tuple[list[str], int]:

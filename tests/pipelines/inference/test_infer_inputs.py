@@ -33,6 +33,15 @@ def test_folder_listing_glob_and_hidden_files(tmp_path):
         list_images(str(tmp_path / "nope"))
 
 
+def test_a_link_back_up_the_folder_lists_each_image_once(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x.jpg").write_bytes(b"1")
+    (tmp_path / "a" / "again").symlink_to(tmp_path / "a")
+    (tmp_path / "a" / "up").symlink_to(tmp_path)  # two loops: the paths would double at every level
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    assert list_images(str(tmp_path)).uris == [str(tmp_path / "a" / "x.jpg")]
+
+
 def test_manifests_txt_and_parquet(tmp_path):
     (tmp_path / "m.txt").write_text(
         "# five images, one twice\na.jpg\n/abs/b.jpg\n\na.jpg\ns3://bucket/c.jpg\nfile:///abs/d.jpg\nsub/../e.jpg\n"
