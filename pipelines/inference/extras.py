@@ -75,9 +75,11 @@ def coco_results(rows: list[dict[str, Any]], by_name: dict[str, int] | None = No
     return results, unmatched
 
 
-def write_coco_results(out: OutputDir, coco_ann: str | None, storage_options: dict[str, Any]) -> int:
-    """Writes _detections_coco.json from every part; returns the number of detections in it."""
-    by_name = image_ids_from_annotations(coco_ann) if coco_ann else None
+def write_coco_results(out: OutputDir, coco_ann: str | None, by_name: dict[str, int] | None) -> int:
+    """Writes _detections_coco.json from every part; returns the number of detections in it.
+
+    ``by_name``: ``image_ids_from_annotations(coco_ann)``, read before the job; None without ``coco_ann``.
+    """
     results, unmatched = coco_results(out.read_results().to_pylist(), by_name)
     if unmatched:
         how = f"not in {coco_ann}" if coco_ann else "no numeric file name (give --coco-ann)"

@@ -244,10 +244,11 @@ def run_inference(cfg: InferenceConfig, images: ImageList | None = None) -> dict
     else:
         model, input_size = load_onnx_for_inference(cfg.model)
         what = "onnxruntime"
-    if cfg.coco_ann:  # read at the end; a bad file is refused before the job
+    by_name = None
+    if cfg.coco_ann:  # read before the job: a bad file is refused before any work
         from pipelines.inference.extras import image_ids_from_annotations
 
-        image_ids_from_annotations(cfg.coco_ann)
+        by_name = image_ids_from_annotations(cfg.coco_ann)
     out = OutputDir(cfg.output)
     # An output folder inside the input folder: its parts and records are the job's, not its images.
     inside = absolute(out.base).rstrip("/") + "/"
@@ -278,7 +279,7 @@ def run_inference(cfg: InferenceConfig, images: ImageList | None = None) -> dict
     if cfg.coco_json:
         from pipelines.inference.extras import write_coco_results
 
-        write_coco_results(out, cfg.coco_ann, images.storage_options)
+        write_coco_results(out, cfg.coco_ann, by_name)
     if cfg.draw:
         from pipelines.inference.extras import draw_images
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from urllib.parse import urlencode
 
 import numpy as np
@@ -11,7 +10,7 @@ import pytest
 
 from pipelines.raytrain.run_dir import METRICS_FILE, RunDir, latest_history, read_metrics
 from pipelines.raytrain.run_plots import draw_detections, plot_curves
-from pipelines.storage import filesystem_for, join_uri, read_bytes, split_uri, write_bytes
+from pipelines.storage import fetch_file, filesystem_for, join_uri, read_bytes, split_uri, write_bytes
 
 
 def test_latest_history_keeps_the_replayed_attempt():
@@ -163,12 +162,8 @@ def test_bucket_runs_of_one_name_stage_apart_and_the_bucket_is_the_record(moto_s
 
     a = run("s3://stage-a/runs", "a", 1)
     b = run("s3://stage-b/experiments", "b", 1)
-    assert [r["run"] for r in json_lines(read_bytes(join_uri(b.uri, METRICS_FILE)))] == ["b"]
+    assert [r["run"] for r in read_metrics(fetch_file(join_uri(b.uri, METRICS_FILE), str(tmp_path)))] == ["b"]
     elsewhere = read_bytes(join_uri(a.uri, METRICS_FILE)) + b'{"kind": "step", "run": "a", "global_step": 2}\n'
     write_bytes(join_uri(a.uri, METRICS_FILE), elsewhere)  # another machine resumed run a and went on
     again = run("s3://stage-a/runs", "a", 3)
     assert [r["global_step"] for r in again.read_metrics()] == [1, 2, 3]
-
-
-def json_lines(data: bytes) -> list[dict]:
-    return [json.loads(line) for line in data.splitlines() if line.strip()]
