@@ -126,14 +126,16 @@ class BadInputSummary:
 # --------------------------------------------------------------------------- parsing
 
 
+_INT64 = range(-(2**63), 2**63)  # ids, sizes and labels are stored as int64
+
+
 def _int(v: Any) -> int | None:
+    """``v`` as an int64 when it is one (a whole float counts; bools and ids past int64 do not)."""
     if isinstance(v, bool):
         return None
-    if isinstance(v, int):
-        return v
     if isinstance(v, float) and v.is_integer():
-        return int(v)
-    return None
+        v = int(v)
+    return v if isinstance(v, int) and v in _INT64 else None
 
 
 def _num(v: Any) -> float | None:
@@ -175,7 +177,9 @@ def parse_instances(js: Any, *, source: str = "<json>", box_edge_tolerance: floa
     for i, c in enumerate(js["categories"]):
         cid = _int(c.get("id")) if isinstance(c, dict) else None
         if cid is None or cid < 0 or not isinstance(c.get("name"), str):
-            raise BadInputError(f"{source}: category #{i} needs an integer id >= 0 and a name, got {c!r}")
+            raise BadInputError(
+                f"{source}: category #{i} needs an integer id in 0..2^63-1 and a name, got {c!r}"
+            )
         categories.append({"id": cid, "name": c["name"], "supercategory": c.get("supercategory", "")})
     cat_ids = {c["id"] for c in categories}
     if len(cat_ids) != len(categories):

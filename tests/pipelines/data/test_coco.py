@@ -134,6 +134,21 @@ def test_edge_tolerance_clips_and_counts(coco_paths):
     assert parse_instances(js, box_edge_tolerance=0.1).summary.counts == {"box_outside_image": 1}
 
 
+def test_ids_past_int64_are_bad_records_not_overflows():
+    def js(image_id=1, ann_id=1, category_id=1):
+        return {
+            "images": [{"id": image_id, "file_name": "a.jpg", "height": 10, "width": 10}],
+            "categories": [{"id": category_id, "name": "thing"}],
+            "annotations": [{"id": ann_id, "image_id": image_id, "category_id": category_id, "bbox": [0, 0, 2, 2]}],
+        }
+
+    assert parse_instances(js(image_id=2**63 - 1, ann_id=2**63 - 1)).summary.total == 0
+    assert parse_instances(js(ann_id=2**63)).summary.counts == {"bad_annotation_record": 1}
+    assert parse_instances(js(image_id=2**64)).summary.counts == {"bad_image_record": 1, "bad_annotation_record": 1}
+    with pytest.raises(BadInputError, match=r"category #0 needs an integer id in 0\.\.2\^63-1"):
+        parse_instances(js(category_id=1e30))
+
+
 def test_bad_files_and_json(coco_paths, tmp_path):
     js, images = _load(coco_paths)
     folder = tmp_path / "images"
