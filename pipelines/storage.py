@@ -1,9 +1,10 @@
 """Storage: local paths, ``s3://`` and ``gs://`` URIs through one set of pyarrow filesystem helpers.
 
 A bucket URI may carry filesystem options as a query, ``s3://bucket/prefix?endpoint_override=host:9000&
-scheme=http`` (MinIO, moto, fake GCS servers); joining keeps the query at the end. Credentials come from
-the environment (AWS_ACCESS_KEY_ID, GOOGLE_APPLICATION_CREDENTIALS, ...), never from a URI or a config,
-because configs are saved in run directories and checkpoints.
+scheme=http`` (MinIO, moto, fake GCS servers); joining keeps the query at the end. Credentials belong in
+the environment (AWS_ACCESS_KEY_ID, GOOGLE_APPLICATION_CREDENTIALS, ...). pyarrow's ``access_key``/
+``secret_key``/``session_token`` are taken in a query or ``storage_options`` too (a local test server), but a
+config is saved whole in run directories and checkpoints, keys included.
 """
 
 from __future__ import annotations
