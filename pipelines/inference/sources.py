@@ -3,7 +3,8 @@
 A manifest is a ``.txt`` file (one URI or path a line; blank lines and ``#`` comments skipped; relative
 paths resolve against the manifest's folder) or a ``.parquet`` file with a ``uri`` (or ``path``) column.
 URIs may carry pyarrow filesystem options as a query (``s3://b/p?endpoint_override=host:9000&scheme=http``);
-they are split off here, so output rows name images by their plain URI.
+they are split off here, so output rows name images by their plain URI. A manifest's bucket lines all carry
+the same query or none: the job reads every image with one set of options.
 """
 
 from __future__ import annotations
@@ -42,6 +43,12 @@ def split_options(uri: str) -> tuple[str, dict[str, Any]]:
     return base, dict(parse_qsl(query))
 
 
+def _shown(options: dict[str, Any]) -> str:
+    """A query's options for a message, keys hidden: '?endpoint_override=h:9000&secret_key=***'."""
+    hidden = ("access_key", "secret_key", "session_token")
+    return "?" + "&".join(f"{k}={'***' if k in hidden else v}" for k, v in options.items()) if options else "(none)"
+
+
 def plain_uri(scheme_path: str, remote_scheme: str | None) -> str:
     """A pyarrow path (``bucket/key`` or ``/abs/path``) back to a URI of the input's scheme."""
     return f"{remote_scheme}://{scheme_path}" if remote_scheme else scheme_path
@@ -69,8 +76,8 @@ def list_images(input_uri: str, glob: str | None = None) -> ImageList:
     except OSError as e:
         raise InputError(f"--input {base!r} cannot be listed: {e}") from e
     if info.type == pafs.FileType.File and base.endswith(MANIFEST_SUFFIXES):
-        uris, duplicates = _read_manifest(fs, path, base, glob)
-        return ImageList(uris, options, duplicates)
+        uris, line_options, duplicates = _read_manifest(fs, path, base, glob)
+        return ImageList(uris, {**options, **line_options}, duplicates)
     if info.type == pafs.FileType.File:
         raise InputError(
             f"--input {base!r} is a file but not a manifest: expected a folder, a prefix, .txt or .parquet"
@@ -118,7 +125,10 @@ def _local_files(folder: str) -> list[str]:
     return files
 
 
-def _read_manifest(fs: pafs.FileSystem, path: str, base: str, glob: str | None) -> tuple[list[str], int]:
+def _read_manifest(
+    fs: pafs.FileSystem, path: str, base: str, glob: str | None
+) -> tuple[list[str], dict[str, Any], int]:
+    """(sorted unique image URIs, the filesystem options of the bucket lines' query, lines repeated)."""
     try:
         with fs.open_input_stream(path) as f:
             data = f.read()
@@ -132,18 +142,28 @@ def _read_manifest(fs: pafs.FileSystem, path: str, base: str, glob: str | None) 
         column = next((c for c in ("uri", "path") if c in table.column_names), None)
         if column is None:
             raise InputError(f"manifest {base!r} needs a 'uri' or 'path' column, has {table.column_names}")
-        entries = [str(v) for v in table.column(column).to_pylist() if v]
+        entries = [(f"row {i}", str(v)) for i, v in enumerate(table.column(column).to_pylist()) if v]
     else:
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError as e:
             raise InputError(f"manifest {base!r} is not UTF-8 text: {e}") from e
-        entries = [ln.strip() for ln in text.splitlines()]
-        entries = [e for e in entries if e and not e.startswith("#")]
+        entries = [(f"line {i}", ln.strip()) for i, ln in enumerate(text.splitlines(), 1)]
+        entries = [(where, e) for where, e in entries if e and not e.startswith("#")]
     folder = base.rsplit("/", 1)[0] if "/" in base else "."
     uris, seen, duplicates = [], set(), 0
-    for e in entries:
+    options: tuple[str, dict[str, Any]] | None = None  # (the first bucket line, its query's options)
+    for where, e in entries:
         uri = absolute(e if is_absolute(e) else join_uri(folder, e))  # a local path, a file:// URI too: absolute
+        if is_remote(uri):  # a local file name may hold a '?'
+            uri, opts = split_options(uri)
+            if options is None:
+                options = (where, opts)
+            elif opts != options[1]:
+                raise InputError(
+                    f"manifest {base!r}: {where} has the query {_shown(opts)}, {options[0]} {_shown(options[1])}; "
+                    "every bucket line of a manifest needs the same query, or none"
+                )
         if glob is not None and not fnmatch.fnmatch(uri, glob):
             continue
         if uri in seen:
@@ -153,4 +173,4 @@ def _read_manifest(fs: pafs.FileSystem, path: str, base: str, glob: str | None) 
         uris.append(uri)
     if not uris:
         raise InputError(f"manifest {base!r} lists no image" + (f" matching --glob {glob!r}" if glob else ""))
-    return sorted(uris), duplicates
+    return sorted(uris), options[1] if options else {}, duplicates

@@ -54,6 +54,18 @@ def test_manifests_txt_and_parquet(tmp_path):
     pq.write_table(pa.table({"name": ["a.jpg"]}), tmp_path / "bad.parquet")
     with pytest.raises(InputError, match=r"needs a 'uri' or 'path' column, has \['name'\]"):
         list_images(str(tmp_path / "bad.parquet"))
+    query = "?endpoint_override=127.0.0.1:9000&scheme=http"
+    (tmp_path / "q.txt").write_text(f"s3://b/x.jpg{query}\nb.jpg\ns3://b/x.jpg\ns3://b/y.png{query}\n")
+    with pytest.raises(InputError, match=rf"line 3 has the query \(none\), line 1 \{query}; every bucket line"):
+        list_images(str(tmp_path / "q.txt"))
+    (tmp_path / "q.txt").write_text(f"s3://b/x.jpg{query}\nb.jpg\ns3://b/x.jpg{query}\ns3://b/y.png{query}\n")
+    listed = list_images(str(tmp_path / "q.txt"), "*.jpg")  # rows name the plain URI, the glob matches it
+    assert listed.uris == [str(tmp_path / "b.jpg"), "s3://b/x.jpg"] and listed.duplicates == 1
+    assert listed.storage_options == {"endpoint_override": "127.0.0.1:9000", "scheme": "http"}
+    (tmp_path / "k.txt").write_text(f"s3://b/x.jpg{query}&secret_key=abc\ns3://b/y.jpg\n")
+    with pytest.raises(InputError, match=r"scheme=http&secret_key=\*\*\*;") as e:
+        list_images(str(tmp_path / "k.txt"))
+    assert "abc" not in str(e.value)
     (tmp_path / "empty.txt").write_text("# nothing\n")
     with pytest.raises(InputError, match="lists no image"):
         list_images(str(tmp_path / "empty.txt"))
