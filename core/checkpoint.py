@@ -145,21 +145,30 @@ def save_checkpoint(
         raise
 
 
-def _local_file(source: str | os.PathLike) -> str:
-    """A local path for ``source``; an http(s) URL is downloaded once into torch.hub's cache, under its
-    file name after a digest of the whole URL (two runs' ``checkpoint.pt`` are two files there)."""
-    source = os.fspath(source)
-    if not source.startswith(("http://", "https://")):
-        if not os.path.isfile(source):
-            raise FileNotFoundError(f"checkpoint not found: {source}")
-        return source
+def download(url: str) -> str:
+    """The local copy of an http(s) URL, downloaded once into torch.hub's cache, under its file name after
+    a digest of the whole URL (two runs' ``checkpoint.pt`` are two files there).
+
+    Raises:
+        OSError: the download failed (urllib's HTTPError and URLError are OSErrors).
+    """
     cache_dir = Path(torch.hub.get_dir()) / "checkpoints"
     cache_dir.mkdir(parents=True, exist_ok=True)
-    digest = hashlib.sha256(source.encode()).hexdigest()[:16]
-    target = cache_dir / f"{digest}-{os.path.basename(source.split('?')[0])}"
-    if not target.exists():
-        torch.hub.download_url_to_file(source, str(target), progress=False)
+    digest = hashlib.sha256(url.encode()).hexdigest()[:16]
+    target = cache_dir / f"{digest}-{os.path.basename(url.split('?')[0])}"
+    if not target.exists():  # download_url_to_file writes a temporary file and renames it: whole or absent
+        torch.hub.download_url_to_file(url, str(target), progress=False)
     return str(target)
+
+
+def _local_file(source: str | os.PathLike) -> str:
+    """A local path for ``source``: an existing file, or an http(s) URL's cached download."""
+    source = os.fspath(source)
+    if source.startswith(("http://", "https://")):
+        return download(source)
+    if not os.path.isfile(source):
+        raise FileNotFoundError(f"checkpoint not found: {source}")
+    return source
 
 
 def _torch_load(path: str, map_location: Any, allow_unsafe_pickle: bool) -> Any:

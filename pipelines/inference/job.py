@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import shutil
 import tempfile
 import time
@@ -121,6 +120,7 @@ class InferenceConfig(BaseModel):
 def load_onnx_for_inference(uri: str) -> tuple[bytes, InputSize]:
     """The ONNX file's bytes, read on the driver and checked to be an export a Predictor runs, and the
     input size it carries."""
+    from core.checkpoint import download
     from core.export import ExportError, OnnxDetector
     from pipelines.storage import fetch_file
 
@@ -128,10 +128,7 @@ def load_onnx_for_inference(uri: str) -> tuple[bytes, InputSize]:
     try:
         local = fetch_file(uri, tmp)
         if local.startswith(("http://", "https://")):  # fetch_file leaves a URL to its reader
-            import torch
-
-            url, local = local, os.path.join(tmp, "model.onnx")
-            torch.hub.download_url_to_file(url, local, progress=False)
+            local = download(local)
         with open(local, "rb") as f:
             data = f.read()
         input_size = export_input_size(OnnxDetector(data).meta)

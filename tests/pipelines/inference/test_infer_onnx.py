@@ -89,9 +89,11 @@ def test_a_static_export_is_refused_in_one_line(onnx_file, tmp_path):
         Predictor.from_onnx(static)
 
 
-def test_the_model_can_be_an_http_url(onnx_file):
+def test_the_model_can_be_an_http_url(onnx_file, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))  # downloads are cached there
     with serve_folder(onnx_file.parent) as base:
         data, _ = load_onnx_for_inference(f"{base}/{onnx_file.name}")
         with pytest.raises(ValueError, match=r"--model 'http://.*/missing.onnx' cannot be loaded: HTTP Error 404"):
             load_onnx_for_inference(f"{base}/missing.onnx")
     assert data == onnx_file.read_bytes()
+    assert [p.read_bytes() for p in (tmp_path / "torch_home").rglob("*.onnx")] == [data]
