@@ -100,8 +100,11 @@ class ExportableDetector(nn.Module):
 
 def example_size(image_size: int) -> tuple[int, int]:
     """(height, width) of the example input: ``image_size`` high, 4/3 as wide, as COCO's photos mostly are."""
-    if image_size < MIN_SIDE:
-        raise ExportError(f"--image-size must be >= {MIN_SIDE} (the stride-64 map needs 2 pixels), got {image_size}")
+    if not MIN_SIDE <= image_size <= MAX_SIDE * 3 // 4:
+        raise ExportError(
+            f"--image-size must be in {MIN_SIDE}..{MAX_SIDE * 3 // 4} (the stride-64 map needs 2 pixels; the "
+            f"example, 4/3 as wide, at most {MAX_SIDE}), got {image_size}"
+        )
     return image_size, math.ceil(image_size * 4 / 3)
 
 

@@ -76,6 +76,12 @@ def validate_args(args: argparse.Namespace) -> None:
     for path in args.check_images:
         if not os.path.isfile(path):
             raise ValueError(f"--check-images {path!r}: no such file")
+    from core.export import ExportError, example_size
+
+    try:
+        example_size(args.image_size)
+    except ExportError as e:
+        raise ValueError(str(e)) from None
     if args.batch_size < 1 or args.top_k < 1:
         raise ValueError(f"--batch-size and --top-k must be >= 1, got {args.batch_size} and {args.top_k}")
     suffix = ".onnx" if args.format == "onnx" else ".pt2"
@@ -83,23 +89,29 @@ def validate_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--output of --format {args.format} must end in {suffix}, got {args.output!r}")
 
 
+def check_shapes(image_size: int, batch_size: int, static: bool) -> list[tuple[int, int, int]]:
+    """(batch, height, width) of the check's random batches: the example's with --static, else two others
+    within the sizes a dynamic export takes."""
+    from core.export import MAX_SIDE, MIN_SIDE, example_size
+
+    if static:
+        return [(batch_size, *example_size(image_size))]
+    h = image_size
+    cases = [(1, h + 37, h * 4 // 3 - 21), (3, h * 3 // 4 + 5, h + 11)]
+    return [(n, min(max(h, MIN_SIDE), MAX_SIDE), min(max(w, MIN_SIDE), MAX_SIDE)) for n, h, w in cases]
+
+
 def check_inputs(args: argparse.Namespace, detector, input_size) -> list[tuple[str, tuple]]:
-    """(description, inputs) the check runs: random batches at sizes other than the example's (the
-    example's own with --static) and the given images at the checkpoint's input size."""
+    """(description, inputs) the check runs: random batches (``check_shapes``) and the given images at the
+    checkpoint's input size."""
     import torch
 
-    from core.export import MIN_SIDE, example_size
     from core.predictor import prepare_image
     from core.preprocess import pad_and_normalize_batch, to_rgb_array
 
     generator = torch.Generator().manual_seed(1)
-    if args.static:
-        cases = [(args.batch_size, *example_size(args.image_size))]
-    else:
-        h = args.image_size
-        cases = [(1, h + 37, h * 4 // 3 - 21), (3, max(h * 3 // 4 + 5, MIN_SIDE), h + 11)]
     runs = []
-    for n, h, w in cases:
+    for n, h, w in check_shapes(args.image_size, args.batch_size, args.static):
         images = torch.randn(n, 3, h, w, generator=generator)
         mask = torch.zeros(n, h, w, dtype=torch.bool)
         if n > 1 and not args.static:

@@ -9,7 +9,8 @@ import pytest
 import torch
 from exports import EXPORT_SIZE, differences, export, write_checkpoint
 
-from core.export import ExportError, load_exported, read_onnx_metadata
+from core.export import MAX_SIDE, MIN_SIDE, ExportError, load_exported, read_onnx_metadata
+from pipelines.export import check_shapes
 from pipelines.export import main as export_main
 
 pytestmark = pytest.mark.slow  # each export traces the model (20-40 s on 2 cores)
@@ -90,8 +91,22 @@ def test_bad_input_is_one_line_and_leaves_the_output_as_it_was(checkpoints, tmp_
     static = ["--checkpoint", "x.pt", "--format", "torch-export", "--output", str(tmp_path / "m.pt2"), "--static"]
     assert export_main([*static, "--check", "--check-images", str(not_a_checkpoint)]) == 2
     assert "--check-images needs a dynamic export" in one_error_line(capsys)
+    for size in ("64", "3073"):
+        assert export_main(["--checkpoint", "x.pt", *base, "--image-size", size]) == 2
+        assert (
+            f"--image-size must be in 65..3072 (the stride-64 map needs 2 pixels; the example, 4/3 as wide, at most 4096), got {size}"
+            == one_error_line(capsys).removeprefix("export: ")
+        )
     left = [p.name for p in tmp_path.iterdir() if p.name not in {"model.onnx", "notes.pt"}]
     assert not left, f"files left behind: {left}"
+
+
+def test_the_checks_sizes_are_sizes_a_dynamic_export_takes():
+    for image_size in (MIN_SIDE, 70, 800, MAX_SIDE * 3 // 4):
+        shapes = check_shapes(image_size, 2, static=False)
+        assert all(MIN_SIDE <= side <= MAX_SIDE for _, h, w in shapes for side in (h, w)), (image_size, shapes)
+        assert [n for n, _, _ in shapes] == [1, 3]
+    assert check_shapes(70, 2, static=True) == [(2, 70, 94)]
 
 
 def test_config_the_exporter_cannot_trace_is_one_line(tmp_path, capsys):
