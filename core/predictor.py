@@ -2,7 +2,7 @@
 
 Plain PyTorch, usable from a notebook; the batch-inference actors of ``pipelines`` run the same object.
 
-    predictor = Predictor.from_checkpoint("runs/demo/checkpoint_epoch0011/checkpoint.pt")
+    predictor = Predictor.from_checkpoint("runs/demo-<time>/checkpoint_epoch0011")
     det = predictor("street.jpg" bytes | PIL image | (H, W, 3) uint8 array)
     det.boxes, det.scores, det.labels, det.names     # (k, 4) xyxy pixels, (k,), (k,) category ids, k names
 

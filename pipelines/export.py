@@ -1,6 +1,6 @@
 """Exports a checkpoint as a torch.export program (.pt2) or an ONNX model (entry script).
 
-    python pipelines/export.py --checkpoint runs/demo/checkpoint_epoch0011 --format onnx --output model.onnx --check
+    python pipelines/export.py --checkpoint runs/demo-<time> --format onnx --output model.onnx --check
     python pipelines/export.py --checkpoint r50_deformable_detr-checkpoint.pth --format torch-export \\
         --output model.pt2 --dtype bf16
     python pipelines/export.py --checkpoint ... --format onnx --msda trt-plugin --dtype fp16 --output trt.onnx
@@ -35,7 +35,11 @@ TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 1e-1}
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--checkpoint", required=True, help="checkpoint file or run checkpoint folder (local, s3, gs, http)")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="checkpoint file, checkpoint folder, or run directory: its best checkpoint (local, s3, gs, http)",
+    )
     p.add_argument("--format", required=True, choices=["onnx", "torch-export"])
     p.add_argument("--output", required=True, help="local file to write (.onnx or .pt2)")
     p.add_argument("--image-size", type=int, default=800, help="the example input's short side (default 800)")
@@ -185,11 +189,11 @@ def main(argv: list[str] | None = None) -> int:
         newest_opset,
     )
     from core.predictor import checkpoint_class_info, checkpoint_input_size
-    from pipelines.inference.job import load_checkpoint_for_inference
+    from pipelines.inference.job import load_checkpoint_for_inference, resolve_checkpoint_arg
     from pipelines.storage import write_bytes
 
     try:
-        ckpt = load_checkpoint_for_inference(args.checkpoint)
+        ckpt = load_checkpoint_for_inference(resolve_checkpoint_arg(args.checkpoint, "export"))
         classes, input_size = checkpoint_class_info(ckpt), checkpoint_input_size(ckpt)
         model = build_detector(ckpt.config, load_backbone_weights=False)
         load_model_weights(model, ckpt.model)

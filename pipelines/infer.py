@@ -1,6 +1,6 @@
 """Batch inference over an image folder, a bucket prefix or a manifest, on a Ray actor pool; resumable.
 
-    python pipelines/infer.py --checkpoint runs/demo/checkpoint_epoch0011 --input data/demo/val --output out/
+    python pipelines/infer.py --checkpoint runs/demo-<time> --input data/demo/val --output out/
     python pipelines/infer.py --checkpoint runs/demo --input data/demo/val --output out/   # the run's best
     python pipelines/infer.py --checkpoint r50_deformable_detr-checkpoint.pth --input s3://bucket/images \\
         --output s3://bucket/detections --actors 4 --gpus-per-actor 1 --bf16 --glob '*.jpg'

@@ -139,19 +139,28 @@ def load_onnx_for_inference(uri: str) -> tuple[bytes, InputSize]:
     return data, input_size
 
 
-def _with_resolved_checkpoint(cfg: InferenceConfig) -> InferenceConfig:
-    """``cfg`` with a run directory given as --checkpoint replaced by its best (else latest) checkpoint, so
-    that the output records the checkpoint its rows came from."""
+def resolve_checkpoint_arg(uri: str, tool: str) -> str:
+    """The checkpoint a --checkpoint names: a run directory stands for its best (else latest) checkpoint,
+    which is printed; a file or checkpoint folder is itself.
+
+    Raises:
+        ValueError: one line naming --checkpoint (a run without a checkpoint, an unreachable bucket).
+    """
     from pipelines.raytrain.state import resolve_checkpoint
 
     try:
-        resolved = resolve_checkpoint(cfg.checkpoint)
+        resolved = resolve_checkpoint(uri)
     except (OSError, ValueError) as e:  # OSError: an unreachable endpoint, missing credentials
-        raise ValueError(f"--checkpoint {cfg.checkpoint.partition('?')[0]!r}: {e}") from e
-    if resolved == cfg.checkpoint:
-        return cfg
-    print(f"infer: --checkpoint is a run directory; using {resolved.partition('?')[0]}", flush=True)
-    return cfg.model_copy(update={"checkpoint": resolved})
+        raise ValueError(f"--checkpoint {uri.partition('?')[0]!r}: {e}") from e
+    if resolved != uri:
+        print(f"{tool}: --checkpoint is a run directory; using {resolved.partition('?')[0]}", flush=True)
+    return resolved
+
+
+def _with_resolved_checkpoint(cfg: InferenceConfig) -> InferenceConfig:
+    """``cfg`` with a run directory given as --checkpoint replaced by its checkpoint, so that the output
+    records the checkpoint its rows came from."""
+    return cfg.model_copy(update={"checkpoint": resolve_checkpoint_arg(cfg.checkpoint, "infer")})
 
 
 def load_checkpoint_for_inference(uri: str) -> Checkpoint:

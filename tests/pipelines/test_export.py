@@ -8,6 +8,7 @@ import onnx
 import pytest
 import torch
 from exports import EXPORT_SIZE, differences, export, write_checkpoint
+from run_dirs import write_run
 
 from core.export import MAX_SIDE, MIN_SIDE, ExportError, load_exported, read_onnx_metadata
 from pipelines.export import check_shapes
@@ -52,8 +53,14 @@ def test_torch_export_program_with_postprocess_keeps_msda_ops_and_matches_eager(
         assert figures["scores"] <= 1e-5 and figures["boxes"] <= 1e-3, figures  # boxes in pixels (~200)
 
 
-def test_static_export_refuses_another_size_in_one_line(checkpoints, tmp_path):
-    path = export(checkpoints["box_refine"], tmp_path / "static.pt2", "--format", "torch-export", "--static")
+def test_static_export_refuses_another_size_in_one_line(checkpoints, tmp_path, capsys):
+    # Given a run directory, as infer.py is: its best checkpoint is exported.
+    run = write_run(
+        tmp_path / "run", [("checkpoint_epoch0000", 0.2), ("checkpoint_epoch0001", 0.4)], "checkpoint_epoch0000"
+    )
+    (run / "checkpoint_epoch0001" / "checkpoint.pt").write_bytes(checkpoints["box_refine"].read_bytes())
+    path = export(run, tmp_path / "static.pt2", "--format", "torch-export", "--static")
+    assert f"export: --checkpoint is a run directory; using {run / 'checkpoint_epoch0001'}" in capsys.readouterr().out
     run = load_exported(str(path))
     width = -(-EXPORT_SIZE * 4 // 3)
     run(torch.randn(1, 3, EXPORT_SIZE, width), torch.zeros(1, EXPORT_SIZE, width, dtype=torch.bool))
