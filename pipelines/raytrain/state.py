@@ -94,6 +94,29 @@ def fetch_checkpoint_file(uri: str, dest_dir: str) -> str:
     return fetch_file(uri, dest_dir)
 
 
+def checkpoint_scratch(name: str) -> str:
+    """A new folder for one checkpoint's file, ``ddetr-<name>-<pid>-*`` in the temporary folder, once those
+    of processes gone are removed: a worker killed while it reports (Ray's memory monitor, a restart
+    after a lost node) cannot clean up, and each left folder holds a whole checkpoint."""
+    root = tempfile.gettempdir()
+    for entry in os.scandir(root):
+        parts = entry.name.split("-")
+        if len(parts) == 4 and parts[0] == "ddetr" and parts[1].startswith("checkpoint_") and parts[2].isdigit():
+            if not _alive(int(parts[2])):
+                shutil.rmtree(entry.path, ignore_errors=True)
+    return tempfile.mkdtemp(prefix=f"ddetr-{name}-{os.getpid()}-", dir=root)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 @dataclass
 class TrainState:
     """Everything a resumed worker needs to continue exactly where a checkpoint left off.
@@ -181,7 +204,7 @@ class TrainState:
             ray.train.report(metrics)
             return
         name = self.checkpoint_dir_name
-        d = tempfile.mkdtemp(prefix=f"ddetr-{name}-")
+        d = checkpoint_scratch(name)
         try:
             self.save(os.path.join(d, CHECKPOINT_FILE), job, dataset_facts)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_dir_name=name)
