@@ -128,9 +128,23 @@ def format_table(rows: list[dict[str, Any]], param_names: list[str]) -> str:
     return "\n".join(lines)
 
 
+def _scalar_columns(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``rows`` with each column Arrow and CSV can hold: a parameter whose values include lists or dicts
+    (``data.train_short_sides``) or mix kinds (``100`` and ``"auto"``) as the values' JSON text."""
+    rows = [dict(r) for r in rows]
+    for name in dict.fromkeys(k for r in rows for k in r):
+        values = [r[name] for r in rows if r.get(name) is not None]
+        kinds = {bool if isinstance(v, bool) else float if isinstance(v, int | float) else type(v) for v in values}
+        if len(kinds) > 1 or kinds & {list, dict}:
+            for r in rows:
+                if r.get(name) is not None:
+                    r[name] = json.dumps(r[name])
+    return rows
+
+
 def write_table(sweep_uri: str, rows: list[dict[str, Any]]) -> list[str]:
     """trials.csv and trials.parquet in the sweep directory; returns their URIs."""
-    table = pa.Table.from_pylist(rows)
+    table = pa.Table.from_pylist(_scalar_columns(rows))
     csv_buf, pq_buf = io.BytesIO(), io.BytesIO()
     pacsv.write_csv(table, csv_buf)
     pq.write_table(table, pq_buf)

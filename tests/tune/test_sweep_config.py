@@ -152,6 +152,21 @@ def test_trials_table_files(tmp_path):
     text = format_table(rows, ["train.lr"])
     assert text.splitlines()[1].split()[:4] == ["b", "0.001", "0.3", "0.6"]
 
+    # Lists, dicts and mixed kinds, as a space may choose among them, are written as their JSON text.
+    params = [
+        {"data.train_short_sides": [480, 512], "model.num_queries": 100, "x.options": {"a": 1}},
+        {"data.train_short_sides": [600], "model.num_queries": "auto", "x.options": None},
+    ]
+    summaries = [
+        TrialSummary(tid, p, "done", {"AP": ap, "epochs_done": 1}, [(1, ap)], 1, 1.0)
+        for tid, p, ap in zip("de", params, (0.2, 0.1))
+    ]
+    parquet = pq.read_table(write_table(str(tmp_path / "lists"), table_rows(summaries, "AP"))[1]).to_pylist()
+    assert [(r["data.train_short_sides"], r["model.num_queries"], r["x.options"]) for r in parquet] == [
+        ("[480, 512]", "100", '{"a": 1}'),
+        ("[600]", '"auto"', None),
+    ]
+
 
 def test_optuna_searcher_draws_from_our_space():
     """The pinned Optuna behind Ray 2.60's OptunaSearch: our domains convert, trials are asked and told."""
