@@ -361,7 +361,7 @@ def load_job_config(
     """
     file_data = read_config_file(config_file) if config_file is not None else {}
     preset = preset or file_data.get("preset") or "demo"
-    if preset not in PRESETS:
+    if not isinstance(preset, str) or preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}, expected one of {sorted(PRESETS)}")
     data = deep_merge(PRESETS[preset], file_data)
     data["preset"] = preset

@@ -71,7 +71,9 @@ class SweepConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    base_preset: str = Field("demo", description="training preset the trials start from")
+    base_preset: str | None = Field(
+        None, description='training preset the trials start from; None = base_config\'s "preset", else demo'
+    )
     base_config: str | None = Field(None, description="training config file (JSON/TOML) applied over the preset")
     base: dict[str, Any] = Field(
         default_factory=lambda: json.loads(json.dumps(DEFAULT_BASE)),
@@ -90,7 +92,7 @@ class SweepConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> SweepConfig:
-        if self.base_preset not in PRESETS:
+        if self.base_preset is not None and self.base_preset not in PRESETS:
             raise ValueError(f"base_preset must be one of {sorted(PRESETS)}, got {self.base_preset!r}")
         if self.name is not None and (not self.name or "/" in self.name or self.name in (".", "..")):
             raise ValueError(f"name must be a single folder name, got {self.name!r}")
@@ -187,4 +189,5 @@ def load_sweep_config(config_file: str | os.PathLike | None = None, overrides: l
     data = apply_overrides({**defaults, **data}, overrides)
     cfg = validate_sweep_config(data)
     job = base_job(cfg)
+    cfg = cfg.model_copy(update={"base_preset": job.preset})  # the one used: named by sweep-<preset>, saved
     return cfg, job, check_sweep(cfg, job)

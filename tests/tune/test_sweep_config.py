@@ -18,6 +18,19 @@ from tune.sweep_config import load_sweep_config
 from tune.tuner import max_concurrent_trials
 
 
+def test_the_base_configs_preset_is_the_sweeps_unless_base_preset_names_one(tmp_path):
+    (tmp_path / "run.json").write_text('{"preset": "tiny", "data": {"root": "/data/shapes"}}')
+    cfg, job, _ = load_sweep_config(overrides=[f"base_config={tmp_path / 'run.json'}"])
+    assert (job.preset, job.model.hidden_dim, job.data.root, cfg.sweep_name) == (
+        "tiny",
+        32,
+        "/data/shapes",
+        "sweep-tiny",
+    )
+    cfg, job, _ = load_sweep_config(overrides=[f"base_config={tmp_path / 'run.json'}", "base_preset=demo"])
+    assert (job.preset, job.model.hidden_dim, cfg.sweep_name) == ("demo", 128, "sweep-demo")
+
+
 def test_default_sweep_searches_the_issue_parameters():
     cfg, job, space = load_sweep_config()
     assert cfg.base_preset == "demo" and job.train.eval_every == 1
