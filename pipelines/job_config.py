@@ -83,7 +83,8 @@ class DemoDataConfig(BaseModel):
 class TrainConfig(BaseModel):
     """Optimization, scaling, evaluation and checkpointing of a run (defaults: the paper's recipe)."""
 
-    model_config = ConfigDict(extra="forbid")
+    # `--set train.name=20240612` parses as a number; inf and nan are no learning rate.
+    model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True, allow_inf_nan=False)
 
     # Schedule and optimizer (the authors' main.py defaults).
     epochs: int = Field(50, ge=1)
@@ -279,6 +280,15 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return path, value
 
 
+def _refuse_preset_override(overrides: Sequence[str]) -> None:
+    for item in overrides:
+        if item.partition("=")[0].strip() == "preset":
+            raise ConfigError(
+                f"--set {item!r}: a preset is chosen by name (--preset, a sweep's base_preset, a config file's "
+                '"preset"), before the file and --set apply'
+            )
+
+
 def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
     """``data`` (a partial config dict) with ``--set key=value`` items applied in order; a new dict.
 
@@ -359,6 +369,7 @@ def load_job_config(
         ConfigError: unknown preset, unreadable file or invalid fields (each named, e.g.
             ``train.lr: Input should be greater than 0``).
     """
+    _refuse_preset_override(overrides)
     file_data = read_config_file(config_file) if config_file is not None else {}
     preset = preset or file_data.get("preset") or "demo"
     if not isinstance(preset, str) or preset not in PRESETS:
@@ -388,6 +399,7 @@ def resume_job_config(run: str, overrides: Sequence[str] = ()) -> JobConfig:
     except (OSError, ValueError) as e:
         raise ConfigError(f"--resume {run}: cannot read {CONFIG_FILE}: {e}") from e
     data.setdefault("train", {}).update(storage_path=storage or ".", name=name)
+    _refuse_preset_override(overrides)
     return validate_job_config(apply_overrides(data, overrides))
 
 

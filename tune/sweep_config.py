@@ -69,7 +69,7 @@ class SchedulerConfig(BaseModel):
 class SweepConfig(BaseModel):
     """Everything a sweep needs; saved in the sweep directory."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True)  # `--set name=2024` is a name
 
     base_preset: str | None = Field(
         None, description='training preset the trials start from; None = base_config\'s "preset", else demo'

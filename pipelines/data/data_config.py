@@ -27,11 +27,11 @@ class DataConfig(BaseModel):
     """COCO instances data, read with Ray Data from a local folder, `s3://` or `gs://`.
 
     Relative image folders, annotation files and `parquet_dir` resolve against `root`. Credentials
-    come from the environment (AWS_ACCESS_KEY_ID, GOOGLE_APPLICATION_CREDENTIALS, ...), never from
-    the config, because the config is saved in every checkpoint.
+    belong in the environment (AWS_ACCESS_KEY_ID, GOOGLE_APPLICATION_CREDENTIALS, ...): keys given in
+    `root`'s query or `storage_options` work, but the config is saved in every checkpoint.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True)  # `--set data.root=2024` is a path
 
     # Where the data is.
     root: str = Field("data/coco", description="base folder or bucket prefix (s3://b/p, gs://b/p)")

@@ -76,6 +76,17 @@ def test_bad_override_syntax_and_unknown_preset():
         load_job_config(overrides=["train.lr"])
     with pytest.raises(ConfigError, match="unknown preset 'r101'"):
         load_job_config(preset="r101")
+    with pytest.raises(ConfigError, match=r"--set 'preset=r50': a preset is chosen by name \(--preset"):
+        load_job_config(overrides=["preset=r50"])  # it would only have relabelled the demo config
+    with pytest.raises(ConfigError, match=r"unknown preset \['r50'\]"):
+        load_job_config(preset=["r50"])  # a file's "preset": ["r50"]
+
+
+def test_numbers_given_to_text_fields_are_text_and_inf_is_no_lr():
+    job = load_job_config(overrides=["train.name=20240612", "data.root=2024", "train.storage_path=7"])
+    assert (job.train.name, job.data.root, job.train.storage_path) == ("20240612", "2024", "7")
+    with pytest.raises(ConfigError, match="train.lr: Input should be a finite number"):
+        load_job_config(overrides=["train.lr=Infinity"])
 
 
 def test_json_and_toml_files(tmp_path):

@@ -29,6 +29,7 @@ def test_the_base_configs_preset_is_the_sweeps_unless_base_preset_names_one(tmp_
     )
     cfg, job, _ = load_sweep_config(overrides=[f"base_config={tmp_path / 'run.json'}", "base_preset=demo"])
     assert (job.preset, job.model.hidden_dim, cfg.sweep_name) == ("demo", 128, "sweep-demo")
+    assert load_sweep_config(overrides=["name=2024"])[0].sweep_name == "2024"  # JSON's number, a name here
 
 
 def test_default_sweep_searches_the_issue_parameters():
