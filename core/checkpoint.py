@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from core.build import build_model
-from core.config import DetrConfig, LossConfig, MatcherConfig, ModelConfig
+from core.config import ARCH_FIELDS, DetrConfig, LossConfig, MatcherConfig, ModelConfig
 from core.criterion import SetCriterion
 from core.detector import DeformableDETR
 from core.postprocess import PostProcess
@@ -37,22 +37,7 @@ log = logging.getLogger(__name__)
 FORMAT = "ray-deformable-detr/v1"
 _AUTHORS_ARGS_CLASS = "argparse.Namespace"
 
-# Authors' flags that set the architecture (num_queries too, but two-stage may change it freely).
-_ARCH_FIELDS = (
-    "backbone",
-    "dilation",
-    "num_feature_levels",
-    "enc_layers",
-    "dec_layers",
-    "dim_feedforward",
-    "hidden_dim",
-    "nheads",
-    "dec_n_points",
-    "enc_n_points",
-    "with_box_refine",
-    "two_stage",
-)
-_AUTHORS_MODEL_FLAGS = (*_ARCH_FIELDS, "dropout", "num_queries", "aux_loss")
+_AUTHORS_MODEL_FLAGS = (*ARCH_FIELDS, "dropout", "num_queries", "aux_loss")
 _AUTHORS_MATCHER_FLAGS = ("set_cost_class", "set_cost_bbox", "set_cost_giou")
 _AUTHORS_LOSS_FLAGS = ("cls_loss_coef", "bbox_loss_coef", "giou_loss_coef", "focal_alpha")
 
@@ -330,14 +315,7 @@ def load_checkpoint(
     if cfg is None:
         cfg = ckpt.config
     else:
-        differ = [
-            f"{name}: checkpoint {getattr(ckpt.config.model, name)!r}, config {getattr(cfg.model, name)!r}"
-            for name in _ARCH_FIELDS
-            if getattr(ckpt.config.model, name) != getattr(cfg.model, name)
-        ]
-        # query_embed holds one row per query unless two-stage makes the queries from proposals.
-        if not cfg.model.two_stage and ckpt.config.model.num_queries != cfg.model.num_queries:
-            differ.append(f"num_queries: checkpoint {ckpt.config.model.num_queries}, config {cfg.model.num_queries}")
+        differ = ckpt.config.model.architecture_differences(cfg.model, ("checkpoint", "config"))
         if differ:
             raise ValueError("config does not match the checkpoint's architecture: " + "; ".join(differ))
     # The checkpoint overwrites the backbone, so do not fetch ImageNet weights first.

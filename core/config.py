@@ -64,6 +64,41 @@ class ModelConfig(BaseModel):
             raise ValueError(f"dilation=True needs a bottleneck ResNet (resnet50/101), got backbone={self.backbone!r}")
         return self
 
+    def architecture_differences(
+        self, other: ModelConfig, labels: tuple[str, str], *, with_classes: bool = False
+    ) -> list[str]:
+        """The fields in which ``other`` builds weights that ``self``'s do not fit: ``"num_queries: checkpoint
+        10, config 12"`` for labels ("checkpoint", "config").
+
+        ``num_queries`` counts unless two-stage makes the queries from proposals; ``num_classes`` with
+        ``with_classes`` (a fine-tune re-initializes the class heads, a resumed run cannot).
+        """
+        names = [*ARCH_FIELDS, *(() if self.two_stage and other.two_stage else ("num_queries",))]
+        names += ["num_classes"] if with_classes else []
+        mine, theirs = labels
+        return [
+            f"{n}: {mine} {getattr(self, n)!r}, {theirs} {getattr(other, n)!r}"
+            for n in names
+            if getattr(self, n) != getattr(other, n)
+        ]
+
+
+# The model fields that shape its weights (num_queries too, unless two-stage; num_classes the heads').
+ARCH_FIELDS = (
+    "backbone",
+    "dilation",
+    "num_feature_levels",
+    "enc_layers",
+    "dec_layers",
+    "dim_feedforward",
+    "hidden_dim",
+    "nheads",
+    "dec_n_points",
+    "enc_n_points",
+    "with_box_refine",
+    "two_stage",
+)
+
 
 class MatcherConfig(BaseModel):
     """Weights of the Hungarian matching cost."""

@@ -400,7 +400,15 @@ def resume_job_config(run: str, overrides: Sequence[str] = ()) -> JobConfig:
         raise ConfigError(f"--resume {run}: cannot read {CONFIG_FILE}: {e}") from e
     data.setdefault("train", {}).update(storage_path=storage or ".", name=name)
     _refuse_preset_override(overrides)
-    return validate_job_config(apply_overrides(data, overrides))
+    job = validate_job_config(apply_overrides(data, overrides))
+    # Its checkpoints hold weights and optimizer state of the run's model: another would fail on every worker.
+    differ = validate_job_config(data).model.architecture_differences(job.model, ("run", "--set"), with_classes=True)
+    if differ:
+        raise ConfigError(
+            f"--resume {run}: a resumed run keeps its model (start a new run with --set train.finetune_from=<its "
+            f"checkpoint> instead): model.{'; model.'.join(differ)}"
+        )
+    return job
 
 
 def eval_job_config(

@@ -155,3 +155,18 @@ def test_resume_names_the_run_however_its_folder_is_written(tmp_path, monkeypatc
     for written in (".", "./"):  # from inside the run directory
         train = resume_job_config(written).train
         assert (train.name, train.storage_path) == ("exp1", str(tmp_path / "runs")), written
+
+
+def test_resume_refuses_another_model_before_anything_is_written(tmp_path):
+    run = tmp_path / "exp1"
+    run.mkdir()
+    saved = load_job_config(preset="tiny").model_dump_json()
+    (run / "config.json").write_text(saved)
+    assert resume_job_config(str(run), ["train.epochs=9", "model.dropout=0.0"]).train.epochs == 9
+    with pytest.raises(ConfigError) as e:
+        resume_job_config(str(run), ["model.hidden_dim=64", "model.num_classes=5"])
+    assert str(e.value) == (
+        f"--resume {run}: a resumed run keeps its model (start a new run with --set train.finetune_from=<its "
+        "checkpoint> instead): model.hidden_dim: run 32, --set 64; model.num_classes: run 3, --set 5"
+    )
+    assert (run / "config.json").read_text() == saved
