@@ -171,12 +171,15 @@ def _trial_dirname(trial) -> str:
     return f"trial_{trial.trial_id}"
 
 
-def _check_same_sweep(sweep_uri: str, cfg: SweepConfig) -> bool:
-    """True when the directory holds this sweep already; ConfigError when it holds another one."""
+def _check_same_sweep(sweep_uri: str, cfg: SweepConfig, restorable: bool) -> bool:
+    """True when the directory holds this sweep already; ConfigError when it holds another one that Tune
+    can resume. A sweep that never got as far as Tune's state (it failed first) is no sweep to keep."""
     saved = read_text(join_uri(sweep_uri, SWEEP_CONFIG_FILE))
-    if saved is None:
+    if saved is None or not restorable:
         return False
-    before, now = json.loads(saved), cfg.model_dump(mode="json")
+    # The directory is the same whichever way its path is written.
+    before, now = json.loads(saved), cfg.model_dump(mode="json", exclude={"storage_path"})
+    before.pop("storage_path", None)
     if before != now:
         changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
         raise ConfigError(
@@ -203,7 +206,9 @@ def run_sweep(
     job = preflight(job)
     storage = storage_root(cfg.storage_path)  # as a run's: under `ray job submit`, outside Ray's working dir
     sweep_uri = join_uri(storage, cfg.sweep_name)
-    same = _check_same_sweep(sweep_uri, cfg)
+    exp_path, exp_fs = _tune_storage(sweep_uri)
+    resumed = tune.Tuner.can_restore(exp_path, storage_filesystem=exp_fs)
+    same = _check_same_sweep(sweep_uri, cfg, resumed)
     started_local = connect_ray(job, address)
     concurrency = max_concurrent_trials(job, ray.cluster_resources(), cfg.max_concurrent_trials, started_local, space)
 
@@ -218,8 +223,6 @@ def run_sweep(
     )
     epochs = job.train.epochs
     storage_path, storage_fs = _tune_storage(storage)
-    exp_path, exp_fs = _tune_storage(sweep_uri)
-    resumed = tune.Tuner.can_restore(exp_path, storage_filesystem=exp_fs)
     if resumed:
         print(f"resuming sweep {sweep_uri}: finished trials are kept, interrupted ones continue", flush=True)
         tuner = tune.Tuner.restore(

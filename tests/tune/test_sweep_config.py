@@ -204,10 +204,14 @@ def test_optuna_searcher_draws_from_our_space():
 def test_a_sweep_directory_resumes_only_its_own_sweep(tmp_path):
     from tune.tuner import SWEEP_CONFIG_FILE, _check_same_sweep
 
-    cfg, _, _ = load_sweep_config(overrides=["num_trials=3"])
-    assert not _check_same_sweep(str(tmp_path), cfg)  # a new directory
+    cfg, _, _ = load_sweep_config(overrides=["num_trials=3", "storage_path=/x/sweeps"])
+    assert not _check_same_sweep(str(tmp_path), cfg, restorable=False)  # a new directory
     (tmp_path / SWEEP_CONFIG_FILE).write_text(cfg.model_dump_json())
-    assert _check_same_sweep(str(tmp_path), cfg)  # the same command again: resume
+    assert _check_same_sweep(str(tmp_path), cfg, restorable=True)  # the same command again: resume
+    same, _, _ = load_sweep_config(overrides=["num_trials=3", "storage_path=/x/sweeps/"])
+    assert _check_same_sweep(str(tmp_path), same, restorable=True)  # the same directory, written otherwise
     other, _, _ = load_sweep_config(overrides=["num_trials=4"])
     with pytest.raises(ConfigError, match="holds another sweep \\(different num_trials\\)"):
-        _check_same_sweep(str(tmp_path), other)
+        _check_same_sweep(str(tmp_path), other, restorable=True)
+    # A sweep that failed before Tune saved its state (a searcher's package missing) is no sweep to keep.
+    assert not _check_same_sweep(str(tmp_path), other, restorable=False)
