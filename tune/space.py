@@ -141,15 +141,28 @@ def check_field_name(name: str) -> None:
     model: type[BaseModel] | None = JobConfig
     parts = name.split(".")
     for i, part in enumerate(parts):
-        if model is None or part not in model.model_fields:
-            known = sorted(model.model_fields) if model is not None else []
-            where = ".".join(parts[:i]) or "the config"
+        where = ".".join(parts[:i]) or "the config"
+        if model is None:  # {"randint": [2, 4]} under a field: a domain misspelled
+            raise SpaceError(f"space.{where}: unknown domain {part!r}, expected one of {', '.join(DOMAIN_KINDS)}")
+        if part not in model.model_fields:
+            known = sorted(model.model_fields)
             raise SpaceError(f"space.{name}: unknown training field {part!r} in {where} (known: {known})")
         sub = _section_model(model.model_fields[part].annotation)
         if i + 1 < len(parts):
             model = sub
         elif sub is not None:
             raise SpaceError(f"space.{name}: is a section, not a field; name one of its fields")
+
+
+def _takes_integers(name: str) -> bool:
+    """True when the training field ``name`` (a checked leaf) holds integers only: no float may go there."""
+    model: type[BaseModel] = JobConfig
+    *sections, leaf = name.split(".")
+    for part in sections:
+        model = _section_model(model.model_fields[part].annotation)
+    annotation = model.model_fields[leaf].annotation
+    kinds = {annotation, *typing.get_args(annotation)}
+    return int in kinds and float not in kinds
 
 
 def set_dotted(data: dict[str, Any], name: str, value: Any) -> None:
@@ -218,8 +231,16 @@ def parse_space(space: dict[str, Any], base: dict[str, Any]) -> SearchSpace:
         check_field_name(name)
         if isinstance(spec, dict):
             domains[name] = _parse_domain(name, spec)
+            kind = domains[name].kind
+            if kind in ("uniform", "loguniform") and name != BACKBONE_MULT and _takes_integers(name):
+                raise SpaceError(f"space.{name}: {kind} samples floats, but {name} takes integers: use int [low, high]")
         else:
             fixed[name] = spec
+        values = domains[name].candidates if name in domains else (spec,)
+        if name == BACKBONE_MULT and any(
+            isinstance(v, bool) or not isinstance(v, int | float) or v < 0 for v in values
+        ):
+            raise SpaceError(f"space.{name}: multipliers must be numbers >= 0, got {spec!r}")
     if BACKBONE_MULT in flat and "train.lr_backbone" in flat:
         raise SpaceError(f"space.{BACKBONE_MULT} and space.train.lr_backbone both set the backbone lr: keep one")
     for name, value in fixed.items():
@@ -228,8 +249,6 @@ def parse_space(space: dict[str, Any], base: dict[str, Any]) -> SearchSpace:
         except (ConfigError, ValueError) as e:
             raise SpaceError(f"space.{name}={value!r}: {e}") from None
     for name, d in domains.items():
-        if name == BACKBONE_MULT and any(not isinstance(v, (int, float)) or v < 0 for v in d.candidates):
-            raise SpaceError(f"space.{name}: multipliers must be numbers >= 0, got {list(d.candidates)}")
         for value in d.candidates:
             try:
                 _validate(base, {**fixed, name: value}, None)

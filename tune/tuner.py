@@ -74,9 +74,9 @@ def _trial_need(job: JobConfig) -> dict[str, float]:
     t = job.train
     # Without CPUs outside the worker group, a trial's decode tasks wait forever (the same count
     # pipelines.raytrain.cluster.connect_ray adds when it sizes a local Ray).
-    need = {"CPU": t.num_workers * t.cpus_per_worker + max(2, job.data.num_decode_workers or 2)}
+    need = {"CPU": t.max_workers * t.cpus_per_worker + max(2, job.data.num_decode_workers or 2)}
     if t.use_gpu:
-        need["GPU"] = t.num_workers * t.gpus_per_worker
+        need["GPU"] = t.max_workers * t.gpus_per_worker
     return need
 
 

@@ -113,6 +113,15 @@ def test_a_trial_config_derives_the_backbone_lr():
         ("scheduler.grace_period=9", "scheduler.grace_period"),
         ("num_trials=0", "num_trials"),
         ('space.train.lr={"grid": [1e-4, 1e-3]}', "grid"),  # with optuna (below)
+        (
+            'space.model.num_queries={"uniform": [50, 300]}',
+            "space.model.num_queries: uniform samples floats, but model.num_queries takes integers: use int",
+        ),
+        ("space.train.lr_backbone_mult=[0.1, 0.4]", "space.train.lr_backbone_mult: multipliers must be numbers"),
+        (
+            'space.train.lr_drop={"randint": [2, 4]}',
+            "space.train.lr_drop: unknown domain 'randint', expected one of loguniform, uniform, int, choice, grid",
+        ),
     ],
 )
 def test_bad_sweeps_fail_naming_the_parameter(override, named):
@@ -143,6 +152,9 @@ def test_concurrency_from_the_cluster():
     # A searched worker count: the largest trial decides.
     _, job, space = load_sweep_config(overrides=['space.train.num_workers={"choice": [1, 4]}'])
     assert max_concurrent_trials(job, {"CPU": 16.0}, None, strict=True, space=space) == 2  # 4 + 2 CPUs a trial
+    # An elastic worker group: planned at its largest.
+    _, job, _ = load_sweep_config(overrides=["base.train.num_workers=[1, 3]"])
+    assert max_concurrent_trials(job, {"CPU": 16.0}, None, strict=True) == 3  # 3 + 2 CPUs a trial
 
 
 def test_trials_table_files(tmp_path):
