@@ -57,13 +57,16 @@ def to_rgb_array(image: Any) -> np.ndarray:
 def size_for_short_side(height: int, width: int, short_side: int, max_size: int | None = None) -> tuple[int, int]:
     """(h, w) with the short side ``short_side``, shrunk so that the long side stays <= ``max_size``.
 
-    The integer arithmetic of DETR's ``get_size_with_aspect_ratio``, so sizes match the authors' evaluation.
+    The integer arithmetic of DETR's ``get_size_with_aspect_ratio``, so sizes match the authors' evaluation;
+    a strip it would shrink to 0 pixels across (1x3000) becomes 1 pixel across and ``max_size`` long.
     """
     size = short_side
     if max_size is not None:
         lo, hi = float(min(height, width)), float(max(height, width))
         if hi / lo * size > max_size:
             size = int(round(max_size * lo / hi))
+        if size < 1:
+            return (1, max_size) if height < width else (max_size, 1)
     if (width <= height and width == size) or (height <= width and height == size):
         return height, width
     if width < height:

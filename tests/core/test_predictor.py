@@ -147,6 +147,13 @@ def test_size_for_short_side_follows_detr():
     assert size_for_short_side(480, 640, 800, 1333) == (800, 1066)
     assert size_for_short_side(400, 1200, 800, 1333) == (444, 1332)  # long side capped, DETR's rounding
     assert size_for_short_side(800, 600, 600, 1333) == (800, 600)  # already at size
+    assert size_for_short_side(1, 3000, 800, 1333) == (1, 1333)  # a strip: DETR's rounding gives 0x0
+    assert size_for_short_side(3000, 1, 160, 160) == (160, 1)
+
+
+def test_a_strip_one_pixel_high_is_detected(ours):
+    det = Predictor.from_checkpoint(ours, score_threshold=0.0, top_k=5)(np.zeros((1, 500, 3), np.uint8))
+    assert (det.height, det.width, len(det.scores)) == (1, 500, 5)
 
 
 def test_padding_is_zero_and_masked():
