@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
+from pydantic import ValidationError
 from torch import Tensor, nn
 
 from core.build import build_model
@@ -229,7 +230,7 @@ def read_checkpoint(
     if obj.get("format") == FORMAT:
         rest = {k: v for k, v in obj.items() if k not in ("format", "model", "config", "meta")}
         return Checkpoint(
-            config=DetrConfig.model_validate_json(obj["config"]),
+            config=_saved_config(obj, source),
             model=obj["model"],
             meta=dict(obj.get("meta") or {}),
             extra=rest,
@@ -246,6 +247,17 @@ def read_checkpoint(
         extra=rest,
         source_format="authors",
     )
+
+
+def _saved_config(obj: dict[str, Any], source: str | os.PathLike) -> DetrConfig:
+    """The DetrConfig of one of our checkpoints; ValueError in one line naming the file and the fields."""
+    if not isinstance(obj.get("config"), str | bytes):
+        raise ValueError(f"{source} has no config entry (a {FORMAT} checkpoint holds its DetrConfig as JSON)")
+    try:
+        return DetrConfig.model_validate_json(obj["config"])
+    except ValidationError as e:
+        fields = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'config'}: {err['msg']}" for err in e.errors())
+        raise ValueError(f"{source} has a config entry this version cannot build ({fields})") from None
 
 
 def load_model_weights(model: nn.Module, state_dict: dict[str, Tensor]) -> None:

@@ -2,6 +2,7 @@
 
 import argparse
 import fractions
+import json
 import logging
 import math
 import os
@@ -252,6 +253,19 @@ def test_not_a_checkpoint(tmp_path):
     for name in ("notes.pt", "empty.pt"):
         with pytest.raises(ValueError, match=rf"{name} is not a checkpoint torch.load can read"):
             read_checkpoint(tmp_path / name)
+    # Ours, with a config entry from a newer version, or none.
+    config = json.loads(tiny_config().model_dump_json())
+    config["model"]["num_denoising"] = 100
+    torch.save({"format": CHECKPOINT_FORMAT, "model": {}, "config": json.dumps(config)}, tmp_path / "newer.pt")
+    with pytest.raises(ValueError) as e:
+        read_checkpoint(tmp_path / "newer.pt")
+    assert str(e.value) == (
+        f"{tmp_path / 'newer.pt'} has a config entry this version cannot build "
+        "(model.num_denoising: Extra inputs are not permitted)"
+    )
+    torch.save({"format": CHECKPOINT_FORMAT, "model": {}}, tmp_path / "bare.pt")
+    with pytest.raises(ValueError, match=r"bare.pt has no config entry"):
+        read_checkpoint(tmp_path / "bare.pt")
 
 
 def test_two_urls_with_one_file_name_are_two_checkpoints(tmp_path, monkeypatch):
