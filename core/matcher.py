@@ -83,10 +83,12 @@ class HungarianMatcher(nn.Module):
 
             # Focal cost: how much the focal loss would drop if this query predicted the target class,
             # i.e. the positive term minus the negative term it replaces, at the target's class only.
+            # A negative alpha turns the balancing off, as in the criterion's focal loss.
             alpha, gamma, eps = self.focal_alpha, self.focal_gamma, 1e-8
+            pos_w, neg_w = (alpha, 1 - alpha) if alpha >= 0 else (1.0, 1.0)
             prob_t = prob[:, tgt_labels]  # (N*Lq, ΣK)
-            neg_cost = (1 - alpha) * prob_t.pow(gamma) * -(1 - prob_t + eps).log()
-            pos_cost = alpha * (1 - prob_t).pow(gamma) * -(prob_t + eps).log()
+            neg_cost = neg_w * prob_t.pow(gamma) * -(1 - prob_t + eps).log()
+            pos_cost = pos_w * (1 - prob_t).pow(gamma) * -(prob_t + eps).log()
             cost_class = pos_cost - neg_cost  # (N*Lq, ΣK)
             cost_bbox = torch.cdist(boxes, tgt_boxes, p=1)  # (N*Lq, ΣK)
             cost_giou = -generalized_box_iou(box_cxcywh_to_xyxy(boxes), box_cxcywh_to_xyxy(tgt_boxes))

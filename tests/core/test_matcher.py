@@ -82,6 +82,17 @@ def test_perfect_prediction_matches_obvious_assignment():
     assert dict(zip(src.tolist(), tgt.tolist())) == {3: 0, 0: 1, 4: 2}
 
 
+@pytest.mark.parametrize("alpha", [0.25, -1.0])
+def test_the_confident_query_wins_with_or_without_alpha_balancing(alpha):
+    """Two queries on the target's box, at p = 0.9 and p = 0.001: a negative alpha (no balancing, as in the
+    focal loss) must not turn the class cost around."""
+    logits = torch.logit(torch.tensor([[[0.9], [0.001]]]))
+    box = torch.tensor([[0.5, 0.5, 0.2, 0.2]])
+    outputs = {"pred_logits": logits, "pred_boxes": box.repeat(1, 2, 1)}
+    src, _ = HungarianMatcher(focal_alpha=alpha)(outputs, [{"labels": torch.tensor([0]), "boxes": box}])[0]
+    assert src.tolist() == [0]
+
+
 def _reference_cost(prob, box, label, tgt_box, w_class=2.0, w_bbox=5.0, w_giou=2.0, alpha=0.25, gamma=2.0):
     """One (query, target) cost written from the paper's definitions with Python floats."""
     p = prob[label]
