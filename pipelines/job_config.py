@@ -289,10 +289,14 @@ def _refuse_preset_override(overrides: Sequence[str]) -> None:
             )
 
 
-def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str], *, merge: bool = True) -> dict[str, Any]:
     """``data`` (a partial config dict) with ``--set key=value`` items applied in order; a new dict.
 
-    The one place overrides are applied, by every entry point (train, resume, evaluate, prepare).
+    The one place overrides are applied, by every entry point (train, resume, evaluate, prepare). With
+    ``merge``, an object set over a top-level section merges into it as a config file does (``--set
+    'model={"num_queries": 50}'`` changes one field, not the preset's whole model); an object set over a
+    field (``train.worker_resources``) replaces it, as does every object without ``merge`` (a sweep's
+    ``space``).
 
     Raises:
         ConfigError: bad syntax, or a key that walks into a value (``train.lr.x=1``).
@@ -308,6 +312,8 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
             if not isinstance(child, dict):
                 raise ConfigError(f"--set {item!r}: {part!r} is a value, not a section")
             node = child
+        if merge and len(path) == 1 and isinstance(value, dict) and isinstance(node.get(path[-1]), dict):
+            value = deep_merge(node[path[-1]], value)
         node[path[-1]] = value
     return out
 

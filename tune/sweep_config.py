@@ -186,7 +186,7 @@ def load_sweep_config(config_file: str | os.PathLike | None = None, overrides: l
     defaults = SweepConfig().model_dump(mode="json")
     # A file's space or base replaces the default one whole: merging would keep default parameters
     # (or ranges tied to the default epochs) the file never asked for.
-    data = apply_overrides({**defaults, **data}, overrides)
+    data = apply_overrides({**defaults, **data}, overrides, merge=False)
     cfg = validate_sweep_config(data)
     job = base_job(cfg)
     cfg = cfg.model_copy(update={"base_preset": job.preset})  # the one used: named by sweep-<preset>, saved

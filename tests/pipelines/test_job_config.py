@@ -82,6 +82,13 @@ def test_bad_override_syntax_and_unknown_preset():
         load_job_config(preset=["r50"])  # a file's "preset": ["r50"]
 
 
+def test_an_object_set_over_a_section_changes_only_its_fields():
+    job = load_job_config(overrides=['model={"num_queries": 50}'])
+    assert (job.model.num_queries, job.model.backbone, job.model.hidden_dim) == (50, "resnet18", 128)  # demo's
+    resources = ['train.worker_resources={"spot": 0.01}', 'train.worker_resources={"gpu_a100": 0.01}']
+    assert load_job_config(overrides=resources).train.worker_resources == {"gpu_a100": 0.01}  # a field: replaced
+
+
 def test_numbers_given_to_text_fields_are_text_and_inf_is_no_lr():
     job = load_job_config(overrides=["train.name=20240612", "data.root=2024", "train.storage_path=7"])
     assert (job.train.name, job.data.root, job.train.storage_path) == ("20240612", "2024", "7")
