@@ -81,6 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     console_logging()
     quiet_ray_warnings()
     args = parse_args(argv)
+    for flag, value, least in (("--num-workers", args.num_workers, 1), ("--batch-size", args.batch_size, 1)):
+        if value is not None and value < least:
+            print(f"error: {flag} must be >= {least}, got {value}", file=sys.stderr, flush=True)
+            return 2
     try:
         checkpoint = resolve_for_eval(args.checkpoint)
         if checkpoint != args.checkpoint:

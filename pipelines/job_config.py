@@ -457,7 +457,11 @@ def eval_job_config(
         data["parquet_dir"] = None
     train = {"num_workers": num_workers, "use_gpu": use_gpu, "eval_every": 1, "num_vis_images": num_vis}
     train["name"] = "evaluate"
-    if batch_size:
+    if batch_size is not None:
         train["eval_batch_size"] = batch_size
-    job = deep_merge(job, {"train": train})
-    return validate_job_config(apply_overrides(job, overrides))
+    job = validate_job_config(apply_overrides(deep_merge(job, {"train": train}), overrides))
+    # A model other than the checkpoint's would not load, or would load with new (random) class heads.
+    differ = ckpt.config.model.architecture_differences(job.model, ("checkpoint", "--set"), with_classes=True)
+    if differ:
+        raise ConfigError(f"evaluation scores the checkpoint's own model: model.{'; model.'.join(differ)}")
+    return job

@@ -57,6 +57,26 @@ def trained_label_map(facts: DatasetFacts, ckpt: Checkpoint) -> DatasetFacts:
     return facts.model_copy(update={"label_to_category_id": [int(c) for c in saved]})
 
 
+def check_categories(facts: DatasetFacts, ckpt: Checkpoint) -> None:
+    """Refuses a val split that shares no category id with the checkpoint's training set (every AP would
+    be 0); prints which of the split's categories the checkpoint never saw. Authors' checkpoints (COCO's
+    ids, no record of them) pass."""
+    trained = (ckpt.meta.get("dataset") or {}).get("category_ids")
+    if not trained:
+        return
+    unseen = sorted(set(facts.category_ids) - {int(c) for c in trained})
+    if len(unseen) == len(facts.category_ids):
+        raise PreflightError(
+            f"the val split's categories {unseen[:10]} are none of the checkpoint's {sorted(trained)[:10]}: "
+            "it would score AP 0; give the annotations of the categories it was trained on"
+        )
+    if unseen:
+        names = ", ".join(f"{c} {facts.category_names.get(c, '?')}" for c in unseen[:10])
+        print(
+            f"warning: the checkpoint was not trained on {len(unseen)} of the split's categories ({names})", flush=True
+        )
+
+
 def run_evaluation(
     job: JobConfig, ckpt: Checkpoint, *, out_dir: str | None = None, address: str | None = None
 ) -> dict[str, float]:
@@ -77,6 +97,7 @@ def run_evaluation(
     connect_ray(job, address)
     data = prepare_data(job, splits=("val",))
     data.facts = trained_label_map(data.facts, ckpt)
+    check_categories(data.facts, ckpt)
     sink = MetricsSink.options(**on_driver_node()).remote()
     # Ray Train's run state only: the outputs go to out_dir.
     storage = tempfile.mkdtemp(prefix="ddetr-eval-")

@@ -102,11 +102,15 @@ def prepare_data(job: JobConfig, *, splits: Sequence[str] | None = None, start_e
         raise PreflightError(f"cannot read the dataset: {e}") from e
     categories = next(iter(infos.values())).categories
     if job.model.num_classes < categories.num_classes:
+        fix = (
+            f"set --set model.num_classes={categories.num_classes}"
+            if "train" in splits
+            else "a checkpoint's head is as trained: evaluate it on a split of its own categories"
+        )
         raise PreflightError(
             f"model.num_classes={job.model.num_classes} but the dataset needs {categories.num_classes} "
             f"(data.category_ids={job.data.category_ids!r}, {len(categories.category_ids)} categories): "
-            f"set --set model.num_classes={categories.num_classes}, or for the authors' COCO checkpoints "
-            "keep data.category_ids=raw"
+            f"{fix}, or for the authors' COCO checkpoints keep data.category_ids=raw"
         )
     steps, rows = 0, 0
     if "train" in datasets:
