@@ -18,7 +18,7 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from pipelines.console import ray_lines_to_its_logs
-from pipelines.job_config import JobConfig
+from pipelines.job_config import ConfigError, JobConfig
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # What `ray job submit --working-dir .` and a joined cluster need not receive.
@@ -47,10 +47,18 @@ def connect_ray(job: JobConfig | None = None, address: str | None = None) -> boo
 
     Returns:
         True when this call started a local Ray instance.
+
+    Raises:
+        ConfigError: an http(s) address (the dashboard's, which `ray job submit` takes, not a driver).
     """
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address and address.startswith(("http://", "https://")):
+        raise ConfigError(
+            f"Ray address {address} is a dashboard's, for `ray job submit`; a driver joins a cluster at host:6379 "
+            "or auto (or unset RAY_ADDRESS to run on a local Ray)"
+        )
     if ray.is_initialized():
         return False
-    address = address or os.environ.get("RAY_ADDRESS")
     if address:
         # A submitted job already ships the working dir; a plain driver ships the repository itself.
         runtime_env = None if in_ray_job() else {"working_dir": REPO_ROOT, "excludes": WORKING_DIR_EXCLUDES}

@@ -113,6 +113,25 @@ def test_cli_bad_config_exits_before_ray(capsys):
     assert not ray.is_initialized()
 
 
+def test_a_dashboard_address_is_one_line_before_anything_is_written(tmp_path, tiny_data, capsys, monkeypatch):
+    """RAY_ADDRESS=http://...:8265, as exported for `ray job submit`, then a run started in the same shell."""
+    import ray
+
+    from pipelines.train import main
+
+    monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")
+    runs = tmp_path / "runs"
+    assert (
+        main(["--preset", "tiny", "--set", f"data.root={tiny_data['root']}", "--set", f"train.storage_path={runs}"])
+        == 2
+    )
+    assert capsys.readouterr().err == (
+        "error: Ray address http://127.0.0.1:8265 is a dashboard's, for `ray job submit`; a driver joins a "
+        "cluster at host:6379 or auto (or unset RAY_ADDRESS to run on a local Ray)\n"
+    )
+    assert not ray.is_initialized() and not any(runs.iterdir())  # preflight made the folder, no run in it
+
+
 def test_cli_missing_dataset_exits_before_ray(tmp_path, capsys):
     import ray
 
