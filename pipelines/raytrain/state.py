@@ -28,7 +28,7 @@ from torch import nn
 from core.checkpoint import load_model_weights, read_checkpoint, save_checkpoint
 from pipelines.job_config import JobConfig
 from pipelines.raytrain.run_dir import SNAPSHOT_FILE
-from pipelines.storage import fetch_file, file_type, has_scheme, is_remote, join_uri, read_bytes
+from pipelines.storage import fetch_file, file_type, has_scheme, is_remote, join_uri, local_path, read_bytes
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +89,9 @@ def fetch_checkpoint_file(uri: str, dest_dir: str) -> str:
     if is_remote(uri):
         if file_type(uri) == pafs.FileType.Directory:
             uri = join_uri(uri, CHECKPOINT_FILE)
-    elif os.path.isdir(uri):
-        return os.path.join(uri, CHECKPOINT_FILE)
+    elif not has_scheme(uri) or uri.startswith("file://"):
+        if os.path.isdir(local_path(uri)):
+            return os.path.join(local_path(uri), CHECKPOINT_FILE)
     return fetch_file(uri, dest_dir)
 
 

@@ -7,7 +7,7 @@ import pytest
 from run_dirs import write_run
 
 from pipelines.raytrain.run_dir import SNAPSHOT_FILE
-from pipelines.raytrain.state import CHECKPOINT_FILE, UNSCORED, resolve_checkpoint
+from pipelines.raytrain.state import CHECKPOINT_FILE, UNSCORED, fetch_checkpoint_file, resolve_checkpoint
 
 
 def test_a_run_directory_stands_for_its_best_checkpoint(tmp_path):
@@ -22,6 +22,10 @@ def test_a_run_directory_stands_for_its_best_checkpoint(tmp_path):
     assert resolve_checkpoint(str(run / "checkpoint_epoch0000")) == str(run / "checkpoint_epoch0000")
     file = str(run / "checkpoint_epoch0000" / CHECKPOINT_FILE)
     assert resolve_checkpoint(file) == file
+    # As a file:// URI, the best checkpoint's file is found in its folder.
+    best = resolve_checkpoint(f"file://{run}")
+    assert best == f"file://{run}/checkpoint_epoch0001"
+    assert fetch_checkpoint_file(best, str(tmp_path)) == str(run / "checkpoint_epoch0001" / CHECKPOINT_FILE)
 
 
 def test_without_scores_the_latest_and_ties_go_to_the_latest(tmp_path):
