@@ -105,6 +105,44 @@ def test_an_unset_placeholder_is_refused_by_name(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+AWS_ONLY = SAMPLE.split("[gcp]")[0]
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (SAMPLE.replace('"210987654321"', '"2109-8765-4321"'), "aws.account_id '2109-8765-4321' is not 12 digits"),
+        (
+            SAMPLE.replace('"210987654321"', "210987654321"),
+            'aws.account_id must be a quoted string (account_id = "...")',
+        ),
+        (SAMPLE.replace('"acme-detr"', '"s3://acme-detr"'), "aws.bucket 's3://acme-detr' is not a bucket's bare name"),
+        (SAMPLE.replace('"acme-coco"', '"gs://acme-coco"'), "gcp.data_bucket 'gs://acme-coco' is not a bucket's"),
+        (SAMPLE.replace('"europe-docker', '"https://europe-docker'), "gcp.registry 'https://europe-docker.pkg.dev"),
+        (SAMPLE.replace('availability_zones = "eu-west-1a,eu-west-1b"', ""), "aws.availability_zones 'us-east-1a' is"),
+        (SAMPLE + 'region = "europe-west4"\n', "gcp.zone 'us-central1-a' is not in gcp.region 'europe-west4'"),
+        (SAMPLE.replace('"192.0.2.17/32"', '"2a01:4f8::1"'), "aws.ssh_cidr '2a01:4f8::1' is IPv6; the security group"),
+        ("gcp = 1\n" + AWS_ONLY, '[gcp] must be a table of key = "value" lines'),
+    ],
+)
+def test_a_value_of_the_wrong_shape_is_named_before_any_file(tmp_path, text, message):
+    settings = tmp_path / "settings.toml"
+    settings.write_text(text)
+    with pytest.raises(SettingsError, match=re.escape(message)):
+        render(settings, tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+
+
+def test_an_address_alone_is_its_range_and_a_bad_out_is_one_line(tmp_path):
+    settings = tmp_path / "settings.toml"
+    settings.write_text(SAMPLE.replace('"192.0.2.17/32"', '"192.0.2.17"'))
+    render(settings, tmp_path / "o")
+    assert "--port 22 --cidr 192.0.2.17/32" in (tmp_path / "o" / "once-aws.sh").read_text()
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(SettingsError, match=r"--out .*afile/out: cannot make a folder there"):
+        render(settings, tmp_path / "afile" / "out")
+
+
 def test_a_value_put_in_is_not_rewritten(tmp_path):
     """One pass over each file: a registry in another region keeps its region, though the region's example
     is replaced everywhere else."""
@@ -112,7 +150,7 @@ def test_a_value_put_in_is_not_rewritten(tmp_path):
     registry = "us-central1-docker.pkg.dev/acme-vision/ml"
     settings.write_text(
         SAMPLE.split("[gcp]")[0] + f'[gcp]\nproject = "acme-vision"\nregion = "europe-west4"\n'
-        f'zone = "europe-west4-a"\ndata_bucket = "d"\nruns_bucket = "r"\nregistry = "{registry}"\n'
+        f'zone = "europe-west4-a"\ndata_bucket = "acme-d"\nruns_bucket = "acme-r"\nregistry = "{registry}"\n'
         'ssh_cidr = "192.0.2.0/28"\n'
     )
     out = tmp_path / "rendered"
