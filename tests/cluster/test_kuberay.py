@@ -83,6 +83,22 @@ def quantity(value: str | int | float) -> float:
     return float(text)
 
 
+def off_spot(pod: dict) -> bool:
+    """Whether a pod spec requires nodes that GKE has not labelled spot."""
+    terms = (
+        pod.get("affinity", {})
+        .get("nodeAffinity", {})
+        .get("requiredDuringSchedulingIgnoredDuringExecution", {})
+        .get("nodeSelectorTerms", [])
+    )
+    required = {"key": "cloud.google.com/gke-spot", "operator": "DoesNotExist"}
+    return (
+        bool(terms)
+        and all(required in t.get("matchExpressions", []) for t in terms)
+        and (pod.get("nodeSelector", {}).get("cloud.google.com/gke-spot") != "true")
+    )
+
+
 def head_placement_problems(where: str, spec: dict) -> list[str]:
     """The head off spot nodes, never evicted by the cluster autoscaler, and small enough for HEAD_POOL."""
     problems = []
@@ -93,16 +109,7 @@ def head_placement_problems(where: str, spec: dict) -> list[str]:
             f'{where}.headGroupSpec: needs the annotation cluster-autoscaler.kubernetes.io/safe-to-evict: "false"'
         )
     pod = template["spec"]
-    terms = (
-        pod.get("affinity", {})
-        .get("nodeAffinity", {})
-        .get("requiredDuringSchedulingIgnoredDuringExecution", {})
-        .get("nodeSelectorTerms", [])
-    )
-    off_spot = terms and all(
-        {"key": "cloud.google.com/gke-spot", "operator": "DoesNotExist"} in t.get("matchExpressions", []) for t in terms
-    )
-    if not off_spot or pod.get("nodeSelector", {}).get("cloud.google.com/gke-spot") == "true":
+    if not off_spot(pod):
         problems.append(f"{where}.headGroupSpec: the head must require nodes without cloud.google.com/gke-spot")
     sidecar = spec.get("autoscalerOptions", {}).get("resources", {}).get("requests", {})
     cpu = quantity(sidecar.get("cpu", SIDECAR_DEFAULT["cpu"]))
@@ -172,6 +179,8 @@ def cluster_problems(where: str, spec: dict, pins: dict[str, str]) -> list[str]:
             problems.append(f"{gw}: GPU pods must tolerate the nvidia.com/gpu taint")
         if spot and pod.get("nodeSelector", {}).get("cloud.google.com/gke-spot") != "true":
             problems.append(f"{gw}: a spot group must select spot nodes")
+        if not spot and not off_spot(pod):  # GKE labels spot nodes but taints them only if asked to
+            problems.append(f"{gw}: an on-demand group must require nodes without cloud.google.com/gke-spot")
         problems += shm_problems(gw, pod)
         pods.append((gw, pod, True))
     for pw, pod, gpu in pods:
@@ -265,8 +274,11 @@ def test_cluster_spec(name, pins):
     head = broken["headGroupSpec"]["template"]
     del head["metadata"]["annotations"]
     del head["spec"]["affinity"]
+    for group in broken["workerGroupSpecs"]:
+        group["template"]["spec"].pop("affinity", None)
     head["spec"]["containers"][0]["resources"]["requests"]["memory"] = "26Gi"
     found = "\n".join(cluster_problems(where, broken, pins))
+    names = [g["groupName"] for g in spec["workerGroupSpecs"]]
     for text in (
         "version v2",
         "authOptions.mode must be token",
@@ -278,8 +290,9 @@ def test_cluster_spec(name, pins):
         "MSDA_BACKEND=cuda",
         "no /dev/shm",
         "safe-to-evict",
-        "without cloud.google.com/gke-spot",
+        "the head must require nodes without cloud.google.com/gke-spot",
         "26.5 GiB, one n2-standard-8 node",
+        *(["an on-demand group must require nodes without"] if any("ondemand" in n for n in names) else []),
     ):
         assert text in found, f"{text!r} not reported in:\n{found}"
 
