@@ -11,12 +11,13 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 region=us-east-1
 
-# Runs a create command; "already exists" is fine, any other error stops the script.
+# Runs a create command; "already exists" is fine, any other error stops the script. (A role added to its
+# instance profile before is answered with the profile's quota of one role, InstanceSessionsPerInstanceProfile.)
 once() {
   local out
   if out=$("$@" 2>&1); then
     echo "$out"
-  elif grep -qiE "already exists|EntityAlreadyExists|InvalidPermission.Duplicate|InvalidGroup.Duplicate|has been taken" <<<"$out"; then
+  elif grep -qiE "already exists|EntityAlreadyExists|InvalidPermission.Duplicate|InvalidGroup.Duplicate|has been taken|InstanceSessionsPerInstanceProfile" <<<"$out"; then
     echo "exists already: $*"
   else
     echo "$out" >&2

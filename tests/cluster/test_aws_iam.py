@@ -359,3 +359,48 @@ def test_aws_yaml_and_readme_use_the_roles_defined_here(aws_cfg):
     assert set(loop.group(1).split()) == set(profiles.values()), (loop.group(1), set(profiles.values()))
     for step in ("create-role", "put-role-policy", "file://$here/aws-iam/$role.json", "create-instance-profile"):
         assert step in loop.group(2), f"once-aws.sh's role loop lacks {step}"
+
+
+# What AWS answers each create step of cluster/once-aws.sh with when its result exists (a second run).
+_SECOND_RUN_ANSWERS = {
+    "create-role": "An error occurred (EntityAlreadyExists) when calling the CreateRole operation: Role with name "
+    "ddetr-ray-head already exists.",
+    "create-instance-profile": "An error occurred (EntityAlreadyExists) when calling the CreateInstanceProfile "
+    "operation: Instance Profile ddetr-ray-head already exists.",
+    "add-role-to-instance-profile": "An error occurred (LimitExceeded) when calling the AddRoleToInstanceProfile "
+    "operation: Cannot exceed quota for InstanceSessionsPerInstanceProfile: 1",
+    "create-service-linked-role": "An error occurred (InvalidInput) when calling the CreateServiceLinkedRole "
+    "operation: Service role name AWSServiceRoleForEC2Spot has been taken in this account, please try a different "
+    "suffix.",
+    "create-security-group": "An error occurred (InvalidGroup.Duplicate) when calling the CreateSecurityGroup "
+    "operation: The security group 'ddetr-ray' already exists for VPC 'vpc-1'",
+    "authorize-security-group-ingress": "An error occurred (InvalidPermission.Duplicate) when calling the "
+    "AuthorizeSecurityGroupIngress operation: the specified rule already exists",
+    "create-repository": "An error occurred (RepositoryAlreadyExistsException) when calling the CreateRepository "
+    "operation: The repository with name 'ray-deformable-detr' already exists in the registry",
+}
+
+
+def test_once_aws_runs_again_on_an_account_that_has_it_all(tmp_path):
+    """The script says it is safe to run again: every create step answered as AWS answers a second time."""
+    import subprocess
+
+    answers = tmp_path / "answers.json"
+    answers.write_text(json.dumps(_SECOND_RUN_ANSWERS))
+    fake = tmp_path / "bin" / "aws"
+    fake.parent.mkdir()
+    fake.write_text(
+        "#!/usr/bin/env python3\n"
+        "import json, sys\n"
+        f"answers = json.load(open({str(answers)!r}))\n"
+        "step = sys.argv[2]\n"
+        "if step.startswith('describe-'):\n"
+        "    print('vpc-1' if step == 'describe-vpcs' else 'sg-1')\n"
+        "elif step in answers:\n"
+        "    sys.exit(print(answers[step], file=sys.stderr) or 254)\n"
+    )
+    fake.chmod(0o755)
+    env = {"PATH": f"{fake.parent}:/usr/bin:/bin"}
+    run = subprocess.run(["bash", str(REPO_ROOT / "cluster" / "once-aws.sh")], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.count("exists already: aws") == 11, run.stdout
