@@ -31,7 +31,7 @@ from pipelines.console import console_logging
 from pipelines.job_config import ConfigError, JobConfig, eval_job_config
 from pipelines.raytrain.cluster import quiet_ray_warnings
 from pipelines.raytrain.errors import describe_failure
-from pipelines.raytrain.evaluation import load_for_eval, resolve_for_eval, run_evaluation
+from pipelines.raytrain.evaluation import load_for_eval, resolve_for_eval, resolve_out, run_evaluation
 from pipelines.raytrain.preflight import PreflightError
 
 
@@ -64,7 +64,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--use-gpu", action="store_true")
     p.add_argument("--batch-size", type=int, help="images per worker batch (default data.batch_size_per_worker)")
     p.add_argument("--num-vis", type=int, default=4, help="validation images drawn into --out")
-    p.add_argument("--out", help="folder for ap_table.md, metrics.json, data_report.json and drawn images")
+    p.add_argument(
+        "--out", help="folder or bucket prefix for ap_table.md, metrics.json, data_report.json and drawn images"
+    )
     p.add_argument(
         "--set",
         dest="overrides",
@@ -86,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {flag} must be >= {least}, got {value}", file=sys.stderr, flush=True)
             return 2
     try:
+        out = resolve_out(args.out) if args.out else None
         checkpoint = resolve_for_eval(args.checkpoint)
         if checkpoint != args.checkpoint:
             print(f"--checkpoint is a run directory; using {checkpoint.partition('?')[0]}", flush=True)
@@ -96,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{job.model.backbone}, {job.model.num_classes} classes",
             flush=True,
         )
-        stats = run_evaluation(job, ckpt, out_dir=args.out, address=args.address)
+        stats = run_evaluation(job, ckpt, out_dir=out, address=args.address)
     except (ConfigError, PreflightError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 import time
@@ -15,7 +14,7 @@ from pipelines.data.report import data_report, format_data_report
 from pipelines.job_config import JobConfig
 from pipelines.raytrain.cluster import connect_ray, on_driver_node
 from pipelines.raytrain.metrics import MetricsPump, MetricsSink
-from pipelines.raytrain.preflight import PreflightError, check_data, with_timeout
+from pipelines.raytrain.preflight import PreflightError, check_data, check_writable, storage_root, with_timeout
 from pipelines.raytrain.run_datasets import prepare_data
 from pipelines.raytrain.run_dir import AP_TABLE_FILE, DATA_REPORT_FILE, RunDir
 from pipelines.raytrain.run_plots import draw_detections
@@ -23,7 +22,7 @@ from pipelines.raytrain.state import fetch_checkpoint_file, resolve_checkpoint
 from pipelines.raytrain.training import build_trainer
 from pipelines.raytrain.worker_config import DatasetFacts
 from pipelines.raytrain.worker_eval import eval_loop_per_worker
-from pipelines.storage import absolute
+from pipelines.storage import absolute, split_uri
 
 
 def resolve_for_eval(uri: str, timeout_s: float = 120.0) -> str:
@@ -77,6 +76,18 @@ def check_categories(facts: DatasetFacts, ckpt: Checkpoint) -> None:
         )
 
 
+def resolve_out(out: str, timeout_s: float = 120.0) -> str:
+    """Where ``--out`` goes, checked before any work: a bucket prefix as it is; a local folder made
+    absolute (under ``ray job submit``, outside Ray's copy of the working directory, as a run's).
+
+    Raises:
+        PreflightError: the folder cannot be made or written, or the bucket does not answer or take a write.
+    """
+    uri = storage_root(out)
+    check_writable(uri, f"--out {out!r}", timeout_s)
+    return uri
+
+
 def run_evaluation(
     job: JobConfig, ckpt: Checkpoint, *, out_dir: str | None = None, address: str | None = None
 ) -> dict[str, float]:
@@ -123,13 +134,14 @@ def run_evaluation(
         stats = {k: v for k, v in pump.last_eval.items() if k not in ("kind", "time")}
         report = data_report(data.infos)  # with the images skipped while decoding
         if out_dir is not None:
-            run = RunDir(os.path.dirname(os.path.abspath(out_dir)) or ".", os.path.basename(os.path.abspath(out_dir)))
-            run.mkdir()
+            run = RunDir(*split_uri(out_dir)).mkdir()
+            shutil.rmtree(run.file("val_images"), ignore_errors=True)  # an earlier evaluation's drawings
             run.write_text(AP_TABLE_FILE, format_ap_table(stats) + "\n")
             run.write_json("metrics.json", {k: stats[k] for k in (*AP_KEYS, "num_eval_images") if k in stats})
             run.write_json(DATA_REPORT_FILE, report)
             for i, item in enumerate(ray.get(sink.vis.remote())):
                 draw_detections(item, run.file(f"val_images/{i:02d}_image{item['image_id']}.png"))
+            run.sync()
     finally:
         # Printed after a failure too: skipped input may explain it.
         print(format_data_report(report or data_report(data.infos), job.data.on_bad_input), flush=True)

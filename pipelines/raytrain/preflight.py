@@ -197,14 +197,24 @@ def _layout_hint(job: JobConfig) -> str:
 
 def check_storage(job: JobConfig) -> None:
     """The run's storage can be written: a local folder is created; a bucket must answer."""
-    uri = job.train.storage_path
+    check_writable(
+        job.train.storage_path, f"train.storage_path={job.train.storage_path!r}", job.train.preflight_timeout_s
+    )
+
+
+def check_writable(uri: str, what: str, timeout_s: float) -> None:
+    """A local folder ``uri`` is created and writable; a bucket prefix answers and takes a write.
+
+    Raises:
+        PreflightError: naming ``what`` (the field or flag that gave ``uri``).
+    """
     if not is_remote(uri):
         try:
             os.makedirs(uri, exist_ok=True)
         except OSError as e:
-            raise PreflightError(f"train.storage_path={uri!r} cannot be created: {e}") from e
+            raise PreflightError(f"{what} cannot be created: {e}") from e
         if not os.access(uri, os.W_OK):
-            raise PreflightError(f"train.storage_path={uri!r} is not writable")
+            raise PreflightError(f"{what} is not writable")
         return
 
     def probe() -> None:
@@ -212,7 +222,7 @@ def check_storage(job: JobConfig) -> None:
         bucket = path.split("/", 1)[0]
         info = fs.get_file_info(bucket)
         if info.type == pafs.FileType.NotFound:
-            raise PreflightError(f"train.storage_path={uri!r}: bucket {bucket!r} does not exist")
+            raise PreflightError(f"{what}: bucket {bucket!r} does not exist")
         # Reading is not enough: checkpoints need write access (credentials, bucket policy).
         marker = f"{path.rstrip('/')}/.preflight-{os.getpid()}-{int(time.time())}"
         with fs.open_output_stream(marker) as f:
@@ -220,11 +230,11 @@ def check_storage(job: JobConfig) -> None:
         fs.delete_file(marker)
 
     try:
-        with_timeout(probe, job.train.preflight_timeout_s, f"train.storage_path={uri!r}")
+        with_timeout(probe, timeout_s, what)
     except PreflightError:
         raise
     except Exception as e:
-        raise PreflightError(f"train.storage_path={uri!r} is unreachable: {type(e).__name__}: {e}") from e
+        raise PreflightError(f"{what} is unreachable: {type(e).__name__}: {e}") from e
 
 
 def load_finetune_weights(job: JobConfig) -> dict | None:

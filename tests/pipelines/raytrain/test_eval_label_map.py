@@ -48,8 +48,12 @@ def test_evaluation_keeps_the_checkpoints_model():
         eval_job_config(ckpt, overrides=["model.num_classes=8"])  # new class heads would score at random
 
 
-def test_bad_counts_are_one_line_naming_the_flag(capsys):
+def test_bad_counts_and_outs_are_one_line_naming_the_flag(capsys, tmp_path):
     from pipelines.evaluate import main
+
+    (tmp_path / "afile").write_text("")
+    assert main(["--checkpoint", "c.pt", "--out", str(tmp_path / "afile" / "eval")]) == 2  # before any work
+    assert capsys.readouterr().err.startswith(f"error: --out '{tmp_path / 'afile' / 'eval'}' cannot be created: ")
 
     assert main(["--checkpoint", "c.pt", "--num-workers", "0"]) == 2
     assert capsys.readouterr().err == "error: --num-workers must be >= 1, got 0\n"
