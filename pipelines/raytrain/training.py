@@ -210,6 +210,10 @@ def run_training(
             error = result.error
         except Exception as e:  # TrainingFailedError and friends: still write what we have
             error = e
+        except (KeyboardInterrupt, SystemExit):  # Ctrl-C: Ray Train aborts the run (and may sys.exit)
+            error = Interrupted(
+                f"SIGINT; `python pipelines/train.py --resume {run_dir.uri}` goes on from the last checkpoint"
+            )
     final_ap = {k: pump.last_eval[k] for k in AP_KEYS} if pump.last_eval else None
     if final_ap is None:
         evals = [r for r in run_dir.read_metrics() if r.get("kind") == "eval"]
@@ -243,6 +247,10 @@ def run_training(
         _say(out, f"curves and images: {', '.join(os.path.relpath(p, run_dir.path) for p in written)}")
     _say(out, f"run directory: {run_dir.uri}")
     return TrainOutcome(run_dir, result, final_ap, error, report)
+
+
+class Interrupted(RuntimeError):
+    """A run stopped by Ctrl-C: its outputs and status are still written."""
 
 
 def best_checkpoint_uri(result: ray.train.Result | None, run_dir: RunDir) -> str | None:

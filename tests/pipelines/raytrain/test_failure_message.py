@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -35,3 +36,25 @@ def test_evaluate_cli_reports_a_failed_fit(monkeypatch, capsys):
     assert err.strip() == "error: evaluation failed: worker 1: MemoryError: out of memory on the node"
     with pytest.raises(SystemExit):  # the argument errors are still argparse's
         evaluate.main([])
+
+
+@pytest.mark.ray
+def test_ctrl_c_still_writes_the_runs_status_and_report(ray_local, tmp_path, tiny_overrides, monkeypatch):
+    """Ray Train's SIGINT handler aborts the run and may sys.exit(0) inside fit(): the run must not stay
+    "running" with nothing written."""
+    import pipelines.raytrain.training as training
+
+    class CtrlC:
+        def fit(self):
+            raise SystemExit(0)
+
+    monkeypatch.setattr(training, "build_trainer", lambda *args, **kwargs: CtrlC())
+    job = load_job_config(preset="tiny", overrides=tiny_overrides(tmp_path, "sigint"))
+    outcome = training.run_training(job, quiet=True)
+    status = json.loads((tmp_path / "sigint" / "status.json").read_text())
+    assert status["state"] == "failed" and status["error"] == describe_failure(outcome.error)
+    assert describe_failure(outcome.error) == (
+        f"Interrupted: SIGINT; `python pipelines/train.py --resume {tmp_path / 'sigint'}` goes on from the last "
+        "checkpoint"
+    )
+    assert (tmp_path / "sigint" / "data_report.json").is_file()
