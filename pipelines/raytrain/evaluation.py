@@ -12,9 +12,16 @@ from core.checkpoint import Checkpoint, read_checkpoint
 from core.evaluation import AP_KEYS, format_ap_table
 from pipelines.data.report import data_report, format_data_report
 from pipelines.job_config import JobConfig
-from pipelines.raytrain.cluster import connect_ray, on_driver_node
+from pipelines.raytrain.cluster import cluster_autoscales, connect_ray, on_driver_node
 from pipelines.raytrain.metrics import MetricsPump, MetricsSink
-from pipelines.raytrain.preflight import PreflightError, check_data, check_writable, storage_root, with_timeout
+from pipelines.raytrain.preflight import (
+    PreflightError,
+    check_data,
+    check_resources,
+    check_writable,
+    storage_root,
+    with_timeout,
+)
 from pipelines.raytrain.run_datasets import prepare_data
 from pipelines.raytrain.run_dir import AP_TABLE_FILE, DATA_REPORT_FILE, RunDir
 from pipelines.raytrain.run_plots import draw_detections
@@ -105,7 +112,9 @@ def run_evaluation(
     """
     job = job.model_copy(update={"data": job.data.model_copy(update={"root": absolute(job.data.root)})})
     check_data(job, splits=("val",))
-    connect_ray(job, address)
+    started_local = connect_ray(job, address)
+    # As for a run: a worker group the cluster cannot place (--use-gpu on a machine without one) would wait forever.
+    check_resources(job, ray.cluster_resources(), strict=started_local or not cluster_autoscales())
     data = prepare_data(job, splits=("val",))
     data.facts = trained_label_map(data.facts, ckpt)
     check_categories(data.facts, ckpt)

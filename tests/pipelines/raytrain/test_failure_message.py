@@ -58,3 +58,19 @@ def test_ctrl_c_still_writes_the_runs_status_and_report(ray_local, tmp_path, tin
         "checkpoint"
     )
     assert (tmp_path / "sigint" / "data_report.json").is_file()
+
+
+@pytest.mark.ray
+def test_evaluation_on_gpus_the_cluster_lacks_stops_before_any_worker(ray_local, tiny_data):
+    from tiny import tiny_config
+
+    from core.checkpoint import Checkpoint
+    from pipelines.job_config import eval_job_config
+    from pipelines.raytrain.evaluation import run_evaluation
+    from pipelines.raytrain.preflight import PreflightError
+
+    ckpt = Checkpoint(config=tiny_config(num_classes=4), model={}, meta={})
+    val = ["data.val_ann=instances_val.json", "data.val_images=val"]
+    job = eval_job_config(ckpt, data_root=tiny_data["root"], num_workers=1, use_gpu=True, overrides=val)
+    with pytest.raises(PreflightError, match=r"does not fit \(GPU: need 1, cluster has 0\)"):
+        run_evaluation(job, ckpt)  # it waited forever for a GPU
