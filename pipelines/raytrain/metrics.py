@@ -360,10 +360,17 @@ def format_record(r: dict[str, Any]) -> str | None:
     return None
 
 
+def format_duration(seconds: float) -> str:
+    """``H:MM:SS``, with the days in front past one (a 50-epoch COCO run takes days): ``3d 01:00:00``."""
+    days, rest = divmod(int(max(0.0, seconds)), 86400)
+    text = f"{rest // 3600:02d}:{rest % 3600 // 60:02d}:{rest % 60:02d}"
+    return f"{days}d {text}" if days else text
+
+
 def format_progress(r: dict[str, Any]) -> str:
     """One progress line: epoch, step/total, loss, images/s, and the ETA once enough steps were timed."""
     eta = r.get("eta_s")
-    eta_txt = "" if eta is None else "  ETA " + time.strftime("%H:%M:%S", time.gmtime(max(0.0, eta)))
+    eta_txt = "" if eta is None else f"  ETA {format_duration(eta)}"
     return (
         f"epoch {r['epoch'] + 1}/{r['epochs']}  step {r['step']}/{r['steps_per_epoch']}  "
         f"loss {r['loss']:.4f}  lr {r['lr']:.2e}  {r['images_per_s']:.1f} img/s{eta_txt}"

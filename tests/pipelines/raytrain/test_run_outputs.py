@@ -116,6 +116,17 @@ def _reporter(**train) -> tuple[object, list[dict]]:
     return StepReporter(Sink(), config, ctx, steps_per_epoch=50), sent
 
 
+def test_an_eta_past_a_day_counts_the_days():
+    from pipelines.raytrain.metrics import format_duration
+
+    assert [format_duration(s) for s in (59.6, 3723, 86399, 3 * 86400 + 3600)] == [
+        "00:00:59",
+        "01:02:03",
+        "23:59:59",
+        "3d 01:00:00",  # it read 01:00:00
+    ]
+
+
 def test_eta_waits_for_the_steady_rate():
     """Warm-up steps 30x slower than the rest give no ETA, and leave no trace in the one that follows."""
     from pipelines.raytrain.metrics import ETA_MIN_STEPS, ETA_WARMUP_STEPS
