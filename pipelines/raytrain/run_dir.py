@@ -89,8 +89,13 @@ class RunDir:
         lines = [json.dumps(r, default=_json_default) for r in records]
         if not lines:
             return
-        with self._lock, open(self.file(METRICS_FILE), "a") as f:
-            f.write("\n".join(lines) + "\n")
+        with self._lock, open(self.file(METRICS_FILE), "a+b") as f:  # "a": every write goes to the end
+            end = f.seek(0, os.SEEK_END)
+            if end:
+                f.seek(end - 1)
+                if f.read(1) != b"\n":
+                    f.write(b"\n")  # a line torn by a killed driver stays alone, not glued to the next record
+            f.write(("\n".join(lines) + "\n").encode())
 
     def read_metrics(self) -> list[dict[str, Any]]:
         return read_metrics(self.file(METRICS_FILE))

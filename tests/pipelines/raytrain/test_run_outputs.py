@@ -45,6 +45,8 @@ def test_metrics_jsonl_round_trip_and_torn_line(tmp_path):
     with open(run.file("metrics.jsonl"), "a") as f:
         f.write('{"kind": "step", "glo')  # a driver killed mid-write
     assert read_metrics(run.file("metrics.jsonl")) == [{"kind": "step", "global_step": 1, "x": 0.5}]
+    run.append_metrics([{"kind": "event", "event": "resume"}])  # the next session's first record is kept
+    assert [r["kind"] for r in read_metrics(run.file("metrics.jsonl"))] == ["step", "event"]
 
 
 def test_curves_and_drawn_images(tmp_path):
