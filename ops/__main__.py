@@ -1,13 +1,22 @@
 """``python -m ops build ARCH ...`` compiles the kernels into the cache ahead of time (e.g. in an image
 build, for sm_80 and sm_90; no GPU needed); ``python -m ops info`` says which path the op takes here
-(exit status 1 where MSDA_BACKEND=cuda asks for kernels it cannot have)."""
+(exit status 1 where MSDA_BACKEND=cuda or cpu asks for kernels it cannot have)."""
 
 import sys
 import time
 
 
 def main(argv: list[str]) -> int:
-    from ops import _cache, cuda_kernel_available, get_backend
+    try:
+        return _run(argv)
+    except ValueError as e:  # a bad MSDA_BACKEND, an arch that is none
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(argv: list[str]) -> int:
+    from ops import _cache, cpu_kernel_available, cuda_kernel_available, get_backend
+    from ops.cpu import build as cpu_build
     from ops.cuda import fused as cuda_fused
     from ops.cuda import unfused as cuda_unfused
 
@@ -45,15 +54,28 @@ def main(argv: list[str]) -> int:
         print(f"compiler: {nvrtc}")
         print(f"driver: {driver}")
         print(f"cache: {_cache.cache_root()}")
-        print("CUDA kernel: available" if ok else f"CUDA kernel: unavailable ({reason}); the PyTorch reference runs")
+        print(
+            "CUDA kernel: available" if ok else f"CUDA kernel: unavailable ({reason}); CUDA tensors run the reference"
+        )
         fused_ok, reason = cuda_fused.is_available()
         print(
             "fused kernel: available"
             if fused_ok
             else f"fused kernel: unavailable ({reason}); softmax and locations run in PyTorch"
         )
+        cpu_ok, cpu_reason = cpu_kernel_available()
+        print(
+            f"CPU kernel: available ({cpu_build.find_compiler()[0]})"
+            if cpu_ok
+            else f"CPU kernel: unavailable ({cpu_reason}); CPU tensors run the PyTorch reference"
+        )
         if backend == "cuda" and not (ok and fused_ok):  # what the op would refuse at its first call
             print("MSDA_BACKEND=cuda asks for the CUDA kernels and they are unavailable here", file=sys.stderr)
+            return 1
+        if backend == "cpu" and not cpu_ok:
+            print(
+                f"MSDA_BACKEND=cpu asks for the CPU kernel and it is unavailable here ({cpu_reason})", file=sys.stderr
+            )
             return 1
         return 0
     print("usage: python -m ops {info|build [ARCH ...]}", file=sys.stderr)

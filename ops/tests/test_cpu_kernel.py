@@ -326,3 +326,22 @@ def test_kernel_compiles_without_warnings(tmp_path):
     cmd = [cxx, *cpu_build.cxx_flags(), "-Wall", "-Wextra", "-o", str(tmp_path / "lib.so"), str(cpu_build.SOURCE)]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     assert proc.returncode == 0 and not proc.stderr.strip(), proc.stderr
+
+
+def test_ops_info_names_the_cpu_kernel_and_fails_where_msda_backend_cpu_cannot_have_it(monkeypatch, capsys):
+    import ops
+    from ops.__main__ import main
+
+    monkeypatch.delenv("MSDA_BACKEND", raising=False)
+    assert main(["info"]) == 0
+    assert "CPU kernel: available (" in capsys.readouterr().out
+    monkeypatch.setattr(ops, "cpu_kernel_available", lambda: (False, "no C++ compiler found"))
+    monkeypatch.setenv("MSDA_BACKEND", "cpu")
+    assert main(["info"]) == 1
+    err = capsys.readouterr().err
+    assert err == "MSDA_BACKEND=cpu asks for the CPU kernel and it is unavailable here (no C++ compiler found)\n"
+    monkeypatch.setenv("MSDA_BACKEND", "gpu")
+    assert main(["info"]) == 2
+    assert capsys.readouterr().err.startswith("error: MSDA_BACKEND must be one of ")
+    assert main(["build", "foo"]) == 2
+    assert capsys.readouterr().err == "error: arch must look like 'sm_90', '90' or '9.0', got 'foo'\n"
