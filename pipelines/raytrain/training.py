@@ -31,11 +31,11 @@ from pipelines.raytrain.preflight import (
 from pipelines.raytrain.run_datasets import DetectionDataConfig, PreparedData, prepare_data
 from pipelines.raytrain.run_dir import AP_TABLE_FILE, DATA_REPORT_FILE, RunDir, write_status
 from pipelines.raytrain.run_plots import write_final_outputs
-from pipelines.raytrain.state import SCORE_KEY
+from pipelines.raytrain.state import SCORE_KEY, resolve_checkpoint
 from pipelines.raytrain.tracking import MlflowTarget, RunSummary, Trackers
 from pipelines.raytrain.worker import train_loop_per_worker
 from pipelines.raytrain.worker_config import WorkerConfig
-from pipelines.storage import filesystem_for, is_remote, join_uri
+from pipelines.storage import filesystem_for, is_remote
 
 log = logging.getLogger(__name__)
 
@@ -230,7 +230,7 @@ def run_training(
         RunSummary(
             succeeded=error is None,
             final_ap=final_ap,
-            best_checkpoint=best_checkpoint_uri(result, run_dir),
+            best_checkpoint=best_checkpoint_uri(run_dir),
             images=[p for p in written if p.parent.name == "val_images"],
         )
     )
@@ -253,10 +253,14 @@ class Interrupted(RuntimeError):
     """A run stopped by Ctrl-C: its outputs and status are still written."""
 
 
-def best_checkpoint_uri(result: ray.train.Result | None, run_dir: RunDir) -> str | None:
-    """The URI of the run's best checkpoint (by SCORE_KEY), beside the run directory's files; None without one."""
-    best = result.get_best_checkpoint(SCORE_KEY, "max") if result is not None and result.best_checkpoints else None
-    return None if best is None else join_uri(run_dir.uri, os.path.basename(best.path.rstrip("/")))
+def best_checkpoint_uri(run_dir: RunDir) -> str | None:
+    """The URI of the run's best checkpoint (else its latest): the one evaluate.py and infer.py take for the
+    run directory, ties included (``resolve_checkpoint``); None without one."""
+    try:
+        best = resolve_checkpoint(run_dir.uri)
+    except (OSError, ValueError):  # no checkpoint yet, or no snapshot of them
+        return None
+    return None if best == run_dir.uri else best
 
 
 def _warner(out) -> Callable[[str], None]:

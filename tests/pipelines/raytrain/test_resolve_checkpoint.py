@@ -50,3 +50,14 @@ def test_a_run_without_a_checkpoint_is_named(tmp_path):
     (run / SNAPSHOT_FILE).write_text("{not json")
     with pytest.raises(ValueError, match="not a readable Ray Train checkpoint snapshot"):
         resolve_checkpoint(str(run))
+
+
+def test_the_runs_best_checkpoint_tag_names_the_checkpoint_evaluate_takes(tmp_path):
+    """MLflow's best_checkpoint tag and `evaluate.py --checkpoint RUN` agree, ties included (AP 0.0 twice)."""
+    from pipelines.raytrain.run_dir import RunDir
+    from pipelines.raytrain.training import best_checkpoint_uri
+
+    write_run(tmp_path / "tied", [("checkpoint_epoch0000", 0.0), ("checkpoint_epoch0001", 0.0)], "checkpoint_epoch0001")
+    assert best_checkpoint_uri(RunDir(str(tmp_path), "tied")) == str(tmp_path / "tied" / "checkpoint_epoch0001")
+    write_run(tmp_path / "empty", [], latest=None)
+    assert best_checkpoint_uri(RunDir(str(tmp_path), "empty")) is None
