@@ -24,6 +24,7 @@ A tracker that fails (package missing, server down) is switched off with one war
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -76,18 +77,32 @@ def tracked_scalars(record: dict[str, Any]) -> dict[str, float]:
 
 
 class TensorBoardTracker:
-    """Event files in the run directory's ``tensorboard/`` folder."""
+    """Event files in the run directory's ``tensorboard/`` folder.
+
+    Steps trained again (after a worker restart, or on resume from a checkpoint older than the last
+    step logged) replace the first attempt's: the writer starts a new file with ``purge_step``, and
+    TensorBoard hides the earlier events from that step on, as ``metrics.jsonl``'s readers keep the
+    replayed attempt.
+    """
 
     name = "tensorboard"
 
     def __init__(self, run_dir: RunDir, job: JobConfig) -> None:
         from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package (the tracking extra)
 
-        self.writer = SummaryWriter(log_dir=str(run_dir.file(TENSORBOARD_DIR)))
+        self._writer_at = functools.partial(SummaryWriter, log_dir=str(run_dir.file(TENSORBOARD_DIR)))
+        self.writer = self._writer_at()
         self.writer.add_text("config", "```\n" + job.model_dump_json(indent=2) + "\n```")
+        steps = [r["global_step"] for r in run_dir.read_metrics() if r.get("kind") == "step"]
+        self.last_step = max(steps, default=0)  # a resumed run's: logged by its earlier sessions
 
     def log(self, records: Sequence[dict[str, Any]]) -> None:
         for r in records:
+            if r.get("kind") == "step":
+                if r["global_step"] <= self.last_step:  # a replay: hide the first attempt from here on
+                    self.writer.close()
+                    self.writer = self._writer_at(purge_step=r["global_step"])
+                self.last_step = r["global_step"]
             for tag, value in tracked_scalars(r).items():
                 self.writer.add_scalar(tag, value, global_step=r["global_step"], walltime=r.get("time"))
         self.writer.flush()

@@ -115,6 +115,25 @@ def test_every_number_reaches_tensorboard_and_mlflow(tmp_path, monkeypatch):
     assert {"ap_table.md", "val_images"} <= artifacts
 
 
+def test_steps_trained_again_replace_the_first_attempt_in_tensorboard(tmp_path):
+    """A worker restart replays steps in one session; a resume from an older checkpoint in the next."""
+    run_dir, job = _run(tmp_path, "tensorboard")
+    first = Trackers.open(run_dir, job, print)
+    first.log([_step(1), _step(2), _step(3)])
+    first.log([_step(2) | {"loss": 20.0}, _step(3) | {"loss": 30.0}])  # restarted from step 1's checkpoint
+    first.finish(RunSummary(succeeded=False))
+    run_dir.append_metrics([_step(1), _step(2), _step(3)])  # what the pump wrote beside it
+    resumed = Trackers.open(run_dir, job, print)
+    resumed.log([_step(3) | {"loss": 300.0}, _step(4)])  # the next session, from step 2's checkpoint
+    resumed.finish(RunSummary(succeeded=True))
+    assert _scalars(run_dir)["train/loss"] == [
+        (1, pytest.approx(1.0)),
+        (2, pytest.approx(20.0)),
+        (3, pytest.approx(300.0)),
+        (4, pytest.approx(0.25)),
+    ]
+
+
 def test_a_resumed_run_goes_on_in_the_same_mlflow_run(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     run_dir, job = _run(tmp_path, "mlflow")
