@@ -134,10 +134,14 @@ def _section_model(annotation) -> type[BaseModel] | None:
     return None
 
 
-def check_field_name(name: str) -> None:
-    """Raises SpaceError unless ``name`` is a leaf field of JobConfig (``model.num_queries``) or the backbone mult."""
+def check_field_name(name: str) -> Any:
+    """The annotation of the training field ``name`` (``model.num_queries``; None for the backbone mult).
+
+    Raises:
+        SpaceError: ``name`` is no leaf field of JobConfig.
+    """
     if name == BACKBONE_MULT:
-        return
+        return None
     model: type[BaseModel] | None = JobConfig
     parts = name.split(".")
     for i, part in enumerate(parts):
@@ -147,20 +151,17 @@ def check_field_name(name: str) -> None:
         if part not in model.model_fields:
             known = sorted(model.model_fields)
             raise SpaceError(f"space.{name}: unknown training field {part!r} in {where} (known: {known})")
-        sub = _section_model(model.model_fields[part].annotation)
+        annotation = model.model_fields[part].annotation
+        sub = _section_model(annotation)
         if i + 1 < len(parts):
             model = sub
         elif sub is not None:
             raise SpaceError(f"space.{name}: is a section, not a field; name one of its fields")
+    return annotation
 
 
-def _takes_integers(name: str) -> bool:
-    """True when the training field ``name`` (a checked leaf) holds integers only: no float may go there."""
-    model: type[BaseModel] = JobConfig
-    *sections, leaf = name.split(".")
-    for part in sections:
-        model = _section_model(model.model_fields[part].annotation)
-    annotation = model.model_fields[leaf].annotation
+def _integers_only(annotation: Any) -> bool:
+    """True for a field annotation that holds integers only (``int``, ``int | None``): no float may go there."""
     kinds = {annotation, *typing.get_args(annotation)}
     return int in kinds and float not in kinds
 
@@ -228,11 +229,11 @@ def parse_space(space: dict[str, Any], base: dict[str, Any]) -> SearchSpace:
     domains: dict[str, Domain] = {}
     fixed: dict[str, Any] = {}
     for name, spec in flat.items():
-        check_field_name(name)
+        annotation = check_field_name(name)
         if isinstance(spec, dict):
             domains[name] = _parse_domain(name, spec)
             kind = domains[name].kind
-            if kind in ("uniform", "loguniform") and name != BACKBONE_MULT and _takes_integers(name):
+            if kind in ("uniform", "loguniform") and _integers_only(annotation):
                 raise SpaceError(f"space.{name}: {kind} samples floats, but {name} takes integers: use int [low, high]")
         else:
             fixed[name] = spec
