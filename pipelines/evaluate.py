@@ -31,8 +31,8 @@ from pipelines.console import console_logging
 from pipelines.job_config import ConfigError, JobConfig, eval_job_config
 from pipelines.raytrain.cluster import quiet_ray_warnings
 from pipelines.raytrain.errors import describe_failure
-from pipelines.raytrain.evaluation import load_for_eval, resolve_for_eval, resolve_out, run_evaluation
-from pipelines.raytrain.preflight import PreflightError
+from pipelines.raytrain.evaluation import resolve_out, run_evaluation
+from pipelines.raytrain.preflight import PreflightError, open_checkpoint_arg
 
 
 def config_from_args(ckpt: Checkpoint, args: argparse.Namespace) -> JobConfig:
@@ -89,10 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     try:
         out = resolve_out(args.out) if args.out else None
-        checkpoint = resolve_for_eval(args.checkpoint)
-        if checkpoint != args.checkpoint:
-            print(f"--checkpoint is a run directory; using {checkpoint.partition('?')[0]}", flush=True)
-        ckpt = load_for_eval(checkpoint)
+        checkpoint, ckpt = open_checkpoint_arg(args.checkpoint, "evaluate")
         job = config_from_args(ckpt, args)
         print(
             f"checkpoint {checkpoint.partition('?')[0]}: {ckpt.source_format}, {ckpt.config.variant()} "

@@ -189,11 +189,11 @@ def main(argv: list[str] | None = None) -> int:
         newest_opset,
     )
     from core.predictor import checkpoint_class_info, checkpoint_input_size
-    from pipelines.inference.job import load_checkpoint_for_inference, resolve_checkpoint_arg
+    from pipelines.raytrain.preflight import open_checkpoint_arg
     from pipelines.storage import write_bytes
 
     try:
-        ckpt = load_checkpoint_for_inference(resolve_checkpoint_arg(args.checkpoint, "export"))
+        _, ckpt = open_checkpoint_arg(args.checkpoint, "export")
         classes, input_size = checkpoint_class_info(ckpt), checkpoint_input_size(ckpt)
         model = build_detector(ckpt.config, load_backbone_weights=False)
         load_model_weights(model, ckpt.model)

@@ -28,6 +28,18 @@ REMOTE_SCHEMES = ("s3://", "gs://", "gcs://")
 
 _TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
 
+# Query options that are secrets: a message shows them as ***.
+KEY_OPTIONS = ("access_key", "secret_key", "session_token")
+
+
+def shown_uri(uri: str) -> str:
+    """``uri`` for a message or a log line: its query's keys (KEY_OPTIONS) as ``***``, the rest as written."""
+    base, sep, query = uri.partition("?")
+    if not query:
+        return uri
+    options = parse_qsl(query, keep_blank_values=True)
+    return base + sep + "&".join(f"{k}={'***' if k in KEY_OPTIONS else v}" for k, v in options)
+
 
 def _flag(text: str) -> bool:
     if text.lower() in _TRUE + _FALSE:
@@ -91,7 +103,7 @@ def local_path(uri: str | os.PathLike) -> str:
     if uri.startswith("file://"):
         uri = uri[len("file://") :]
     elif has_scheme(uri):
-        raise ValueError(f"expected a local path, got {uri!r}")
+        raise ValueError(f"expected a local path, got {shown_uri(uri)!r}")
     return os.path.abspath(os.path.expanduser(uri))
 
 
@@ -123,7 +135,7 @@ def filesystem_for(
         path = base.split("://", 1)[1]
         opts = _typed_options(scheme, opts, uri)
     elif has_scheme(uri) and not uri.startswith("file://"):
-        raise ValueError(f"unsupported URI scheme in {uri!r}: expected a local path, s3:// or gs://")
+        raise ValueError(f"unsupported URI scheme in {shown_uri(uri)!r}: expected a local path, s3:// or gs://")
     else:
         scheme, path, opts = "local", local_path(uri), {}
     key = (scheme, tuple(sorted(opts.items())))
@@ -147,12 +159,14 @@ def _typed_options(scheme: str, opts: dict[str, Any], uri: str) -> dict[str, Any
     for name, value in opts.items():
         if name not in known:
             written = uri.split("://", 1)[0]
-            raise ValueError(f"{uri}: {written}:// has no option {name!r}; it has {', '.join(sorted(known))}")
+            raise ValueError(
+                f"{shown_uri(uri)}: {written}:// has no option {name!r}; it has {', '.join(sorted(known))}"
+            )
         if isinstance(value, str):
             try:
                 value = known[name](value)
             except ValueError as e:
-                raise ValueError(f"{uri}: option {name}={value!r}: expected {_EXPECTED[known[name]]}") from e
+                raise ValueError(f"{shown_uri(uri)}: option {name}={value!r}: expected {_EXPECTED[known[name]]}") from e
         typed[name] = value
     return typed
 
@@ -205,10 +219,10 @@ def _one_version(uri: str, fs: pafs.FileSystem, path: str, read: Callable[[Any],
             problem: object = "it changed while being read"
         except OSError as e:
             if _not_found(e):
-                raise FileNotFoundError(f"{uri}: no such file") from e
+                raise FileNotFoundError(f"{shown_uri(uri)}: no such file") from e
             problem = e
         if attempt == retries - 1:
-            raise OSError(f"cannot read {uri} after {retries} attempts: {problem}") from (
+            raise OSError(f"cannot read {shown_uri(uri)} after {retries} attempts: {problem}") from (
                 problem if isinstance(problem, OSError) else None
             )
         time.sleep(0.2 * 2**attempt)

@@ -21,7 +21,6 @@ import pyarrow.compute as pc
 import ray
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from core.checkpoint import Checkpoint, read_checkpoint
 from core.predictor import InputSize, checkpoint_class_info, checkpoint_input_size, export_input_size
 from pipelines.inference.outputs import COCO_FILE, MANIFEST_FILE, OutputDir, OutputError, part_name
 from pipelines.inference.sources import ImageList, list_images
@@ -139,44 +138,6 @@ def load_onnx_for_inference(uri: str) -> tuple[bytes, InputSize]:
     return data, input_size
 
 
-def resolve_checkpoint_arg(uri: str, tool: str) -> str:
-    """The checkpoint a --checkpoint names: a run directory stands for its best (else latest) checkpoint,
-    which is printed; a file or checkpoint folder is itself.
-
-    Raises:
-        ValueError: one line naming --checkpoint (a run without a checkpoint, an unreachable bucket).
-    """
-    from pipelines.raytrain.state import resolve_checkpoint
-
-    try:
-        resolved = resolve_checkpoint(uri)
-    except (OSError, ValueError) as e:  # OSError: an unreachable endpoint, missing credentials
-        raise ValueError(f"--checkpoint {uri.partition('?')[0]!r}: {e}") from e
-    if resolved != uri:
-        print(f"{tool}: --checkpoint is a run directory; using {resolved.partition('?')[0]}", flush=True)
-    return resolved
-
-
-def _with_resolved_checkpoint(cfg: InferenceConfig) -> InferenceConfig:
-    """``cfg`` with a run directory given as --checkpoint replaced by its checkpoint, so that the output
-    records the checkpoint its rows came from."""
-    return cfg.model_copy(update={"checkpoint": resolve_checkpoint_arg(cfg.checkpoint, "infer")})
-
-
-def load_checkpoint_for_inference(uri: str) -> Checkpoint:
-    """The checkpoint's config, weights and metadata (no optimizer state), read on the driver."""
-    from pipelines.raytrain.state import fetch_checkpoint_file
-
-    tmp = tempfile.mkdtemp(prefix="ddetr-infer-ckpt-")
-    try:
-        ckpt = read_checkpoint(fetch_checkpoint_file(uri, tmp))
-    except (OSError, ValueError) as e:  # FileNotFoundError included
-        raise ValueError(f"--checkpoint {uri.partition('?')[0]!r} cannot be loaded: {e}") from e
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return Checkpoint(config=ckpt.config, model=ckpt.model, meta=ckpt.meta, source_format=ckpt.source_format)
-
-
 class Progress:
     """Counts rows as they arrive; prints a line every ``every_s`` seconds and builds the summary."""
 
@@ -242,8 +203,11 @@ def run_inference(cfg: InferenceConfig, images: ImageList | None = None) -> dict
     """
     images = images or list_images(cfg.input, cfg.glob)
     if cfg.engine == "torch":
-        cfg = _with_resolved_checkpoint(cfg)
-        model: Checkpoint | bytes = load_checkpoint_for_inference(cfg.checkpoint)
+        from pipelines.raytrain.preflight import open_checkpoint_arg
+
+        # A run directory is replaced by its checkpoint: the output records the checkpoint its rows came from.
+        checkpoint, model = open_checkpoint_arg(cfg.checkpoint, "infer")
+        cfg = cfg.model_copy(update={"checkpoint": checkpoint})
         input_size = checkpoint_input_size(model)
         checkpoint_class_info(model)  # metadata errors surface here, on the driver, not in every actor
         what = f"checkpoint {model.source_format}"
@@ -295,7 +259,7 @@ def run_inference(cfg: InferenceConfig, images: ImageList | None = None) -> dict
 
 def _run_pipeline(
     cfg: InferenceConfig,
-    model: Checkpoint | bytes,
+    model,
     input_size: InputSize,
     images: ImageList,
     todo: list[str],

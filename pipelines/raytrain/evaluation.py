@@ -8,7 +8,7 @@ import time
 
 import ray
 
-from core.checkpoint import Checkpoint, read_checkpoint
+from core.checkpoint import Checkpoint
 from core.evaluation import AP_KEYS, format_ap_table
 from pipelines.data.report import data_report, format_data_report
 from pipelines.job_config import JobConfig
@@ -20,37 +20,14 @@ from pipelines.raytrain.preflight import (
     check_resources,
     check_writable,
     storage_root,
-    with_timeout,
 )
 from pipelines.raytrain.run_datasets import prepare_data
 from pipelines.raytrain.run_dir import AP_TABLE_FILE, DATA_REPORT_FILE, RunDir
 from pipelines.raytrain.run_plots import draw_detections
-from pipelines.raytrain.state import fetch_checkpoint_file, resolve_checkpoint
 from pipelines.raytrain.training import build_trainer
 from pipelines.raytrain.worker_config import DatasetFacts
 from pipelines.raytrain.worker_eval import eval_loop_per_worker
 from pipelines.storage import absolute, split_uri
-
-
-def resolve_for_eval(uri: str, timeout_s: float = 120.0) -> str:
-    """The checkpoint ``--checkpoint`` names: a run directory stands for its best checkpoint, else its
-    latest (``resolve_checkpoint``); anything else for itself."""
-    try:
-        return with_timeout(lambda: resolve_checkpoint(uri), timeout_s, f"--checkpoint {uri!r}")
-    except (OSError, ValueError) as e:
-        raise PreflightError(f"--checkpoint {uri!r}: {e}") from e
-
-
-def load_for_eval(uri: str, timeout_s: float = 120.0) -> Checkpoint:
-    """Reads a checkpoint (file or run checkpoint folder; local, http(s), s3://, gs://) on the driver."""
-    tmp = tempfile.mkdtemp(prefix="ddetr-evalckpt-")
-    try:
-        path = with_timeout(lambda: fetch_checkpoint_file(uri, tmp), timeout_s, f"--checkpoint {uri!r}")
-        return read_checkpoint(path)
-    except (FileNotFoundError, OSError, ValueError) as e:
-        raise PreflightError(f"--checkpoint {uri!r} cannot be loaded: {e}") from e
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def trained_label_map(facts: DatasetFacts, ckpt: Checkpoint) -> DatasetFacts:

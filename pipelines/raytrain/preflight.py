@@ -18,7 +18,8 @@ from typing import Any, TypeVar
 
 import pyarrow.fs as pafs
 
-from pipelines.job_config import JobConfig
+from core.checkpoint import Checkpoint, read_checkpoint
+from pipelines.job_config import ConfigError, JobConfig
 from pipelines.raytrain.cluster import in_ray_job
 from pipelines.raytrain.run_dir import SNAPSHOT_FILE
 from pipelines.storage import absolute, file_type, filesystem_for, has_scheme, is_remote, join_uri, local_path
@@ -53,6 +54,40 @@ def with_timeout(fn: Callable[[], T], timeout_s: float, what: str) -> T:
     if "error" in box:
         raise box["error"]
     return box["value"]
+
+
+def open_checkpoint_arg(uri: str, tool: str, timeout_s: float = 120.0) -> tuple[str, Checkpoint]:
+    """Reads, on the driver, the checkpoint a tool's ``--checkpoint`` names: a run directory stands for its
+    best (else latest) checkpoint (``resolve_checkpoint``), printed as ``<tool>: --checkpoint is a run
+    directory; using ...``; a file or a run's checkpoint folder (a path, http(s), s3://, gs://) for itself.
+
+    Returns:
+        The checkpoint's URI, and its config, weights and metadata (the optimizer state left out).
+
+    Raises:
+        ConfigError: one line naming --checkpoint without its query (it may hold keys): a run directory
+            without a checkpoint, no answer from its endpoint within ``timeout_s``, not a checkpoint.
+    """
+    from pipelines.raytrain.state import fetch_checkpoint_file, resolve_checkpoint
+
+    shown = f"--checkpoint {uri.partition('?')[0]!r}"
+    try:
+        resolved = with_timeout(lambda: resolve_checkpoint(uri), timeout_s, shown)
+    except PreflightError as e:  # no answer in time
+        raise ConfigError(str(e)) from e
+    except (OSError, ValueError) as e:  # OSError: an unreachable endpoint, missing credentials
+        raise ConfigError(f"{shown}: {e}") from e
+    if resolved != uri:
+        print(f"{tool}: --checkpoint is a run directory; using {resolved.partition('?')[0]}", flush=True)
+        shown = f"--checkpoint {resolved.partition('?')[0]!r}"
+    tmp = tempfile.mkdtemp(prefix="ddetr-ckpt-arg-")
+    try:  # no timeout: the endpoint answered, and a large checkpoint may take minutes to download
+        ckpt = read_checkpoint(fetch_checkpoint_file(resolved, tmp))
+    except (OSError, ValueError) as e:  # FileNotFoundError included
+        raise ConfigError(f"{shown} cannot be loaded: {e}") from e
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return resolved, Checkpoint(config=ckpt.config, model=ckpt.model, meta=ckpt.meta, source_format=ckpt.source_format)
 
 
 def default_run_name(job: JobConfig) -> str:

@@ -99,3 +99,21 @@ def test_a_read_racing_an_overwrite_gets_one_whole_version(seaweedfs_server, tmp
     for versions_read in seen.values():  # the reads overlapped the writes
         assert len(set(versions_read)) >= 3, (seen, changing)
     assert read_bytes(uri) == _version(versions - 1)
+
+
+def test_messages_show_the_keys_of_a_uri_as_stars(seaweedfs_server, capsys):
+    """Keys written into a bucket URI's query reach the server, never a message: a missing checkpoint
+    given to the three tools that read one (evaluate, export, infer share its reading)."""
+    from pipelines import evaluate, export
+
+    missing = join_uri(_base(seaweedfs_server), "runs", "missing.pt")
+    secret = seaweedfs_server.options["secret_key"]
+    try:
+        read_bytes(missing)
+    except FileNotFoundError as e:
+        message = str(e)
+    assert "secret_key=***" in message and secret not in message, message
+    assert evaluate.main(["--checkpoint", missing]) == 2
+    assert export.main(["--checkpoint", missing, "--format", "onnx", "--output", "unused.onnx"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 2 and err.count("no such file") == 2 and secret not in err, err

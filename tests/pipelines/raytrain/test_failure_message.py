@@ -24,7 +24,7 @@ def test_describe_failure_names_the_first_failed_worker():
 
 def test_evaluate_cli_reports_a_failed_fit(monkeypatch, capsys):
     ckpt = SimpleNamespace(source_format="ours", config=SimpleNamespace(variant=lambda: "deformable"))
-    monkeypatch.setattr(evaluate, "load_for_eval", lambda uri: ckpt)
+    monkeypatch.setattr(evaluate, "open_checkpoint_arg", lambda uri, tool: (uri, ckpt))
     monkeypatch.setattr(evaluate, "config_from_args", lambda c, a: load_job_config(preset="tiny"))
 
     def fail(*args, **kwargs):

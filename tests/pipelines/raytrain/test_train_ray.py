@@ -110,15 +110,15 @@ def test_evaluate_reproduces_the_training_ap(two_epoch_run):
     """Given the run directory, evaluation scores its best epoch's checkpoint (ties: the later epoch)."""
     from pipelines.evaluate import config_from_args as eval_config_from_args
     from pipelines.evaluate import parse_args
-    from pipelines.raytrain.evaluation import load_for_eval, resolve_for_eval, run_evaluation
+    from pipelines.raytrain.evaluation import run_evaluation
+    from pipelines.raytrain.preflight import open_checkpoint_arg
 
     evals = _kinds(two_epoch_run.run_dir.read_metrics(), "eval")
     best = max(evals, key=lambda r: (r["AP"], r["epoch"]))
     out = two_epoch_run.run_dir.path / "eval_out"
     args = parse_args(["--checkpoint", str(two_epoch_run.run_dir.path), "--num-workers", "2", "--out", str(out)])
-    checkpoint = resolve_for_eval(args.checkpoint)
+    checkpoint, ckpt = open_checkpoint_arg(args.checkpoint, "evaluate")
     assert checkpoint == str(two_epoch_run.run_dir.path / f"checkpoint_epoch{best['epoch']:04d}")
-    ckpt = load_for_eval(checkpoint)
     stats = run_evaluation(eval_config_from_args(ckpt, args), ckpt, out_dir=args.out)
     assert stats["num_eval_images"] == 5
     for k in two_epoch_run.final_ap:
@@ -237,7 +237,8 @@ def test_evaluate_an_authors_checkpoint(ray_local, tmp_path, tiny_data):
     from core.build import build_model
     from pipelines.evaluate import config_from_args as eval_config_from_args
     from pipelines.evaluate import parse_args
-    from pipelines.raytrain.evaluation import load_for_eval, run_evaluation
+    from pipelines.raytrain.evaluation import run_evaluation
+    from pipelines.raytrain.preflight import open_checkpoint_arg
 
     job = load_job_config(preset="tiny", overrides=["model.num_classes=91"])
     model, _, _ = build_model(job.detr_config())
@@ -263,7 +264,7 @@ def test_evaluate_an_authors_checkpoint(ray_local, tmp_path, tiny_data):
             "1",
         ]
     )
-    ckpt = load_for_eval(args.checkpoint)
+    _, ckpt = open_checkpoint_arg(args.checkpoint, "evaluate")
     assert ckpt.source_format == "authors"
     eval_job = eval_config_from_args(ckpt, args)
     assert eval_job.data.category_ids == "raw" and eval_job.model.num_classes == 91
