@@ -213,12 +213,25 @@ def build_train_state(
         )
         state.epoch_images = state.epoch_step * step_images
         log.info("rank %d resumes after epoch %d, at step %d of the next", ctx.rank, state.epoch, state.epoch_step)
+        saved_step = state.scheduler.last_epoch
         if realign_lr_scheduler(state.scheduler, state.start_epoch * epoch_steps + state.epoch_step, base_lrs):
             notes.append(
-                f"workers or steps per epoch changed since the checkpoint (now {ctx.world_size} workers, "
-                f"{epoch_steps} steps): lr schedule realigned to epoch {state.start_epoch}, step {state.epoch_step}"
+                realign_note(saved_step, state.scheduler.last_epoch, state.start_epoch, epoch_steps, ctx.world_size)
             )
     return state, criterion.to(ctx.device), postprocessor.to(ctx.device), notes
+
+
+def realign_note(saved_step: int, step: int, epoch: int, epoch_steps: int, world_size: int) -> str:
+    """The console's line for a resume whose lr schedule ``realign_lr_scheduler`` moved from the
+    checkpoint's optimizer step ``saved_step`` to ``step`` (epoch ``epoch``), or only rescaled."""
+    where = f"epoch {epoch}, step {step - epoch * epoch_steps} of {epoch_steps} on {world_size} workers"
+    if saved_step == step:
+        return f"lr rescaled for {world_size} workers ({where})"
+    return (
+        f"lr schedule moved from optimizer step {saved_step} to {step} ({where}): another worker count, "
+        "batch size or grad_accum_steps than the checkpoint's, or images skipped while decoding ended an "
+        "epoch early"
+    )
 
 
 def step_checkpoint_metrics(state: TrainState, reason: str) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from pipelines.engine import (
     steps_per_epoch,
 )
 from pipelines.job_config import ConfigError, load_job_config
+from pipelines.raytrain.worker import realign_note
 
 
 def test_worker_range_in_the_config():
@@ -82,6 +83,9 @@ def test_resume_on_fewer_workers_rebases_and_realigns_the_schedule():
     opt4.load_state_dict(state["optimizer"])
     sched4.load_state_dict(state["scheduler"])
     assert realign_lr_scheduler(sched4, 1 * 8, base4)
+    assert realign_note(4, sched4.last_epoch, 1, 8, 4).startswith(
+        "lr schedule moved from optimizer step 4 to 8 (epoch 1, step 0 of 8 on 4 workers): another worker count"
+    )
     expected = [b * lr_factor(1.0, train) for b in base4]
     assert [g["lr"] for g in opt4.param_groups] == pytest.approx(expected)
     assert opt4.param_groups[0]["lr"] == pytest.approx(train.lr / 2 * lr_factor(1.0, train))
