@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -177,9 +177,7 @@ def parse_instances(js: Any, *, source: str = "<json>", box_edge_tolerance: floa
     for i, c in enumerate(js["categories"]):
         cid = _int(c.get("id")) if isinstance(c, dict) else None
         if cid is None or cid < 0 or not isinstance(c.get("name"), str):
-            raise BadInputError(
-                f"{source}: category #{i} needs an integer id in 0..2^63-1 and a name, got {c!r}"
-            )
+            raise BadInputError(f"{source}: category #{i} needs an integer id in 0..2^63-1 and a name, got {c!r}")
         categories.append({"id": cid, "name": c["name"], "supercategory": c.get("supercategory", "")})
     cat_ids = {c["id"] for c in categories}
     if len(cat_ids) != len(categories):

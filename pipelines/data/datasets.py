@@ -24,16 +24,14 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from pipelines.data.batching import SAMPLE_SCHEMA
+from pipelines.data.categories import CategoryMap
 from pipelines.data.coco import (
     ROW_SCHEMA,
     BadInputError,
     BadInputSummary,
-    CocoIndex,
     attach_image_bytes,
-    load_coco,
     load_json,
 )
-from pipelines.data.categories import CategoryMap
 from pipelines.data.data_config import DataConfig, Split
 from pipelines.data.index import load_index
 from pipelines.data.parquet import MANIFEST_VERSION, manifest_uri

@@ -52,5 +52,7 @@ def format_data_report(report: Mapping[str, Any], on_bad_input: str) -> str:
         for kind, n in sorted(r.get("fixed", {}).items()):
             lines.append(f"    {kind}: {n} (repaired, kept)")
         for kind, n in sorted(r.get("flagged", {}).items()):
-            lines.append(f"    {kind}: {n} (kept, {FLAG_NOTES.get(kind, 'check them')})  e.g. {'; '.join(r['examples'].get(kind, []))}")
+            lines.append(
+                f"    {kind}: {n} (kept, {FLAG_NOTES.get(kind, 'check them')})  e.g. {'; '.join(r['examples'].get(kind, []))}"
+            )
     return "\n".join(lines)
