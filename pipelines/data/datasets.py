@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,17 +52,26 @@ class BadInputLedger:
     def __init__(self) -> None:
         self._summary = BadInputSummary()
         self._seen: set[tuple[str, str]] = set()
+        self._found: dict[str, list[tuple[str, str]]] = {"skipped": [], "flagged": []}
 
     def record(self, items: list[tuple[str, str]], flagged: list[tuple[str, str]] = ()) -> None:
         """Skipped input (``items``) and input kept but worth a look (``flagged``), as (kind, identity)."""
-        for add, pairs in ((self._summary.add, items), (self._summary.flag, flagged)):
+        for add, pairs, found in (
+            (self._summary.add, items, self._found["skipped"]),
+            (self._summary.flag, flagged, self._found["flagged"]),
+        ):
             for kind, ident in pairs:
                 if (kind, ident) not in self._seen:  # every epoch decodes every image again
                     self._seen.add((kind, ident))
+                    found.append((kind, ident))
                     add(kind, ident)
 
     def summary(self) -> dict[str, Any]:
         return self._summary.to_dict()
+
+    def found(self) -> dict[str, list[tuple[str, str]]]:
+        """Every (kind, identity) recorded, skipped and flagged: what a resumed run's ledger starts from."""
+        return {k: list(v) for k, v in self._found.items()}
 
 
 @ray.remote(num_cpus=0)
@@ -113,6 +123,17 @@ class DatasetInfo:
         if self.ledger is None:
             return self.bad_input
         return self.bad_input.merge(BadInputSummary.from_dict(ray.get(self.ledger.summary.remote())))
+
+    def found_while_decoding(self) -> dict[str, list[tuple[str, str]]]:
+        """Every input skipped or flagged inside decode tasks so far, as (kind, identity) pairs."""
+        return {} if self.ledger is None else ray.get(self.ledger.found.remote())
+
+    def restore_found(self, found: Mapping[str, Sequence[Sequence[str]]]) -> None:
+        """Records what an earlier session of the run found while decoding (``found_while_decoding``), so
+        that the report covers the whole run; later epochs that meet the same input do not count it twice."""
+        if self.ledger is not None and found:
+            pairs = {k: [(str(kind), str(ident)) for kind, ident in found.get(k, ())] for k in ("skipped", "flagged")}
+            ray.get(self.ledger.record.remote(pairs["skipped"], pairs["flagged"]))
 
     def to_dict(self) -> dict[str, Any]:
         return {

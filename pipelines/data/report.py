@@ -23,19 +23,27 @@ def data_report(infos: Mapping[str, Any]) -> dict[str, Any]:
             of the epochs run so far, so call this again when the run ends.
 
     Returns:
-        {split: {"source", "num_images", "skipped", "counts", "examples", "fixed", "flagged"}}:
-        `num_images` passed the annotation and file checks; `skipped` is the total of `counts` (images
-        and annotations by kind); `fixed` counts silent-safe repairs such as boxes clipped to the image;
-        `flagged` counts images kept as they are but worth a look (an EXIF orientation tag).
+        {split: {"source", "num_images", "skipped", "counts", "examples", "fixed", "flagged",
+        "found_while_decoding"}}: `num_images` passed the annotation and file checks; `skipped` is the
+        total of `counts` (images and annotations by kind); `fixed` counts silent-safe repairs such as
+        boxes clipped to the image; `flagged` counts images kept as they are but worth a look (an EXIF
+        orientation tag); `found_while_decoding` lists every (kind, file) skipped or flagged while
+        reading pixels, which a resumed run starts from (``DatasetInfo.restore_found``).
     """
     out = {}
     for split, info in infos.items():
         try:
-            bad = info.bad_input_report()
+            bad, found = info.bad_input_report(), info.found_while_decoding()
         except Exception as e:  # the ledger actor is gone: report what was found before reading pixels
             log.warning("%s: bad input found while decoding is unavailable (%s)", split, e)
-            bad = info.bad_input
-        out[split] = {"source": info.source, "num_images": info.num_images, "skipped": bad.total, **bad.to_dict()}
+            bad, found = info.bad_input, {}
+        out[split] = {
+            "source": info.source,
+            "num_images": info.num_images,
+            "skipped": bad.total,
+            **bad.to_dict(),
+            "found_while_decoding": found,
+        }
     return out
 
 

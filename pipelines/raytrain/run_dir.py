@@ -5,7 +5,8 @@ Written by one process, the driver, whichever nodes the workers run on. Layout
 
     config.json        the resolved JobConfig
     status.json        "running", "finished" or "failed" (with the error), rewritten as the run goes
-    data_report.json   per split: images used, bad input skipped (data.on_bad_input=skip) by kind, examples
+    data_report.json   per split: images used, bad input skipped (data.on_bad_input=skip) by kind, examples,
+                       every file skipped or flagged while decoding (all sessions of a resumed run)
     metrics.jsonl      one JSON object a line: kind "step" | "epoch" | "eval" | "event"
     ap_table.md        the final COCO AP table
     loss.png, ap.png   curves
@@ -109,11 +110,11 @@ class RunDir:
         pafs.copy_files(str(self.path), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
 
     def _pull(self) -> None:
-        # Resuming a bucket run: fetch its earlier metrics so the curves cover the whole run (and its
-        # MLflow run's id, so that tracking goes on in it). The bucket is the record, not a staging
+        # Resuming a bucket run: fetch its earlier metrics so the curves cover the whole run, its data
+        # report (the images skipped so far), and its MLflow run's id, so that tracking goes on in it. The bucket is the record, not a staging
         # folder left here: another machine may have gone on with the run since this one staged it.
         fs, path = filesystem_for(self.uri)
-        for rel in (METRICS_FILE, CONFIG_FILE, MLFLOW_RUN_FILE):
+        for rel in (METRICS_FILE, CONFIG_FILE, MLFLOW_RUN_FILE, DATA_REPORT_FILE):
             info = fs.get_file_info(f"{path}/{rel}")
             if info.type == pafs.FileType.File:
                 with fs.open_input_stream(info.path) as src, open(self.file(rel), "wb") as dst:

@@ -4,6 +4,7 @@ and the one place a ``TorchTrainer`` is built: training, evaluation and Tune tri
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import sys
@@ -138,6 +139,17 @@ def write_data_report(data: PreparedData, run_dir: RunDir) -> dict[str, Any]:
     return report
 
 
+def restore_data_report(data: PreparedData, run_dir: RunDir) -> None:
+    """Gives a resumed run's ledgers what its data_report.json lists as found while decoding."""
+    path = run_dir.file(DATA_REPORT_FILE)
+    try:
+        earlier = json.loads(path.read_text()) if path.is_file() else {}
+        for split, info in data.infos.items():
+            info.restore_found((earlier.get(split) or {}).get("found_while_decoding") or {})
+    except (OSError, ValueError, TypeError, AttributeError) as e:  # unreadable: this session's findings only
+        log.warning("%s: the earlier sessions' findings cannot be read (%s)", path, e)
+
+
 def _workers_text(t) -> str:
     """ "8", or "4-8" for an elastic run."""
     return f"{t.min_workers}-{t.max_workers}" if t.elastic else str(t.max_workers)
@@ -175,6 +187,8 @@ def run_training(
     data = prepare_data(job, start_epoch=0 if last_epoch is None else last_epoch + 1)
 
     run_dir = RunDir(job.train.storage_path, job.train.name).mkdir()
+    if last_epoch is not None:  # the images earlier sessions skipped while decoding stay in the report
+        restore_data_report(data, run_dir)
     run_dir.write_json(CONFIG_FILE, job.model_dump(mode="json"))
     write_status(run_dir, "running")
     _say(out, f"run {job.train.name}: {run_dir.uri}")

@@ -13,7 +13,7 @@ from pipelines.job_config import load_job_config
 from pipelines.raytrain.preflight import preflight
 from pipelines.raytrain.run_datasets import prepare_data
 from pipelines.raytrain.run_dir import DATA_REPORT_FILE, RunDir
-from pipelines.raytrain.training import write_data_report
+from pipelines.raytrain.training import restore_data_report, write_data_report
 
 pytestmark = pytest.mark.ray
 
@@ -76,3 +76,13 @@ def test_skipped_bad_input_is_reported_and_saved(ray_local, tmp_path, tiny_data,
     assert truncated in final["examples"]["undecodable_image"][0]
     assert final["flagged"] == {"exif_orientation": 1} and tagged in final["examples"]["exif_orientation"][0]
     assert "exif_orientation: 1 (kept, pixels used as stored" in format_data_report({"train": final}, "skip")
+
+    # A resume: the next session's ledgers start from the report, and meeting the same files again in its
+    # epochs does not count them twice.
+    write_data_report(data, run_dir)
+    resumed = prepare_data(job, start_epoch=1)
+    restore_data_report(resumed, run_dir)
+    assert data_report(resumed.infos)["train"]["counts"] == final["counts"]
+    list(iter_batches(resumed.datasets["train"], 4, device="cpu"))
+    again = data_report(resumed.infos)["train"]
+    assert (again["counts"], again["flagged"]) == (final["counts"], final["flagged"])
