@@ -18,8 +18,10 @@ single override path (``apply_overrides``).
 from __future__ import annotations
 
 import copy
+import difflib
 import json
 import os
+import typing
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -336,16 +338,56 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
-def format_validation_error(err: ValidationError) -> str:
-    """One line per bad field: ``train.lr: Input should be greater than 0 (got -1)``."""
-    lines = []
+def format_validation_error(err: ValidationError, model: type[BaseModel] | None = None) -> str:
+    """One line per bad field: ``train.lr: Input should be greater than 0 (got -1)``; a field of several
+    accepted forms (``train.num_workers``: a count or a [min, max] range) gets one line for all of them;
+    with ``model`` (the class validated), a field it does not have is named with the fields it has."""
+    by_field: dict[str, list[str]] = {}
+    shown: dict[str, Any] = {}
     for e in err.errors():
-        loc = ".".join(str(part) for part in e["loc"]) or "<config>"
-        msg = e["msg"]
+        loc = list(e["loc"])
+        while loc and isinstance(loc[-1], str) and _is_union_member(loc[-1]):
+            loc.pop()  # pydantic's tag for one form of a union: the field is the part before it
+        field = ".".join(str(part) for part in loc) or "<config>"
+        msg = e["msg"].removeprefix("Value error, ")
+        known = _fields_at(model, loc[:-1]) if e["type"] == "extra_forbidden" and model is not None else []
+        if known:
+            close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+            section = ".".join(map(str, loc[:-1])) or "the config"
+            msg = f"no such field{f' (did you mean {close[0]}?)' if close else ''}; {section} has {', '.join(known)}"
+        if msg not in by_field.setdefault(field, []):
+            by_field[field].append(msg)
         if e["type"] not in ("missing", "extra_forbidden") and "input" in e and not isinstance(e["input"], dict):
-            msg += f" (got {e['input']!r})"
-        lines.append(f"{loc}: {msg}")
+            shown[field] = e["input"]
+    lines = []
+    for field, msgs in by_field.items():
+        text = "; or ".join(msgs)
+        if field in shown and not any(f"got {v}" in text for v in (shown[field], repr(shown[field]))):
+            text += f" (got {shown[field]!r})"
+        lines.append(f"{field}: {text}")
     return "\n".join(lines)
+
+
+def _is_union_member(part: str) -> bool:
+    """``int``, ``tuple[int, int]``, ``function-after[...]``: how pydantic names a union's forms in a location."""
+    return "[" in part or part in ("int", "float", "str", "bool", "none", "list", "dict", "tuple")
+
+
+def section_model(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic section class behind a field's annotation (``X``, ``X | None``), else None."""
+    for candidate in (annotation, *typing.get_args(annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
+
+
+def _fields_at(model: type[BaseModel] | None, loc: Sequence[Any]) -> list[str]:
+    """The field names of the section at ``loc`` in ``model`` (empty where ``loc`` names no section)."""
+    for part in loc:
+        if model is None or not isinstance(part, str) or part not in model.model_fields:
+            return []
+        model = section_model(model.model_fields[part].annotation)
+    return sorted(model.model_fields) if model is not None else []
 
 
 def validate_job_config(data: dict[str, Any]) -> JobConfig:
@@ -353,7 +395,7 @@ def validate_job_config(data: dict[str, Any]) -> JobConfig:
     try:
         return JobConfig.model_validate(data)
     except ValidationError as e:
-        raise ConfigError("invalid config:\n" + format_validation_error(e)) from None
+        raise ConfigError("invalid config:\n" + format_validation_error(e, JobConfig)) from None
 
 
 def load_job_config(

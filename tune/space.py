@@ -22,7 +22,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from pipelines.job_config import ConfigError, JobConfig, validate_job_config
+from pipelines.job_config import ConfigError, JobConfig, section_model, validate_job_config
 
 DOMAIN_KINDS = ("loguniform", "uniform", "int", "choice", "grid")
 BACKBONE_MULT = "train.lr_backbone_mult"  # searched as a multiple of train.lr, written to train.lr_backbone
@@ -126,14 +126,6 @@ def flatten_space(space: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _section_model(annotation) -> type[BaseModel] | None:
-    """The pydantic section class behind a field's annotation (``X``, ``X | None``), else None."""
-    for candidate in (annotation, *typing.get_args(annotation)):
-        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
-            return candidate
-    return None
-
-
 def check_field_name(name: str) -> Any:
     """The annotation of the training field ``name`` (``model.num_queries``; None for the backbone mult).
 
@@ -152,7 +144,7 @@ def check_field_name(name: str) -> Any:
             known = sorted(model.model_fields)
             raise SpaceError(f"space.{name}: unknown training field {part!r} in {where} (known: {known})")
         annotation = model.model_fields[part].annotation
-        sub = _section_model(annotation)
+        sub = section_model(annotation)
         if i + 1 < len(parts):
             model = sub
         elif sub is not None:

@@ -167,7 +167,7 @@ def validate_sweep_config(data: dict[str, Any]) -> SweepConfig:
     try:
         return SweepConfig.model_validate(data)
     except ValidationError as e:
-        raise ConfigError("invalid sweep config:\n" + format_validation_error(e)) from None
+        raise ConfigError("invalid sweep config:\n" + format_validation_error(e, SweepConfig)) from None
 
 
 def load_sweep_config(config_file: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()):

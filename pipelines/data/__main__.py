@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         p.error(str(e))
     except ValidationError as e:
-        p.error(format_validation_error(e).replace("\n", "; "))
+        p.error(format_validation_error(e, DataConfig).replace("\n", "; "))
     if cfg.parquet_dir is None:
         p.error("parquet_dir=... is required: the folder or bucket prefix the shards are written to")
     for split in args.split:
