@@ -351,16 +351,18 @@ def _run_pipeline(
 def write_manifest(out: OutputDir) -> dict[str, Any]:
     """The manifest of every part present (rows, detections, failures by kind); rewritten only if it changed."""
     old = out.read(MANIFEST_FILE)
-    # A part never changes once written, so the previous manifest's entries stand; only new parts are read.
+    # A job never rewrites a part, so the previous manifest's entries of parts of the same size stand; new
+    # parts are read, and so is one written again under its name (deleted by hand to redo its images).
     known = {p["file"]: p for p in json.loads(old)["parts"]} if old else {}
     parts, errors = [], Counter()
-    for name in out.part_files():
+    for name, size in out.part_sizes().items():
         entry = known.get(name)
-        if entry is None:
+        if entry is None or entry.get("bytes") != size:
             t = out.read_part(name, ["uri", "scores", "error_kind"])
             kinds = Counter(k for k in t.column("error_kind").to_pylist() if k is not None)
             detections = sum(len(s) for s in t.column("scores").to_pylist())
-            entry = {"file": name, "rows": t.num_rows, "detections": detections, "failed": dict(sorted(kinds.items()))}
+            failed = dict(sorted(kinds.items()))
+            entry = {"file": name, "bytes": size, "rows": t.num_rows, "detections": detections, "failed": failed}
         errors.update(entry["failed"])
         parts.append(entry)
     manifest = {

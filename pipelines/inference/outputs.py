@@ -80,14 +80,18 @@ class OutputDir:
 
     # ------------------------------------------------------------------ reading
 
-    def _files(self) -> list[str]:
+    def _files(self) -> dict[str, int]:
+        """Name -> size of every file in the folder (none of its subfolders), by name."""
         selector = pafs.FileSelector(self.path, recursive=False, allow_not_found=True)
-        return sorted(
-            fi.path.rsplit("/", 1)[-1] for fi in self.fs.get_file_info(selector) if fi.type == pafs.FileType.File
-        )
+        found = self.fs.get_file_info(selector)
+        return dict(sorted((fi.path.rsplit("/", 1)[-1], fi.size) for fi in found if fi.type == pafs.FileType.File))
+
+    def part_sizes(self) -> dict[str, int]:
+        """Name -> size of each part file."""
+        return {n: size for n, size in self._files().items() if n.startswith(PART_PREFIX) and n.endswith(PART_SUFFIX)}
 
     def part_files(self) -> list[str]:
-        return [n for n in self._files() if n.startswith(PART_PREFIX) and n.endswith(PART_SUFFIX)]
+        return list(self.part_sizes())
 
     def read(self, rel: str) -> bytes | None:
         """A file's bytes, None when it does not exist."""

@@ -11,6 +11,7 @@ from run_dirs import write_run
 from s3_servers import CREDENTIALS, free_ports
 
 from pipelines.infer import main
+from pipelines.inference.job import write_manifest
 from pipelines.inference.outputs import OutputDir, OutputError, part_name
 from pipelines.inference.sources import InputError, list_images
 from pipelines.inference.steps import RESULT_SCHEMA
@@ -83,6 +84,20 @@ def _rows(*uris):
     cols.update(scores=[[0.5]] * n, labels=[[1]] * n, names=[["a"]] * n, error=[None] * n, error_kind=[None] * n)
     cols["exif_orientation"] = [1] * n
     return pa.table(cols, schema=RESULT_SCHEMA)
+
+
+def test_the_manifest_follows_a_part_written_again(tmp_path):
+    """A part deleted by hand (to redo its images) and written again by the next run has the same name:
+    the manifest counts what it holds now, not the first write's failure."""
+    out = OutputDir(str(tmp_path / "out"))
+    out.prepare()
+    failed = _rows("/i/a.jpg").set_column(8, "error", pa.array(["read timed out"]))
+    name = out.write_part(failed.set_column(9, "error_kind", pa.array(["unreadable"])))
+    assert write_manifest(out)["failed"] == {"unreadable": 1}
+    (tmp_path / "out" / name).unlink()
+    assert out.write_part(_rows("/i/a.jpg")) == name
+    manifest = write_manifest(out)
+    assert (manifest["failed"], manifest["detections"], manifest["images"]) == ({}, 1, 1)
 
 
 def test_parts_are_whole_named_by_content_and_never_overlap(tmp_path):
