@@ -91,3 +91,19 @@ def test_uri_options_are_read_as_their_types(seaweedfs_server, monkeypatch):
         filesystem_for("gs://b/k?anonymous=maybe")
     with pytest.raises(ValueError, match=r"option connect_timeout='soon': expected a number"):
         filesystem_for("s3://b/k", {"connect_timeout": "soon"})
+
+
+def test_uri_query_wins_over_storage_options():
+    """``?region=`` in the URI overrides storage_options' region; options the URI doesn't set still apply."""
+    fs, path = filesystem_for("s3://b/k?region=us-east-1", {"region": "eu-west-1"})
+    assert isinstance(fs, pafs.S3FileSystem) and fs.region == "us-east-1" and path == "b/k"
+    fs, _ = filesystem_for("s3://b/k", {"region": "eu-west-1"})
+    assert fs.region == "eu-west-1"
+
+
+def test_folder_listing_includes_subfolders(tmp_path):
+    """Files in subfolders are listed by their path under the folder (COCO file names may hold a folder)."""
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "a.jpg").write_bytes(b"abc")
+    (tmp_path / "b.jpg").write_bytes(b"de")
+    assert list_file_sizes(str(tmp_path)) == {"sub/a.jpg": 3, "b.jpg": 2}

@@ -10,7 +10,14 @@ import numpy as np
 import pytest
 
 from pipelines.data.categories import CategoryMap
-from pipelines.data.coco import BadInputError, load_coco, parse_instances
+from pipelines.data.coco import (
+    MAX_EXAMPLES,
+    BadInputError,
+    BadInputSummary,
+    attach_image_bytes,
+    load_coco,
+    parse_instances,
+)
 from pipelines.data.data_config import DataConfig
 
 
@@ -189,3 +196,119 @@ def test_config_validation_names_fields():
     cfg = DataConfig(root="s3://bucket/coco", val_ann="/abs/val.json")
     assert cfg.images_uri("train") == "s3://bucket/coco/train2017"
     assert cfg.ann_uri("val") == "/abs/val.json"
+
+
+def _tiny(images, annotations=(), categories=({"id": 1, "name": "thing"},)):
+    """A small instances dict: images as (id, file name), 100x100 each; annotations as given."""
+    return {
+        "images": [{"id": i, "file_name": n, "height": 100, "width": 100} for i, n in images],
+        "categories": [dict(c) for c in categories],
+        "annotations": [dict(a) for a in annotations],
+    }
+
+
+def _ann(aid, image_id, bbox=(0, 0, 10, 10), **extra):
+    return {"id": aid, "image_id": image_id, "category_id": 1, "bbox": list(bbox), **extra}
+
+
+def test_annotations_listed_out_of_image_order_stay_with_their_image():
+    """Annotations 10, 11, 12 of images 1, 2, 1 in that order: image 1 has 10 and 12, image 2 has 11."""
+    js = _tiny(
+        [(1, "a.jpg"), (2, "b.jpg")], [_ann(10, 1, (1, 1, 5, 5)), _ann(11, 2, (2, 2, 6, 6)), _ann(12, 1, (3, 3, 7, 7))]
+    )
+    rows = {r["image_id"]: r for r in parse_instances(js).table.to_pylist()}
+    assert rows[1]["ann_id"] == [10, 12] and rows[2]["ann_id"] == [11]
+    assert rows[1]["num_boxes"] == 2 and rows[2]["num_boxes"] == 1
+    assert rows[1]["boxes"] == [1, 1, 5, 5, 3, 3, 7, 7] and rows[2]["boxes"] == [2, 2, 6, 6]
+
+
+def test_duplicate_image_ids_are_counted_and_dropped():
+    """Two image records with id 1: the second is bad input (duplicate_image_id), one row is kept."""
+    index = parse_instances(_tiny([(1, "a.jpg"), (1, "b.jpg")]))
+    assert index.summary.counts == {"duplicate_image_id": 1}
+    assert "image 1 (b.jpg)" in index.summary.examples["duplicate_image_id"][0]
+    assert index.table.column("file_name").to_pylist() == ["a.jpg"]
+
+
+def test_a_fractional_image_id_is_a_bad_record_not_truncated():
+    """Image id 1.5 is not an integer: a bad image record, not image 1. A whole float (2.0) is image 2."""
+    index = parse_instances(_tiny([(1.5, "a.jpg"), (2.0, "b.jpg")]))
+    assert index.summary.counts == {"bad_image_record": 1}
+    assert index.table.column("image_id").to_pylist() == [2]
+
+
+def test_a_negative_category_id_is_refused():
+    """Category id -1: an error naming the category (ids are 0..2^63-1)."""
+    with pytest.raises(BadInputError, match=r"category #0 needs an integer id.*'id': -1"):
+        parse_instances(_tiny([(1, "a.jpg")], categories=[{"id": -1, "name": "minus"}]))
+    assert parse_instances(_tiny([(1, "a.jpg")], categories=[{"id": 0, "name": "zero"}])).categories[0]["id"] == 0
+
+
+def test_iscrowd_other_than_0_or_1_is_a_bad_annotation():
+    """iscrowd 2 is neither a box nor a crowd region: the annotation is skipped as a bad record."""
+    index = parse_instances(_tiny([(1, "a.jpg")], [_ann(10, 1, iscrowd=2), _ann(11, 1, iscrowd=1)]))
+    assert index.summary.counts == {"bad_annotation_record": 1}
+    assert index.summary.examples["bad_annotation_record"] == ["annotation 10"]
+    row = index.table.to_pylist()[0]
+    assert row["ann_id"] == [11] and row["iscrowd"] == [1]
+
+
+def test_the_json_area_is_kept():
+    """A 10x10 box whose JSON area is 123 (a segmentation's area) keeps 123; COCO's metrics bin by it."""
+    index = parse_instances(_tiny([(1, "a.jpg")], [_ann(10, 1, (0, 0, 10, 10), area=123.0)]))
+    assert index.table.to_pylist()[0]["area"] == [123.0]
+
+
+def test_summaries_merge_by_adding():
+    """Merging the bad input of two shards adds the counts of each kind and keeps at most MAX_EXAMPLES examples."""
+    a = BadInputSummary()
+    a.add("x", "x1")
+    a.flag("exif_orientation", "e1")
+    a.fixed["box_clipped_to_image"] = 4
+    b = BadInputSummary()
+    for i in range(MAX_EXAMPLES + 2):
+        b.add("x" if i < 2 else "y", f"b{i}")
+    b.flag("exif_orientation", "e2")
+    b.fixed["box_clipped_to_image"] = 1
+    m = a.merge(b)
+    assert m.counts == {"x": 3, "y": MAX_EXAMPLES} and m.total == 3 + MAX_EXAMPLES
+    assert m.fixed == {"box_clipped_to_image": 5} and m.flagged == {"exif_orientation": 2}
+    assert m.examples["x"] == ["x1", "b0", "b1"] and m.examples["exif_orientation"] == ["e1", "e2"]
+    big = BadInputSummary()
+    for i in range(MAX_EXAMPLES):
+        big.add("x", f"big{i}")
+    assert big.merge(b).examples["x"] == [f"big{i}" for i in range(MAX_EXAMPLES)]
+    assert a.counts == {"x": 1}, "merge returns a new summary"
+
+
+def test_a_file_gone_since_the_listing_is_skipped_and_reported(tmp_path):
+    """Reading the image bytes: a listed file that is missing by then is an error naming it, or with
+    on_bad_input=skip is left out and reported as missing_file; the other rows keep their bytes."""
+    (tmp_path / "a.jpg").write_bytes(b"pixels of a")
+    meta = parse_instances(_tiny([(1, "a.jpg"), (2, "gone.jpg")], [_ann(10, 1), _ann(11, 2)])).table
+    with pytest.raises(BadInputError, match=r"gone\.jpg \(image 2\)"):
+        attach_image_bytes(meta, str(tmp_path), threads=2)
+    rows, bad = attach_image_bytes(meta, str(tmp_path), threads=2, on_bad_input="skip")
+    assert bad == [("missing_file", "gone.jpg (image 2)")]
+    assert rows.num_rows == 1
+    row = rows.to_pylist()[0]
+    assert (row["image"], row["image_id"], row["ann_id"]) == (b"pixels of a", 1, [10])
+
+
+def test_category_map_sorts_the_ids():
+    """Categories listed as ids 3, 1: the map holds (1, 3) with their names, and raw mode has 4 classes."""
+    cats = [{"id": 3, "name": "three"}, {"id": 1, "name": "one"}]
+    raw = CategoryMap.from_categories(cats, "raw")
+    assert raw.category_ids == (1, 3) and raw.names == ("one", "three") and raw.num_classes == 4
+    assert raw.label_to_category_id() == [-1, 1, -1, 3]
+    cont = CategoryMap.from_categories(cats, "contiguous")
+    assert cont.num_classes == 2 and cont.labels(np.array([3, 1])).tolist() == [1, 0]
+
+
+def test_contiguous_labels_refuse_ids_past_the_largest():
+    """Contiguous labels of ids (1, 3): id 5 is past the largest, an error naming it, not label 1."""
+    cont = CategoryMap.from_categories([{"id": 1, "name": "one"}, {"id": 3, "name": "three"}], "contiguous")
+    with pytest.raises(ValueError, match=r"\[5\] are not in \[1, 3\]"):
+        cont.labels(np.array([1, 5]))
+    with pytest.raises(ValueError, match=r"\[0\]"):
+        cont.labels(np.array([0]))

@@ -11,6 +11,7 @@ from core.preprocess import resize_rgb, size_for_short_side
 from pipelines.data.transforms import (
     Affine,
     boxes_cxcywh_normalized_to_xyxy,
+    boxes_xywh_to_xyxy,
     boxes_xyxy_to_cxcywh_normalized,
     crop,
     hflip,
@@ -143,3 +144,19 @@ def test_affine_composition():
     pts = np.array([[1, 2, 3, 4]], np.float32)
     np.testing.assert_allclose(a.then(b).apply(pts), b.apply(a.apply(pts)))
     np.testing.assert_allclose(a.then(b).inverse().apply(a.then(b).apply(pts)), pts, atol=1e-5)
+
+
+def test_coco_xywh_boxes_become_corners():
+    """A COCO box at (10, 20) of 30x40 pixels ends at (40, 60), not at (30, 40)."""
+    np.testing.assert_array_equal(boxes_xywh_to_xyxy(np.array([10, 20, 30, 40])), [[10, 20, 40, 60]])
+    np.testing.assert_array_equal(
+        boxes_xywh_to_xyxy([[0, 0, 1, 2], [5, 5, 0.5, 0.25]]), [[0, 0, 1, 2], [5, 5, 5.5, 5.25]]
+    )
+
+
+def test_val_transform_caps_the_long_side():
+    """A 100x1000 panorama at short side 800 would be 8000 wide: the long side is capped at 1333, and the
+    short side is DETR's round(1333 * 100 / 1000) = 133, so the image is 133x1330."""
+    out = val_transform(np.zeros((100, 1000, 3), np.uint8), np.array([[0, 0, 1000, 100]], np.float32))
+    assert out.image.shape == (133, 1330, 3)
+    np.testing.assert_allclose(out.boxes_xyxy, [[0, 0, 1330, 133]], rtol=1e-6)
