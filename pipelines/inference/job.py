@@ -138,6 +138,15 @@ def load_onnx_for_inference(uri: str) -> tuple[bytes, InputSize]:
     return data, input_size
 
 
+def job_input_size(cfg: InferenceConfig, checkpoint_size: InputSize) -> InputSize:
+    """The resize of the job: the checkpoint's, with --image-size and --max-size. An explicit short side
+    scales the long-side cap with it, keeping the checkpoint's ratio (1333/800), unless --max-size is given."""
+    max_size = cfg.max_size
+    if cfg.image_size is not None and max_size is None:
+        max_size = round(checkpoint_size.max_size * cfg.image_size / checkpoint_size.short_side)
+    return checkpoint_size.overridden(cfg.image_size, max_size)
+
+
 class Progress:
     """Counts rows as they arrive; prints a line every ``every_s`` seconds and builds the summary."""
 
@@ -273,13 +282,7 @@ def _run_pipeline(
         name = part_name(chunk)
         expected[name] = len(chunk)
         parts.update(dict.fromkeys(chunk, name))
-    if cfg.image_size is not None:
-        # An explicit short side scales the long-side cap with it, keeping the checkpoint's ratio (1333/800).
-        input_size.max_size = cfg.max_size or round(input_size.max_size * cfg.image_size / input_size.short_side)
-        input_size.short_side = cfg.image_size
-    elif cfg.max_size is not None:
-        input_size.max_size = cfg.max_size
-
+    input_size = job_input_size(cfg, input_size)
     import torch
 
     predictor_kwargs = {
