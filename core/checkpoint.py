@@ -78,6 +78,9 @@ class LoadedModel(NamedTuple):
     checkpoint: Checkpoint
 
 
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP's and torch.compile's in a wrapped model's state_dict keys
+
+
 def _unwrap(model: nn.Module) -> nn.Module:
     """The plain module inside DDP (``.module``) and torch.compile (``._orig_mod``) wrappers."""
     while True:
@@ -276,9 +279,8 @@ def load_model_weights(model: nn.Module, state_dict: dict[str, Tensor]) -> None:
     for key, value in state_dict.items():
         if key.endswith(("total_ops", "total_params")):
             continue  # counters a profiler (thop) left in some authors' files; their loader skips them too
-        for prefix in ("module.", "_orig_mod."):
-            if key.startswith(prefix):
-                key = key[len(prefix) :]
+        while key.startswith(WRAPPER_PREFIXES):  # either wrapper around the other: compile(DDP(m)), DDP(compile(m))
+            key = key.split(".", 1)[1]
         state[key] = value
 
     class_key = "class_embed.0.weight"

@@ -236,9 +236,11 @@ def test_load_model_weights_strips_wrapper_prefixes():
     cfg = tiny_config()
     source, _, _ = build_model(cfg)
     trained_looking(source)
-    target, _, _ = build_model(cfg)
-    load_model_weights(target, {f"module.{k}": v for k, v in source.state_dict().items()})
-    torch.testing.assert_close(target.query_embed.weight, source.query_embed.weight)
+    # DDP's prefix, torch.compile's, and both in either order (a compiled DDP model, a DDP of a compiled one).
+    for prefix in ("module.", "_orig_mod.", "_orig_mod.module.", "module._orig_mod."):
+        target, _, _ = build_model(cfg)
+        load_model_weights(target, {f"{prefix}{k}": v for k, v in source.state_dict().items()})
+        torch.testing.assert_close(target.query_embed.weight, source.query_embed.weight)
 
 
 def test_not_a_checkpoint(tmp_path):
