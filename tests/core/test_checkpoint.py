@@ -284,3 +284,37 @@ def test_two_urls_with_one_file_name_are_two_checkpoints(tmp_path, monkeypatch):
     assert read == [10, 12]
     # Read again with the server gone: from the cache.
     assert read_checkpoint(f"{base}/run2/checkpoint.pt").config.model.num_queries == 12
+
+
+def test_authors_args_carry_the_matcher_loss_and_head_flags(tmp_path):
+    """Flags of an authors' run that differ from the paper's defaults are read back, not reset."""
+    args = authors_args(
+        **TINY_SIZES,
+        focal_alpha=0.5,
+        aux_loss=False,
+        dropout=0.0,
+        set_cost_class=3,
+        set_cost_bbox=4,
+        set_cost_giou=1,
+        cls_loss_coef=1,
+        bbox_loss_coef=6,
+        giou_loss_coef=3,
+    )
+    path = tmp_path / "checkpoint.pth"
+    torch.save({"model": {"class_embed.0.weight": torch.zeros(91, 64)}, "args": args}, path)
+    cfg = read_checkpoint(path).config
+    assert cfg.loss.focal_alpha == 0.5 and cfg.model.aux_loss is False and cfg.model.dropout == 0.0
+    assert (cfg.matcher.set_cost_class, cfg.matcher.set_cost_bbox, cfg.matcher.set_cost_giou) == (3, 4, 1)
+    assert (cfg.loss.cls_loss_coef, cfg.loss.bbox_loss_coef, cfg.loss.giou_loss_coef) == (1, 6, 3)
+    assert (cfg.model.num_classes, cfg.model.dec_n_points, cfg.model.enc_n_points) == (91, 4, 4)
+
+
+def test_finetune_refuses_a_checkpoint_missing_a_non_class_weight():
+    """With another class count only the class heads may be missing; a missing query embedding is an error,
+    not a silently random one."""
+    source, _, _ = build_model(tiny_config(num_classes=91))
+    state = dict(source.state_dict())
+    del state["query_embed.weight"]
+    target, _, _ = build_model(tiny_config(num_classes=3))
+    with pytest.raises(RuntimeError, match=r"missing keys \['query_embed.weight'\]"):
+        load_model_weights(target, state)

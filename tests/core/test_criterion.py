@@ -6,6 +6,8 @@ import pytest
 import torch
 
 import core.criterion as criterion_module
+from core.build import build_criterion
+from core.config import DetrConfig, LossConfig, MatcherConfig, ModelConfig
 from core.criterion import SetCriterion, build_weight_dict, sigmoid_focal_loss, total_loss
 from core.matcher import HungarianMatcher
 
@@ -210,3 +212,63 @@ def test_total_loss_weights_losses_and_skips_metrics():
 def test_unknown_loss_name():
     with pytest.raises(ValueError, match="unknown losses"):
         SetCriterion(NUM_CLASSES, HungarianMatcher(), {}, losses=("labels", "masks"))
+
+
+def _one_image_boxes(pred_boxes, target_boxes):
+    outputs = {"pred_logits": torch.zeros(1, len(pred_boxes), NUM_CLASSES), "pred_boxes": torch.tensor([pred_boxes])}
+    targets = [{"labels": torch.zeros(len(target_boxes), dtype=torch.int64), "boxes": torch.tensor(target_boxes)}]
+    return outputs, targets
+
+
+def test_box_losses_follow_the_match_not_the_target_order():
+    """Query 0 is matched to target 1 and query 1 to target 0, each predicting its own target exactly."""
+    a, b = [0.3, 0.3, 0.2, 0.2], [0.7, 0.6, 0.3, 0.4]
+    outputs, targets = _one_image_boxes([b, a], [a, b])
+    indices = [(torch.tensor([0, 1]), torch.tensor([1, 0]))]
+    losses = _criterion().loss_boxes(outputs, targets, indices, num_boxes=2.0)
+    assert losses["loss_bbox"].item() == pytest.approx(0.0, abs=1e-6)
+    assert losses["loss_giou"].item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_box_loss_values_by_hand():
+    """Prediction (0.5, 0.5, 0.2, 0.2) against target (0.6, 0.6, 0.2, 0.2), both cxcywh.
+
+    L1 on cxcywh: 0.1 + 0.1 = 0.2 (on xyxy corners it would be 0.4).
+    GIoU: xyxy [0.4, 0.4, 0.6, 0.6] and [0.5, 0.5, 0.7, 0.7]; intersection 0.01, union 0.07, enclosing box
+    0.09, so GIoU = 1/7 - 0.02/0.09 = -5/63 and 1 - GIoU = 68/63. Both are divided by num_boxes.
+    """
+    outputs, targets = _one_image_boxes([[0.5, 0.5, 0.2, 0.2]], [[0.6, 0.6, 0.2, 0.2]])
+    indices = [(torch.tensor([0]), torch.tensor([0]))]
+    criterion = _criterion()
+    one = criterion.loss_boxes(outputs, targets, indices, num_boxes=1.0)
+    assert one["loss_bbox"].item() == pytest.approx(0.2, rel=1e-5)
+    assert one["loss_giou"].item() == pytest.approx(68 / 63, rel=1e-5)
+    two = criterion.loss_boxes(outputs, targets, indices, num_boxes=2.0)
+    assert two["loss_bbox"].item() == pytest.approx(0.1, rel=1e-5)
+    assert two["loss_giou"].item() == pytest.approx(34 / 63, rel=1e-5)
+
+
+def test_cardinality_counts_queries_above_probability_one_half():
+    """Two queries at logit 0.3 (p = 0.57) are detections; -0.3 (p = 0.43) and -5 are not: 2 for 2 targets."""
+    logits = torch.full((1, NUM_QUERIES, NUM_CLASSES), -5.0)
+    logits[0, 2, 1] = logits[0, 6, 4] = 0.3
+    logits[0, 8, 0] = -0.3
+    outputs = {"pred_logits": logits, "pred_boxes": torch.full((1, NUM_QUERIES, 4), 0.5)}
+    criterion = _criterion()
+    two = criterion.loss_cardinality(outputs, _targets([2]), [], num_boxes=2.0)
+    assert two["cardinality_error"].item() == 0.0
+    three = criterion.loss_cardinality(outputs, _targets([3]), [], num_boxes=3.0)
+    assert three["cardinality_error"].item() == 1.0
+
+
+def test_build_criterion_passes_the_config_to_the_matcher():
+    """The matcher's cost weights and focal alpha come from the config's matcher and loss sections."""
+    cfg = DetrConfig(
+        model=ModelConfig(num_classes=5),
+        matcher=MatcherConfig(set_cost_class=2, set_cost_bbox=7, set_cost_giou=3),
+        loss=LossConfig(focal_alpha=0.5),
+    )
+    criterion = build_criterion(cfg)
+    matcher = criterion.matcher
+    assert (matcher.cost_class, matcher.cost_bbox, matcher.cost_giou) == (2, 7, 3)
+    assert matcher.focal_alpha == 0.5 and criterion.focal_alpha == 0.5

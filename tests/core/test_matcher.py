@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+import core.matcher as matcher_module
 from core.matcher import HungarianMatcher
 
 
@@ -96,8 +97,9 @@ def test_the_confident_query_wins_with_or_without_alpha_balancing(alpha):
 def _reference_cost(prob, box, label, tgt_box, w_class=2.0, w_bbox=5.0, w_giou=2.0, alpha=0.25, gamma=2.0):
     """One (query, target) cost written from the paper's definitions with Python floats."""
     p = prob[label]
-    pos = alpha * (1 - p) ** gamma * -math.log(p + 1e-8)
-    neg = (1 - alpha) * p**gamma * -math.log(1 - p + 1e-8)
+    pos_w, neg_w = (alpha, 1 - alpha) if alpha >= 0 else (1.0, 1.0)  # a negative alpha: no balancing
+    pos = pos_w * (1 - p) ** gamma * -math.log(p + 1e-8)
+    neg = neg_w * p**gamma * -math.log(1 - p + 1e-8)
     l1 = sum(abs(a - b) for a, b in zip(box, tgt_box))
 
     def corners(b):
@@ -150,3 +152,36 @@ def test_bad_arguments():
         HungarianMatcher()(outputs, targets)
     with pytest.raises(ValueError, match="one target dict per image"):
         HungarianMatcher()(outputs, [])
+
+
+@pytest.mark.parametrize("alpha", [0.25, 0.0, -1.0])
+def test_cost_matrix_entries_match_the_definition(alpha, monkeypatch):
+    """Every entry the assignment sees is w_class * focal cost + w_bbox * L1(cxcywh) - w_giou * GIoU."""
+    blocks = []
+    real = matcher_module.linear_sum_assignment
+
+    def recording(cost):
+        blocks.append(cost.copy())
+        return real(cost)
+
+    monkeypatch.setattr(matcher_module, "linear_sum_assignment", recording)
+    sizes, num_queries = [3, 2], 6
+    outputs, targets = _random_batch(sizes, num_queries=num_queries, seed=7)
+    weights = dict(w_class=3.0, w_bbox=7.0, w_giou=1.5)
+    matcher = HungarianMatcher(cost_class=3.0, cost_bbox=7.0, cost_giou=1.5, focal_alpha=alpha)
+    matcher(outputs, targets)
+    assert len(blocks) == len(sizes)
+    for i, (block, target) in enumerate(zip(blocks, targets)):
+        prob = outputs["pred_logits"][i].sigmoid().tolist()
+        boxes = outputs["pred_boxes"][i].tolist()
+        labels, tgt_boxes = target["labels"].tolist(), target["boxes"].tolist()
+        expected = [
+            [
+                _reference_cost(prob[q], boxes[q], labels[t], tgt_boxes[t], alpha=alpha, **weights)
+                for t in range(sizes[i])
+            ]
+            for q in range(num_queries)
+        ]
+        assert block.shape == (num_queries, sizes[i])
+        for got_row, expected_row in zip(block.tolist(), expected):
+            assert got_row == pytest.approx(expected_row, rel=1e-4, abs=1e-5)

@@ -10,6 +10,7 @@ from tiny import tiny_config as shared_tiny_config
 
 from core import DetrConfig, ModelConfig, build_model
 from core.backbone import Backbone, ResNet
+from core.config import LossConfig
 from core.position_encoding import PositionEmbeddingSine
 from ops import MSDeformAttn
 
@@ -239,9 +240,11 @@ def test_position_encoding_ignores_padding():
         ({"hidden_dim": 48, "nheads": 4}, "hidden_dim must be a multiple of 32"),
         ({"num_feature_levels": 2}, "num_feature_levels"),
         ({"backbone": "resnet18", "dilation": True}, "dilation"),
+        ({"backbone": "resnet34", "dilation": True}, "dilation"),
         ({"backbone": "resnet152"}, "backbone"),
         ({"num_queries": 0}, "num_queries"),
         ({"dropout": 1.5}, "dropout"),
+        ({"dropout": 1.0}, "dropout"),
         ({"hidden_dimm": 256}, "hidden_dimm"),
     ],
 )
@@ -274,3 +277,77 @@ def test_two_stage_needs_enough_encoder_positions():
     images, mask = padded_batch(sizes=((64, 64), (64, 64)))
     with pytest.raises(ValueError, match="num_queries"):
         model(images, mask)
+
+
+def test_box_refinement_starts_each_layer_from_the_previous_layers_boxes():
+    """With box refinement, layer l's boxes are sigmoid(bbox_embed[l](hs[l]) + logit(boxes after layer l - 1))."""
+    torch.manual_seed(0)
+    model, _, _ = build_model(tiny_config(with_box_refine=True, dec_layers=3))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # off the initialization, where the later box heads output 0 and change nothing
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    model.eval()
+    captured = {}
+    model.transformer.register_forward_hook(lambda module, args, output: captured.update(out=output))
+    images, mask = padded_batch(sizes=((64, 80),))
+    with torch.no_grad():
+        outputs = model(images, mask)
+    hs, inter_references = captured["out"].hs, captured["out"].inter_references
+    layer_boxes = [a["pred_boxes"] for a in outputs["aux_outputs"]] + [outputs["pred_boxes"]]
+    assert len(layer_boxes) == 3
+    for lvl in (1, 2):
+        previous = inter_references[lvl - 1].clamp(1e-5, 1 - 1e-5)
+        with torch.no_grad():
+            expected = (model.bbox_embed[lvl](hs[lvl]) + torch.log(previous / (1 - previous))).sigmoid()
+        torch.testing.assert_close(layer_boxes[lvl], expected, rtol=1e-4, atol=1e-5)
+    # The layers really move the boxes, so reading another layer's reference would show.
+    assert (inter_references[1] - inter_references[0]).abs().max() > 1e-3
+
+
+def test_dropout_just_below_one_is_accepted():
+    assert ModelConfig(dropout=0.99).dropout == 0.99
+
+
+def test_focal_alpha_range():
+    """focal_alpha is a weight in [0, 1], or negative to turn the balancing off."""
+    with pytest.raises(pydantic.ValidationError, match="focal_alpha"):
+        LossConfig(focal_alpha=1.5)
+    assert LossConfig(focal_alpha=1.0).focal_alpha == 1.0
+    assert LossConfig(focal_alpha=-1.0).focal_alpha == -1.0
+
+
+# Every field that shapes the weights, with another valid value (the default model is ResNet-50, two-stage off).
+WEIGHT_SHAPING = {
+    "backbone": "resnet101",
+    "dilation": True,
+    "num_feature_levels": 1,
+    "enc_layers": 3,
+    "dec_layers": 3,
+    "dim_feedforward": 512,
+    "hidden_dim": 128,
+    "nheads": 4,
+    "dec_n_points": 2,
+    "enc_n_points": 2,
+    "with_box_refine": True,
+    "two_stage": True,
+    "num_queries": 100,
+}
+
+
+def test_architecture_differences_name_every_weight_shaping_field():
+    base = ModelConfig()
+    for name, value in WEIGHT_SHAPING.items():
+        other = ModelConfig(**{name: value})
+        assert base.architecture_differences(other, ("checkpoint", "config")) == [
+            f"{name}: checkpoint {getattr(base, name)!r}, config {value!r}"
+        ]
+    assert base.architecture_differences(ModelConfig(dec_n_points=2), ("a", "b")) == ["dec_n_points: a 4, b 2"]
+    # The class count only when asked (a fine-tune re-initializes the heads); training switches never.
+    classes = ModelConfig(num_classes=3)
+    assert base.architecture_differences(classes, ("checkpoint", "config")) == []
+    assert base.architecture_differences(classes, ("checkpoint", "config"), with_classes=True) == [
+        "num_classes: checkpoint 91, config 3"
+    ]
+    other = ModelConfig(dropout=0.0, aux_loss=False, position_embedding_scale=1.0, backbone_weights="r50.pth")
+    assert base.architecture_differences(other, ("checkpoint", "config")) == []

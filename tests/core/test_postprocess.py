@@ -74,3 +74,24 @@ def test_label_map():
 def test_bad_target_sizes():
     with pytest.raises(ValueError, match=r"target_sizes must be \(N, 2\)"):
         PostProcess()(_outputs(n=2), torch.tensor([[10, 10]]))
+
+
+def test_threshold_is_strict():
+    """A score exactly at the threshold (logit 0: score 0.5) is not "above" it: no detection."""
+    outputs = {"pred_logits": torch.zeros(1, 1, 1), "pred_boxes": torch.tensor([[[0.5, 0.5, 0.2, 0.2]]])}
+    results = PostProcess().threshold(outputs, torch.tensor([[100, 100]]), score_threshold=0.5)
+    assert results[0]["scores"].shape == (0,)
+    outputs["pred_logits"][:] = 1e-3
+    assert PostProcess().threshold(outputs, torch.tensor([[100, 100]]), score_threshold=0.5)[0]["scores"].shape == (1,)
+
+
+def test_num_select_must_be_positive():
+    with pytest.raises(ValueError, match="num_select must be >= 1, got 0"):
+        PostProcess(num_select=0)
+    assert PostProcess(num_select=1)(_outputs(n=1), torch.tensor([[10, 10]]))[0]["scores"].shape == (1,)
+
+
+def test_label_map_longer_than_the_classes_is_refused():
+    outputs = _outputs(n=1, num_queries=4, num_classes=3)
+    with pytest.raises(ValueError, match=r"one entry per class \(3\), got 4"):
+        PostProcess(label_map=[1, 5, 90, 91])(outputs, torch.tensor([[10, 10]]))

@@ -12,6 +12,7 @@ from tiny import TINY_SIZES, tiny_config
 
 from core import Predictor, build_model, save_checkpoint
 from core.coco_names import COCO_CATEGORY_NAMES
+from core.predictor import ClassInfo, InputSize, PreparedImage
 from core.preprocess import pad_and_normalize_batch, size_for_short_side, to_rgb_array
 
 
@@ -163,3 +164,48 @@ def test_padding_is_zero_and_masked():
     assert torch.all(x[0, :, :2, :] == 1.0) and torch.all(x[0, :, 2:, :] == 0) and mask[0, 2:].all()
     assert torch.all(x[1, :, :, :2] == -1.0) and torch.all(x[1, :, :, 2:] == 0) and mask[1, :, 2:].all()
     assert not mask[0, :2].any() and not mask[1, :, :2].any()
+
+
+class OneBoxDetector(torch.nn.Module):
+    """A stand-in detector: one class, one query at logit 5 with the box (0.5, 0.5, 0.2, 0.4) cxcywh."""
+
+    def __init__(self):
+        super().__init__()
+        self.class_embed = torch.nn.ModuleList([torch.nn.Linear(4, 1)])
+
+    def forward(self, images, mask):
+        n = images.shape[0]
+        return {
+            "pred_logits": torch.full((n, 1, 1), 5.0),
+            "pred_boxes": torch.tensor([0.5, 0.5, 0.2, 0.4]).repeat(n, 1, 1),
+        }
+
+
+def test_boxes_scale_x_by_width_and_y_by_height():
+    """An image 100 high and 200 wide, not resized: cx 0.5 * 200 = 100, w 0.2 * 200 = 40 -> x 80..120;
+    cy 0.5 * 100 = 50, h 0.4 * 100 = 40 -> y 30..70."""
+    pred = Predictor(OneBoxDetector(), input_size=InputSize(short_side=100, max_size=200), device="cpu")
+    det = pred(np.zeros((100, 200, 3), np.uint8))
+    assert (det.height, det.width) == (100, 200)
+    np.testing.assert_allclose(det.boxes, [[80.0, 30.0, 120.0, 70.0]], atol=1e-4)
+
+
+def test_category_id_zero_is_a_valid_class():
+    """Only -1 in a label map means "no category"; category id 0 is a real one."""
+    assert ClassInfo(label_map=[0, 5, -1]).valid_classes(3).tolist() == [True, True, False]
+
+
+def test_batches_hold_at_most_batch_size_images():
+    pred = Predictor(OneBoxDetector(), batch_size=2, device="cpu")
+    same = [PreparedImage(np.zeros((8, 8, 3), np.uint8), 8, 8) for _ in range(3)]
+    assert pred._batches(same) == [[0, 1], [2]]
+    padded = Predictor(OneBoxDetector(), batch_size=2, pad_mixed_sizes=True, device="cpu")
+    assert padded._batches(same) == [[0, 1], [2]]
+
+
+def test_input_size_override():
+    default = InputSize()
+    assert default.overridden(None, None) == default
+    assert (default.overridden(500, 999).short_side, default.overridden(500, 999).max_size) == (500, 999)
+    assert (default.overridden(None, 999).short_side, default.overridden(None, 999).max_size) == (800, 999)
+    assert (default.overridden(500, None).short_side, default.overridden(500, None).max_size) == (500, 1333)
