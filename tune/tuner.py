@@ -83,14 +83,15 @@ def _trial_need(job: JobConfig) -> dict[str, float]:
 def trial_resources(job: JobConfig, space: SearchSpace | None = None) -> dict[str, float]:
     """What one trial holds while it trains: its worker group, plus CPUs for its Ray Data decode tasks.
 
-    With resource fields in ``space``, the most any of their candidate combinations asks for.
+    With resource fields in ``space``, fixed or searched, the most any of their candidate combinations
+    asks for.
     """
-    names = [n for n in RESOURCE_FIELDS if space is not None and n in space.domains]
-    need = _trial_need(job)
-    if not names:
-        return need
+    if space is None:
+        return _trial_need(job)
+    names = [n for n in RESOURCE_FIELDS if n in space.domains]
+    need: dict[str, float] = {}
     base = job.model_dump(mode="json")
-    for combo in itertools.product(*(space.domains[n].candidates for n in names)):
+    for combo in itertools.product(*(space.domains[n].candidates for n in names)):  # one, empty, without names
         trial = validate_job_config(apply_params(base, {**space.fixed, **dict(zip(names, combo))}))
         for k, v in _trial_need(trial).items():
             need[k] = max(need.get(k, 0.0), v)

@@ -152,6 +152,11 @@ def test_concurrency_from_the_cluster():
     # A searched worker count: the largest trial decides.
     _, job, space = load_sweep_config(overrides=['space.train.num_workers={"choice": [1, 4]}'])
     assert max_concurrent_trials(job, {"CPU": 16.0}, None, strict=True, space=space) == 2  # 4 + 2 CPUs a trial
+    # A worker count the space fixes (not searched) decides the same way.
+    _, job, space = load_sweep_config(overrides=["space.train.num_workers=4"])
+    assert max_concurrent_trials(job, {"CPU": 16.0}, None, strict=True, space=space) == 2
+    with pytest.raises(PreflightError, match="one trial needs CPU 6"):
+        max_concurrent_trials(job, {"CPU": 5.0}, None, strict=True, space=space)
     # An elastic worker group: planned at its largest.
     _, job, _ = load_sweep_config(overrides=["base.train.num_workers=[1, 3]"])
     assert max_concurrent_trials(job, {"CPU": 16.0}, None, strict=True) == 3  # 3 + 2 CPUs a trial
