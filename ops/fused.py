@@ -340,14 +340,20 @@ def ms_deform_attn_fused(
     _validate_fused(value, spatial_shapes, reference_points, offsets, attention_logits)
     # Value, level table and the shapes that match the unfused op's arguments one to one.
     validate(value, spatial_shapes, level_start_index, offsets, attention_logits)
+    coord_dtype = torch.float64 if value.dtype == torch.float64 else torch.float32
     if not torch.compiler.is_compiling() and not (value.is_cuda and use_fused_kernel(value.device)):
         # No fused kernel here (the CPU, or a GPU without it): the composition under plain autograd,
         # so the unfused op takes its own best path (its CPU kernel, or the reference, whose backward
-        # then reuses the forward's samples instead of recomputing them inside an opaque op).
+        # then reuses the forward's samples instead of recomputing them inside an opaque op). The
+        # locations and softmax in coord_dtype, as on the fused path: not in a bf16 caller's dtype.
         return ms_deform_attn_composed(
-            value, spatial_shapes, level_start_index, reference_points, offsets, attention_logits
+            value,
+            spatial_shapes,
+            level_start_index,
+            reference_points.to(coord_dtype),
+            offsets.to(coord_dtype),
+            attention_logits.to(coord_dtype),
         )
-    coord_dtype = torch.float64 if value.dtype == torch.float64 else torch.float32
     return _fused_forward_op(
         value.contiguous(),
         spatial_shapes.to(torch.int64).contiguous(),

@@ -10,6 +10,7 @@ import torch
 
 import ops
 from ops import backend, functional
+from ops.cuda import fused as cuda_fused
 from ops.cuda import unfused as cuda_unfused
 
 CUDA0 = torch.device("cuda", 0)
@@ -44,6 +45,27 @@ def test_msda_backend_cuda_turns_the_fallback_into_an_error(no_kernel, monkeypat
         RuntimeError, match=r"MSDA_BACKEND=cuda but the MSDeformAttn CUDA kernel is unavailable on cuda:0: NVIDIA"
     ):
         backend.use_cuda_kernel(CUDA0)
+
+
+def test_msda_backend_cuda_makes_the_fused_fallback_an_error(monkeypatch):
+    reason = "NVIDIA's runtime compiler is not installed (No module named 'cuda.bindings')"
+    monkeypatch.setattr(cuda_fused.KERNELS, "availability", {0: (False, reason)})
+    monkeypatch.setattr(backend, "_fused_fallback_logged", False)
+    monkeypatch.setenv("MSDA_BACKEND", "cuda")
+    ops.set_backend(None)
+    with pytest.raises(
+        RuntimeError, match=r"MSDA_BACKEND=cuda but the fused MSDeformAttn kernel is unavailable on cuda:0: NVIDIA"
+    ):
+        backend.use_fused_kernel(CUDA0)
+
+
+def test_cuda_tensors_run_the_kernel_where_it_is_available(monkeypatch):
+    monkeypatch.setattr(cuda_unfused.KERNELS, "availability", {0: (True, "")})
+    monkeypatch.delenv("MSDA_BACKEND", raising=False)
+    ops.set_backend(None)
+    assert backend.use_kernel(CUDA0) is True
+    monkeypatch.setenv("MSDA_BACKEND", "reference")
+    assert backend.use_kernel(CUDA0) is False
 
 
 def test_reference_backend_is_chosen_quietly(no_kernel, monkeypatch):

@@ -72,6 +72,21 @@ def test_padding_mask_ignores_padded_values():
     assert not torch.allclose(attn(query, ref, changed, ss, lsi), out)
 
 
+def test_padding_mask_zeroes_the_projected_value_not_the_input():
+    """Padded positions contribute nothing, not value_proj's bias: with every position padded the
+    layer returns output_proj's bias."""
+    torch.manual_seed(0)
+    attn = MSDeformAttn(d_model=16, n_levels=2, n_heads=2, n_points=2)
+    with torch.no_grad():
+        attn.value_proj.bias.normal_()
+        attn.output_proj.bias.normal_()
+    flat, ss, lsi = _level_inputs([[4, 4], [2, 2]], C=16)
+    mask = torch.ones(2, flat.shape[1], dtype=torch.bool)
+    query, ref = torch.randn(2, 5, 16), torch.rand(2, 5, 2, 2)
+    out = attn(query, ref, flat, ss, lsi, mask)
+    torch.testing.assert_close(out, attn.output_proj.bias.detach().expand(2, 5, 16))
+
+
 def test_initialization_matches_the_paper():
     M, L, P = 8, 4, 4
     attn = MSDeformAttn(256, L, M, P)
@@ -117,6 +132,8 @@ def test_module_rejects_bad_shapes():
         attn(torch.randn(2, 5, 8), torch.rand(2, 5, 2, 2), flat, ss, lsi)
     with pytest.raises(ValueError, match="input_padding_mask"):
         attn(torch.randn(2, 5, 16), torch.rand(2, 5, 2, 2), flat, ss, lsi, torch.zeros(2, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"input_spatial_shapes must have shape \(2, 2\) for n_levels=2"):
+        attn(torch.randn(2, 5, 16), torch.rand(2, 5, 2, 2), flat, torch.tensor([[4, 4], [2, 2], [1, 1]]), lsi)
 
 
 def test_bfloat16_autocast_output_is_close_to_float32():

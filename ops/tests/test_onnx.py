@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+import ops.onnx as ops_onnx
 from ops import MSDeformAttn
 from ops.onnx import TRT_DOMAIN, TRT_PLUGIN, translation_table
 
@@ -105,6 +106,63 @@ def test_trt_plugin_node_has_the_plugins_inputs():
     assert [d.dim_value for d in types[weights].shape.dim[2:]] == [4, 3, 3]
     attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
     assert attributes["plugin_version"] == b"2"
+
+
+class Op(nn.Module):
+    """One msda:: op alone: a smaller, quicker export than the layer's."""
+
+    def __init__(self, op) -> None:
+        super().__init__()
+        self.op = op
+
+    def forward(self, *args):
+        return self.op(*args)
+
+
+def export_op(op, args, msda, opset):
+    table = translation_table(msda, opset)
+    return torch.onnx.export(Op(op), args, dynamo=True, opset_version=opset, custom_translation_table=table).model_proto
+
+
+def test_trt_plugin_half_export_passes_weights_in_the_values_type():
+    """float16 values with float32 offsets and logits (as the layer passes them): the plugin takes all
+    its float inputs in the value's type, so the softmaxed weights are cast to float16 too."""
+    g = torch.Generator().manual_seed(0)
+    ss, lsi = torch.tensor([[3, 4], [2, 2]]), torch.tensor([0, 12])
+    value = torch.randn(1, 16, 2, 4, generator=g).half()
+    ref, offsets, logits = torch.rand(1, 3, 2, 2), torch.randn(1, 3, 2, 2, 2, 2), torch.randn(1, 3, 2, 2, 2)
+    model = export_op(torch.ops.msda.fused_forward, (value, ss, lsi, ref, offsets, logits), "trt-plugin", 20)
+    inferred = onnx.shape_inference.infer_shapes(model)
+    (node,) = [n for n in inferred.graph.node if n.op_type == TRT_PLUGIN]
+    types = {v.name: v.type.tensor_type.elem_type for v in [*inferred.graph.value_info, *inferred.graph.input]}
+    value, _, _, locations, weights = node.input
+    f16 = onnx.TensorProto.FLOAT16
+    assert (types[value], types[locations], types[weights]) == (f16, f16, f16)
+
+
+@pytest.mark.parametrize("opset, mode", [(19, "bilinear"), (20, "linear")])
+def test_grid_sample_mode_is_named_for_the_opset(inputs_factory, monkeypatch, opset, mode):
+    """Opset 20 renamed GridSample's "bilinear" mode to "linear": the translation names the mode as the
+    target opset does, not relying on the exporter's version converter to rename it, and the file
+    holds that name."""
+    requested = []
+    grid_sample = ops_onnx.op.GridSample
+
+    def spy(*args, **kwargs):
+        requested.append(kwargs["mode"])
+        return grid_sample(*args, **kwargs)
+
+    monkeypatch.setattr(ops_onnx.op, "GridSample", spy)
+    args = inputs_factory([[3, 4], [2, 2]], N=1, Lq=2, M=1, D=2, P=1, dtype=torch.float32)
+    model = export_op(torch.ops.msda.forward, args, "decomposed", opset)
+    modes = [
+        onnx.helper.get_attribute_value(a).decode()
+        for n in model.graph.node
+        if n.op_type == "GridSample"
+        for a in n.attribute
+        if a.name == "mode"
+    ]
+    assert requested == [mode, mode] and modes == [mode, mode]  # one GridSample per level
 
 
 def test_opset_without_grid_sample_is_refused():

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import ops
+from ops.cpu import unfused as cpu_unfused
 
 
 @pytest.fixture
@@ -101,6 +102,49 @@ def test_level_check_cache_sees_in_place_changes(good):
     ss[1, 0] = 3  # same tensor object, new contents: must be checked again
     with pytest.raises(ValueError, match="sum of H\\*W must equal S"):
         ops.ms_deform_attn(value, ss, lsi, loc, attn)
+
+
+def test_level_check_cache_sees_a_different_s(good):
+    """The same level table with a value one position short is checked again, not waved through."""
+    value, ss, lsi, loc, attn = good
+    ops.ms_deform_attn(value, ss, lsi, loc, attn)  # checked and remembered
+    with pytest.raises(ValueError, match=r"value has S=15 positions .* \(sum of H\*W must equal S\)"):
+        ops.ms_deform_attn(value[:, :-1], ss, lsi, loc, attn)
+
+
+def test_empty_level_rejected(good):
+    """A 0 x 5 level adds no positions, so the sums still fit S: it must be refused by itself."""
+    value, ss, lsi, loc, attn = good
+    with pytest.raises(
+        ValueError, match=r"spatial_shapes must hold positive \(H, W\) pairs, got \[\[0, 5\], \[4, 4\]\]"
+    ):
+        ops.ms_deform_attn(value, torch.tensor([[0, 5], [4, 4]]), torch.tensor([0, 0]), loc, attn)
+
+
+def test_bool_level_table_rejected(good):
+    value, ss, lsi, loc, attn = good
+    with pytest.raises(TypeError, match=r"spatial_shapes must be an integer tensor \(int64\), got torch.bool"):
+        ops.ms_deform_attn(value, ss.bool(), lsi, loc, attn)
+    with pytest.raises(TypeError, match=r"level_start_index must be an integer tensor \(int64\), got torch.bool"):
+        ops.ms_deform_attn(value, ss, lsi.bool(), loc, attn)
+
+
+def test_cpu_kernel_wrapper_refuses_non_contiguous_locations(good):
+    """The kernel reads raw pointers: a strided view must be refused before it gets there."""
+    value, ss, lsi, loc, attn = good
+    loc_nc = loc.transpose(1, 2).contiguous().transpose(1, 2)
+    assert not loc_nc.is_contiguous()
+    with pytest.raises(ValueError, match="sampling_locations must be contiguous"):
+        cpu_unfused.forward(value, ss, lsi, loc_nc, attn)
+
+
+def test_cpu_kernel_wrapper_checks_the_level_count_of_the_locations(good):
+    value, ss, lsi, loc, attn = good
+    with pytest.raises(
+        ValueError,
+        match=r"sampling_locations must have shape \(N, Lq, M, L, P, 2\) = \(2, Lq, 2, 2, P, 2\), got \(2, 3, 2, 1, 2, 2\)",
+    ):
+        cpu_unfused.forward(value, ss, lsi, loc[:, :, :, :1].contiguous(), attn)
 
 
 def test_inference_mode_inputs(good):
