@@ -266,3 +266,68 @@ def test_evaluate_leaves_a_model_in_eval_mode_as_it_was():
     model.eval()
     evaluate(model, PostProcess(num_select=3), batches(1), device=torch.device("cpu"))
     assert not model.training
+
+
+def test_realign_with_a_new_base_lr_at_the_same_step_rebases():
+    """An elastic resume on fewer workers at the checkpoint's own step still takes this run's lr."""
+    cfg = TrainConfig(epochs=4, lr=1e-3, lr_drop=2, lr_schedule="step")
+    layer = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(layer.parameters(), lr=1e-3)
+    sched = build_lr_scheduler(opt, cfg, steps_per_epoch=2)
+    for _ in range(5):
+        opt.step()
+        sched.step()
+    assert sched.last_epoch == 5 and opt.param_groups[0]["lr"] == pytest.approx(1e-4)  # step 5: epoch 2.5, dropped
+    assert realign_lr_scheduler(sched, 5, [5e-4])
+    assert opt.param_groups[0]["lr"] == pytest.approx(5e-5) and sched.get_last_lr()[0] == pytest.approx(5e-5)
+    assert sched.base_lrs == [5e-4]
+    assert not realign_lr_scheduler(sched, 5, [5e-4])  # nothing left to change
+
+
+def test_clip_max_norm_zero_does_not_clip():
+    """clip_max_norm=0 is off: no grad_norm reported, and the step still moves the weights."""
+    model, criterion, _ = tiny_model()
+    opt = build_optimizer(model, TrainConfig(weight_decay=0.0))
+    before = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+    records = []
+    train_one_epoch(
+        model,
+        criterion,
+        batches(1, 1, size=(32, 48)),
+        opt,
+        None,
+        device=torch.device("cpu"),
+        clip_max_norm=0.0,
+        on_step=records.append,
+    )
+    assert records[0]["grad_norm"] is None
+    after = [p.detach() for p in model.parameters() if p.requires_grad]
+    assert any(not torch.equal(a, b) for a, b in zip(before, after))
+
+
+def test_a_short_last_group_steps_with_the_gradient_of_its_batches():
+    """One batch left for a group of 2: its step's gradient is that batch's, as without accumulation."""
+    model, criterion, _ = tiny_model()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
+    grads = []
+
+    def capture():  # in place of the optimizer's step: the weights stay, the gradients are kept
+        grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+
+    opt.step = capture
+    for accum in (2, 1):
+        torch.manual_seed(1)
+        out = train_one_epoch(
+            model,
+            criterion,
+            batches(1, 1, size=(32, 48)),
+            opt,
+            None,
+            device=torch.device("cpu"),
+            grad_accum_steps=accum,
+        )
+        assert out["steps"] == 1
+    short, plain = grads
+    assert len(short) == len(plain) > 0
+    for a, b in zip(short, plain):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
