@@ -5,22 +5,19 @@ from __future__ import annotations
 import io
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from pipelines.data.categories import CategoryMap
-from pipelines.data.data_config import DataConfig
 from pipelines.data.sample import make_sample
 
-# Augmentation sizes scaled to the 120x160 test image, so the crop branch cuts boxes away.
-CFG = DataConfig(
-    train_short_sides=(64, 80, 96),
-    max_size=160,
-    val_short_side=96,
-    crop_resize_sides=(80, 100),
-    crop_size=(48, 90),
-    decoder="pillow",
-)
 CATEGORIES = CategoryMap.from_categories([{"id": i, "name": f"c{i}"} for i in range(1, 9)], "raw")
+
+
+@pytest.fixture
+def cfg(make_config):
+    """The data tests' augmentation sizes, which fit the 120x160 test image: a crop cuts boxes away."""
+    return make_config(decoder="pillow")
 
 
 def _png(h=120, w=160) -> bytes:
@@ -44,28 +41,28 @@ def _row(boxes_xywh, iscrowd=None, image_id=7):
     }
 
 
-def test_each_epoch_draws_its_own_augmentation():
+def test_each_epoch_draws_its_own_augmentation(cfg):
     """The same image is augmented differently from one epoch to the next, and the same way when an epoch
     is drawn again (a resumed run), as the augmentation is seeded by (seed, epoch, image id)."""
     data, row = _png(), _row([[10, 10, 30, 20]])
 
-    def affine(epoch, cfg=CFG):
-        s = make_sample(data, row, categories=CATEGORIES, cfg=cfg, augment=True, keep_crowd=False, epoch=epoch)
+    def affine(epoch, config=cfg):
+        s = make_sample(data, row, categories=CATEGORIES, cfg=config, augment=True, keep_crowd=False, epoch=epoch)
         assert s["epoch"] == epoch
         return tuple(s["affine"].tolist())
 
     by_epoch = [affine(e) for e in range(6)]
     assert len(set(by_epoch)) > 1, "every epoch drew the same augmentation"
     assert affine(3) == by_epoch[3]
-    other_seed = CFG.model_copy(update={"seed": CFG.seed + 1})
+    other_seed = cfg.model_copy(update={"seed": cfg.seed + 1})
     assert [affine(e, other_seed) for e in range(6)] != by_epoch
 
 
-def test_labels_follow_the_boxes_a_crop_keeps():
+def test_labels_follow_the_boxes_a_crop_keeps(cfg):
     """A crop that cuts boxes away drops their labels, crowd flags and annotation ids with them."""
     grid = [[x, y, 12, 12] for x in (2, 70, 140) for y in (2, 100)]  # six small boxes near the edges
     row = _row(grid)
-    cfg = CFG.model_copy(update={"crop_prob": 1.0})
+    cfg = cfg.model_copy(update={"crop_prob": 1.0})
     dropped = False
     for epoch in range(20):
         s = make_sample(_png(), row, categories=CATEGORIES, cfg=cfg, augment=True, keep_crowd=False, epoch=epoch)
@@ -76,10 +73,10 @@ def test_labels_follow_the_boxes_a_crop_keeps():
     assert dropped, "no crop cut a box away: the test sizes no longer exercise it"
 
 
-def test_training_leaves_crowd_regions_out():
+def test_training_leaves_crowd_regions_out(cfg):
     """iscrowd [0, 1]: without keep_crowd (training) only the first box is a target; with it, both are."""
     data, row = _png(), _row([[10, 10, 30, 20], [50, 40, 30, 30]], iscrowd=[0, 1])
-    train = make_sample(data, row, categories=CATEGORIES, cfg=CFG, augment=False, keep_crowd=False, epoch=0)
+    train = make_sample(data, row, categories=CATEGORIES, cfg=cfg, augment=False, keep_crowd=False, epoch=0)
     assert train["ann_id"].tolist() == [100] and train["iscrowd"].tolist() == [0] and train["labels"].tolist() == [1]
-    val = make_sample(data, row, categories=CATEGORIES, cfg=CFG, augment=False, keep_crowd=True, epoch=0)
+    val = make_sample(data, row, categories=CATEGORIES, cfg=cfg, augment=False, keep_crowd=True, epoch=0)
     assert val["ann_id"].tolist() == [100, 101] and val["iscrowd"].tolist() == [0, 1] and len(val["boxes"]) == 2
