@@ -284,22 +284,20 @@ def test_realign_with_a_new_base_lr_at_the_same_step_rebases():
     assert not realign_lr_scheduler(sched, 5, [5e-4])  # nothing left to change
 
 
+def _one_small_batch(model, criterion, opt, **kwargs):
+    """``train_one_epoch`` over one batch of one 32x48 image on the CPU."""
+    return train_one_epoch(
+        model, criterion, batches(1, 1, size=(32, 48)), opt, None, device=torch.device("cpu"), **kwargs
+    )
+
+
 def test_clip_max_norm_zero_does_not_clip():
     """clip_max_norm=0 is off: no grad_norm reported, and the step still moves the weights."""
     model, criterion, _ = tiny_model()
     opt = build_optimizer(model, TrainConfig(weight_decay=0.0))
     before = [p.detach().clone() for p in model.parameters() if p.requires_grad]
     records = []
-    train_one_epoch(
-        model,
-        criterion,
-        batches(1, 1, size=(32, 48)),
-        opt,
-        None,
-        device=torch.device("cpu"),
-        clip_max_norm=0.0,
-        on_step=records.append,
-    )
+    _one_small_batch(model, criterion, opt, clip_max_norm=0.0, on_step=records.append)
     assert records[0]["grad_norm"] is None
     after = [p.detach() for p in model.parameters() if p.requires_grad]
     assert any(not torch.equal(a, b) for a, b in zip(before, after))
@@ -317,16 +315,7 @@ def test_a_short_last_group_steps_with_the_gradient_of_its_batches():
     opt.step = capture
     for accum in (2, 1):
         torch.manual_seed(1)
-        out = train_one_epoch(
-            model,
-            criterion,
-            batches(1, 1, size=(32, 48)),
-            opt,
-            None,
-            device=torch.device("cpu"),
-            grad_accum_steps=accum,
-        )
-        assert out["steps"] == 1
+        assert _one_small_batch(model, criterion, opt, grad_accum_steps=accum)["steps"] == 1
     short, plain = grads
     assert len(short) == len(plain) > 0
     for a, b in zip(short, plain):
