@@ -21,6 +21,7 @@ import pyarrow.compute as pc
 import ray
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from core.checkpoint import Checkpoint
 from core.predictor import InputSize, checkpoint_class_info, checkpoint_input_size, export_input_size
 from pipelines.inference.outputs import COCO_FILE, MANIFEST_FILE, OutputDir, OutputError, part_name
 from pipelines.inference.sources import ImageList, list_images
@@ -268,7 +269,7 @@ def run_inference(cfg: InferenceConfig, images: ImageList | None = None) -> dict
 
 def _run_pipeline(
     cfg: InferenceConfig,
-    model,
+    model: Checkpoint | bytes,
     input_size: InputSize,
     images: ImageList,
     todo: list[str],

@@ -111,8 +111,9 @@ class RunDir:
 
     def _pull(self) -> None:
         # Resuming a bucket run: fetch its earlier metrics so the curves cover the whole run, its data
-        # report (the images skipped so far), and its MLflow run's id, so that tracking goes on in it. The bucket is the record, not a staging
-        # folder left here: another machine may have gone on with the run since this one staged it.
+        # report (the images skipped so far), and its MLflow run's id, so that tracking goes on in it.
+        # The bucket is the record, not a staging folder left here: another machine may have gone on with
+        # the run since this one staged it.
         fs, path = filesystem_for(self.uri)
         for rel in (METRICS_FILE, CONFIG_FILE, MLFLOW_RUN_FILE, DATA_REPORT_FILE):
             info = fs.get_file_info(f"{path}/{rel}")
