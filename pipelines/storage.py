@@ -14,7 +14,7 @@ import secrets
 import shutil
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -37,8 +37,12 @@ def shown_uri(uri: str) -> str:
     base, sep, query = uri.partition("?")
     if not query:
         return uri
-    options = parse_qsl(query, keep_blank_values=True)
-    return base + sep + "&".join(f"{k}={'***' if k in KEY_OPTIONS else v}" for k, v in options)
+    return base + sep + shown_query(parse_qsl(query, keep_blank_values=True))
+
+
+def shown_query(options: Iterable[tuple[str, Any]]) -> str:
+    """Query options for a message, keys (KEY_OPTIONS) as ``***``: 'endpoint_override=h:9000&secret_key=***'."""
+    return "&".join(f"{k}={'***' if k in KEY_OPTIONS else v}" for k, v in options)
 
 
 def _flag(text: str) -> bool:

@@ -50,24 +50,23 @@ class BadInputLedger:
     """Collects images skipped inside Ray Data tasks (undecodable, wrong size) and flagged ones, once per file."""
 
     def __init__(self) -> None:
-        self._summary = BadInputSummary()
         self._seen: set[tuple[str, str]] = set()
         self._found: dict[str, list[tuple[str, str]]] = {"skipped": [], "flagged": []}
 
     def record(self, items: list[tuple[str, str]], flagged: list[tuple[str, str]] = ()) -> None:
         """Skipped input (``items``) and input kept but worth a look (``flagged``), as (kind, identity)."""
-        for add, pairs, found in (
-            (self._summary.add, items, self._found["skipped"]),
-            (self._summary.flag, flagged, self._found["flagged"]),
-        ):
+        for pairs, found in ((items, self._found["skipped"]), (flagged, self._found["flagged"])):
             for kind, ident in pairs:
                 if (kind, ident) not in self._seen:  # every epoch decodes every image again
                     self._seen.add((kind, ident))
                     found.append((kind, ident))
-                    add(kind, ident)
 
     def summary(self) -> dict[str, Any]:
-        return self._summary.to_dict()
+        out = BadInputSummary()
+        for add, found in ((out.add, self._found["skipped"]), (out.flag, self._found["flagged"])):
+            for kind, ident in found:
+                add(kind, ident)
+        return out.to_dict()
 
     def found(self) -> dict[str, list[tuple[str, str]]]:
         """Every (kind, identity) recorded, skipped and flagged: what a resumed run's ledger starts from."""

@@ -19,7 +19,7 @@ from urllib.parse import parse_qsl
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipelines.storage import KEY_OPTIONS, absolute, filesystem_for, is_absolute, is_remote, join_uri
+from pipelines.storage import absolute, filesystem_for, is_absolute, is_remote, join_uri, shown_query
 
 MANIFEST_SUFFIXES = (".txt", ".parquet")
 
@@ -45,9 +45,7 @@ def split_options(uri: str) -> tuple[str, dict[str, Any]]:
 
 def _shown(options: dict[str, Any]) -> str:
     """A query's options for a message, keys hidden: '?endpoint_override=h:9000&secret_key=***'."""
-    return (
-        "?" + "&".join(f"{k}={'***' if k in KEY_OPTIONS else v}" for k, v in options.items()) if options else "(none)"
-    )
+    return "?" + shown_query(options.items()) if options else "(none)"
 
 
 def plain_uri(scheme_path: str, remote_scheme: str | None) -> str:
